@@ -1,0 +1,71 @@
+"""The model-agnostic steering core: torch only, no diffusers or transformers imports.
+
+Collect pooled activations at named modules, fit steering maps (CAA, ITI, Linear-AcT,
+LinEAS) and DSAS gates, apply them through removable hooks, save and load them.
+"""
+
+from .collect import ActivationCollector
+from .errors import (
+    ActivationError,
+    IncompatibleSteeringError,
+    InputSetError,
+    SteeringError,
+    SteeringFileError,
+    UnknownModuleError,
+)
+from .fit import (
+    GATE_MODES,
+    Activations,
+    collect_activations,
+    default_forward,
+    default_mask,
+    fit_from_activations,
+    fit_steerer,
+    select_layers,
+)
+from .gate import LinearGate, fit_gate, gate_accuracy_scale
+from .hookpoints import HookPoint, pool, resolve_module
+from .hooks import SteeringSession, active_hook_names
+from .layer import SteeringLayer
+from .lineas import LinEASConfig, sliced_w2, train_lineas
+from .maps import MAP_NAMES, SteeringMap, fit_caa, fit_iti, fit_linear_act, identity_affine_map
+from .steerer import CONFIG_NAME, WEIGHTS_NAME, Steerer
+
+__all__ = [
+    "CONFIG_NAME",
+    "GATE_MODES",
+    "MAP_NAMES",
+    "WEIGHTS_NAME",
+    "ActivationCollector",
+    "ActivationError",
+    "Activations",
+    "HookPoint",
+    "IncompatibleSteeringError",
+    "InputSetError",
+    "LinEASConfig",
+    "LinearGate",
+    "Steerer",
+    "SteeringError",
+    "SteeringFileError",
+    "SteeringLayer",
+    "SteeringMap",
+    "SteeringSession",
+    "UnknownModuleError",
+    "active_hook_names",
+    "collect_activations",
+    "default_forward",
+    "default_mask",
+    "fit_caa",
+    "fit_from_activations",
+    "fit_gate",
+    "fit_iti",
+    "fit_linear_act",
+    "fit_steerer",
+    "gate_accuracy_scale",
+    "identity_affine_map",
+    "pool",
+    "resolve_module",
+    "select_layers",
+    "sliced_w2",
+    "train_lineas",
+]

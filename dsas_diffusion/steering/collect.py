@@ -1,0 +1,174 @@
+"""Streaming collection of pooled activations at named modules.
+
+The collector never keeps a full activation: each forward call is reduced on the spot to
+one pooled row per sample (and, optionally, a few randomly chosen positions per sample),
+so peak memory is one forward pass plus ``rows x channels`` floats.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ActivationError
+from .hookpoints import HookPoint, get_output, pool, position_rows, resolve_layout, resolve_module
+
+__all__ = ["ActivationCollector"]
+
+
+class ActivationCollector:
+    """Record pooled activations of named modules while you run your own forward passes.
+
+    Args:
+        model: the module whose submodules are hooked.
+        hook_points: module names or :class:`HookPoint` objects.
+        positions_per_sample: if set, also keep this many randomly chosen (non-padding)
+            per-position feature vectors of each sample, for fitting on positions.
+        seed: seed of the position subsampling.
+
+    Attributes you may set between forward calls:
+        ``mask``: a ``(B, positions)`` padding mask (1 = real token) for the next calls.
+        ``batch_slice``: keep only these batch rows (e.g. the conditional half of a CFG batch).
+        ``enabled``: ``False`` skips recording (e.g. denoising steps you do not collect from).
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+        >>> with ActivationCollector(model, ["0", "2"]) as collector:
+        ...     _ = model(torch.randn(3, 5, 4))   # 3 samples of 5 tokens
+        >>> collector.pooled()["2"].shape
+        torch.Size([3, 8])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        hook_points: Sequence[HookPoint | str],
+        *,
+        positions_per_sample: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.hook_points = [HookPoint.coerce(point) for point in hook_points]
+        if not self.hook_points:
+            raise ValueError("give at least one hook point to collect from")
+        names = [point.module for point in self.hook_points]
+        if len(set(names)) != len(names):
+            raise ValueError(f"hook points name the same module twice: {names}")
+        self.modules = {point.module: resolve_module(model, point.module) for point in self.hook_points}
+        if positions_per_sample is not None and positions_per_sample < 1:
+            raise ValueError("positions_per_sample must be a positive integer or None")
+        self.positions_per_sample = positions_per_sample
+        self.generator = torch.Generator().manual_seed(seed)
+        self.mask: torch.Tensor | None = None
+        self.batch_slice: slice | None = None
+        self.enabled = True
+        self.tag: str = ""
+        self.layouts: dict[str, str] = {}
+        self.widths: dict[str, int] = {}
+        self.call_order: list[str] = []
+        self._pooled: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        self._positions: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        self._handles: list[Any] = []
+
+    # -- hook management -------------------------------------------------------------------
+    def __enter__(self) -> ActivationCollector:
+        try:
+            for point in self.hook_points:
+                handle = self.modules[point.module].register_forward_hook(self._make_hook(point))
+                self._handles.append(handle)
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove every hook this collector placed (idempotent)."""
+        while self._handles:
+            self._handles.pop().remove()
+
+    @contextlib.contextmanager
+    def masked(self, mask: torch.Tensor | None) -> Iterator[None]:
+        """Use ``mask`` as the padding mask for the forward calls inside the block."""
+        previous, self.mask = self.mask, mask
+        try:
+            yield
+        finally:
+            self.mask = previous
+
+    def _make_hook(self, point: HookPoint):
+        name = point.module
+
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not self.enabled:
+                return
+            tensor = get_output(output, point.output_index, name).detach()
+            layout = resolve_layout(tensor, point.layout)
+            mask = self.mask
+            if self.batch_slice is not None:
+                tensor = tensor[self.batch_slice]
+                mask = None if mask is None else mask[self.batch_slice]
+            if tensor.shape[0] == 0:
+                return
+            width = tensor.shape[1 if layout == "channels_first" else -1]
+            if self.widths.setdefault(name, width) != width:
+                raise ActivationError(f"module {name!r} changed width between calls: {self.widths[name]} then {width}")
+            self.layouts[name] = layout
+            if name not in self.call_order:
+                self.call_order.append(name)
+            pooled = pool(tensor, layout, mask)
+            if not bool(torch.isfinite(pooled).all()):
+                raise ActivationError(
+                    f"module {name!r} produced NaN or Inf activations{self._where()}; check the "
+                    "inputs and the model's dtype (fp16 overflow is a common cause: try float32 or bf16)."
+                )
+            self._pooled[name].append(pooled.cpu())
+            if self.positions_per_sample:
+                self._positions[name].append(self._sample_positions(tensor, layout, mask))
+
+        return hook
+
+    def _where(self) -> str:
+        return f" while collecting {self.tag}" if self.tag else ""
+
+    def _sample_positions(self, tensor: torch.Tensor, layout: str, mask: torch.Tensor | None) -> torch.Tensor:
+        rows = position_rows(tensor, layout).float().cpu()
+        keep = None if mask is None else mask.reshape(rows.shape[0], -1).bool().cpu()
+        picked = []
+        for sample in range(rows.shape[0]):
+            valid = torch.arange(rows.shape[1]) if keep is None else keep[sample].nonzero().flatten()
+            count = min(self.positions_per_sample or 1, valid.numel())
+            choice = valid[torch.randperm(valid.numel(), generator=self.generator)[:count]]
+            picked.append(rows[sample, choice])
+        return torch.cat(picked)
+
+    # -- results ---------------------------------------------------------------------------
+    def pooled(self) -> dict[str, torch.Tensor]:
+        """Pooled rows per module, ``(rows, C)`` float32 on the CPU."""
+        return {name: _cat(rows, name) for name, rows in self._pooled.items()}
+
+    def positions(self) -> dict[str, torch.Tensor]:
+        """Sampled per-position rows per module (needs ``positions_per_sample``)."""
+        if not self.positions_per_sample:
+            raise ValueError("create the collector with positions_per_sample=k to sample positions")
+        return {name: _cat(rows, name) for name, rows in self._positions.items()}
+
+    def clear(self) -> None:
+        for rows in (*self._pooled.values(), *self._positions.values()):
+            rows.clear()
+
+
+def _cat(rows: list[torch.Tensor], name: str) -> torch.Tensor:
+    if not rows:
+        raise ActivationError(
+            f"module {name!r} was never called during collection: it is not on the forward path "
+            "of the inputs you ran, or collection was disabled. Pick a module that runs."
+        )
+    return torch.cat(rows)

@@ -1,0 +1,387 @@
+"""Fitting a :class:`Steerer`: collect activations, fit maps, fit gates, select layers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .collect import ActivationCollector
+from .errors import InputSetError
+from .gate import GATE_ACTIVATIONS, LinearGate, fit_gate, gate_accuracy_scale
+from .hookpoints import HookPoint, resolve_module
+from .hooks import SteeringSession
+from .layer import SteeringLayer, module_signature
+from .lineas import LinEASConfig, train_lineas
+from .maps import MAP_NAMES, SteeringMap, fit_caa, fit_iti, fit_linear_act, identity_affine_map
+from .steerer import Steerer
+
+__all__ = [
+    "GATE_MODES",
+    "Activations",
+    "collect_activations",
+    "default_forward",
+    "default_mask",
+    "fit_from_activations",
+    "fit_steerer",
+    "select_layers",
+]
+
+GATE_MODES = ("dsas", "none", "e2e")
+Forward = Callable[[Any], Any]
+
+
+def default_forward(model: nn.Module) -> Forward:
+    """``model(**batch)`` for dicts, ``model(*batch)`` for tuples/lists, else ``model(batch)``."""
+
+    def forward(batch: Any) -> Any:
+        if isinstance(batch, Mapping):
+            return model(**batch)
+        if isinstance(batch, (tuple, list)):
+            return model(*batch)
+        return model(batch)
+
+    return forward
+
+
+def default_mask(batch: Any) -> torch.Tensor | None:
+    """The ``attention_mask`` entry of a dict batch (for padded text), else ``None``."""
+    if isinstance(batch, Mapping):
+        return batch.get("attention_mask")
+    return None
+
+
+@dataclass
+class Activations:
+    """Pooled activations of one input set: per module ``(samples, C)`` float32 rows."""
+
+    pooled: dict[str, torch.Tensor]
+    positions: dict[str, torch.Tensor] = field(default_factory=dict)
+    layouts: dict[str, str] = field(default_factory=dict)
+    call_order: list[str] = field(default_factory=list)
+
+    @property
+    def num_samples(self) -> int:
+        return next(iter(self.pooled.values())).shape[0]
+
+
+def collect_activations(
+    model: nn.Module,
+    hook_points: Sequence[HookPoint | str],
+    inputs: Sequence[Any],
+    *,
+    forward: Forward | None = None,
+    mask_fn: Callable[[Any], torch.Tensor | None] = default_mask,
+    positions_per_sample: int | None = None,
+    steering: SteeringSession | None = None,
+    name: str = "inputs",
+    progress: bool = True,
+    seed: int = 0,
+) -> Activations:
+    """Run every batch of ``inputs`` through ``forward`` and pool each hooked activation.
+
+    ``steering``, if given, is a detached :class:`SteeringSession` kept active during the
+    collection (used for incremental fitting: upstream layers already steered).
+    """
+    _check_not_empty(inputs, name)
+    forward = forward or default_forward(model)
+    collector = ActivationCollector(model, hook_points, positions_per_sample=positions_per_sample, seed=seed)
+    collector.tag = f"the {name} set"
+    with torch.no_grad(), collector:
+        if steering is not None:
+            steering.attach()
+        try:
+            for batch in tqdm(inputs, desc=f"collect {name}", disable=not progress, leave=False):
+                with collector.masked(mask_fn(batch)):
+                    forward(batch)
+        finally:
+            if steering is not None:
+                steering.detach()
+    return Activations(
+        pooled=collector.pooled(),
+        positions=collector.positions() if positions_per_sample else {},
+        layouts=dict(collector.layouts),
+        call_order=list(collector.call_order),
+    )
+
+
+def _check_not_empty(inputs: Sequence[Any] | None, name: str) -> None:
+    if inputs is None or len(inputs) == 0:
+        raise InputSetError(f"the {name} set is empty; give it at least a few batches (32 samples is the default size)")
+
+
+def _check_balance(counts: Mapping[str, int], max_imbalance: float) -> None:
+    smallest, largest = min(counts.values()), max(counts.values())
+    if largest > max_imbalance * smallest:
+        listing = ", ".join(f"{k} {v}" for k, v in counts.items())
+        raise InputSetError(
+            f"the input sets are unbalanced ({listing} samples): the largest is more than "
+            f"{max_imbalance:g}x the smallest. Give sets of similar size, or raise max_imbalance."
+        )
+
+
+def _fit_map(name: str, source: torch.Tensor, target: torch.Tensor, settings: Mapping[str, Any]) -> SteeringMap:
+    if name == "caa":
+        return fit_caa(source, target)
+    if name == "iti":
+        return fit_iti(source, target, alpha=settings["iti_alpha"], probe=settings["iti_probe"])
+    if name == "linear-act":
+        return fit_linear_act(source, target, support_quantiles=settings["support_quantiles"])
+    if name == "lineas":
+        return identity_affine_map(source.shape[1])
+    raise ValueError(f"map must be one of {MAP_NAMES}, got {name!r}")
+
+
+def select_layers(layers: Sequence[SteeringLayer], *, threshold: float | None, accuracy_scaling: bool) -> None:
+    """Switch off gates below ``threshold`` accuracy; optionally scale the others by accuracy."""
+    for layer in layers:
+        gate = layer.gate
+        if gate is None or math.isnan(gate.accuracy):
+            continue
+        gate.enabled = threshold is None or gate.accuracy >= threshold
+        gate.scale = gate_accuracy_scale(gate.accuracy) if accuracy_scaling else 1.0
+
+
+def fit_from_activations(
+    hook_points: Sequence[HookPoint],
+    source: Activations,
+    target: Activations,
+    control: Activations | None = None,
+    *,
+    map: str = "linear-act",
+    gate: str = "dsas",
+    signatures: Mapping[str, dict[str, Any]] | None = None,
+    **settings: Any,
+) -> list[SteeringLayer]:
+    """Fit closed-form maps (and gates) per layer from already collected activations."""
+    settings = {**_DEFAULTS, **settings}
+    layers = []
+    for point in hook_points:
+        name = point.module
+        layout = source.layouts.get(name) or point.layout
+        resolved = HookPoint(name, point.output_index, layout)
+        steering_map = _fit_map(map, source.pooled[name], target.pooled[name], settings)
+        layer_gate = None
+        if gate in ("dsas", "e2e"):
+            if control is None:
+                raise InputSetError("gate='dsas' needs control inputs; give a control set or use gate='none'")
+            layer_gate = _fit_layer_gate(name, source, control, settings)
+        layers.append(SteeringLayer(resolved, steering_map, layer_gate, (signatures or {}).get(name)))
+    return layers
+
+
+def _fit_layer_gate(name: str, source: Activations, control: Activations, settings: Mapping[str, Any]) -> LinearGate:
+    if settings["gate_fit_on"] == "positions":
+        if name not in source.positions:
+            raise ValueError("gate_fit_on='positions' needs activations collected with positions_per_sample")
+        source_rows, control_rows = source.positions[name], control.positions[name]
+    else:
+        source_rows, control_rows = source.pooled[name], control.pooled[name]
+    return fit_gate(
+        source_rows,
+        control_rows,
+        n_components=settings["n_components"],
+        l2=settings["gate_l2"],
+        cv_folds=settings["cv_folds"],
+        seed=settings["seed"],
+        activation=settings["gate_activation"],
+    )
+
+
+_DEFAULTS: dict[str, Any] = {
+    "n_components": 5,
+    "gate_l2": 1.0,
+    "cv_folds": 5,
+    "gate_activation": "sigmoid",
+    "gate_fit_on": "pooled",
+    "support_quantiles": (0.0, 1.0),
+    "iti_alpha": "auto",
+    "iti_probe": "logistic",
+    "seed": 0,
+}
+
+
+def fit_steerer(
+    model: nn.Module,
+    hook_points: Sequence[HookPoint | str],
+    source_inputs: Sequence[Any],
+    target_inputs: Sequence[Any],
+    control_inputs: Sequence[Any] | None = None,
+    *,
+    map: str = "linear-act",
+    gate: str = "dsas",
+    forward: Forward | None = None,
+    mask_fn: Callable[[Any], torch.Tensor | None] = default_mask,
+    incremental: bool = False,
+    incremental_gates: bool = False,
+    n_components: int = 5,
+    gate_l2: float = 1.0,
+    cv_folds: int = 5,
+    gate_threshold: float | None = 0.75,
+    accuracy_scaling: bool = False,
+    gate_fit_on: str = "pooled",
+    positions_per_sample: int = 16,
+    gate_activation: str = "sigmoid",
+    support_quantiles: tuple[float, float] | None = (0.0, 1.0),
+    iti_alpha: float | str = "auto",
+    iti_probe: str = "logistic",
+    lineas: LinEASConfig | None = None,
+    strength: float = 1.0,
+    max_imbalance: float = 4.0,
+    provenance: Mapping[str, Any] | None = None,
+    progress: bool = True,
+    seed: int = 0,
+) -> Steerer:
+    """Fit a :class:`Steerer` on ``model`` from three input sets.
+
+    Args:
+        model: any ``nn.Module``; only its hooked submodules are read.
+        hook_points: module names or :class:`HookPoint` objects, in forward order.
+        source_inputs / target_inputs / control_inputs: sequences of batches, each passed
+            to ``forward``. Source shows the concept, target is the desired version,
+            control holds inputs steering must leave alone (needed when ``gate`` is on).
+        map: ``"caa"``, ``"iti"``, ``"linear-act"`` or ``"lineas"``.
+        gate: ``"dsas"`` (PCA + logistic gate fitted on source vs control), ``"none"``
+            (uniform steering only) or ``"e2e"`` (gates trained jointly with LinEAS maps).
+        forward: runs one batch (default: ``model(batch)`` / ``model(**batch)``).
+        mask_fn: returns the ``(B, positions)`` padding mask of a batch, or ``None``.
+        incremental: fit closed-form maps layer by layer with earlier layers steered.
+        incremental_gates: refit each gate with upstream layers steered (default: gates
+            are fitted on unsteered activations).
+        n_components, gate_l2, cv_folds, gate_activation: the gate's PCA rank, L2 weight,
+            cross-validation folds and ``"sigmoid"`` / ``"relu"`` (clipped at 1).
+        gate_threshold: layers whose gate accuracy is below it are not steered when gated
+            (``None`` keeps all). ``accuracy_scaling`` scales each gate by its accuracy.
+        gate_fit_on: ``"pooled"`` (one row per sample) or ``"positions"`` (sampled
+            positions, ``positions_per_sample`` per sample).
+        support_quantiles: Linear-AcT's source support, ``None`` for everywhere.
+        iti_alpha / iti_probe: ITI's step and direction (see :func:`fit_iti`).
+        lineas: LinEAS training settings (:class:`LinEASConfig`).
+        strength: the saved default λ.
+        max_imbalance: refuse sets whose sizes differ by more than this factor.
+        provenance: recorded in the saved file (base model, revision, prompts...).
+    """
+    if map not in MAP_NAMES:
+        raise ValueError(f"map must be one of {MAP_NAMES}, got {map!r}")
+    if gate not in GATE_MODES:
+        raise ValueError(f"gate must be one of {GATE_MODES}, got {gate!r}")
+    if gate == "e2e" and map != "lineas":
+        raise ValueError("gate='e2e' trains gates jointly with LinEAS maps: use map='lineas'")
+    if gate_fit_on not in ("pooled", "positions"):
+        raise ValueError(f"gate_fit_on must be 'pooled' or 'positions', got {gate_fit_on!r}")
+    if gate_activation not in GATE_ACTIVATIONS:
+        raise ValueError(f"gate_activation must be one of {GATE_ACTIVATIONS}, got {gate_activation!r}")
+    points = [HookPoint.coerce(point) for point in hook_points]
+    if not points:
+        raise ValueError("give at least one hook point")
+    for point in points:
+        resolve_module(model, point.module)
+    _check_not_empty(source_inputs, "source")
+    _check_not_empty(target_inputs, "target")
+    needs_control = gate != "none"
+    if needs_control:
+        _check_not_empty(control_inputs, "control")
+    forward = forward or default_forward(model)
+    settings = {
+        "n_components": n_components,
+        "gate_l2": gate_l2,
+        "cv_folds": cv_folds,
+        "gate_activation": gate_activation,
+        "gate_fit_on": gate_fit_on,
+        "support_quantiles": support_quantiles,
+        "iti_alpha": iti_alpha,
+        "iti_probe": iti_probe,
+        "seed": seed,
+    }
+    positions = positions_per_sample if gate_fit_on == "positions" else None
+    collect = dict(forward=forward, mask_fn=mask_fn, positions_per_sample=positions, progress=progress, seed=seed)
+
+    source = collect_activations(model, points, source_inputs, name="source", **collect)
+    target = collect_activations(model, points, target_inputs, name="target", **collect)
+    control = collect_activations(model, points, control_inputs, name="control", **collect) if needs_control else None
+    counts = {"source": source.num_samples, "target": target.num_samples}
+    if control is not None:
+        counts["control"] = control.num_samples
+    _check_balance(counts, max_imbalance)
+    # forward order as observed, so that incremental fitting steers upstream layers first
+    order = {name: i for i, name in enumerate(source.call_order)}
+    points.sort(key=lambda point: order.get(point.module, len(order)))
+    signatures = {point.module: module_signature(resolve_module(model, point.module)) for point in points}
+
+    layers = fit_from_activations(
+        points, source, target, control, map=map, gate=gate, signatures=signatures, **settings
+    )
+    if incremental and map in ("caa", "iti", "linear-act"):
+        for index in tqdm(range(1, len(layers)), desc="incremental maps", disable=not progress):
+            upstream = SteeringSession(layers[:index], model, strength=1.0, gated=False)
+            steered = collect_activations(
+                model,
+                [layers[index].hook_point],
+                source_inputs,
+                steering=upstream,
+                name="source (steered upstream)",
+                **collect,
+            )
+            layers[index].map = _fit_map(
+                map, steered.pooled[layers[index].name], target.pooled[layers[index].name], settings
+            )
+
+    lineas = lineas or LinEASConfig(seed=seed)
+    if map == "lineas":
+        train_lineas(
+            model,
+            layers,
+            forward,
+            source_inputs,
+            target.pooled,
+            control_inputs=control_inputs,
+            train_gates=gate == "e2e",
+            config=lineas,
+            mask_fn=mask_fn,
+            progress=progress,
+        )
+
+    if incremental_gates and gate == "dsas":
+        for index in tqdm(range(1, len(layers)), desc="incremental gates", disable=not progress):
+            point = [layers[index].hook_point]
+            sets = {}
+            for label, inputs in (("source", source_inputs), ("control", control_inputs)):
+                upstream = SteeringSession(layers[:index], model, strength=1.0, gated=True)
+                sets[label] = collect_activations(
+                    model, point, inputs, steering=upstream, name=f"{label} (steered upstream)", **collect
+                )
+            layers[index].gate = _fit_layer_gate(layers[index].name, sets["source"], sets["control"], settings)
+
+    if gate in ("dsas", "e2e"):
+        select_layers(layers, threshold=gate_threshold, accuracy_scaling=accuracy_scaling)
+
+    config = {
+        "map": map,
+        "gate": gate,
+        "incremental": incremental,
+        "incremental_gates": incremental_gates,
+        "gate_threshold": gate_threshold,
+        "accuracy_scaling": accuracy_scaling,
+        "pooling": "mean",
+        **{k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()},
+        "positions_per_sample": positions,
+        "samples": counts,
+        "lineas": lineas.to_dict() if map == "lineas" else None,
+    }
+    return Steerer(
+        layers, strength=strength, config=config, provenance={**model_provenance(model), **(provenance or {})}
+    )
+
+
+def model_provenance(model: nn.Module) -> dict[str, Any]:
+    """What can be read off a model about where it came from (class, name or path)."""
+    config = getattr(model, "config", None)
+    name = getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None)
+    if config is not None and not name and isinstance(config, Mapping):
+        name = config.get("_name_or_path")
+    return {"base_model": name or None, "model_class": type(model).__name__}

@@ -1,0 +1,169 @@
+"""Naming where to steer: hook points, module lookup, output selection, layouts and pooling.
+
+A hook point is a module name (as in ``model.named_modules()``), which element of the
+module's output is the activation (``None`` for the output itself, an ``int`` for a
+tuple element, a ``str`` for a dict / ``ModelOutput`` key) and the activation layout:
+
+* ``"channels_last"``: features on the last dimension, ``(B, N, C)`` tokens or ``(B, C)``;
+* ``"channels_first"``: features on dimension 1, ``(B, C, H, W)`` feature maps;
+* ``"auto"``: 4-D and 5-D outputs are channels-first, everything else channels-last.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ActivationError, UnknownModuleError
+
+__all__ = [
+    "LAYOUTS",
+    "HookPoint",
+    "feature_dim",
+    "get_output",
+    "pool",
+    "position_rows",
+    "replace_output",
+    "resolve_layout",
+    "resolve_module",
+]
+
+LAYOUTS = ("auto", "channels_last", "channels_first")
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    """Where to read and steer an activation.
+
+    Example:
+        >>> HookPoint("transformer.h.3")                       # a decoder block's output
+        HookPoint(module='transformer.h.3', output_index=None, layout='auto')
+        >>> HookPoint("down_blocks.1.resnets.0", layout="channels_first")
+        HookPoint(module='down_blocks.1.resnets.0', output_index=None, layout='channels_first')
+    """
+
+    module: str
+    output_index: int | str | None = None
+    layout: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.module, str) or not self.module:
+            raise UnknownModuleError(f"hook point module must be a non-empty string, got {self.module!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+
+    @classmethod
+    def coerce(cls, value: HookPoint | str | Mapping[str, Any]) -> HookPoint:
+        """Accept a ``HookPoint``, a module name, or a dict of ``HookPoint`` fields."""
+        if isinstance(value, HookPoint):
+            return value
+        if isinstance(value, str):
+            return cls(value)
+        if isinstance(value, Mapping):
+            return cls(**value)
+        raise TypeError(f"cannot make a HookPoint from {type(value).__name__}: {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"module": self.module, "output_index": self.output_index, "layout": self.layout}
+
+
+def resolve_module(model: nn.Module, name: str) -> nn.Module:
+    """Return ``model``'s submodule ``name``; on a miss, raise with the closest names."""
+    modules = dict(model.named_modules())
+    if name in modules:
+        return modules[name]
+    close = difflib.get_close_matches(name, list(modules), n=5, cutoff=0.5)
+    hint = f" Closest names: {', '.join(close)}." if close else ""
+    raise UnknownModuleError(
+        f"{type(model).__name__} has no module named {name!r}.{hint} "
+        "List the valid names with [n for n, _ in model.named_modules()]."
+    )
+
+
+def get_output(output: Any, index: int | str | None, where: str = "") -> torch.Tensor:
+    """Pick the activation tensor out of a module's output."""
+    value = output
+    if index is not None:
+        try:
+            value = output[index]
+        except (IndexError, KeyError, TypeError) as error:
+            raise ActivationError(
+                f"module {where!r} returned {_describe(output)}, which has no element "
+                f"{index!r}; set the hook point's output_index to one that exists."
+            ) from error
+    if not torch.is_tensor(value):
+        raise ActivationError(
+            f"module {where!r} returned {_describe(output)} and output_index={index!r} selects "
+            f"{_describe(value)}, not a tensor; set output_index to the element holding the "
+            "hidden states (0 for most tuple outputs)."
+        )
+    return value
+
+
+def replace_output(output: Any, index: int | str | None, value: torch.Tensor) -> Any:
+    """Return ``output`` with the activation at ``index`` replaced by ``value``."""
+    if index is None:
+        return value
+    if isinstance(output, tuple) and not hasattr(output, "_fields"):
+        items = list(output)
+        items[index] = value
+        return tuple(items)
+    if isinstance(output, tuple):  # namedtuple
+        return output._replace(**{output._fields[index]: value})
+    if isinstance(output, list):
+        items = list(output)
+        items[index] = value
+        return items
+    replaced = copy.copy(output)
+    replaced[index] = value
+    return replaced
+
+
+def resolve_layout(tensor: torch.Tensor, layout: str) -> str:
+    if layout != "auto":
+        return layout
+    return "channels_first" if tensor.ndim >= 4 else "channels_last"
+
+
+def feature_dim(layout: str) -> int:
+    return 1 if layout == "channels_first" else -1
+
+
+def position_rows(tensor: torch.Tensor, layout: str) -> torch.Tensor:
+    """View an activation as ``(B, positions, C)``."""
+    if tensor.ndim < 2:
+        raise ActivationError(f"expected an activation with a batch and a feature dimension, got {tuple(tensor.shape)}")
+    if layout == "channels_first":
+        return tensor.flatten(2).transpose(1, 2)
+    return tensor.reshape(tensor.shape[0], -1, tensor.shape[-1])
+
+
+def pool(tensor: torch.Tensor, layout: str, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over positions per sample, in float32: ``(B, C)``; ``mask`` is ``(B, positions)``."""
+    rows = position_rows(tensor, layout).float()
+    if mask is None:
+        return rows.mean(dim=1)
+    weights = mask.reshape(rows.shape[0], -1).to(device=rows.device, dtype=rows.dtype)
+    if weights.shape[1] != rows.shape[1]:
+        raise ActivationError(
+            f"padding mask has {weights.shape[1]} positions per sample but the activation has "
+            f"{rows.shape[1]}; pass the attention mask of the batch that produced it."
+        )
+    total = weights.sum(dim=1, keepdim=True)
+    if bool((total == 0).any()):
+        raise ActivationError("a sample's padding mask is all zeros: every sample needs at least one real token")
+    return (rows * weights.unsqueeze(-1)).sum(dim=1) / total
+
+
+def _describe(value: Any) -> str:
+    if torch.is_tensor(value):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)} elements"
+    return f"a {type(value).__name__}"

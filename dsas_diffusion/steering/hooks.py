@@ -1,0 +1,194 @@
+"""Attaching steering to a model: named, removable forward hooks scoped to one session.
+
+A :class:`SteeringSession` places one forward hook per steered module and removes all of
+them on ``detach()`` / on leaving its ``with`` block, also when an exception escapes.
+Sessions opened as context managers are *context-scoped* by default: their hooks act
+only on forward calls made in the same thread / asyncio task (a ``contextvars`` check),
+so concurrent requests sharing one model never see each other's steering.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import copy
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .errors import SteeringError
+from .hookpoints import feature_dim, get_output, replace_output, resolve_module
+
+if TYPE_CHECKING:
+    from .layer import SteeringLayer
+
+__all__ = ["HOOK_PREFIX", "SteeringSession", "active_hook_names", "check_strength"]
+
+HOOK_PREFIX = "dsas"
+_ACTIVE: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("dsas_active_sessions", default=frozenset())
+_COUNTER = itertools.count()
+Observer = Callable[[str, torch.Tensor, torch.Tensor | None], None]
+
+
+def check_strength(strength: float) -> float:
+    try:
+        value = float(strength)
+    except (TypeError, ValueError):
+        raise SteeringError(f"steering strength must be a number, got {strength!r}") from None
+    if not math.isfinite(value):
+        raise SteeringError(f"steering strength must be finite, got {strength!r}; use e.g. 0.0 to 2.0")
+    return value
+
+
+class SteeringSession:
+    """Steering applied to one model until detached. Made by :meth:`Steerer.attach` /
+    :meth:`Steerer.apply`; use it as a context manager or call :meth:`detach`.
+
+    Attributes (may be changed while attached):
+        ``strength``: the global strength λ.
+        ``gated``: ``True`` scales by the DSAS gates, ``False`` steers uniformly.
+        ``batch_rows``: steer only these batch rows (e.g. the conditional half of a CFG
+            batch); ``None`` steers all rows.
+        ``gate_maps``: with ``record_gates=True``, per module a list with one gate tensor
+            per forward call (float16, CPU; the activation's shape without its features).
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[SteeringLayer],
+        model: nn.Module,
+        *,
+        strength: float,
+        gated: bool,
+        record_gates: bool = False,
+        scoped: bool = True,
+        observer: Observer | None = None,
+    ) -> None:
+        self.layers = list(layers)
+        self.model = model
+        self.strength = check_strength(strength)
+        self.gated = bool(gated)
+        self.record_gates = record_gates
+        self.scoped = scoped
+        self.observer = observer
+        self.batch_rows: slice | torch.Tensor | None = None
+        self.gate_maps: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in self.layers}
+        self.id = next(_COUNTER)
+        self.hook_names: list[str] = []
+        self._handles: list[Any] = []
+        self._token: contextvars.Token | None = None
+        self._device_copies: dict[tuple[int, torch.device], SteeringLayer] = {}
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self) -> SteeringSession:
+        if self._handles:
+            raise SteeringError("this steering session is already attached")
+        try:
+            for layer in self.layers:
+                module = resolve_module(self.model, layer.name)
+                handle = module.register_forward_hook(self._make_hook(layer))
+                self._handles.append(handle)
+                hook_name = f"{HOOK_PREFIX}:{self.id}:{layer.name}"
+                self.hook_names.append(hook_name)
+                _register_name(module, hook_name)
+            if self.scoped:
+                self._token = _ACTIVE.set(_ACTIVE.get() | {self.id})
+        except BaseException:
+            self.detach()
+            raise
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook of this session (idempotent, exception-safe)."""
+        while self._handles:
+            self._handles.pop().remove()
+        for layer, hook_name in zip(self.layers, self.hook_names, strict=False):
+            module = dict(self.model.named_modules()).get(layer.name)
+            if module is not None:
+                _unregister_name(module, hook_name)
+        self.hook_names.clear()
+        if self._token is not None:
+            try:
+                _ACTIVE.reset(self._token)
+            except ValueError:  # detached from another context: drop our id there
+                _ACTIVE.set(_ACTIVE.get() - {self.id})
+            self._token = None
+
+    def __enter__(self) -> SteeringSession:
+        if not self._handles:
+            self.attach()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    def _layer_on(self, layer: SteeringLayer, device: torch.device) -> SteeringLayer:
+        if layer.map.bias.device == device:
+            return layer
+        key = (id(layer), device)
+        if key not in self._device_copies:
+            self._device_copies[key] = copy.deepcopy(layer).to(device)
+        return self._device_copies[key]
+
+    def _make_hook(self, layer: SteeringLayer):
+        point = layer.hook_point
+
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            if self.scoped and self.id not in _ACTIVE.get():
+                return None
+            gated = self.gated
+            if gated and layer.gate is not None and not layer.gate.enabled:
+                return None  # layer deselected by its gate accuracy
+            tensor = get_output(output, point.output_index, layer.name)
+            on_device = self._layer_on(layer, tensor.device)
+            rows = self.batch_rows
+            if self.strength == 0.0 and self.observer is None:
+                # exactly the identity; compute the gates only if they are being recorded
+                if self.record_gates and gated and layer.gate is not None:
+                    part = tensor if rows is None else tensor[rows]
+                    values = on_device.gate(part.float(), feature_dim(point.layout)).squeeze(feature_dim(point.layout))
+                    self.gate_maps[layer.name].append(values.detach().to("cpu", torch.float16))
+                return None
+            if rows is None:
+                steered, gate_values = on_device.steer(tensor, self.strength, gated)
+            else:
+                part, gate_values = on_device.steer(tensor[rows], self.strength, gated)
+                steered = tensor.clone()
+                steered[rows] = part
+            if self.observer is not None:
+                self.observer(layer.name, steered, gate_values)
+            if self.record_gates and gate_values is not None:
+                self.gate_maps[layer.name].append(gate_values.detach().to("cpu", torch.float16))
+            return replace_output(output, point.output_index, steered)
+
+        return hook
+
+
+def _register_name(module: nn.Module, name: str) -> None:
+    names = module.__dict__.setdefault("_dsas_hook_names", [])
+    names.append(name)
+
+
+def _unregister_name(module: nn.Module, name: str) -> None:
+    names = module.__dict__.get("_dsas_hook_names", [])
+    if name in names:
+        names.remove(name)
+    if not names:
+        module.__dict__.pop("_dsas_hook_names", None)
+
+
+def active_hook_names(model: nn.Module) -> list[str]:
+    """Names of the steering hooks currently attached anywhere in ``model``.
+
+    Example:
+        >>> import torch
+        >>> active_hook_names(torch.nn.Linear(2, 2))
+        []
+    """
+    return [name for module in model.modules() for name in module.__dict__.get("_dsas_hook_names", [])]
