@@ -53,8 +53,8 @@ class HookPoint:
     layout: str = "auto"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.module, str) or not self.module:
-            raise UnknownModuleError(f"hook point module must be a non-empty string, got {self.module!r}")
+        if not isinstance(self.module, str):
+            raise UnknownModuleError(f"hook point module must be a module name (str), got {self.module!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
 

@@ -48,11 +48,20 @@ def fit_pca(features: torch.Tensor, n_components: int) -> tuple[torch.Tensor, to
 
 
 def sorted_quantiles(samples: torch.Tensor, count: int) -> torch.Tensor:
-    """Per column, the sorted samples if there are ``count`` of them, else ``count`` quantiles."""
-    if samples.shape[0] == count:
-        return samples.sort(dim=0).values
-    levels = (torch.arange(count, dtype=torch.float64) + 0.5) / count
-    return torch.quantile(samples.double(), levels.to(samples.device), dim=0).to(samples.dtype)
+    """Per column, ``count`` quantiles at levels ``(i + 0.5) / count`` (Hazen plotting positions).
+
+    With ``count`` equal to the number of samples this is exactly the sorted samples; with
+    another count the sorted samples are interpolated linearly (clamped at the extremes).
+    """
+    ordered = samples.sort(dim=0).values
+    size = ordered.shape[0]
+    if size == count:
+        return ordered
+    positions = ((torch.arange(count, dtype=torch.float64) + 0.5) * size / count - 0.5).clamp(0, size - 1)
+    lower = positions.floor().long()
+    upper = (lower + 1).clamp_max(size - 1)
+    fraction = (positions - lower).to(ordered.dtype).unsqueeze(1).to(ordered.device)
+    return ordered[lower] * (1 - fraction) + ordered[upper] * fraction
 
 
 def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> list[torch.Tensor]:
