@@ -3,38 +3,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-
-class TokenNet(nn.Module):
-    """A small residual token model: (B, N, C) -> (B, N, C), blocks named blocks.0 ..."""
-
-    def __init__(self, width: int = 16, depth: int = 3, seed: int = 0) -> None:
-        super().__init__()
-        generator = torch.Generator().manual_seed(seed)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(depth))
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=generator) / width**0.5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = x + block(x)
-        return x
-
-
-def make_sets(width: int = 16, batches: int = 8, batch: int = 4, tokens: int = 6, seed: int = 0, shift: float = 2.0):
-    """Source = control-like inputs plus a concept direction on the first unit; target = control."""
-    generator = torch.Generator().manual_seed(seed)
-    concept = torch.zeros(width)
-    concept[0] = shift
-
-    def draw(offset: torch.Tensor) -> list[torch.Tensor]:
-        return [torch.randn(batch, tokens, width, generator=generator) + offset for _ in range(batches)]
-
-    return draw(concept), draw(torch.zeros(width)), draw(torch.zeros(width))
+import pytest
+from toys import TokenNet, make_sets
 
 
 @pytest.fixture
