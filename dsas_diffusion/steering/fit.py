@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from .collect import ActivationCollector
 from .errors import InputSetError
-from .gate import GATE_ACTIVATIONS, LinearGate, fit_gate, gate_accuracy_scale
+from .gate import GATE_ACTIVATIONS, LinearGate, calibrate_gate_on_positions, fit_gate, gate_accuracy_scale
 from .hookpoints import HookPoint, resolve_module
 from .hooks import SteeringSession
 from .layer import SteeringLayer, module_signature
@@ -225,6 +225,8 @@ def fit_steerer(
     gate_threshold: float | None = 0.75,
     accuracy_scaling: bool = False,
     gate_fit_on: str = "pooled",
+    gate_calibration: str = "none",
+    calibration_quantile: float = 0.99,
     positions_per_sample: int = 16,
     gate_activation: str = "sigmoid",
     support_quantiles: tuple[float, float] | None = (0.0, 1.0),
@@ -259,6 +261,9 @@ def fit_steerer(
             (``None`` keeps all). ``accuracy_scaling`` scales each gate by its accuracy.
         gate_fit_on: ``"pooled"`` (one row per sample) or ``"positions"`` (sampled
             positions, ``positions_per_sample`` per sample).
+        gate_calibration: ``"none"`` or ``"control-positions"``: lower each gate's bias so
+            that at most ``1 - calibration_quantile`` of control positions open it past
+            0.05 (see :func:`calibrate_gate_on_positions`).
         support_quantiles: Linear-AcT's source support, ``None`` for everywhere.
         iti_alpha / iti_probe: ITI's step and direction (see :func:`fit_iti`).
         lineas: LinEAS training settings (:class:`LinEASConfig`).
@@ -274,6 +279,8 @@ def fit_steerer(
         raise ValueError("gate='e2e' trains gates jointly with LinEAS maps: use map='lineas'")
     if gate_fit_on not in ("pooled", "positions"):
         raise ValueError(f"gate_fit_on must be 'pooled' or 'positions', got {gate_fit_on!r}")
+    if gate_calibration not in ("none", "control-positions"):
+        raise ValueError(f"gate_calibration must be 'none' or 'control-positions', got {gate_calibration!r}")
     if gate_activation not in GATE_ACTIVATIONS:
         raise ValueError(f"gate_activation must be one of {GATE_ACTIVATIONS}, got {gate_activation!r}")
     points = [HookPoint.coerce(point) for point in hook_points]
@@ -298,7 +305,8 @@ def fit_steerer(
         "iti_probe": iti_probe,
         "seed": seed,
     }
-    positions = positions_per_sample if gate_fit_on == "positions" else None
+    wants_positions = gate_fit_on == "positions" or gate_calibration != "none"
+    positions = positions_per_sample if wants_positions else None
     collect = dict(forward=forward, mask_fn=mask_fn, positions_per_sample=positions, progress=progress, seed=seed)
 
     source = collect_activations(model, points, source_inputs, name="source", **collect)
@@ -346,6 +354,7 @@ def fit_steerer(
             progress=progress,
         )
 
+    calibration_rows = control.positions if control is not None else {}
     if incremental_gates and gate == "dsas":
         for index in tqdm(range(1, len(layers)), desc="incremental gates", disable=not progress):
             point = [layers[index].hook_point]
@@ -356,6 +365,11 @@ def fit_steerer(
                     model, point, inputs, steering=upstream, name=f"{label} (steered upstream)", **collect
                 )
             layers[index].gate = _fit_layer_gate(layers[index].name, sets["source"], sets["control"], settings)
+            calibration_rows = {**calibration_rows, **sets["control"].positions}
+
+    if gate == "dsas" and gate_calibration == "control-positions":
+        for layer in layers:
+            calibrate_gate_on_positions(layer.gate, calibration_rows[layer.name], quantile=calibration_quantile)
 
     if gate in ("dsas", "e2e"):
         select_layers(layers, threshold=gate_threshold, accuracy_scaling=accuracy_scaling)
@@ -368,6 +382,8 @@ def fit_steerer(
         "gate_threshold": gate_threshold,
         "accuracy_scaling": accuracy_scaling,
         "pooling": "mean",
+        "gate_calibration": gate_calibration,
+        "calibration_quantile": calibration_quantile if gate_calibration != "none" else None,
         **{k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()},
         "positions_per_sample": positions,
         "samples": counts,

@@ -8,7 +8,7 @@ from torch import nn
 from .errors import InputSetError
 from .linear import fit_logistic, fit_pca, stratified_folds
 
-__all__ = ["GATE_ACTIVATIONS", "LinearGate", "fit_gate", "gate_accuracy_scale"]
+__all__ = ["GATE_ACTIVATIONS", "LinearGate", "calibrate_gate_on_positions", "fit_gate", "gate_accuracy_scale"]
 
 GATE_ACTIVATIONS = ("sigmoid", "relu")
 
@@ -143,3 +143,28 @@ def _cross_validated_accuracy(
         predicted = (features[test] @ weight + bias > 0).long()
         correct += int((predicted == labels[test]).sum())
     return correct / len(labels)
+
+
+def calibrate_gate_on_positions(
+    gate: LinearGate, control_positions: torch.Tensor, *, quantile: float = 0.99, ceiling: float = 0.05
+) -> LinearGate:
+    """Shift the gate's bias so that only ``1 - quantile`` of control *positions* open it
+    beyond ``ceiling``.
+
+    A gate fitted on pooled (per-sample mean) activations places its boundary between two
+    means whose spread is much smaller than that of single positions, so applied per
+    position it opens on many ordinary positions. This keeps the pooled direction and
+    moves the threshold: at the ``quantile`` of control-position logits the gate equals
+    ``ceiling``. The bias only ever decreases (the gate never opens more than before).
+    """
+    if not 0.0 < quantile < 1.0 or not 0.0 < ceiling < 1.0:
+        raise ValueError("quantile and ceiling must lie strictly between 0 and 1")
+    if control_positions.ndim != 2 or control_positions.shape[0] == 0:
+        raise InputSetError("gate calibration needs control positions: a non-empty (rows, C) matrix")
+    with torch.no_grad():
+        logits = control_positions.float() @ gate.weight
+        level = torch.quantile(logits.double(), quantile).float()
+        target_logit = float(torch.logit(torch.tensor(ceiling))) if gate.activation == "sigmoid" else ceiling
+        new_bias = torch.minimum(gate.bias, target_logit - level)
+        gate.bias.copy_(new_bias)
+    return gate

@@ -89,6 +89,11 @@ def resolve_module(model: nn.Module, name: str) -> nn.Module:
 def get_output(output: Any, index: int | str | None, where: str = "") -> torch.Tensor:
     """Pick the activation tensor out of a module's output."""
     value = output
+    if index is not None and torch.is_tensor(output):
+        raise ActivationError(
+            f"module {where!r} returned {_describe(output)}, not a tuple or dict: set the hook point's "
+            f"output_index to None (it is {index!r})."
+        )
     if index is not None:
         try:
             value = output[index]
