@@ -202,10 +202,10 @@ class Steerer(nn.Module):
         return session.attach()
 
     def apply(self, model: nn.Module, **kwargs: Any) -> SteeringSession:
-        """Like :meth:`attach` but context-scoped by default; use it in a ``with`` block:
+        """Like :meth:`attach` but context-scoped by default; use it in a ``with`` block::
 
-        >>> with steerer.apply(model, strength=0.8) as session:   # doctest: +SKIP
-        ...     output = model(inputs)
+        with steerer.apply(model, strength=0.8) as session:
+            output = model(inputs)
         """
         kwargs.setdefault("scoped", True)
         return self.attach(model, **kwargs)
