@@ -189,3 +189,16 @@ def test_recorded_gates_have_one_entry_per_call_and_the_activation_shape(token_n
     shapes = [tuple(g.shape) for g in session.gate_maps["blocks.1"]]
     assert shapes == [(3, 7), (2, 4)]
     assert all(g.dtype == torch.float16 for g in session.gate_maps["blocks.1"])
+
+
+def test_scoped_sessions_can_be_detached_in_any_order():
+    model = nn.Identity()
+    first, second = Steerer([_layer("", 4)]), Steerer([_layer("", 4, affine=True)])
+    x = torch.randn(2, 4)
+    session_a = first.apply(model, gate=False)
+    session_b = second.apply(model, gate=False)
+    session_a.detach()  # not the last one attached
+    expected = x + second.layers[0].map.delta(x, (4,))
+    torch.testing.assert_close(model(x), expected)
+    session_b.detach()
+    assert torch.equal(model(x), x)

@@ -371,7 +371,7 @@ def fit_steerer(
         for layer in layers:
             calibrate_gate_on_positions(layer.gate, calibration_rows[layer.name], quantile=calibration_quantile)
 
-    if gate in ("dsas", "e2e"):
+    if gate == "dsas":  # end-to-end gates were trained to decide for themselves
         select_layers(layers, threshold=gate_threshold, accuracy_scaling=accuracy_scaling)
 
     config = {

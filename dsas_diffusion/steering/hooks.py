@@ -79,7 +79,7 @@ class SteeringSession:
         self.id = next(_COUNTER)
         self.hook_names: list[str] = []
         self._handles: list[Any] = []
-        self._token: contextvars.Token | None = None
+        self._scoped_on = False
         self._device_copies: dict[tuple[int, torch.device], SteeringLayer] = {}
 
     @property
@@ -98,7 +98,8 @@ class SteeringSession:
                 self.hook_names.append(hook_name)
                 _register_name(module, hook_name)
             if self.scoped:
-                self._token = _ACTIVE.set(_ACTIVE.get() | {self.id})
+                _ACTIVE.set(_ACTIVE.get() | {self.id})
+                self._scoped_on = True
         except BaseException:
             self.detach()
             raise
@@ -108,17 +109,16 @@ class SteeringSession:
         """Remove every hook of this session (idempotent, exception-safe)."""
         while self._handles:
             self._handles.pop().remove()
-        for layer, hook_name in zip(self.layers, self.hook_names, strict=False):
-            module = dict(self.model.named_modules()).get(layer.name)
-            if module is not None:
-                _unregister_name(module, hook_name)
-        self.hook_names.clear()
-        if self._token is not None:
-            try:
-                _ACTIVE.reset(self._token)
-            except ValueError:  # detached from another context: drop our id there
-                _ACTIVE.set(_ACTIVE.get() - {self.id})
-            self._token = None
+        if self.hook_names:
+            modules = dict(self.model.named_modules())
+            for layer, hook_name in zip(self.layers, self.hook_names, strict=False):
+                if layer.name in modules:
+                    _unregister_name(modules[layer.name], hook_name)
+            self.hook_names.clear()
+        if self._scoped_on:
+            # remove only our id: sessions may be detached in any order
+            _ACTIVE.set(_ACTIVE.get() - {self.id})
+            self._scoped_on = False
 
     def __enter__(self) -> SteeringSession:
         if not self._handles:

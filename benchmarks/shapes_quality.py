@@ -1,0 +1,191 @@
+"""Quality bars of the embedded Shapes models (issue: the Shapes world).
+
+    python benchmarks/shapes_quality.py [--models clip sd mmdit] [--out docs/images]
+
+- shapes-clip: zero-shot accuracy (shape, colour, background) on 500 held-out single-object
+  test-split images, classifying among all 75 single-object captions.
+- shapes-sd / shapes-mmdit: 200 single-object prompts and (sd) 100 two-object prompts with
+  fixed seeds; colour and background judged by palette pixel masses, shapes by shapes-clip
+  (each prompted object isolated by its colour first).
+- sampling speed: a batch of 8 images, 25 steps, classifier-free guidance.
+Prints a markdown table and writes sample grids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from dsas_diffusion.shapes.data import (
+    BACKGROUNDS,
+    COLOURS,
+    SHAPES,
+    parse_caption,
+    render_scene,
+    sample_spec,
+    scene_seed,
+)
+from dsas_diffusion.shapes.detect import ShapeJudge, isolate_colour, read_colours
+from dsas_diffusion.shapes.hub import load_shapes_pipeline
+
+SINGLE = [f"a {c} {s} on a {b} background" for c, s, b in itertools.product(COLOURS, SHAPES, BACKGROUNDS)]
+
+
+def single_prompts(count: int = 200) -> list[str]:
+    return [SINGLE[i % len(SINGLE)] for i in range(count)]
+
+
+def two_object_prompts(count: int = 100, seed: int = 1234) -> list[str]:
+    rng = random.Random(seed)
+    prompts = []
+    while len(prompts) < count:
+        c1, c2 = rng.sample(list(COLOURS), 2)  # distinct colours: each object is found by its colour
+        s1, s2 = rng.choice(SHAPES), rng.choice(SHAPES)
+        prompts.append(f"a {c1} {s1} and a {c2} {s2} on a {rng.choice(list(BACKGROUNDS))} background")
+    return prompts
+
+
+def clip_accuracy(judge: ShapeJudge, count: int = 500, grid_path: Path | None = None) -> dict[str, float]:
+    scenes = [render_scene(sample_spec(scene_seed(i, "eval"), 1)) for i in range(count)]
+    guesses: list[str] = []
+    with torch.no_grad():
+        text = judge.model.encode_text(judge.tokenizer(SINGLE), normalize=True)
+        correct = {"shape": 0, "colour": 0, "background": 0}
+        for start in range(0, count, 100):
+            chunk = scenes[start : start + 100]
+            images = torch.stack([judge.preprocess(s.image) for s in chunk])
+            predictions = (judge.model.encode_image(images, normalize=True) @ text.T).argmax(1)
+            for scene, index in zip(chunk, predictions.tolist(), strict=True):
+                guesses.append(SINGLE[index])
+                guess = parse_caption(SINGLE[index])
+                truth = scene.spec
+                correct["shape"] += guess.objects[0].shape == truth.objects[0].shape
+                correct["colour"] += guess.objects[0].colour == truth.objects[0].colour
+                correct["background"] += guess.background == truth.background
+    if grid_path is not None:
+        labelled_grid([s.image for s in scenes[:16]], guesses[:16]).save(grid_path)
+    return {k: v / count for k, v in correct.items()}
+
+
+def labelled_grid(images: list[Image.Image], captions: list[str], columns: int = 4, scale: int = 2) -> Image.Image:
+    """Images with the zero-shot caption under each (colour, shape / background)."""
+    from PIL import ImageDraw
+
+    size = images[0].size[0] * scale
+    cell_w, cell_h = size + 90, size + 4
+    rows = (len(images) + columns - 1) // columns
+    canvas = Image.new("RGB", (columns * cell_w, rows * cell_h), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i, (image, caption) in enumerate(zip(images, captions, strict=True)):
+        x, y = (i % columns) * cell_w, (i // columns) * cell_h
+        canvas.paste(image.resize((size, size), Image.NEAREST), (x, y))
+        spec = parse_caption(caption)
+        lines = [spec.objects[0].colour, spec.objects[0].shape, f"on {spec.background}"]
+        draw.text((x + size + 4, y + 30), "\n".join(lines), fill=(0, 0, 0))
+    return canvas
+
+
+def generate(pipe, prompts: list[str], steps: int, guidance: float, batch: int = 8, **kwargs) -> list[Image.Image]:
+    images = []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start : start + batch]
+        generators = [torch.Generator().manual_seed(start + i) for i in range(len(chunk))]
+        images += pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators, **kwargs).images
+    return images
+
+
+def judge_images(judge: ShapeJudge, prompts: list[str], images: list[Image.Image]) -> dict[str, float]:
+    """Fractions of images with every prompted object found (its colour present, and for
+    single-object prompts dominant, and its shape as prompted) and with the right background."""
+    readings = [read_colours(image) for image in images]
+    specs = [parse_caption(prompt) for prompt in prompts]
+    isolated, colours, backgrounds, owners = [], [], [], []
+    for index, (spec, reading) in enumerate(zip(specs, readings, strict=True)):
+        for obj in spec.objects:
+            isolated.append(isolate_colour(images[index], obj.colour, spec.background, reading))
+            colours.append(obj.colour)
+            backgrounds.append(spec.background)
+            owners.append(index)
+    shapes = judge.shapes(isolated, colours, backgrounds)
+    objects_ok = [True] * len(prompts)
+    for owner, colour, shape in zip(owners, colours, shapes, strict=True):
+        spec, reading = specs[owner], readings[owner]
+        expected = next(o.shape for o in spec.objects if o.colour == colour)
+        ok = reading.present(colour) and shape == expected
+        if len(spec.objects) == 1:
+            ok = ok and reading.dominant_colour == colour
+        objects_ok[owner] = objects_ok[owner] and ok
+    backgrounds_ok = [r.background == s.background for r, s in zip(readings, specs, strict=True)]
+    return {"objects_as_prompted": sum(objects_ok) / len(prompts), "background": sum(backgrounds_ok) / len(prompts)}
+
+
+def grid(images: list[Image.Image], columns: int = 8, scale: int = 2) -> Image.Image:
+    size = images[0].size[0] * scale
+    rows = (len(images) + columns - 1) // columns
+    canvas = Image.new("RGB", (columns * size, rows * size), (255, 255, 255))
+    for i, image in enumerate(images):
+        canvas.paste(image.resize((size, size), Image.NEAREST), ((i % columns) * size, (i // columns) * size))
+    return canvas
+
+
+def sampling_seconds(pipe, prompt: str, steps: int, guidance: float, **kwargs) -> float:
+    generate(pipe, [prompt] * 8, 2, guidance, **kwargs)  # warm-up
+    start = time.perf_counter()
+    generate(pipe, [prompt] * 8, steps, guidance, **kwargs)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["clip", "sd", "mmdit"], choices=["clip", "sd", "mmdit"])
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--single", type=int, default=200)
+    parser.add_argument("--double", type=int, default=100)
+    parser.add_argument("--out", type=Path, default=Path("docs/images"))
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    args.out.mkdir(parents=True, exist_ok=True)
+    judge = ShapeJudge()
+    results: dict[str, dict[str, float]] = {}
+    if "clip" in args.models:
+        results["shapes-clip"] = clip_accuracy(judge, grid_path=args.out / "shapes-clip_zero_shot.png")
+        print("shapes-clip zero-shot accuracy (500 held-out images):", results["shapes-clip"])
+    for key in ("sd", "mmdit"):
+        if key not in args.models:
+            continue
+        name = f"shapes-{key}"
+        pipe = load_shapes_pipeline(name)
+        extra = {"max_sequence_length": 16} if key == "mmdit" else {}
+        single = single_prompts(args.single)
+        images = generate(pipe, single, args.steps, args.guidance, **extra)
+        row = {f"single_{k}": v for k, v in judge_images(judge, single, images).items()}
+        grid(images[:32]).save(args.out / f"{name}_samples.png")
+        if key == "sd" and args.double:
+            double = two_object_prompts(args.double)
+            double_images = generate(pipe, double, args.steps, args.guidance, **extra)
+            row["two_objects_both_present"] = judge_images(judge, double, double_images)["objects_as_prompted"]
+            grid(double_images[:16]).save(args.out / f"{name}_two_objects.png")
+        row["seconds_batch8_25steps_cfg"] = sampling_seconds(pipe, single[0], 25, args.guidance, **extra)
+        results[name] = row
+        print(name, row)
+    print()
+    print("| model | metric | value |")
+    print("|---|---|---|")
+    for model, row in results.items():
+        for metric, value in row.items():
+            print(f"| {model} | {metric} | {value:.3f} |" if value <= 1.5 else f"| {model} | {metric} | {value:.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

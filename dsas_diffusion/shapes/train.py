@@ -1,0 +1,349 @@
+"""Train the Shapes models from a seed: ``python -m dsas_diffusion.shapes.train {vae,clip,sd,mmdit,all}``.
+
+Each target writes its checkpoint with the library's own ``save_pretrained`` layout under
+``--out`` (default: the package's ``weights/`` folder, where the shipped models live).
+Intermediate full-precision models go to ``--work-dir``. A GPU is used when present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .dataset import SceneStream
+from .models import (
+    CLIP_MODEL_CONFIG,
+    TOKENIZER_MAX_LENGTH,
+    make_mmdit_transformer,
+    make_sd_unet,
+    make_text_encoder,
+    make_vae,
+)
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+DEFAULT_WORK_DIR = Path("build") / "shapes"
+SCHEDULE = {"beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 1000}
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _cosine_lr(optimizer, steps: int, warmup: int = 50):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class EMA:
+    """Exponential moving average of parameters with warm-up: decay = min(max_decay, (1+n)/(10+n))."""
+
+    def __init__(self, module: torch.nn.Module, max_decay: float = 0.999) -> None:
+        self.shadow = copy.deepcopy(module).eval().requires_grad_(False)
+        self.max_decay = max_decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.max_decay, (1 + self.updates) / (10 + self.updates))
+        for shadow, live in zip(self.shadow.parameters(), module.parameters(), strict=True):
+            shadow.lerp_(live.detach(), 1 - decay)
+
+
+# -- VAE ------------------------------------------------------------------------------------
+def train_vae(work_dir: Path, steps: int = 1500, batch_size: int = 32, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    device = _device()
+    vae = make_vae().to(device).train()
+    optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
+    scheduler = _cosine_lr(optimizer, steps)
+    stream = SceneStream(seed=seed + 1)
+    bar = tqdm(range(steps), desc="vae")
+    for _ in bar:
+        images, _ = stream.next_batch(batch_size)
+        images = images.to(device)
+        posterior = vae.encode(images).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = (recon - images).abs().mean() + (recon - images).pow(2).mean() + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval()
+    with torch.no_grad():
+        images, _ = SceneStream(seed=seed + 2).next_batch(512)
+        latents = torch.cat([vae.encode(chunk.to(device)).latent_dist.mean for chunk in images.split(128)])
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()), shift_factor=float(latents.mean()))
+    out = work_dir / "vae"
+    vae.save_pretrained(out)
+    print(f"vae: scaling_factor={vae.config.scaling_factor:.4f} shift_factor={vae.config.shift_factor:.4f} -> {out}")
+    return out
+
+
+def _load_vae(work_dir: Path, device: torch.device, seed: int):
+    from diffusers import AutoencoderKL
+
+    path = work_dir / "vae"
+    if not (path / "config.json").is_file():
+        train_vae(work_dir, seed=seed)
+    return AutoencoderKL.from_pretrained(path).to(device).eval().requires_grad_(False)
+
+
+def _tokenizer(work_dir: Path):
+    from .tokenizer import build_clip_tokenizer
+
+    return build_clip_tokenizer(work_dir / "tokenizer", model_max_length=TOKENIZER_MAX_LENGTH)
+
+
+def _save_half(module: torch.nn.Module, path: Path) -> None:
+    copy.deepcopy(module).to("cpu", torch.float16).save_pretrained(path)
+
+
+# -- shapes-sd -------------------------------------------------------------------------------
+def train_sd(
+    work_dir: Path, out: Path, steps: int = 2000, batch_size: int = 64, lr: float = 1e-3, seed: int = 0
+) -> Path:
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+
+    torch.manual_seed(seed)
+    device = _device()
+    vae = _load_vae(work_dir, device, seed)
+    tokenizer = _tokenizer(work_dir)
+    text_encoder = make_text_encoder(32).to(device).train()
+    unet = make_sd_unet(cross_attention_dim=text_encoder.config.hidden_size).to(device).train()
+    noise_scheduler = DDPMScheduler(**SCHEDULE, prediction_type="epsilon")
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    scheduler = _cosine_lr(optimizer, steps)
+    ema_unet, ema_text = EMA(unet), EMA(text_encoder)
+    stream = SceneStream(seed=seed + 3)
+    alphas = noise_scheduler.alphas_cumprod.to(device)
+    bar = tqdm(range(steps), desc="shapes-sd")
+    for _ in bar:
+        images, captions = stream.next_batch(batch_size)
+        captions = ["" if torch.rand(()) < 0.1 else c for c in captions]  # prompt dropout for CFG
+        with torch.no_grad():
+            latents = vae.encode(images.to(device)).latent_dist.sample() * vae.config.scaling_factor
+        ids = tokenizer(
+            captions, padding="max_length", max_length=TOKENIZER_MAX_LENGTH, truncation=True, return_tensors="pt"
+        ).input_ids.to(device)
+        hidden = text_encoder(ids)[0]
+        noise = torch.randn_like(latents) + 0.1 * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=device)
+        t = torch.randint(0, SCHEDULE["num_train_timesteps"], (latents.shape[0],), device=device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        prediction = unet(noisy, t, encoder_hidden_states=hidden).sample
+        loss = (prediction - noise).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        ema_unet.update(unet)
+        ema_text.update(text_encoder)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=ema_text.shadow,
+        tokenizer=tokenizer,
+        unet=ema_unet.shadow,
+        scheduler=DDIMScheduler(
+            **SCHEDULE,
+            prediction_type="epsilon",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+            timestep_spacing="leading",
+        ),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    target = out / "shapes-sd"
+    pipeline.to(torch.float16).save_pretrained(target)
+    _slim_tokenizers(target)
+    print(f"shapes-sd -> {target}")
+    return target
+
+
+def _slim_tokenizers(pipeline_dir: Path) -> None:
+    """Ship each tokenizer as CLIP's vocab.json + merges.txt (1.5 MB) instead of tokenizer.json (3.6 MB)."""
+    from .tokenizer import write_clip_tokenizer_files
+
+    for folder in pipeline_dir.glob("tokenizer*"):
+        write_clip_tokenizer_files(folder)
+        (folder / "tokenizer.json").unlink(missing_ok=True)
+
+
+# -- shapes-mmdit ----------------------------------------------------------------------------
+MMDIT_T5_LENGTHS = (1, 4, 16, 64, 256)
+MMDIT_T5_WEIGHTS = (0.4, 0.25, 0.15, 0.15, 0.05)
+
+
+def train_mmdit(
+    work_dir: Path, out: Path, steps: int = 4000, batch_size: int = 64, lr: float = 5e-4, seed: int = 0
+) -> Path:
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    device = _device()
+    vae = _load_vae(work_dir, device, seed)
+    tokenizer = _tokenizer(work_dir)
+    half = 32
+    text_encoder = make_text_encoder(half, with_projection=True).to(device).train()
+    text_encoder_2 = make_text_encoder(half, with_projection=True).to(device).train()
+    transformer = make_mmdit_transformer(text_hidden=2 * half, pooled_dim=2 * half).to(device).train()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    params = [p for m in (transformer, text_encoder, text_encoder_2) for p in m.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    scheduler = _cosine_lr(optimizer, steps)
+    emas = [EMA(m) for m in (transformer, text_encoder, text_encoder_2)]
+    stream = SceneStream(seed=seed + 4)
+    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
+    lengths = torch.tensor(MMDIT_T5_WEIGHTS)
+    bar = tqdm(range(steps), desc="shapes-mmdit")
+    for _ in bar:
+        images, captions = stream.next_batch(batch_size)
+        captions = ["" if torch.rand(()) < 0.1 else c for c in captions]
+        with torch.no_grad():
+            latents = (vae.encode(images.to(device)).latent_dist.sample() - shift) * scale
+        t5_length = MMDIT_T5_LENGTHS[int(torch.multinomial(lengths, 1))]
+        prompt_embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt=captions,
+            prompt_2=None,
+            prompt_3=None,
+            device=device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=t5_length,
+        )
+        sigmas = torch.sigmoid(torch.randn(latents.shape[0], device=device))  # logit-normal timesteps
+        noise = torch.randn_like(latents)
+        noisy = (1 - sigmas.view(-1, 1, 1, 1)) * latents + sigmas.view(-1, 1, 1, 1) * noise
+        prediction = transformer(
+            noisy, encoder_hidden_states=prompt_embeds, pooled_projections=pooled, timestep=sigmas * 1000
+        ).sample
+        loss = (prediction - (noise - latents)).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        for ema, module in zip(emas, (transformer, text_encoder, text_encoder_2), strict=True):
+            ema.update(module)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    final = StableDiffusion3Pipeline(
+        transformer=emas[0].shadow,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+        vae=vae,
+        text_encoder=emas[1].shadow,
+        tokenizer=tokenizer,
+        text_encoder_2=emas[2].shadow,
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    target = out / "shapes-mmdit"
+    final.to(torch.float16).save_pretrained(target)
+    _slim_tokenizers(target)
+    print(f"shapes-mmdit -> {target}")
+    return target
+
+
+# -- shapes-clip -----------------------------------------------------------------------------
+def train_clip(out: Path, steps: int = 800, batch_size: int = 128, lr: float = 1e-3, seed: int = 0) -> Path:
+    import open_clip
+
+    from .clip import CLIP_PREPROCESS, register_shapes_clip
+
+    torch.manual_seed(seed)
+    device = _device()
+    register_shapes_clip()
+    model = open_clip.create_model("shapes-clip").to(device).train()
+    tokenizer = open_clip.get_tokenizer("shapes-clip")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    scheduler = _cosine_lr(optimizer, steps)
+    stream = SceneStream(seed=seed + 5)
+    bar = tqdm(range(steps), desc="shapes-clip")
+    for _ in bar:
+        images, captions = stream.next_batch(batch_size)
+        # open_clip's preprocessing (CLIP_PREPROCESS): bilinear resize to 32 px, mean = std = 0.5,
+        # which maps [0, 1] pixels to the [-1, 1] range our images are already in
+        size = CLIP_PREPROCESS["size"]
+        images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
+        image_features = model.encode_image(images.to(device), normalize=True)
+        text_features = model.encode_text(tokenizer(captions).to(device), normalize=True)
+        logits = model.logit_scale.exp() * image_features @ text_features.T
+        # captions repeat within a batch: count every identical caption as a positive
+        same = torch.tensor([[a == b for b in captions] for a in captions], device=device, dtype=torch.float32)
+        targets = same / same.sum(1, keepdim=True)
+        loss = 0.5 * (
+            torch.nn.functional.cross_entropy(logits, targets) + torch.nn.functional.cross_entropy(logits.T, targets)
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    target = out / "shapes-clip"
+    target.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(target / "open_clip_model.safetensors"))
+    config = {"model_cfg": CLIP_MODEL_CONFIG, "preprocess_cfg": CLIP_PREPROCESS}
+    (target / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    print(f"shapes-clip -> {target}")
+    return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("target", choices=["vae", "clip", "sd", "mmdit", "all"])
+    parser.add_argument("--out", type=Path, default=WEIGHTS_DIR)
+    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
+    parser.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the shipped recipe's)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    kwargs = {"seed": args.seed}
+    if args.steps is not None:
+        kwargs["steps"] = args.steps
+    start = time.time()
+    targets = ["vae", "clip", "sd", "mmdit"] if args.target == "all" else [args.target]
+    for target in targets:
+        if target == "vae":
+            train_vae(args.work_dir, **kwargs)
+        elif target == "clip":
+            train_clip(args.out, **kwargs)
+        elif target == "sd":
+            train_sd(args.work_dir, args.out, **kwargs)
+        else:
+            train_mmdit(args.work_dir, args.out, **kwargs)
+    print(f"done in {(time.time() - start) / 60:.1f} min on {_device()}")
+
+
+if __name__ == "__main__":
+    main()
