@@ -6,7 +6,7 @@ from pathlib import Path
 
 __all__ = ["CLIP_PREPROCESS", "load_shapes_clip", "register_shapes_clip", "shapes_clip_dir"]
 
-CLIP_PREPROCESS = {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bilinear"}
+CLIP_PREPROCESS = {"size": 64, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bilinear"}
 _CONFIG_DIR = Path(__file__).resolve().parent / "open_clip_configs"
 
 

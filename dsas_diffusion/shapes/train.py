@@ -288,10 +288,8 @@ def train_clip(out: Path, steps: int = 800, batch_size: int = 128, lr: float = 1
     bar = tqdm(range(steps), desc="shapes-clip")
     for _ in bar:
         images, captions = stream.next_batch(batch_size)
-        # open_clip's preprocessing (CLIP_PREPROCESS): bilinear resize to 32 px, mean = std = 0.5,
-        # which maps [0, 1] pixels to the [-1, 1] range our images are already in
-        size = CLIP_PREPROCESS["size"]
-        images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
+        # open_clip's preprocessing (CLIP_PREPROCESS: 64 px, mean = std = 0.5) maps [0, 1] pixels to
+        # the [-1, 1] range our images are already in
         image_features = model.encode_image(images.to(device), normalize=True)
         text_features = model.encode_text(tokenizer(captions).to(device), normalize=True)
         logits = model.logit_scale.exp() * image_features @ text_features.T
