@@ -40,16 +40,20 @@ def load_shapes_pipeline(name: str = "shapes-sd", **kwargs):
 
     ``shapes-mmdit`` is a ``StableDiffusion3Pipeline`` with its two CLIP text encoders and no
     T5 (``text_encoder_3=None, tokenizer_3=None``, the stock way to drop T5). Weights are
-    stored in float16 and load as float32.
+    stored in float16 and loaded as float32 (``dtype=torch.float32``) unless you pass ``dtype``.
 
     Example:
         >>> pipe = load_shapes_pipeline("shapes-sd")
         >>> type(pipe).__name__
         'StableDiffusionPipeline'
     """
+    import torch
     from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 
     path = resolve_model_path(name)
+    # stored in float16; without a dtype diffusers loads its models in float32 but transformers
+    # keeps the text encoders in float16, which cannot run together
+    kwargs.setdefault("dtype", torch.float32)
     if name == "shapes-mmdit":
         kwargs.setdefault("text_encoder_3", None)
         kwargs.setdefault("tokenizer_3", None)
