@@ -3,48 +3,25 @@ a diffusers UNet steered per spatial position, a transformers GPT-2 steered per 
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from dsas_diffusion.demo import batches as demo_batches
+from dsas_diffusion.demo import build_unet, make_latents
 from dsas_diffusion.steering import HookPoint, Steerer, active_hook_names, fit_steerer
 
 
 @pytest.fixture(scope="module")
 def unet():
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    ).eval()
+    return build_unet()  # the demo's small UNet2DConditionModel, random weights
 
 
 def _latents(count: int, seed: int, blob: bool):
     """Noise latents; with ``blob`` a bright square on channel 0 at a random place (the concept)."""
-    generator = torch.Generator().manual_seed(seed)
-    latents = torch.randn(count, 4, 16, 16, generator=generator) * 0.5
-    masks = torch.zeros(count, 16, 16, dtype=torch.bool)
-    if blob:
-        for i in range(count):
-            top, left = torch.randint(0, 10, (2,), generator=generator).tolist()
-            masks[i, top : top + 6, left : left + 6] = True
-        latents[:, 0] += 3.0 * masks
-    return latents, masks
+    return make_latents(count, seed, concept=blob)
 
 
 def _unet_batches(seed: int, blob: bool, batches: int = 8, size: int = 4):
-    text = torch.zeros(size, 3, 16)
-    return [
-        {"sample": _latents(size, seed * 100 + b, blob)[0], "timestep": 10, "encoder_hidden_states": text}
-        for b in range(batches)
-    ]
+    return demo_batches(seed, blob, count=batches, size=size)
 
 
 def _resnet_gates_and_change(unet, steerer, latents):

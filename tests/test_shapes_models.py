@@ -116,7 +116,7 @@ def test_shapes_mmdit_loads_with_the_stock_sd3_pipeline_without_t5():
     from diffusers import StableDiffusion3Pipeline
 
     pipe = StableDiffusion3Pipeline.from_pretrained(
-        resolve_model_path("shapes-mmdit"), text_encoder_3=None, tokenizer_3=None
+        resolve_model_path("shapes-mmdit"), text_encoder_3=None, tokenizer_3=None, dtype=torch.float32
     )
     pipe.set_progress_bar_config(disable=True)
     generators = [torch.Generator().manual_seed(i) for i in range(len(PROMPTS))]

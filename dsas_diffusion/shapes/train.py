@@ -107,13 +107,32 @@ def _tokenizer(work_dir: Path):
     return build_clip_tokenizer(work_dir / "tokenizer", model_max_length=TOKENIZER_MAX_LENGTH)
 
 
-def _save_half(module: torch.nn.Module, path: Path) -> None:
-    copy.deepcopy(module).to("cpu", torch.float16).save_pretrained(path)
+class _Optimisation:
+    """AdamW with warm-up + cosine decay, gradient clipping and an EMA of every trained module."""
+
+    def __init__(self, modules: list[torch.nn.Module], lr: float, steps: int) -> None:
+        self.modules = modules
+        self.params = [p for module in modules for p in module.parameters()]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
+        self.scheduler = _cosine_lr(self.optimizer, steps)
+        self.emas = [EMA(module) for module in modules]
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        for ema, module in zip(self.emas, self.modules, strict=True):
+            ema.update(module)
+
+    def averaged(self) -> list[torch.nn.Module]:
+        return [ema.shadow for ema in self.emas]
 
 
 # -- shapes-sd -------------------------------------------------------------------------------
 def train_sd(
-    work_dir: Path, out: Path, steps: int = 2000, batch_size: int = 64, lr: float = 1e-3, seed: int = 0
+    work_dir: Path, out: Path, steps: int = 3000, batch_size: int = 64, lr: float = 1e-3, seed: int = 0
 ) -> Path:
     from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 
@@ -124,10 +143,7 @@ def train_sd(
     text_encoder = make_text_encoder(32).to(device).train()
     unet = make_sd_unet(cross_attention_dim=text_encoder.config.hidden_size).to(device).train()
     noise_scheduler = DDPMScheduler(**SCHEDULE, prediction_type="epsilon")
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    scheduler = _cosine_lr(optimizer, steps)
-    ema_unet, ema_text = EMA(unet), EMA(text_encoder)
+    optimisation = _Optimisation([unet, text_encoder], lr, steps)
     stream = SceneStream(seed=seed + 3)
     alphas = noise_scheduler.alphas_cumprod.to(device)
     bar = tqdm(range(steps), desc="shapes-sd")
@@ -146,19 +162,14 @@ def train_sd(
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
         prediction = unet(noisy, t, encoder_hidden_states=hidden).sample
         loss = (prediction - noise).pow(2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        ema_unet.update(unet)
-        ema_text.update(text_encoder)
+        optimisation.step(loss)
         bar.set_postfix(loss=f"{loss.item():.4f}")
+    averaged_unet, averaged_text_encoder = optimisation.averaged()
     pipeline = StableDiffusionPipeline(
         vae=vae,
-        text_encoder=ema_text.shadow,
+        text_encoder=averaged_text_encoder,
         tokenizer=tokenizer,
-        unet=ema_unet.shadow,
+        unet=averaged_unet,
         scheduler=DDIMScheduler(
             **SCHEDULE,
             prediction_type="epsilon",
@@ -193,7 +204,7 @@ MMDIT_T5_WEIGHTS = (0.4, 0.25, 0.15, 0.15, 0.05)
 
 
 def train_mmdit(
-    work_dir: Path, out: Path, steps: int = 4000, batch_size: int = 64, lr: float = 5e-4, seed: int = 0
+    work_dir: Path, out: Path, steps: int = 2500, batch_size: int = 64, lr: float = 5e-4, seed: int = 0
 ) -> Path:
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
@@ -205,21 +216,23 @@ def train_mmdit(
     text_encoder = make_text_encoder(half, with_projection=True).to(device).train()
     text_encoder_2 = make_text_encoder(half, with_projection=True).to(device).train()
     transformer = make_mmdit_transformer(text_hidden=2 * half, pooled_dim=2 * half).to(device).train()
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer,
-        text_encoder_3=None,
-        tokenizer_3=None,
-    )
-    params = [p for m in (transformer, text_encoder, text_encoder_2) for p in m.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    scheduler = _cosine_lr(optimizer, steps)
-    emas = [EMA(m) for m in (transformer, text_encoder, text_encoder_2)]
+
+    def assemble(transformer, text_encoder, text_encoder_2) -> StableDiffusion3Pipeline:
+        """SD3 with its two CLIP text encoders and no T5 (text_encoder_3 = None)."""
+        return StableDiffusion3Pipeline(
+            transformer=transformer,
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer,
+            text_encoder_3=None,
+            tokenizer_3=None,
+        )
+
+    pipe = assemble(transformer, text_encoder, text_encoder_2)  # its encode_prompt builds the conditioning
+    optimisation = _Optimisation([transformer, text_encoder, text_encoder_2], lr, steps)
     stream = SceneStream(seed=seed + 4)
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
     lengths = torch.tensor(MMDIT_T5_WEIGHTS)
@@ -245,25 +258,9 @@ def train_mmdit(
             noisy, encoder_hidden_states=prompt_embeds, pooled_projections=pooled, timestep=sigmas * 1000
         ).sample
         loss = (prediction - (noise - latents)).pow(2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        for ema, module in zip(emas, (transformer, text_encoder, text_encoder_2), strict=True):
-            ema.update(module)
+        optimisation.step(loss)
         bar.set_postfix(loss=f"{loss.item():.4f}")
-    final = StableDiffusion3Pipeline(
-        transformer=emas[0].shadow,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
-        vae=vae,
-        text_encoder=emas[1].shadow,
-        tokenizer=tokenizer,
-        text_encoder_2=emas[2].shadow,
-        tokenizer_2=tokenizer,
-        text_encoder_3=None,
-        tokenizer_3=None,
-    )
+    final = assemble(*optimisation.averaged())
     target = out / "shapes-mmdit"
     final.to(torch.float16).save_pretrained(target)
     _slim_tokenizers(target)
