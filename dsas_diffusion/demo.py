@@ -90,7 +90,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     unet = build_unet()
     source, target, control = batches(1, True), batches(2, False), batches(3, False)

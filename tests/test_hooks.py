@@ -202,3 +202,16 @@ def test_scoped_sessions_can_be_detached_in_any_order():
     torch.testing.assert_close(model(x), expected)
     session_b.detach()
     assert torch.equal(model(x), x)
+
+
+def test_gates_are_recorded_at_strength_zero_without_changing_the_output(token_net):
+    steerer = Steerer([_layer("blocks.0", 16, gate=_gate(16)), _layer("blocks.2", 16, gate=_gate(16))])
+    x = torch.randn(2, 5, 16)
+    reference = token_net(x)
+    with steerer.apply(token_net, strength=0.0, record_gates=True) as idle:
+        assert torch.equal(token_net(x), reference)
+    with steerer.apply(token_net, strength=1.0, record_gates=True) as active:
+        token_net(x)
+    # the first steered module sees the same input either way, so its gates agree
+    assert torch.equal(idle.gate_maps["blocks.0"][0], active.gate_maps["blocks.0"][0])
+    assert idle.gate_maps["blocks.2"][0].shape == (2, 5)

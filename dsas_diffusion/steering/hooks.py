@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .errors import SteeringError
-from .hookpoints import feature_dim, get_output, replace_output, resolve_module
+from .hookpoints import get_output, replace_output, resolve_module
 
 if TYPE_CHECKING:
     from .layer import SteeringLayer
@@ -151,8 +151,7 @@ class SteeringSession:
             if self.strength == 0.0 and self.observer is None:
                 # exactly the identity; compute the gates only if they are being recorded
                 if self.record_gates and gated and layer.gate is not None:
-                    part = tensor if rows is None else tensor[rows]
-                    values = on_device.gate(part.float(), feature_dim(point.layout)).squeeze(feature_dim(point.layout))
+                    values = on_device.gate_values(tensor if rows is None else tensor[rows])
                     self.gate_maps[layer.name].append(values.detach().to("cpu", torch.float16))
                 return None
             if rows is None:

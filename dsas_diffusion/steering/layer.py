@@ -58,6 +58,13 @@ class SteeringLayer(nn.Module):
     def width(self) -> int:
         return self.map.width
 
+    def gate_values(self, x: torch.Tensor) -> torch.Tensor:
+        """The gate at every position of ``x`` (float32, ``x``'s shape without its features)."""
+        if self.gate is None:
+            raise ActivationError(f"layer {self.name!r} has no gate; steer it with gating off")
+        dim = feature_dim(self.hook_point.layout)
+        return self.gate(x.float(), dim).squeeze(dim)
+
     def steer(self, x: torch.Tensor, strength: float, gated: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Steer activation ``x``; return the result (in ``x``'s dtype) and the gate values
         (``x`` without its feature dimension, float32) when ``gated``."""
