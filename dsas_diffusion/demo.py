@@ -11,6 +11,7 @@ comparison image (input | gate heatmap | change with uniform steering | change w
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 import torch
@@ -61,26 +62,19 @@ def batches(seed: int, concept: bool, count: int = 8, size: int = 4) -> list[dic
 
 
 def block_output(unet, steerer: Steerer | None, latents: torch.Tensor, gate: bool):
-    """The first hooked block's output (after steering) and its recorded gate map."""
+    """The first hooked block's output (after steering, if a steerer is given) and, when
+    gated, its recorded gate map."""
     outputs = []
     text = torch.zeros(latents.shape[0], 3, 16)
     module = unet.get_submodule(HOOK)
-    gates = None
-    with torch.no_grad():
-        if steerer is None:
-            handle = module.register_forward_hook(lambda m, i, o: outputs.append(o))
-            try:
-                unet(latents, 10, encoder_hidden_states=text)
-            finally:
-                handle.remove()
-        else:
-            with steerer.apply(unet, gate=gate, record_gates=gate) as session:
-                handle = module.register_forward_hook(lambda m, i, o: outputs.append(o))
-                try:
-                    unet(latents, 10, encoder_hidden_states=text)
-                finally:
-                    handle.remove()
-            gates = session.gate_maps[HOOK][0].float() if gate else None
+    steering = steerer.apply(unet, gate=gate, record_gates=gate) if steerer is not None else contextlib.nullcontext()
+    with torch.no_grad(), steering as session:
+        handle = module.register_forward_hook(lambda m, i, o: outputs.append(o))  # after any steering hook
+        try:
+            unet(latents, 10, encoder_hidden_states=text)
+        finally:
+            handle.remove()
+    gates = session.gate_maps[HOOK][0].float() if steerer is not None and gate else None
     return outputs[0], gates
 
 

@@ -6,7 +6,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from dsas_diffusion.demo import batches as demo_batches
-from dsas_diffusion.demo import build_unet, make_latents
+from dsas_diffusion.demo import block_output, build_unet, make_latents
 from dsas_diffusion.steering import HookPoint, Steerer, active_hook_names, fit_steerer
 
 
@@ -25,27 +25,11 @@ def _unet_batches(seed: int, blob: bool, batches: int = 8, size: int = 4):
 
 
 def _resnet_gates_and_change(unet, steerer, latents):
-    text = torch.zeros(latents.shape[0], 3, 16)
-    resnet = unet.down_blocks[0].resnets[0]
-    outputs = []
-
-    def capture(module, args, output):
-        outputs.append(output)
-
-    with torch.no_grad():
-        handle = resnet.register_forward_hook(capture)
-        try:
-            unet(latents, 10, encoder_hidden_states=text)
-        finally:
-            handle.remove()
-        with steerer.apply(unet, record_gates=True, layers=["down_blocks.0.resnets.0"]) as session:
-            handle = resnet.register_forward_hook(capture)  # runs after the steering hook
-            try:
-                unet(latents, 10, encoder_hidden_states=text)
-            finally:
-                handle.remove()
-    plain, steered = outputs
-    return session.gate_maps["down_blocks.0.resnets.0"][0].float(), (steered - plain).abs().mean(1)
+    """Gate map and |change| of down_blocks.0.resnets.0 (the first hooked block; later hooks
+    cannot change its output)."""
+    plain, _ = block_output(unet, None, latents, gate=True)
+    steered, gates = block_output(unet, steerer, latents, gate=True)
+    return gates, (steered - plain).abs().mean(1)
 
 
 def test_steerer_on_a_unet_gates_per_spatial_position(unet):

@@ -8,7 +8,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["build_clip_tokenizer", "clip_bpe_path", "write_clip_tokenizer_files"]
+__all__ = ["build_clip_tokenizer", "clip_bpe_path", "slim_tokenizer_folder", "write_clip_tokenizer_files"]
 
 MERGE_COUNT = 49152 - 256 - 2  # as in CLIP: 48894 merges, 49408 tokens in all
 
@@ -58,6 +58,12 @@ def build_clip_tokenizer(directory: str | os.PathLike[str], model_max_length: in
     # loading from the folder reads vocab.json and merges.txt under any transformers version
     tokenizer = CLIPTokenizer.from_pretrained(str(directory), model_max_length=model_max_length)
     tokenizer.save_pretrained(str(directory))
-    # tokenizer.json (3.6 MB) is rebuilt from vocab.json + merges.txt at load time: do not ship it
-    (Path(directory) / "tokenizer.json").unlink(missing_ok=True)
+    slim_tokenizer_folder(directory)
     return tokenizer
+
+
+def slim_tokenizer_folder(directory: str | os.PathLike[str]) -> None:
+    """Ship a CLIP tokenizer folder as vocab.json + merges.txt (1.5 MB): tokenizer.json (3.6 MB)
+    is rebuilt from them at load time, so it is removed."""
+    write_clip_tokenizer_files(directory)
+    (Path(directory) / "tokenizer.json").unlink(missing_ok=True)

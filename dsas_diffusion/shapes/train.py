@@ -190,12 +190,10 @@ def train_sd(
 
 
 def _slim_tokenizers(pipeline_dir: Path) -> None:
-    """Ship each tokenizer as CLIP's vocab.json + merges.txt (1.5 MB) instead of tokenizer.json (3.6 MB)."""
-    from .tokenizer import write_clip_tokenizer_files
+    from .tokenizer import slim_tokenizer_folder
 
     for folder in pipeline_dir.glob("tokenizer*"):
-        write_clip_tokenizer_files(folder)
-        (folder / "tokenizer.json").unlink(missing_ok=True)
+        slim_tokenizer_folder(folder)
 
 
 # -- shapes-mmdit ----------------------------------------------------------------------------
