@@ -1,12 +1,14 @@
 """Quality bars of the embedded Shapes models (issue: the Shapes world).
 
-    python benchmarks/shapes_quality.py [--models clip sd mmdit] [--out docs/images]
+    python benchmarks/shapes_quality.py [--models clip vae sd mmdit] [--out docs/images]
 
 - shapes-clip: zero-shot accuracy (shape, colour, background) on 500 held-out single-object
   test-split images, classifying among all 75 single-object captions.
 - shapes-sd / shapes-mmdit: 200 single-object prompts and (sd) 100 two-object prompts with
   fixed seeds; colour and background judged by palette pixel masses, shapes by shapes-clip
   (each prompted object isolated by its colour first).
+- the VAE's ceiling: the shape judge on 200 held-out images as drawn and after encoding and
+  decoding with shapes-sd's VAE.
 - sampling speed: a batch of 8 images, 25 steps, classifier-free guidance.
 Prints a markdown table and writes sample grids.
 """
@@ -72,6 +74,29 @@ def clip_accuracy(judge: ShapeJudge, count: int = 500, grid_path: Path | None = 
     if grid_path is not None:
         labelled_grid([s.image for s in scenes[:16]], guesses[:16]).save(grid_path)
     return {k: v / count for k, v in correct.items()}
+
+
+def vae_ceiling(judge: ShapeJudge, count: int = 200) -> dict[str, float]:
+    """Shape accuracy of the judge on held-out images passed through shapes-sd's VAE
+    (encode, decode): the most any generated image can reach through this VAE."""
+    from dsas_diffusion.shapes.dataset import images_to_tensor
+
+    vae = load_shapes_pipeline("shapes-sd").vae
+    scenes = [render_scene(sample_spec(scene_seed(i, "eval"), 1)) for i in range(count)]
+    with torch.no_grad():
+        pixels = images_to_tensor([s.image for s in scenes])
+        decoded = torch.cat([vae.decode(vae.encode(chunk).latent_dist.mean).sample for chunk in pixels.split(50)])
+    images = [Image.fromarray(((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()) for x in decoded]
+    result = {}
+    for name, shown in (("original", [s.image for s in scenes]), ("reconstructed", images)):
+        isolated = [
+            isolate_colour(image, s.spec.objects[0].colour, s.spec.background)
+            for image, s in zip(shown, scenes, strict=True)
+        ]
+        shapes = judge.shapes(isolated, [s.spec.objects[0].colour for s in scenes], [s.spec.background for s in scenes])
+        hits = sum(shape == s.spec.objects[0].shape for shape, s in zip(shapes, scenes, strict=True))
+        result[f"shape_{name}"] = hits / count
+    return result
 
 
 def labelled_grid(images: list[Image.Image], captions: list[str], columns: int = 4, scale: int = 2) -> Image.Image:
@@ -144,7 +169,9 @@ def sampling_seconds(pipe, prompt: str, steps: int, guidance: float, **kwargs) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["clip", "sd", "mmdit"], choices=["clip", "sd", "mmdit"])
+    parser.add_argument(
+        "--models", nargs="+", default=["clip", "vae", "sd", "mmdit"], choices=["clip", "vae", "sd", "mmdit"]
+    )
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--single", type=int, default=200)
@@ -159,6 +186,9 @@ def main() -> None:
     if "clip" in args.models:
         results["shapes-clip"] = clip_accuracy(judge, grid_path=args.out / "shapes-clip_zero_shot.png")
         print("shapes-clip zero-shot accuracy (500 held-out images):", results["shapes-clip"])
+    if "vae" in args.models:
+        results["shapes-sd VAE"] = vae_ceiling(judge)
+        print("judge's shape accuracy on 200 held-out images, as drawn and through the VAE:", results["shapes-sd VAE"])
     for key in ("sd", "mmdit"):
         if key not in args.models:
             continue
