@@ -11,7 +11,28 @@ from .steering import (
     fit_steerer,
 )
 
+# the diffusers integration is imported on first use, so that the text path and the core
+# do not pay for importing diffusers
+_DIFFUSION_EXPORTS = (
+    "DSASFluxPipeline",
+    "DSASPipelineMixin",
+    "DSASPixArtAlphaPipeline",
+    "DSASStableDiffusion3Pipeline",
+    "DSASStableDiffusionPipeline",
+    "DSASStableDiffusionXLPipeline",
+)
+
+
+def __getattr__(name: str):
+    if name in _DIFFUSION_EXPORTS:
+        from . import diffusion
+
+        return getattr(diffusion, name)
+    raise AttributeError(f"module 'dsas_diffusion' has no attribute {name!r}")
+
+
 __all__ = [
+    *_DIFFUSION_EXPORTS,
     "ActivationCollector",
     "HookPoint",
     "LinEASConfig",

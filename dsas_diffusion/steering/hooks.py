@@ -51,7 +51,8 @@ class SteeringSession:
         ``strength``: the global strength λ.
         ``gated``: ``True`` scales by the DSAS gates, ``False`` steers uniformly.
         ``batch_rows``: steer only these batch rows (e.g. the conditional half of a CFG
-            batch); ``None`` steers all rows.
+            batch): a slice or index tensor, or a function of the batch size returning one;
+            ``None`` steers all rows.
         ``gate_maps``: with ``record_gates=True``, per module a list with one gate tensor
             per forward call (float16, CPU; the activation's shape without its features).
     """
@@ -74,7 +75,7 @@ class SteeringSession:
         self.record_gates = record_gates
         self.scoped = scoped
         self.observer = observer
-        self.batch_rows: slice | torch.Tensor | None = None
+        self.batch_rows: slice | torch.Tensor | Callable[[int], slice | torch.Tensor] | None = None
         self.gate_maps: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in self.layers}
         self.id = next(_COUNTER)
         self.hook_names: list[str] = []
@@ -148,6 +149,8 @@ class SteeringSession:
             tensor = get_output(output, point.output_index, layer.name)
             on_device = self._layer_on(layer, tensor.device)
             rows = self.batch_rows
+            if callable(rows):
+                rows = rows(tensor.shape[0])
             if self.strength == 0.0 and self.observer is None:
                 # exactly the identity; compute the gates only if they are being recorded
                 if self.record_gates and gated and layer.gate is not None:

@@ -1,0 +1,33 @@
+"""DSAS for diffusers: where to hook each denoiser family, collection through pipeline runs,
+and the drop-in ``DSAS*Pipeline`` classes."""
+
+from .architectures import ARCHITECTURES, Architecture, HookGroup, architecture_of, hook_points
+from .collect import ImageStreamCheck, check_image_stream, record_denoiser_calls, run_denoiser_call
+from .pipelines import (
+    CFG_MODES,
+    DSASFluxPipeline,
+    DSASPipelineMixin,
+    DSASPixArtAlphaPipeline,
+    DSASStableDiffusion3Pipeline,
+    DSASStableDiffusionPipeline,
+    DSASStableDiffusionXLPipeline,
+)
+
+__all__ = [
+    "ARCHITECTURES",
+    "CFG_MODES",
+    "Architecture",
+    "DSASFluxPipeline",
+    "DSASPipelineMixin",
+    "DSASPixArtAlphaPipeline",
+    "DSASStableDiffusion3Pipeline",
+    "DSASStableDiffusionPipeline",
+    "DSASStableDiffusionXLPipeline",
+    "HookGroup",
+    "ImageStreamCheck",
+    "architecture_of",
+    "check_image_stream",
+    "hook_points",
+    "record_denoiser_calls",
+    "run_denoiser_call",
+]

@@ -1,0 +1,57 @@
+"""The `dsas` command on shapes-sd: fit from prompt files, then generate a comparison grid."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from dsas_diffusion.cli import main, read_prompts
+from dsas_diffusion.diffusion.loading import load_pipeline
+
+
+def _write(path, prompts):
+    path.write_text("# a comment line\n\n" + "\n".join(prompts) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_fit_then_generate_compare(tmp_path, capsys):
+    colours = ("red", "green", "blue", "yellow", "purple", "red")
+    backgrounds = ("white", "black", "gray", "white", "black", "gray")
+    pairs = list(zip(colours, backgrounds, strict=True))
+    source = _write(tmp_path / "s.txt", [f"a {c} banana on a {b} background" for c, b in pairs])
+    target = _write(tmp_path / "t.txt", [f"a {c} circle on a {b} background" for c, b in pairs])
+    control = _write(tmp_path / "c.txt", [f"a {c} square on a {b} background" for c, b in pairs])
+    out = tmp_path / "steering"
+    main(["fit", "--model", "shapes-sd", "--source", str(source), "--target", str(target), "--control", str(control),
+          "--map", "caa", "--steps", "4", "--out", str(out)])  # fmt: skip
+    assert (out / "steering_config.json").is_file() and (out / "steering.safetensors").is_file()
+    grid = tmp_path / "grid.png"
+    main(["generate", "--model", "shapes-sd", "--steering", str(out), "--prompt", "a yellow banana on a gray background",
+          "--prompt", "a red square on a white background", "--steps", "5", "--compare", "--out", str(grid)])  # fmt: skip
+    image = Image.open(grid)
+    assert image.size[0] == 4 * 64 * 3  # unsteered | uniform | DSAS | gates, 64 px images scaled 3x
+    assert image.size[1] > 2 * 64 * 3  # two prompt rows
+
+
+def test_prompt_files_errors_name_the_file(tmp_path):
+    with pytest.raises(SystemExit, match="does not exist"):
+        read_prompts(tmp_path / "missing.txt")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# only a comment\n\n")
+    with pytest.raises(SystemExit, match=r"empty\.txt.*no prompts"):
+        read_prompts(empty)
+
+
+def test_the_dsas_console_script_is_installed():
+    script = Path(sys.executable).parent / "dsas"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "fit" in result.stdout and "generate" in result.stdout
+
+
+def test_shapes_models_load_as_dsas_pipelines():
+    assert type(load_pipeline("shapes-sd")).__name__ == "DSASStableDiffusionPipeline"
+    pipe = load_pipeline("shapes-mmdit")
+    assert type(pipe).__name__ == "DSASStableDiffusion3Pipeline" and pipe.text_encoder_3 is None

@@ -1,0 +1,206 @@
+"""One behaviour suite over every pipeline family, on tiny pipelines built from configs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from tiny_pipelines import FAMILIES, build
+
+import dsas_diffusion
+from dsas_diffusion.diffusion import architecture_of, hook_points, record_denoiser_calls
+from dsas_diffusion.steering import Steerer, SteeringError, active_hook_names
+
+SOURCE = [f"a {c} banana on a {b} background" for c in ("red", "yellow", "green") for b in ("white", "black")]
+TARGET = [f"a {c} circle on a {b} background" for c in ("red", "yellow", "green") for b in ("white", "black")]
+CONTROL = [f"a {c} square on a {b} background" for c in ("red", "yellow", "green") for b in ("white", "black")]
+PROMPTS = ["a purple banana on a gray background", "a blue star on a white background"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tokenizer")
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny(request, tokenizer_dir):
+    return build(request.param, tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny):
+    """A DSAS pipeline of the family with a Linear-AcT + DSAS steerer fitted through pipeline runs."""
+    pipe = tiny.dsas()
+    pipe.set_progress_bar_config(disable=True)
+    extra = {k: v for k, v in tiny.call_kwargs.items() if k not in ("height", "width", "num_inference_steps")}
+    steerer = pipe.fit_steering(
+        SOURCE,
+        TARGET,
+        CONTROL,
+        map="linear-act",
+        gate="dsas",
+        num_inference_steps=4,
+        collect_steps=(0, 2),
+        batch_size=3,
+        gate_threshold=None,  # random weights: keep every layer whatever its gate accuracy
+        progress=False,
+        pipeline_kwargs={"height": 32, "width": 32, **extra},
+    )
+    return pipe, steerer
+
+
+def _run(pipe, prompts, seed=0, **kwargs):
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    return pipe(prompts, generator=generators, output_type="np", **kwargs)
+
+
+def test_presets_name_existing_modules_and_the_image_stream(tiny):
+    denoiser = tiny.components.get("unet") or tiny.components["transformer"]
+    names = dict(denoiser.named_modules())
+    for preset in ("blocks", "norms"):
+        points = hook_points(denoiser, preset)
+        assert points and all(p.module in names for p in points)
+    if tiny.family == "flux":  # both block kinds, image stream = output 1
+        modules = [p.module for p in hook_points(denoiser)]
+        assert "transformer_blocks.0" in modules and "single_transformer_blocks.0" in modules
+    assert architecture_of(denoiser).denoiser_class == type(denoiser).__name__
+
+
+def test_strength_zero_and_no_steering_are_bit_identical_to_the_stock_pipeline(tiny, fitted):
+    pipe, _ = fitted
+    stock = tiny.stock()
+    stock.set_progress_bar_config(disable=True)
+    reference = _run(stock, PROMPTS, **tiny.call_kwargs).images
+    assert np.array_equal(_run(pipe, PROMPTS, steering_strength=0.0, **tiny.call_kwargs).images, reference)
+    other = tiny.dsas()
+    other.set_progress_bar_config(disable=True)
+    assert np.array_equal(_run(other, PROMPTS, **tiny.call_kwargs).images, reference)
+    steered = _run(pipe, PROMPTS, steering_strength=1.0, steering_gate=False, **tiny.call_kwargs).images
+    assert not np.array_equal(steered, reference)  # and the steering does act
+
+
+def test_a_batch_gives_the_images_of_each_prompt_alone(tiny, fitted):
+    pipe, _ = fitted
+    batch = _run(pipe, PROMPTS, steering_strength=1.0, **tiny.call_kwargs).images
+    for i, prompt in enumerate(PROMPTS):
+        alone = _run(pipe, [prompt], seed=i, steering_strength=1.0, **tiny.call_kwargs).images
+        np.testing.assert_allclose(alone[0], batch[i], atol=2e-3)
+
+
+def test_hooks_are_removed_after_the_call_and_after_an_exception(tiny, fitted):
+    pipe, _ = fitted
+    _run(pipe, PROMPTS[:1], steering_strength=1.0, **tiny.call_kwargs)
+    assert active_hook_names(pipe.denoiser) == []
+
+    def explode(module, args, kwargs):
+        raise RuntimeError("boom inside the denoiser")
+
+    handle = pipe.denoiser.register_forward_pre_hook(explode, with_kwargs=True)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            _run(pipe, PROMPTS[:1], steering_strength=1.0, **tiny.call_kwargs)
+    finally:
+        handle.remove()
+    assert active_hook_names(pipe.denoiser) == []
+
+
+def test_gate_maps_per_layer_and_step_at_image_size(tiny, fitted):
+    pipe, steerer = fitted
+    out = _run(pipe, PROMPTS, steering_strength=1.0, return_gate_maps=True, **tiny.call_kwargs)
+    maps = out.gate_maps["default"]
+    assert set(maps) == set(steerer.module_names)
+    steps = tiny.call_kwargs["num_inference_steps"]
+    for tensor in maps.values():
+        assert tuple(tensor.shape) == (steps, len(PROMPTS), 32, 32)
+        assert float(tensor.min()) >= 0.0 and float(tensor.max()) <= 1.0
+
+
+def test_fit_save_load_generate_round_trip(tiny, fitted, tmp_path):
+    pipe, steerer = fitted
+    steerer.save_pretrained(tmp_path / "steering")
+    expected = _run(pipe, PROMPTS, steering_strength=1.0, **tiny.call_kwargs).images
+    other = tiny.dsas()
+    other.set_progress_bar_config(disable=True)
+    loaded = other.load_steering(tmp_path / "steering")
+    assert isinstance(loaded, Steerer)
+    np.testing.assert_array_equal(_run(other, PROMPTS, steering_strength=1.0, **tiny.call_kwargs).images, expected)
+    assert loaded.provenance["denoiser_class"] == type(pipe.denoiser).__name__
+    assert loaded.provenance["collect_steps"] == [0, 2]
+
+
+def test_from_pipe_reuses_the_components(tiny):
+    stock = tiny.stock()
+    converted = tiny.dsas_class.from_pipe(stock)
+    assert isinstance(converted, dsas_diffusion.DSASPipelineMixin)
+    assert converted.denoiser is (stock.components.get("unet") or stock.components["transformer"])
+
+
+def test_two_steerers_each_with_its_own_gates(tiny, fitted):
+    _, steerer = fitted
+    second = tiny.dsas()
+    second.set_progress_bar_config(disable=True)
+    second.load_steering(steerer, name="bananas")
+    second.load_steering(steerer, name="again")
+    out = _run(
+        second, PROMPTS[:1], steering_strength={"bananas": 1.0, "again": 0.5}, return_gate_maps=True, **tiny.call_kwargs
+    )
+    assert set(out.gate_maps) == {"bananas", "again"}
+    with pytest.raises(SteeringError, match="not loaded"):
+        _run(second, PROMPTS[:1], steering_strength={"nope": 1.0}, **tiny.call_kwargs)
+    second.unload_steering("again")
+    assert list(second.steerers) == ["bananas"]
+
+
+def test_collection_keeps_the_conditional_rows_of_the_chosen_steps(tiny):
+    pipe = tiny.dsas()
+    pipe.set_progress_bar_config(disable=True)
+    denoiser = pipe.denoiser
+    extra = {k: v for k, v in tiny.call_kwargs.items() if k != "num_inference_steps"}
+    calls = record_denoiser_calls(
+        pipe, denoiser, SOURCE[:4], steps=(1, 3), num_inference_steps=4, batch_size=3, progress=False, **extra
+    )
+    assert len(calls) == 4  # two prompt batches (3 + 1) x two steps
+    primary = [next(v for v in call.values() if torch.is_tensor(v)) for call in calls]
+    assert [p.shape[0] for p in primary] == [3, 3, 1, 1]
+    with pytest.raises(SteeringError, match="collection steps"):
+        record_denoiser_calls(pipe, denoiser, SOURCE[:1], steps=(7,), num_inference_steps=4, progress=False, **extra)
+
+
+def test_custom_pipeline_file_loads_the_dsas_class(tokenizer_dir, tmp_path):
+    build("sd", tokenizer_dir).stock().save_pretrained(tmp_path / "tiny-sd")
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "pipelines" / "dsas_stable_diffusion.py"
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "tiny-sd", custom_pipeline=str(path), trust_remote_code=True)
+    assert type(pipe).__name__ == "DSASStableDiffusionPipeline"
+    assert hasattr(pipe, "fit_steering")
+
+
+def test_a_hook_on_the_text_stream_of_a_joint_block_is_refused(tokenizer_dir):
+    """SD3's joint blocks return (text, image) with the same width; steering the text stream
+    by mistake must fail loudly, when fitting and when applying a file made that way."""
+    from dsas_diffusion.diffusion import run_denoiser_call
+    from dsas_diffusion.steering import ActivationError, HookPoint, fit_steerer
+
+    tiny = build("sd3", tokenizer_dir)
+    pipe = tiny.dsas()
+    pipe.set_progress_bar_config(disable=True)
+    wrong = [HookPoint("transformer_blocks.0", output_index=0, layout="channels_last")]
+    kwargs = {"height": 32, "width": 32, "max_sequence_length": 16}
+    with pytest.raises(ActivationError, match="not the image-token stream"):
+        pipe.fit_steering(SOURCE, TARGET, CONTROL, hook_points=wrong, num_inference_steps=2, progress=False,
+                          pipeline_kwargs=kwargs)  # fmt: skip
+    calls = {
+        name: record_denoiser_calls(
+            pipe, pipe.denoiser, prompts, steps=(0,), num_inference_steps=2, progress=False, **kwargs
+        )
+        for name, prompts in (("s", SOURCE), ("t", TARGET), ("c", CONTROL))
+    }
+    steerer = fit_steerer(pipe.denoiser, wrong, calls["s"], calls["t"], calls["c"], gate_threshold=None,
+                          forward=lambda c: run_denoiser_call(pipe.denoiser, c), mask_fn=lambda c: None,
+                          progress=False)  # fmt: skip
+    pipe.load_steering(steerer)
+    with pytest.raises(ActivationError, match="not the image-token stream"):
+        _run(pipe, PROMPTS[:1], steering_strength=1.0, **tiny.call_kwargs)
+    assert active_hook_names(pipe.denoiser) == []
