@@ -4,9 +4,9 @@ a diffusers UNet steered per spatial position, a transformers GPT-2 steered per 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
+from unet_toys import batches as demo_batches
+from unet_toys import block_output, build_unet, make_latents
 
-from dsas_diffusion.demo import batches as demo_batches
-from dsas_diffusion.demo import block_output, build_unet, make_latents
 from dsas_diffusion.steering import HookPoint, Steerer, active_hook_names, fit_steerer
 
 
@@ -158,3 +158,45 @@ def test_gpt2_padding_is_masked_when_collecting(gpt2):
         gpt2, ["transformer.h.1"], [{"input_ids": padded, "attention_mask": mask}], progress=False
     )
     torch.testing.assert_close(masked.pooled["transformer.h.1"], plain.pooled["transformer.h.1"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("map_name", ["caa", "iti", "linear-act", "lineas"])
+def test_every_map_with_dsas_spares_what_uniform_steering_hits(unet, map_name):
+    """On the concept's positions DSAS keeps most of the uniform change; elsewhere in the same
+    image and on concept-free inputs it removes nearly all of it."""
+    from unet_toys import HOOKS
+
+    from dsas_diffusion.steering import LinEASConfig
+
+    steerer = fit_steerer(
+        unet,
+        HOOKS,
+        demo_batches(1, True),
+        demo_batches(2, False),
+        demo_batches(3, False),
+        map=map_name,
+        incremental=map_name != "lineas",
+        gate_calibration="control-positions",
+        support_quantiles=None,
+        lineas=LinEASConfig(steps=100, lr=1e-2, batch_size=8),
+        progress=False,
+    )
+    concept, masks = make_latents(3, 999, True)
+    plain, _ = make_latents(3, 998, False)
+    base_concept, _ = block_output(unet, None, concept, False)
+    base_plain, _ = block_output(unet, None, plain, False)
+    change = {}
+    for gate in (False, True):
+        steered_concept, _ = block_output(unet, steerer, concept, gate)
+        steered_plain, _ = block_output(unet, steerer, plain, gate)
+        diff = (steered_concept - base_concept).abs().mean(1)
+        change[gate] = (
+            float(diff[masks].mean()),
+            float(diff[~masks].mean()),
+            float((steered_plain - base_plain).abs().mean()),
+        )
+    uniform, gated = change[False], change[True]
+    assert gated[0] > 0.5 * uniform[0]  # the concept's positions are still steered
+    assert gated[1] < 0.1 * uniform[1]  # other positions of the same image barely
+    assert gated[2] < 0.02 * uniform[2]  # concept-free inputs hardly at all

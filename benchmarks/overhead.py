@@ -1,0 +1,182 @@
+"""Per-denoising-step cost of steering: unsteered vs uniform vs DSAS, ratios measured in one run.
+
+    python benchmarks/overhead.py [--repeats 30] [--json results.json]
+
+- ``shapes-sd`` on the CPU: one UNet call on a CFG batch of 2 x 8 latents, with a steerer
+  fitted on the banana prompt sets for each hook preset (``blocks``, ``norms``).
+- When a GPU is present, also an SDXL-size random UNet (``UNet2DConditionModel`` with
+  SDXL's config, random weights) at 1024 x 1024 (128 x 128 latents) in float16, batch 2,
+  with steerers fitted on random activations (only the cost matters here).
+
+The three variants are timed interleaved (unsteered, uniform, DSAS, unsteered, ...) so that
+drift in the machine's speed hits them alike; the table gives medians and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from dsas_diffusion.diffusion import hook_points
+from dsas_diffusion.steering import fit_steerer
+
+SDXL_UNET = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_variants(denoiser, call: dict, steerer, repeats: int, warmup: int = 3) -> dict[str, float]:
+    """Median seconds of one denoiser call: unsteered, uniform steering, DSAS."""
+    device = next(denoiser.parameters()).device
+    variants = {
+        "unsteered": lambda: None,
+        "uniform": lambda: steerer.apply(denoiser, gate=False),
+        "dsas": lambda: steerer.apply(denoiser, gate=True),
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    with torch.no_grad():
+        for index in range(warmup + repeats):
+            for name, make in variants.items():
+                session = make()
+                try:
+                    _sync(device)
+                    start = time.perf_counter()
+                    if session is None:
+                        denoiser(**call)
+                    else:
+                        with session:
+                            denoiser(**call)
+                    _sync(device)
+                    if index >= warmup:
+                        times[name].append(time.perf_counter() - start)
+                finally:
+                    if session is not None:
+                        session.detach()
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def shapes_sd(repeats: int) -> list[dict]:
+    from dsas_diffusion.demo import concept_prompts
+    from dsas_diffusion.diffusion.collect import record_denoiser_calls
+    from dsas_diffusion.diffusion.loading import load_pipeline
+
+    pipe = load_pipeline("shapes-sd")
+    pipe.set_progress_bar_config(disable=True)
+    unet = pipe.unet
+    source, target, control = concept_prompts()
+    prompts = [f"a yellow banana on a {b} background" for b in ("white", "black")] * 4
+    calls = record_denoiser_calls(pipe, unet, prompts, steps=(0,), num_inference_steps=25, progress=False)
+    cond = calls[0]
+    # the CFG batch the pipeline runs: [unconditional; conditional], 2 x 8
+    call = {k: torch.cat([v, v]) if torch.is_tensor(v) and v.ndim > 0 else v for k, v in cond.items()}
+    rows = []
+    for preset in ("blocks", "norms"):
+        steerer = pipe.fit_steering(
+            source, target, control, map="linear-act", preset=preset, gate_threshold=None, progress=False
+        )
+        timing = time_variants(unet, call, steerer, repeats)
+        rows.append(
+            {"model": "shapes-sd (CPU, batch 2x8, 64x64)", "preset": preset, "layers": len(steerer.layers), **timing}
+        )
+    return rows
+
+
+def sdxl_gpu(repeats: int) -> list[dict]:
+    from diffusers import UNet2DConditionModel
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SDXL_UNET).to(device, torch.float16).eval()
+    batch = 2
+
+    def call(seed: int) -> dict:
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        return {
+            "sample": torch.randn(batch, 4, 128, 128, generator=g).to(device, torch.float16),
+            "timestep": torch.tensor(500, device=device),
+            "encoder_hidden_states": torch.randn(batch, 77, 2048, generator=g).to(device, torch.float16),
+            "added_cond_kwargs": {
+                "text_embeds": torch.randn(batch, 1280, generator=g).to(device, torch.float16),
+                "time_ids": torch.tensor([[1024, 1024, 0, 0, 1024, 1024]] * batch, device=device, dtype=torch.float16),
+            },
+            "return_dict": False,
+        }
+
+    rows = []
+    for preset in ("blocks", "norms"):
+        points = hook_points(unet, preset)
+        sets = [[call(seed)] for seed in range(3)]
+        steerer = fit_steerer(
+            unet,
+            points,
+            sets[0] * 4,
+            sets[1] * 4,
+            sets[2] * 4,
+            map="linear-act",
+            gate_threshold=None,
+            forward=lambda c: unet(**c),
+            mask_fn=lambda c: None,
+            max_imbalance=10.0,
+            progress=False,
+        )
+        timing = time_variants(unet, call(99), steerer, repeats)
+        rows.append(
+            {
+                "model": "SDXL-size UNet (GPU fp16, batch 2, 1024x1024)",
+                "preset": preset,
+                "layers": len(points),
+                **timing,
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    rows = shapes_sd(args.repeats)
+    if torch.cuda.is_available():
+        rows += sdxl_gpu(args.repeats)
+    else:
+        print("no GPU here: the SDXL-size fp16 measurement needs CUDA\n")
+    print(
+        "| model | preset | hooked layers | unsteered ms | uniform ms | DSAS ms | uniform / unsteered | DSAS / unsteered |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        base = row["unsteered"]
+        print(
+            f"| {row['model']} | {row['preset']} | {row['layers']} | {1000 * base:.1f} | {1000 * row['uniform']:.1f} | "
+            f"{1000 * row['dsas']:.1f} | {row['uniform'] / base:.3f} | {row['dsas'] / base:.3f} |"
+        )
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(rows, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
