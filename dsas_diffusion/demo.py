@@ -22,14 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .shapes import data
+
 # Measured on shapes-sd (README, "The demo"): gates fitted on pooled activations open on many
 # positions of control images; calibrating them on control positions keeps those closed.
 # Linear-AcT's pooled support would leave most per-position values unsteered: the gate decides.
 FIT_SETTINGS = {"support_quantiles": None, "gate_calibration": "control-positions"}
 PROMPTS_DIR = Path(__file__).resolve().parent / "shapes" / "prompts"
-COLOURS = ("red", "green", "blue", "yellow", "purple")
-BACKGROUNDS = ("white", "black", "gray")
-OTHER_SHAPES = ("circle", "square", "triangle", "star")
+COLOURS, BACKGROUNDS = tuple(data.COLOURS), tuple(data.BACKGROUNDS)
+OTHER_SHAPES = tuple(shape for shape in data.SHAPES if shape != "banana")
 
 
 def concept_prompts(path: Path = PROMPTS_DIR / "banana") -> tuple[list[str], list[str], list[str]]:

@@ -35,6 +35,11 @@ class _EnoughSteps(Exception):
     """Raised from the recording hook once the last wanted step is recorded."""
 
 
+def _primary_input(arguments: Mapping[str, Any]) -> torch.Tensor:
+    """The denoiser's first tensor argument: the latents (``sample`` / ``hidden_states``)."""
+    return next(v for v in arguments.values() if torch.is_tensor(v))
+
+
 def _timestep_key(value: Any) -> float | None:
     if torch.is_tensor(value):
         return float(value.flatten()[0]) if value.numel() else None
@@ -129,8 +134,7 @@ def record_denoiser_calls(
         state["timestep"], state["step"] = key, state["step"] + 1
         step = state["step"]
         if step in wanted:
-            primary = next(v for v in arguments.values() if torch.is_tensor(v))
-            batch = primary.shape[0]
+            batch = _primary_input(arguments).shape[0]
             images = state["images"]
             if batch == 2 * images:
                 rows = slice(images, batch)  # [unconditional; conditional]
@@ -217,7 +221,7 @@ class ImageStreamCheck:
 
     def _read_latents(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         arguments = self._signature.bind(*args, **kwargs).arguments
-        latents = next(v for v in arguments.values() if torch.is_tensor(v))
+        latents = _primary_input(arguments)
         if latents.ndim == 4:  # (B, C, H, W) latents, patchified inside transformers
             patch = int(getattr(self.denoiser.config, self.architecture.patch_size_attr or "patch_size", 1) or 1)
             self.tokens = (latents.shape[-2] // patch) * (latents.shape[-1] // patch)
