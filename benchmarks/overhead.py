@@ -78,7 +78,7 @@ def time_variants(denoiser, call: dict, steerer, repeats: int, warmup: int = 3) 
 
 
 def shapes_sd(repeats: int) -> list[dict]:
-    from dsas_diffusion.demo import concept_prompts
+    from dsas_diffusion.demo import FIT_SETTINGS, concept_prompts
     from dsas_diffusion.diffusion.collect import record_denoiser_calls
     from dsas_diffusion.diffusion.loading import load_pipeline
 
@@ -92,13 +92,17 @@ def shapes_sd(repeats: int) -> list[dict]:
     # the CFG batch the pipeline runs: [unconditional; conditional], 2 x 8
     call = {k: torch.cat([v, v]) if torch.is_tensor(v) and v.ndim > 0 else v for k, v in cond.items()}
     rows = []
-    for preset in ("blocks", "norms"):
+    # Linear-AcT with its source support (the core's default: 4 more kernels per hook) and
+    # without it (make demo's settings, where the gate decides where to steer)
+    for preset, support in (("blocks", True), ("blocks", False), ("norms", False)):
+        settings = {} if support else FIT_SETTINGS
         steerer = pipe.fit_steering(
-            source, target, control, map="linear-act", preset=preset, gate_threshold=None, progress=False
+            source, target, control, map="linear-act", preset=preset, gate_threshold=None, progress=False, **settings
         )
         timing = time_variants(unet, call, steerer, repeats)
+        label = f"{preset}, {'with' if support else 'no'} support"
         rows.append(
-            {"model": "shapes-sd (CPU, batch 2x8, 64x64)", "preset": preset, "layers": len(steerer.layers), **timing}
+            {"model": "shapes-sd (CPU, batch 2x8, 64x64)", "preset": label, "layers": len(steerer.layers), **timing}
         )
     return rows
 

@@ -47,8 +47,11 @@ class LinearGate(nn.Module):
 
     def logits(self, x: torch.Tensor, feature_dim: int) -> torch.Tensor:
         """``weight . x + bias`` at every position, keeping a size-1 feature dimension."""
-        if feature_dim == -1:
-            return (x @ self.weight).unsqueeze(-1) + self.bias
+        bias = self.bias.reshape(1)
+        if feature_dim == -1:  # one matrix-vector product with the bias added in the same kernel
+            return torch.nn.functional.linear(x, self.weight.view(1, -1), bias)
+        if x.ndim == 4:  # (B, C, H, W): a 1x1 convolution, no transposed copy of the map
+            return torch.nn.functional.conv2d(x, self.weight.view(1, -1, 1, 1), bias)
         return torch.einsum("bc...,c->b...", x, self.weight).unsqueeze(1) + self.bias
 
     def forward(self, x: torch.Tensor, feature_dim: int = -1) -> torch.Tensor:

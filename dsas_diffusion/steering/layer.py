@@ -84,8 +84,9 @@ class SteeringLayer(nn.Module):
             if self.gate is None:
                 raise ActivationError(f"layer {self.name!r} has no gate; steer it with gating off")
             gate_values = self.gate(xf, dim)
-            delta = gate_values * delta
-        steered = xf + strength * delta
+            steered = torch.addcmul(xf, gate_values, delta, value=strength)  # x + λ·s(x)·δ in one kernel
+        else:
+            steered = torch.add(xf, delta, alpha=strength)
         if gate_values is not None:
             gate_values = gate_values.squeeze(dim)
         return steered.to(x.dtype), gate_values

@@ -70,7 +70,7 @@ class SteeringMap(nn.Module):
         bias = self.bias.view(shape)
         if self.weight is None:
             return bias
-        delta = (self.weight.view(shape) - 1.0) * x + bias
+        delta = torch.addcmul(bias, self.weight.view(shape) - 1.0, x)  # (w - 1) * x + b in one kernel
         if self.support_lo is not None:
             inside = (x >= self.support_lo.view(shape)) & (x <= self.support_hi.view(shape))
             delta = torch.where(inside, delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
