@@ -66,7 +66,8 @@ class DSASPipelineMixin:
 
     Example:
         >>> from dsas_diffusion import DSASStableDiffusionPipeline
-        >>> pipe = DSASStableDiffusionPipeline.from_pretrained("shapes-sd")  # doctest: +SKIP
+        >>> from dsas_diffusion.shapes.hub import resolve_model_path
+        >>> pipe = DSASStableDiffusionPipeline.from_pretrained(resolve_model_path("shapes-sd"))  # doctest: +SKIP
         >>> pipe.fit_steering(["a yellow banana on a white background"] * 16,
         ...                   ["a yellow circle on a white background"] * 16,
         ...                   ["a red square on a black background"] * 16)  # doctest: +SKIP
