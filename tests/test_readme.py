@@ -1,4 +1,4 @@
-"""The README's quick start runs as written."""
+"""The README's python examples run as written."""
 
 import re
 from pathlib import Path
@@ -8,13 +8,18 @@ import pytest
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_quick_start_runs_as_written(tmp_path, monkeypatch, capsys):
+def _run_first_block(heading: str, tmp_path, monkeypatch) -> None:
+    """Execute the first python block after ``heading`` in a fresh namespace, in ``tmp_path``."""
     text = README.read_text()
-    section = text[text.index("## Quick start") :]
+    section = text[text.index(heading) :]
     code = re.search(r"```python\n(.*?)```", section, re.S)
-    assert code, "no python block in the quick start"
+    assert code, f"no python block under {heading!r}"
     monkeypatch.chdir(tmp_path)
-    exec(compile(code.group(1), "README quick start", "exec"), {"__name__": "__readme__"})
+    exec(compile(code.group(1), f"README {heading}", "exec"), {"__name__": "__readme__"})
+
+
+def test_readme_quick_start_runs_as_written(tmp_path, monkeypatch, capsys):
+    _run_first_block("## Quick start", tmp_path, monkeypatch)
     printed = capsys.readouterr().out
     assert "transformer.h.0" in printed
     assert (tmp_path / "steering-demo" / "steering_config.json").is_file()
@@ -22,12 +27,7 @@ def test_readme_quick_start_runs_as_written(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_readme_pipeline_example_runs_as_written(tmp_path, monkeypatch, capsys):
-    text = README.read_text()
-    section = text[text.index("## Diffusers pipelines with DSAS") :]
-    code = re.search(r"```python\n(.*?)```", section, re.S)
-    assert code, "no python block in the pipelines section"
-    monkeypatch.chdir(tmp_path)
-    exec(compile(code.group(1), "README pipelines example", "exec"), {"__name__": "__readme__"})
+    _run_first_block("## Diffusers pipelines with DSAS", tmp_path, monkeypatch)
     printed = capsys.readouterr().out
     assert "up_blocks.0" in printed and "(25, 2, 64, 64)" in printed
     assert (tmp_path / "banana_steered.png").is_file()

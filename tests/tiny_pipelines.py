@@ -25,9 +25,10 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+from transformers import T5Config, T5EncoderModel
 
 import dsas_diffusion
+from dsas_diffusion.shapes.models import make_text_encoder
 from dsas_diffusion.shapes.tokenizer import build_clip_tokenizer
 
 SIZE = 32
@@ -51,19 +52,7 @@ class Tiny:
 
 def _clip(hidden: int = 32, projection: bool = False, seed: int = 0):
     torch.manual_seed(seed)
-    config = CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=hidden,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=24,
-        projection_dim=hidden,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    )
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+    return make_text_encoder(hidden, with_projection=projection).eval()
 
 
 def _t5(d_model: int = 32, seed: int = 0):
@@ -87,6 +76,22 @@ def _vae(seed: int = 0, **extra: Any):
     ).eval()
 
 
+def _unet(**extra: Any):
+    """A two-level UNet2DConditionModel on 16x16 latents; ``extra`` adds SD or SDXL specifics."""
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        sample_size=SIZE // 2,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        **extra,
+    ).eval()
+
+
 def _ddim():
     return DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
 
@@ -95,18 +100,7 @@ def build(family: str, tokenizer_dir) -> Tiny:
     tokenizer = build_clip_tokenizer(tokenizer_dir)
     common = {"height": SIZE, "width": SIZE, "num_inference_steps": 4}
     if family == "sd":
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel(
-            block_out_channels=(16, 32),
-            layers_per_block=1,
-            sample_size=SIZE // 2,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            norm_num_groups=8,
-        ).eval()
+        unet = _unet(cross_attention_dim=32)
         components = dict(
             unet=unet,
             vae=_vae(),
@@ -119,15 +113,7 @@ def build(family: str, tokenizer_dir) -> Tiny:
         )
         return Tiny(family, StableDiffusionPipeline, dsas_diffusion.DSASStableDiffusionPipeline, components, common)
     if family == "sdxl":
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel(
-            block_out_channels=(16, 32),
-            layers_per_block=1,
-            sample_size=SIZE // 2,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        unet = _unet(
             attention_head_dim=(2, 4),
             use_linear_projection=True,
             addition_embed_type="text_time",
@@ -135,8 +121,7 @@ def build(family: str, tokenizer_dir) -> Tiny:
             transformer_layers_per_block=(1, 2),
             projection_class_embeddings_input_dim=80,  # 6 time ids x 8 + 32 pooled text
             cross_attention_dim=64,
-            norm_num_groups=8,
-        ).eval()
+        )
         components = dict(
             unet=unet,
             vae=_vae(),
