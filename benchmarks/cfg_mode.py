@@ -14,7 +14,7 @@ import argparse
 import numpy as np
 import torch
 
-from dsas_diffusion.demo import FIT_SETTINGS, banana_drawn, concept_prompts, evaluation_prompts, pixel_change
+from dsas_diffusion.demo import banana_drawn, concept_prompts, evaluation_prompts, pixel_change
 from dsas_diffusion.diffusion.loading import load_pipeline
 from dsas_diffusion.shapes.detect import ShapeJudge
 
@@ -32,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     pipe = load_pipeline("shapes-sd")
     pipe.set_progress_bar_config(disable=True)
-    pipe.fit_steering(*concept_prompts(), map=args.map, gate="dsas", progress=False, **FIT_SETTINGS)
+    pipe.fit_steering(*concept_prompts(), map=args.map, gate="dsas", progress=False)
     judge = ShapeJudge()
     banana, control = evaluation_prompts(args.count)
     base = {

@@ -8,8 +8,9 @@
   SDXL's config, random weights) at 1024 x 1024 (128 x 128 latents) in float16, batch 2,
   with steerers fitted on random activations (only the cost matters here).
 
-The three variants are timed interleaved (unsteered, uniform, DSAS, unsteered, ...) so that
-drift in the machine's speed hits them alike; the table gives medians and ratios.
+The three variants are timed in alternating blocks of consecutive calls (unsteered, uniform,
+DSAS, unsteered, ...) so that drift in the machine's speed hits them alike; the table gives
+medians and ratios.
 """
 
 from __future__ import annotations
@@ -47,8 +48,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_variants(denoiser, call: dict, steerer, repeats: int, warmup: int = 3) -> dict[str, float]:
-    """Median seconds of one denoiser call: unsteered, uniform steering, DSAS."""
+def time_variants(denoiser, call: dict, steerer, repeats: int, block: int = 5) -> dict[str, float]:
+    """Median seconds of one denoiser call: unsteered, uniform steering, DSAS.
+
+    A pipeline attaches its hooks once and then runs every denoising step with them, so
+    each variant runs in blocks of ``block`` consecutive calls (one untimed call first),
+    and the blocks of the three variants alternate until each has ``repeats`` timed calls.
+    """
     device = next(denoiser.parameters()).device
     variants = {
         "unsteered": lambda: None,
@@ -57,20 +63,17 @@ def time_variants(denoiser, call: dict, steerer, repeats: int, warmup: int = 3) 
     }
     times: dict[str, list[float]] = {name: [] for name in variants}
     with torch.no_grad():
-        for index in range(warmup + repeats):
+        while min(len(values) for values in times.values()) < repeats:
             for name, make in variants.items():
-                session = make()
+                session = make()  # hooks are attached once per pipeline call, outside the timing
                 try:
-                    _sync(device)
-                    start = time.perf_counter()
-                    if session is None:
+                    for index in range(block + 1):
+                        _sync(device)
+                        start = time.perf_counter()
                         denoiser(**call)
-                    else:
-                        with session:
-                            denoiser(**call)
-                    _sync(device)
-                    if index >= warmup:
-                        times[name].append(time.perf_counter() - start)
+                        _sync(device)
+                        if index > 0:
+                            times[name].append(time.perf_counter() - start)
                 finally:
                     if session is not None:
                         session.detach()
@@ -78,7 +81,7 @@ def time_variants(denoiser, call: dict, steerer, repeats: int, warmup: int = 3) 
 
 
 def shapes_sd(repeats: int) -> list[dict]:
-    from dsas_diffusion.demo import FIT_SETTINGS, concept_prompts
+    from dsas_diffusion.demo import concept_prompts
     from dsas_diffusion.diffusion.collect import record_denoiser_calls
     from dsas_diffusion.diffusion.loading import load_pipeline
 
@@ -92,10 +95,10 @@ def shapes_sd(repeats: int) -> list[dict]:
     # the CFG batch the pipeline runs: [unconditional; conditional], 2 x 8
     call = {k: torch.cat([v, v]) if torch.is_tensor(v) and v.ndim > 0 else v for k, v in cond.items()}
     rows = []
-    # Linear-AcT with its source support (the core's default: 4 more kernels per hook) and
-    # without it (make demo's settings, where the gate decides where to steer)
-    for preset, support in (("blocks", True), ("blocks", False), ("norms", False)):
-        settings = {} if support else FIT_SETTINGS
+    # fit_steering's defaults (Linear-AcT without a source support, the gate decides where to
+    # steer) and, for comparison, with the core's min-max source support (4 more kernels a hook)
+    for preset, support in (("blocks", False), ("norms", False), ("blocks", True)):
+        settings = {"support_quantiles": (0.0, 1.0)} if support else {}
         steerer = pipe.fit_steering(
             source, target, control, map="linear-act", preset=preset, gate_threshold=None, progress=False, **settings
         )

@@ -50,9 +50,13 @@ class LinearGate(nn.Module):
         bias = self.bias.reshape(1)
         if feature_dim == -1:  # one matrix-vector product with the bias added in the same kernel
             return torch.nn.functional.linear(x, self.weight.view(1, -1), bias)
-        if x.ndim == 4:  # (B, C, H, W): a 1x1 convolution, no transposed copy of the map
-            return torch.nn.functional.conv2d(x, self.weight.view(1, -1, 1, 1), bias)
-        return torch.einsum("bc...,c->b...", x, self.weight).unsqueeze(1) + self.bias
+        # channels first (B, C, *positions): one batched matrix-vector product over the
+        # flattened positions with the bias folded in (several times faster on the CPU
+        # than a 1x1 convolution with one output channel, and no transposed copy)
+        batch, width = x.shape[0], x.shape[1]
+        flat = x.reshape(batch, width, -1)
+        logits = torch.baddbmm(bias.view(1, 1, 1), self.weight.view(1, 1, width).expand(batch, 1, width), flat)
+        return logits.view(batch, 1, *x.shape[2:])
 
     def forward(self, x: torch.Tensor, feature_dim: int = -1) -> torch.Tensor:
         logits = self.logits(x, feature_dim)

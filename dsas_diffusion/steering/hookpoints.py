@@ -75,6 +75,10 @@ class HookPoint:
 
 def resolve_module(model: nn.Module, name: str) -> nn.Module:
     """Return ``model``'s submodule ``name``; on a miss, raise with the closest names."""
+    try:
+        return model.get_submodule(name)  # walks the name's path only
+    except AttributeError:
+        pass
     modules = dict(model.named_modules())
     if name in modules:
         return modules[name]

@@ -79,6 +79,7 @@ class SteeringSession:
         self.gate_maps: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in self.layers}
         self.id = next(_COUNTER)
         self.hook_names: list[str] = []
+        self._hooked: list[nn.Module] = []
         self._handles: list[Any] = []
         self._scoped_on = False
         self._device_copies: dict[tuple[int, torch.device], SteeringLayer] = {}
@@ -97,6 +98,7 @@ class SteeringSession:
                 self._handles.append(handle)
                 hook_name = f"{HOOK_PREFIX}:{self.id}:{layer.name}"
                 self.hook_names.append(hook_name)
+                self._hooked.append(module)
                 _register_name(module, hook_name)
             if self.scoped:
                 _ACTIVE.set(_ACTIVE.get() | {self.id})
@@ -110,12 +112,10 @@ class SteeringSession:
         """Remove every hook of this session (idempotent, exception-safe)."""
         while self._handles:
             self._handles.pop().remove()
-        if self.hook_names:
-            modules = dict(self.model.named_modules())
-            for layer, hook_name in zip(self.layers, self.hook_names, strict=False):
-                if layer.name in modules:
-                    _unregister_name(modules[layer.name], hook_name)
-            self.hook_names.clear()
+        for module, hook_name in zip(self._hooked, self.hook_names, strict=True):
+            _unregister_name(module, hook_name)
+        self._hooked.clear()
+        self.hook_names.clear()
         if self._scoped_on:
             # remove only our id: sessions may be detached in any order
             _ACTIVE.set(_ACTIVE.get() - {self.id})
