@@ -34,7 +34,7 @@ from dsas_diffusion.shapes.data import (
     sample_spec,
     scene_seed,
 )
-from dsas_diffusion.shapes.detect import ShapeJudge, isolate_colour, read_colours
+from dsas_diffusion.shapes.detect import ShapeJudge, isolate_colour, read_scenes
 from dsas_diffusion.shapes.hub import load_shapes_pipeline
 
 SINGLE = [f"a {c} {s} on a {b} background" for c, s, b in itertools.product(COLOURS, SHAPES, BACKGROUNDS)]
@@ -129,26 +129,11 @@ def generate(pipe, prompts: list[str], steps: int, guidance: float, batch: int =
 def judge_images(judge: ShapeJudge, prompts: list[str], images: list[Image.Image]) -> dict[str, float]:
     """Fractions of images with every prompted object found (its colour present, and for
     single-object prompts dominant, and its shape as prompted) and with the right background."""
-    readings = [read_colours(image) for image in images]
-    specs = [parse_caption(prompt) for prompt in prompts]
-    isolated, colours, backgrounds, owners = [], [], [], []
-    for index, (spec, reading) in enumerate(zip(specs, readings, strict=True)):
-        for obj in spec.objects:
-            isolated.append(isolate_colour(images[index], obj.colour, spec.background, reading))
-            colours.append(obj.colour)
-            backgrounds.append(spec.background)
-            owners.append(index)
-    shapes = judge.shapes(isolated, colours, backgrounds)
-    objects_ok = [True] * len(prompts)
-    for owner, colour, shape in zip(owners, colours, shapes, strict=True):
-        spec, reading = specs[owner], readings[owner]
-        expected = next(o.shape for o in spec.objects if o.colour == colour)
-        ok = reading.present(colour) and shape == expected
-        if len(spec.objects) == 1:
-            ok = ok and reading.dominant_colour == colour
-        objects_ok[owner] = objects_ok[owner] and ok
-    backgrounds_ok = [r.background == s.background for r, s in zip(readings, specs, strict=True)]
-    return {"objects_as_prompted": sum(objects_ok) / len(prompts), "background": sum(backgrounds_ok) / len(prompts)}
+    readings = read_scenes(judge, images, prompts)
+    return {
+        "objects_as_prompted": sum(r.objects_as_prompted for r in readings) / len(prompts),
+        "background": sum(r.background_as_prompted for r in readings) / len(prompts),
+    }
 
 
 def grid(images: list[Image.Image], columns: int = 8, scale: int = 2) -> Image.Image:

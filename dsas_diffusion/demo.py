@@ -24,10 +24,6 @@ import torch
 
 from .shapes import data
 
-# Measured on shapes-sd (README, "The demo"): gates fitted on pooled activations open on many
-# positions of control images; calibrating them on control positions keeps those closed.
-# Linear-AcT's pooled support would leave most per-position values unsteered: the gate decides.
-FIT_SETTINGS = {"support_quantiles": None, "gate_calibration": "control-positions"}
 PROMPTS_DIR = Path(__file__).resolve().parent / "shapes" / "prompts"
 COLOURS, BACKGROUNDS = tuple(data.COLOURS), tuple(data.BACKGROUNDS)
 OTHER_SHAPES = tuple(shape for shape in data.SHAPES if shape != "banana")
@@ -69,20 +65,10 @@ def evaluation_prompts(count: int = 16, seed: int = 2024) -> tuple[list[str], li
 
 def banana_drawn(judge, images, prompts) -> list[bool]:
     """For each image: is the prompted banana's colour present and shaped like a banana?"""
-    from .shapes.data import parse_caption
-    from .shapes.detect import isolate_colour, read_colours
+    from .shapes.detect import concept_drawn, read_scenes
 
-    isolated, colours, backgrounds, present = [], [], [], []
-    for image, prompt in zip(images, prompts, strict=True):
-        spec = parse_caption(prompt)
-        colour = next(o.colour for o in spec.objects if o.shape == "banana")
-        reading = read_colours(image)
-        isolated.append(isolate_colour(image, colour, spec.background, reading))
-        colours.append(colour)
-        backgrounds.append(spec.background)
-        present.append(reading.present(colour))
-    shapes = judge.shapes(isolated, colours, backgrounds)
-    return [p and s == "banana" for p, s in zip(present, shapes, strict=True)]
+    readings = read_scenes(judge, list(images), list(prompts))
+    return [bool(concept_drawn(r, p, "banana")) for r, p in zip(readings, prompts, strict=True)]
 
 
 def pixel_change(a, b) -> float:
@@ -112,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Fitting {args.map} + DSAS gates on shapes-sd: {len(source)} banana / {len(target)} target / "
         f"{len(control)} control prompts"
     )
-    steerer = pipe.fit_steering(source, target, control, map=args.map, gate="dsas", **FIT_SETTINGS)
+    steerer = pipe.fit_steering(source, target, control, map=args.map, gate="dsas")
     steerer.save_pretrained(out / "steering-banana")
 
     judge = ShapeJudge()

@@ -11,7 +11,15 @@ from PIL import Image
 
 from .data import BACKGROUNDS, COLOURS, SHAPES
 
-__all__ = ["ColourReading", "ShapeJudge", "isolate_colour", "read_colours"]
+__all__ = [
+    "ColourReading",
+    "SceneReading",
+    "ShapeJudge",
+    "concept_drawn",
+    "isolate_colour",
+    "read_colours",
+    "read_scenes",
+]
 
 _NAMES = list(COLOURS) + [f"bg:{name}" for name in BACKGROUNDS]
 _PALETTE = np.array(list(COLOURS.values()) + list(BACKGROUNDS.values()), dtype=np.float32)
@@ -90,3 +98,72 @@ class ShapeJudge:
         for feature, colour, background in zip(features, colours, backgrounds, strict=True):
             out.append(SHAPES[int((self._text(colour, background) @ feature).argmax())])
         return out
+
+
+@dataclass
+class SceneReading:
+    """What the judges read in one image generated for a Shapes caption."""
+
+    objects_as_prompted: bool  # every prompted object found (colour present, shape as prompted)
+    background_as_prompted: bool
+    shapes: dict[str, str]  # prompted colour -> shape read in that colour's pixels
+    present: dict[str, bool]  # prompted colour -> enough pixels of it
+
+
+def read_scenes(judge: ShapeJudge, images: list[Image.Image], prompts: list[str]) -> list[SceneReading]:
+    """Judge each image against its Shapes caption.
+
+    An object counts as found when its colour covers at least ``MIN_OBJECT_PIXELS`` pixels
+    (and, for single-object captions, is the dominant object colour) and ``judge`` reads
+    the prompted shape in that colour's pixels alone; the background is read off the border.
+    """
+    from .data import parse_caption
+
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts: give one prompt per image")
+    readings = [read_colours(image) for image in images]
+    specs = [parse_caption(prompt) for prompt in prompts]
+    isolated, colours, backgrounds, owners = [], [], [], []
+    for index, (spec, reading) in enumerate(zip(specs, readings, strict=True)):
+        for obj in spec.objects:
+            isolated.append(isolate_colour(images[index], obj.colour, spec.background, reading))
+            colours.append(obj.colour)
+            backgrounds.append(spec.background)
+            owners.append(index)
+    shapes = judge.shapes(isolated, colours, backgrounds) if isolated else []
+    results = [
+        SceneReading(True, reading.background == spec.background, {}, {})
+        for reading, spec in zip(readings, specs, strict=True)
+    ]
+    for owner, colour, shape in zip(owners, colours, shapes, strict=True):
+        spec, reading, result = specs[owner], readings[owner], results[owner]
+        expected = next(o.shape for o in spec.objects if o.colour == colour)
+        present = reading.present(colour)
+        ok = present and shape == expected
+        if len(spec.objects) == 1:
+            ok = ok and reading.dominant_colour == colour
+        result.shapes[colour], result.present[colour] = shape, present
+        result.objects_as_prompted = result.objects_as_prompted and ok
+    return results
+
+
+def concept_drawn(reading: SceneReading, prompt: str, concept: str) -> bool | None:
+    """Is a Shapes ``concept`` (a shape or a colour name) drawn where ``prompt`` asked for it?
+
+    For a shape: the colour of the prompted object of that shape is present and reads as
+    that shape. For a colour: that colour is present. ``None`` when the prompt does not
+    mention the concept.
+    """
+    from .data import parse_caption
+
+    spec = parse_caption(prompt)
+    if concept in COLOURS:
+        if not any(o.colour == concept for o in spec.objects):
+            return None
+        return reading.present[concept]
+    if concept not in SHAPES:
+        raise ValueError(f"{concept!r} is neither a Shapes shape ({', '.join(SHAPES)}) nor a colour")
+    colours = [o.colour for o in spec.objects if o.shape == concept]
+    if not colours:
+        return None
+    return all(reading.present[c] and reading.shapes[c] == concept for c in colours)
