@@ -123,6 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--compare", action="store_true", help="one grid: unsteered | uniform | DSAS | gate heatmap")
     gen.add_argument("--out", required=True, help="image path (a grid with --compare)")
     gen.set_defaults(run=_generate)
+
+    from .eval.command import add_arguments
+    from .eval.command import run as run_eval
+
+    evaluate = commands.add_parser(
+        "eval", help="strength sweeps of steering methods scored with CLIP; Pareto fronts (see dsas_diffusion.eval)"
+    )
+    add_arguments(evaluate)
+    evaluate.set_defaults(run=run_eval)
     return parser
 
 

@@ -1,0 +1,289 @@
+"""What one evaluation runs: model, concept, prompts, seeds, strengths and the method grid.
+
+A config is a YAML or JSON file with the fields of :class:`EvalConfig`; every field can also
+be given (or overridden) on the command line. Relative prompt-file paths are read relative
+to the config file. Example (``benchmarks/eval_banana.yaml``)::
+
+    model: shapes-sd
+    concept: banana
+    source: ../dsas_diffusion/shapes/prompts/banana/source.txt
+    target: ../dsas_diffusion/shapes/prompts/banana/target.txt
+    control: ../dsas_diffusion/shapes/prompts/banana/control.txt
+    concept_prompts: ../dsas_diffusion/shapes/prompts/banana/eval_concept.txt
+    control_prompts: ../dsas_diffusion/shapes/prompts/banana/eval_control.txt
+    seeds: [0]
+    strengths: [0, 1, 2, 3, 4]
+    methods: all
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..steering.maps import MAP_NAMES
+
+__all__ = ["ALL_METHODS", "ConfigError", "EvalConfig", "Method", "load_config", "parse_method"]
+
+GATINGS = ("uniform", "dsas", "e2e")
+#: every map uniform and with DSAS, plus end-to-end DSAS + LinEAS
+ALL_METHODS = (*(f"{m}/{g}" for m in MAP_NAMES for g in ("uniform", "dsas")), "lineas/e2e")
+
+
+class ConfigError(ValueError):
+    """An evaluation config that cannot run; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """One steering method: a map and how it is gated.
+
+    ``gating``: ``"uniform"`` (every position), ``"dsas"`` (the fitted DSAS gates) or
+    ``"e2e"`` (LinEAS map and gates trained end to end).
+    """
+
+    map: str
+    gating: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.map}/{self.gating}"
+
+    @property
+    def fit_gate(self) -> str:
+        """The ``gate`` argument of ``fit_steering`` that fits this method's steerer; the
+        uniform and DSAS methods of one map share a steerer (uniform ignores its gates)."""
+        return "e2e" if self.gating == "e2e" else "dsas"
+
+    @property
+    def steerer_name(self) -> str:
+        return f"{self.map}-{self.fit_gate}"
+
+    @property
+    def gated(self) -> bool:
+        return self.gating != "uniform"
+
+
+def parse_method(text: str) -> Method:
+    """``"linear-act/dsas"`` -> :class:`Method`."""
+    parts = str(text).strip().lower().split("/")
+    if len(parts) != 2 or parts[0] not in MAP_NAMES or parts[1] not in GATINGS:
+        raise ConfigError(
+            f"unknown method {text!r}: write <map>/<gating> with map one of {', '.join(MAP_NAMES)} and "
+            f"gating one of {', '.join(GATINGS)} (e.g. 'linear-act/dsas'), or 'all'"
+        )
+    method = Method(*parts)
+    if method.gating == "e2e" and method.map != "lineas":
+        raise ConfigError(f"{text!r}: end-to-end gates are trained with the LinEAS map only; use 'lineas/e2e'")
+    return method
+
+
+@dataclass
+class EvalConfig:
+    """One evaluation. Prompt fields take a list of prompts or a text file (one a line).
+
+    Fields:
+        model: a diffusers model id or path, or a Shapes name (``shapes-sd``).
+        concept: the concept's name, used in the zero-shot caption and the Shapes detector.
+        source / target / control: prompt sets to fit steerers on (see ``fit_steering``).
+        steering: an already fitted steering directory instead of the three sets; the methods
+            are then that steerer's map, uniform and with its gates.
+        concept_prompts / control_prompts: evaluation prompts, separate from the fitting ones.
+        seeds, strengths: every prompt is rendered with every seed at every strength
+            (strength 0, the unsteered image, is always included).
+        methods: ``"all"`` or a list such as ``["caa/uniform", "caa/dsas", "lineas/e2e"]``.
+        clip_model / clip_pretrained: the open_clip scorer (default: ``shapes-clip`` for
+            Shapes models, ``ViT-B-32`` / ``openai`` otherwise).
+        concept_template / neutral_caption: zero-shot concept presence captions.
+        num_inference_steps, guidance_scale, height, width: the pipeline call.
+        steering_cfg: ``"both"`` or ``"cond"`` (see the pipelines' ``steering_cfg``).
+        fit: extra ``fit_steering`` arguments (``collect_steps``, ``n_components``,
+            ``gate_threshold``, ``gate_calibration``...).
+        batch_size: images per pipeline call.
+        score_batch_size: images per CLIP forward pass (fixed chunks: sharding does not
+            change a score).
+        grid_prompts: prompts per group shown in the image grids.
+        detector: ``"auto"`` (the exact Shapes detector for Shapes models), ``"shapes"``
+            or ``"none"``.
+        out: output directory.
+        cache_dir: where images are cached (default ``out/images``); runs that share it
+            render each image once.
+        device: where the pipeline and the scorer run (default: CUDA if available).
+    """
+
+    model: str = "shapes-sd"
+    concept: str = ""
+    source: list[str] | None = None
+    target: list[str] | None = None
+    control: list[str] | None = None
+    steering: str | None = None
+    concept_prompts: list[str] = field(default_factory=list)
+    control_prompts: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    strengths: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 3.0, 4.0])
+    methods: list[str] | str = "all"
+    clip_model: str | None = None
+    clip_pretrained: str | None = None
+    concept_template: str = "a picture of a {concept}"
+    neutral_caption: str = "a picture of something"
+    num_inference_steps: int = 25
+    guidance_scale: float | None = None
+    height: int | None = None
+    width: int | None = None
+    steering_cfg: str = "both"
+    fit: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 16
+    score_batch_size: int = 32
+    grid_prompts: int = 3
+    detector: str = "auto"
+    out: str = "outputs/eval"
+    cache_dir: str | None = None
+    device: str | None = None
+
+    # -- derived ---------------------------------------------------------------------------
+    @property
+    def method_list(self) -> list[Method]:
+        names = ALL_METHODS if self.methods == "all" else self.methods
+        if isinstance(names, str):
+            names = [names]
+        return [parse_method(name) for name in names]
+
+    @property
+    def strength_list(self) -> list[float]:
+        """Sorted strengths, 0 first."""
+        return sorted({0.0, *(float(s) for s in self.strengths)})
+
+    def use_shapes_detector(self) -> bool:
+        from ..shapes.hub import is_shapes_model
+
+        return self.detector == "shapes" or (self.detector == "auto" and is_shapes_model(self.model))
+
+    def generation_settings(self) -> dict[str, Any]:
+        """Everything besides method, strength, prompt and seed that decides an image."""
+        return {
+            "model": self.model,
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+            "height": self.height,
+            "width": self.width,
+            "steering_cfg": self.steering_cfg,
+        }
+
+    def validate(self) -> EvalConfig:
+        """Raise :class:`ConfigError` naming the first problem."""
+        if not self.concept or not str(self.concept).strip():
+            raise ConfigError("concept is empty: name the concept to remove (e.g. concept: banana)")
+        for name in ("concept_prompts", "control_prompts"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name} is empty: give a prompt file or a list of evaluation prompts")
+        if self.steering is None:
+            for name in ("source", "target", "control"):
+                if not getattr(self, name):
+                    raise ConfigError(
+                        f"{name} prompts are missing: give source, target and control prompt files to fit "
+                        "steerers, or steering: <a fitted steering directory>"
+                    )
+        elif not (Path(self.steering) / "steering_config.json").is_file():
+            raise ConfigError(f"steering: {self.steering!r} is not a steering directory (no steering_config.json)")
+        if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
+            raise ConfigError(f"seeds must be a non-empty list of integers, got {self.seeds!r}")
+        try:
+            values = [float(s) for s in self.strengths]
+        except (TypeError, ValueError):
+            raise ConfigError(f"strengths must be numbers, got {self.strengths!r}") from None
+        if not values or not all(math.isfinite(v) and v >= 0 for v in values):
+            raise ConfigError(f"strengths must be a non-empty list of finite numbers >= 0, got {self.strengths!r}")
+        if len(self.strength_list) < 2:
+            raise ConfigError("strengths: give at least one strength above 0 (0, the unsteered image, is implied)")
+        methods = self.method_list
+        if not methods:
+            raise ConfigError("methods is empty: give 'all' or a list like ['linear-act/uniform', 'linear-act/dsas']")
+        if self.steering_cfg not in ("both", "cond"):
+            raise ConfigError(f"steering_cfg must be 'both' or 'cond', got {self.steering_cfg!r}")
+        if self.detector not in ("auto", "shapes", "none"):
+            raise ConfigError(f"detector must be 'auto', 'shapes' or 'none', got {self.detector!r}")
+        if "{concept}" not in self.concept_template:
+            raise ConfigError(f"concept_template must contain '{{concept}}', got {self.concept_template!r}")
+        if min(self.batch_size, self.score_batch_size, self.num_inference_steps) < 1:
+            raise ConfigError("batch_size, score_batch_size and num_inference_steps must be at least 1")
+        if not isinstance(self.fit, Mapping):
+            raise ConfigError(f"fit must be a mapping of fit_steering arguments, got {self.fit!r}")
+        return self
+
+
+def _read_prompt_field(value: Any, base: Path, name: str) -> list[str] | None:
+    from ..cli import read_prompts
+
+    if value is None:
+        return None
+    if isinstance(value, str):
+        path = Path(value)
+        if not path.is_absolute():
+            path = base / path
+        if not path.is_file():
+            raise ConfigError(f"{name}: prompt file {str(path)!r} does not exist")
+        return read_prompts(path)
+    if isinstance(value, Sequence) and all(isinstance(p, str) for p in value):
+        return [p.strip() for p in value if p.strip()]
+    raise ConfigError(f"{name} must be a prompt file or a list of prompts, got {value!r}")
+
+
+PROMPT_FIELDS = ("source", "target", "control", "concept_prompts", "control_prompts")
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> EvalConfig:
+    """Read a YAML / JSON config (optional) and apply ``overrides`` (``None`` values skipped).
+
+    Example:
+        >>> config = load_config(None, {"concept": "banana", "concept_prompts": ["a yellow banana on a white background"],
+        ...                             "control_prompts": ["a red square on a black background"],
+        ...                             "steering": None, "source": ["a"], "target": ["b"], "control": ["c"]})
+        >>> [m.name for m in config.method_list][:2]
+        ['caa/uniform', 'caa/dsas']
+    """
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        text = path.read_text()
+        try:
+            if path.suffix.lower() == ".json":
+                raw = json.loads(text)
+            else:
+                import yaml
+
+                raw = yaml.safe_load(text) or {}
+        except Exception as error:
+            raise ConfigError(f"config file {str(path)!r} is not valid {path.suffix[1:] or 'YAML'}: {error}") from None
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of fields")
+        base = path.resolve().parent
+    raw = dict(raw)
+    cli_base = Path.cwd()
+    known = {f.name for f in dataclasses.fields(EvalConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"unknown config fields {unknown}; known fields: {sorted(known)}")
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        values[name] = _read_prompt_field(value, base, name) if name in PROMPT_FIELDS else value
+        if name == "steering" and value is not None and not Path(value).is_absolute():
+            values[name] = str(base / value)
+    for name, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if name not in known:
+            raise ConfigError(f"unknown config field {name!r}")
+        values[name] = _read_prompt_field(value, cli_base, name) if name in PROMPT_FIELDS else value
+    try:
+        config = EvalConfig(**values)
+    except TypeError as error:
+        raise ConfigError(str(error)) from None
+    return config.validate()

@@ -1,0 +1,241 @@
+"""Tables, Pareto plots and image grids from the rows of an evaluation.
+
+Files written to the output directory:
+
+- ``rows.csv`` / ``rows.json``: one row per (method, strength, prompt, seed) image;
+- ``summary.csv`` / ``summary.md``: per method and strength, concept presence on the concept
+  prompts, CLIP score and similarity to the unsteered image on the control prompts (and the
+  Shapes detector's rates where it applies);
+- ``methods.csv``: one number per method, the hypervolume of its trade-off curve (below);
+- ``pareto_similarity.png``, ``pareto_clip_score.png`` (and ``pareto_detector.png`` on the
+  Shapes world): one curve per method over the strengths, uniform dashed, DSAS solid;
+- ``grids/<method>.png``: a few concept and control prompts across the strengths.
+
+**Hypervolume.** Each strength gives a point (utility, removal) with utility the mean CLIP
+similarity of control images to their unsteered images and removal ``1 - concept presence``
+on the concept prompts. The hypervolume is the area of the union of the rectangles
+``[0, utility] x [0, removal]`` over the method's points (strength 0 included): the part of
+the unit square its trade-off curve dominates, with reference point (0, 0). It rewards
+removing the concept while keeping control images; 1 would be perfect removal at no change.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .config import EvalConfig
+
+__all__ = ["hypervolume", "summarise", "write_report"]
+
+MAP_COLOURS = {"caa": "tab:blue", "iti": "tab:orange", "linear-act": "tab:green", "lineas": "tab:red"}
+
+
+def hypervolume(points: Sequence[tuple[float, float]]) -> float:
+    """Area dominated by ``points`` (both coordinates larger is better) above (0, 0).
+
+    Example:
+        >>> hypervolume([(1.0, 0.2), (0.5, 0.8)])  # 1 x 0.2 + 0.5 x (0.8 - 0.2)
+        0.5
+    """
+    cleaned = sorted(((max(0.0, u), max(0.0, r)) for u, r in points), key=lambda p: -p[0])
+    area, best = 0.0, 0.0
+    for index, (utility, removal) in enumerate(cleaned):
+        best = max(best, removal)
+        following = cleaned[index + 1][0] if index + 1 < len(cleaned) else 0.0
+        area += (utility - following) * best
+    return round(area, 6)
+
+
+def _mean(rows: list[Mapping[str, Any]], key: str) -> float | None:
+    values = [row[key] for row in rows if row.get(key) is not None]
+    return float(np.mean(values)) if values else None
+
+
+def summarise(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> list[dict[str, Any]]:
+    """One line per method and strength (strength 0 is the shared unsteered images)."""
+    unsteered = [r for r in rows if r["method"] == "unsteered"]
+    lines = []
+    for method in methods:
+        strengths = sorted({r["strength"] for r in rows if r["method"] == method})
+        for strength in [0.0, *strengths]:
+            chosen = (
+                unsteered
+                if strength == 0.0
+                else [r for r in rows if r["method"] == method and r["strength"] == strength]
+            )
+            concept = [r for r in chosen if r["group"] == "concept"]
+            control = [r for r in chosen if r["group"] == "control"]
+            line = {
+                "method": method,
+                "strength": strength,
+                "concept_presence": _mean(concept, "concept_presence"),
+                "concept_clip_score": _mean(concept, "clip_score"),
+                "control_clip_score": _mean(control, "clip_score"),
+                "control_similarity": _mean(control, "clip_similarity"),
+                "control_pixel_change": _mean(control, "pixel_change"),
+            }
+            if any("concept_drawn" in r for r in chosen):
+                line["concept_drawn"] = _mean(concept, "concept_drawn")
+                line["control_as_prompted"] = _mean(control, "objects_as_prompted")
+            lines.append(line)
+    return lines
+
+
+def method_scores(summary: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> list[dict[str, Any]]:
+    scores = []
+    for method in methods:
+        lines = [line for line in summary if line["method"] == method]
+        score = {
+            "method": method,
+            "hypervolume_clip": hypervolume([(p["control_similarity"], 1 - p["concept_presence"]) for p in lines]),
+        }
+        if "concept_drawn" in lines[0] and lines[0]["concept_drawn"] is not None:
+            score["hypervolume_detector"] = hypervolume(
+                [(p["control_similarity"], 1 - p["concept_drawn"]) for p in lines]
+            )
+        scores.append(score)
+    return scores
+
+
+def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    fields: list[str] = []
+    for row in rows:
+        fields += [key for key in row if key not in fields]
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    fields = list(rows[0])
+    lines = ["| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
+    lines += ["| " + " | ".join(_fmt(row.get(f)) for f in fields) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def pareto_plot(
+    summary: Sequence[Mapping[str, Any]], methods: Sequence[str], x: str, y: str, path: Path, title: str
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = {
+        "control_similarity": "CLIP similarity to unsteered (control prompts)",
+        "control_clip_score": "CLIP score (control prompts)",
+        "concept_presence": "concept presence, CLIP zero-shot (concept prompts)",
+        "concept_drawn": "concept drawn, Shapes detector (concept prompts)",
+    }
+    figure, axis = plt.subplots(figsize=(6.4, 4.8), dpi=100)
+    for method in methods:
+        lines = [line for line in summary if line["method"] == method and line[x] is not None and line[y] is not None]
+        map_name, gating = method.split("/")
+        style = "--" if gating == "uniform" else (":" if gating == "e2e" else "-")
+        axis.plot(
+            [line[x] for line in lines],
+            [line[y] for line in lines],
+            style,
+            marker="o" if gating != "uniform" else "s",
+            markersize=4,
+            color=MAP_COLOURS.get(map_name, "black") if gating != "e2e" else "tab:purple",
+            label=method,
+        )
+        for line in lines:
+            if line["strength"] == lines[-1]["strength"]:
+                axis.annotate(f"λ={line['strength']:g}", (line[x], line[y]), fontsize=7, alpha=0.7)
+    axis.set_xlabel(labels.get(x, x) + "  →  better")
+    axis.set_ylabel(labels.get(y, y) + "  ↓  better")
+    axis.set_title(title, fontsize=10)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def image_grid(
+    rows: Sequence[Mapping[str, Any]], method: str, out: Path, prompts_per_group: int, scale: int = 2
+) -> Image.Image:
+    """Rows: the first prompts of each group (first seed); columns: strengths (0 = unsteered)."""
+    chosen = [r for r in rows if r["method"] in (method, "unsteered")]
+    seed = min(r["seed"] for r in chosen)
+    strengths = sorted({r["strength"] for r in chosen})
+    prompts: list[str] = []
+    for group in ("concept", "control"):
+        group_prompts = list(dict.fromkeys(r["prompt"] for r in chosen if r["group"] == group))
+        prompts += group_prompts[:prompts_per_group]
+    cells = {(r["prompt"], r["strength"]): r["image"] for r in chosen if r["seed"] == seed}
+    first = Image.open(out / next(iter(cells.values())))
+    width, height = first.size[0] * scale, first.size[1] * scale
+    caption, margin = 12, 4
+    canvas = Image.new("RGB", (len(strengths) * (width + margin), caption + len(prompts) * (height + caption)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for col, strength in enumerate(strengths):
+        draw.text(
+            (col * (width + margin) + 2, 0), f"{method} λ={strength:g}" if col == 0 else f"λ={strength:g}", fill="black"
+        )
+    for row_index, prompt in enumerate(prompts):
+        top = caption + row_index * (height + caption)
+        draw.text((2, top), prompt, fill="black")
+        for col, strength in enumerate(strengths):
+            if (prompt, strength) in cells:
+                image = (
+                    Image.open(out / cells[(prompt, strength)]).convert("RGB").resize((width, height), Image.NEAREST)
+                )
+                canvas.paste(image, (col * (width + margin), top + caption))
+    return canvas
+
+
+def write_report(
+    config: EvalConfig,
+    methods: Sequence[str],
+    rows: Sequence[Mapping[str, Any]],
+    out: Path,
+    run: Mapping[str, Any] | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Write every table, plot and grid; return ``(summary, method scores)``."""
+    out.mkdir(parents=True, exist_ok=True)
+    _write_csv(out / "rows.csv", rows)
+    (out / "rows.json").write_text(json.dumps(list(rows), indent=1))
+    summary = summarise(rows, methods)
+    scores = method_scores(summary, methods)
+    _write_csv(out / "summary.csv", summary)
+    _write_csv(out / "methods.csv", scores)
+    text = (
+        f"{config.model}, concept {config.concept!r}: {len(config.concept_prompts)} concept / "
+        f"{len(config.control_prompts)} control prompts x {len(config.seeds)} seed(s)\n\n"
+        + markdown_table(summary)
+        + "\n\nHypervolume (area dominated in the (control similarity, 1 - concept presence) plane, "
+        "reference (0, 0); higher is better):\n\n" + markdown_table(scores) + "\n"
+    )
+    (out / "summary.md").write_text(text)
+    if run is not None:
+        (out / "run.json").write_text(json.dumps(run, indent=1, default=str))
+    title = f"{config.model}: removing {config.concept!r}"
+    pareto_plot(summary, methods, "control_similarity", "concept_presence", out / "pareto_similarity.png", title)
+    pareto_plot(summary, methods, "control_clip_score", "concept_presence", out / "pareto_clip_score.png", title)
+    if summary and summary[0].get("concept_drawn") is not None:
+        pareto_plot(summary, methods, "control_similarity", "concept_drawn", out / "pareto_detector.png", title)
+    grids = out / "grids"
+    grids.mkdir(exist_ok=True)
+    for method in methods:
+        image_grid(rows, method, out, config.grid_prompts).save(grids / f"{method.replace('/', '_')}.png")
+    print(text)
+    return summary, scores

@@ -1,0 +1,230 @@
+"""The evaluation: CLIP metrics on known images, the trade-off summary, config errors, and
+whole runs on shapes-sd (cache reuse, sharding over two accelerate processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsas_diffusion.eval import ClipScorer, ConfigError, hypervolume, load_config, parse_method
+from dsas_diffusion.shapes.data import render_scene, sample_spec, scene_seed
+
+PROMPTS = Path(__file__).resolve().parents[1] / "dsas_diffusion" / "shapes" / "prompts" / "banana"
+
+
+@pytest.fixture(scope="module")
+def scorer() -> ClipScorer:
+    return ClipScorer("shapes-clip")
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return [render_scene(sample_spec(scene_seed(i, "eval"))) for i in range(60)]
+
+
+def test_clip_score_prefers_the_images_own_caption(scorer, scenes):
+    images = [s.image for s in scenes]
+    own = scorer.clip_score(images, [s.caption for s in scenes])
+    # each image against the next scene's caption (a different scene)
+    wrong = scorer.clip_score(images, [s.caption for s in scenes[1:] + scenes[:1]])
+    assert (own > wrong).float().mean() >= 0.95
+    assert own.mean() > wrong.mean() + 10
+
+
+def test_concept_presence_is_higher_on_images_that_show_the_concept(scorer, scenes):
+    shows = torch.tensor([any(o.shape == "banana" for o in s.spec.objects) for s in scenes])
+    assert 0 < int(shows.sum()) < len(scenes)
+    presence = scorer.concept_presence([s.image for s in scenes], "banana")
+    assert presence.min() >= 0 and presence.max() <= 1
+    assert presence[shows].mean() > presence[~shows].mean() + 0.3
+
+
+def test_image_similarity_is_one_to_itself_and_lower_to_another_scene(scorer, scenes):
+    images = [s.image for s in scenes[:10]]
+    same = scorer.image_similarity(images, images)
+    other = scorer.image_similarity(images, [s.image for s in scenes[10:20]])
+    assert torch.allclose(same, torch.ones(10), atol=1e-5)
+    assert (other < 0.99).all()
+    with pytest.raises(ValueError, match="one reference per image"):
+        scorer.image_similarity(images, images[:3])
+
+
+def test_hypervolume_is_the_area_of_the_dominated_region():
+    assert hypervolume([(1.0, 0.0)]) == 0.0
+    assert hypervolume([(0.5, 0.5)]) == 0.25
+    # a dominated point adds nothing; an extra non-dominated one adds its own rectangle
+    assert hypervolume([(0.5, 0.5), (0.4, 0.4)]) == 0.25
+    assert hypervolume([(0.5, 0.5), (1.0, 0.2)]) == pytest.approx(0.25 + 0.5 * 0.2)
+    assert hypervolume([(1.0, 1.0), (0.3, 0.9)]) == 1.0
+
+
+def _config(**fields):
+    base = {
+        "concept": "banana",
+        "source": str(PROMPTS / "source.txt"),
+        "target": str(PROMPTS / "target.txt"),
+        "control": str(PROMPTS / "control.txt"),
+        "concept_prompts": ["a yellow banana on a white background"],
+        "control_prompts": ["a green star on a black background"],
+    }
+    base.update(fields)
+    return base
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"methods": ["caa/sometimes"]}, "unknown method 'caa/sometimes'"),
+        ({"methods": ["iti/e2e"]}, "use 'lineas/e2e'"),
+        ({"methods": []}, "methods is empty"),
+        ({"concept_prompts": []}, "concept_prompts is empty"),
+        ({"source": None}, "source prompts are missing"),
+        ({"control": "/nonexistent/control.txt"}, "does not exist"),
+        ({"strengths": ["strong"]}, "strengths must be numbers"),
+        ({"strengths": [0]}, "at least one strength above 0"),
+        ({"strengths": [1, float("nan")]}, "finite numbers"),
+        ({"seeds": [0.5]}, "seeds must be a non-empty list of integers"),
+        ({"concept": ""}, "concept is empty"),
+        ({"steering": "/nonexistent"}, "not a steering directory"),
+        ({"concept_template": "a picture"}, "must contain '{concept}'"),
+        ({"steering_cfg": "half"}, "steering_cfg must be"),
+    ],
+)
+def test_bad_configs_fail_with_a_message_naming_the_field(fields, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_config(None, _config(**fields))
+
+
+def test_config_files_unknown_fields_and_parse_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("concept: banana\nstrenghts: [1, 2]\n")
+    with pytest.raises(ConfigError, match=r"unknown config fields \['strenghts'\]"):
+        load_config(bad)
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(ConfigError, match="is not valid json"):
+        load_config(broken)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    # prompt files in a config are read relative to the config file
+    (tmp_path / "concept.txt").write_text("a yellow banana on a white background\n\n")
+    good = tmp_path / "good.yaml"
+    good.write_text(
+        f"concept: banana\nsource: {PROMPTS / 'source.txt'}\ntarget: {PROMPTS / 'target.txt'}\n"
+        f"control: {PROMPTS / 'control.txt'}\nconcept_prompts: concept.txt\ncontrol_prompts: [a red square on a gray background]\n"
+        "methods: [linear-act/dsas, lineas/e2e]\nstrengths: [2, 1]\n"
+    )
+    config = load_config(good)
+    assert config.concept_prompts == ["a yellow banana on a white background"]
+    assert [m.name for m in config.method_list] == ["linear-act/dsas", "lineas/e2e"]
+    assert config.strength_list == [0.0, 1.0, 2.0]
+    assert parse_method("lineas/e2e").fit_gate == "e2e"
+
+
+def test_cli_reports_config_errors_without_a_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "dsas_diffusion.cli", "eval", "--concept", "banana", "--methods", "caa/never"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "dsas eval:" in result.stderr and "Traceback" not in result.stderr
+
+
+TINY = {
+    "model": "shapes-sd",
+    "concept": "banana",
+    "source": str(PROMPTS / "source.txt"),
+    "target": str(PROMPTS / "target.txt"),
+    "control": str(PROMPTS / "control.txt"),
+    "concept_prompts": ["a yellow banana on a white background", "a blue banana on a black background"],
+    "control_prompts": ["a green star on a black background", "a red square on a gray background"],
+    "seeds": [0],
+    "strengths": [0, 3],
+    "methods": ["caa/uniform", "caa/dsas"],
+    "num_inference_steps": 4,
+    "batch_size": 4,
+    "score_batch_size": 5,  # three chunks of images to score, dealt to two processes
+    "fit": {"num_inference_steps": 4},
+}
+
+
+def _run(config_path: Path, out: Path, *launcher: str) -> dict:
+    # one thread per process, in the sharded and the unsharded runs alike: float sums then
+    # run in the same order, so the two must agree exactly
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [*launcher] if launcher else [sys.executable]
+    command += ["-m", "dsas_diffusion.eval", "--config", str(config_path), "--out", str(out), "--no-progress"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((out / "run.json").read_text())
+
+
+@pytest.mark.slow
+def test_cache_reuse_extension_and_sharding_over_two_processes(tmp_path):
+    config_path = tmp_path / "tiny.json"
+    config_path.write_text(json.dumps(TINY))
+    single = tmp_path / "single"
+
+    first = _run(config_path, single)
+    assert (first["images"], first["generated"], first["reused"]) == (12, 12, 0)
+    rows = json.loads((single / "rows.json").read_text())
+    assert len(rows) == 12 and {r["method"] for r in rows} == {"unsteered", "caa/uniform", "caa/dsas"}
+    for name in (
+        "summary.csv",
+        "methods.csv",
+        "pareto_similarity.png",
+        "pareto_clip_score.png",
+        "pareto_detector.png",
+        "grids/caa_dsas.png",
+        "grids/caa_uniform.png",
+    ):
+        assert (single / name).is_file(), name
+    stamps = {p: p.stat().st_mtime_ns for p in (single / "images").glob("*.png")}
+    assert len(stamps) == 12
+
+    # a rerun renders nothing and leaves every cached image untouched
+    again = _run(config_path, single)
+    assert (again["generated"], again["reused"]) == (0, 12)
+    assert {p: p.stat().st_mtime_ns for p in (single / "images").glob("*.png")} == stamps
+    assert json.loads((single / "rows.json").read_text()) == rows
+
+    # an extended sweep renders only the new strength (2 methods x 4 prompts)
+    config_path.write_text(json.dumps({**TINY, "strengths": [0, 2, 3]}))
+    extended = _run(config_path, single)
+    assert (extended["generated"], extended["reused"]) == (8, 12)
+    config_path.write_text(json.dumps(TINY))
+    assert _run(config_path, single)["generated"] == 0  # back to the first sweep: all cached
+
+    # accelerate with two CPU processes gives exactly the one-process rows
+    sharded = tmp_path / "sharded"
+    accelerate = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    run = _run(config_path, sharded, *accelerate)
+    assert run["processes"] == 2 and run["generated"] == 12
+    assert json.loads((sharded / "rows.json").read_text()) == rows
+    assert (sharded / "summary.csv").read_text() == (single / "summary.csv").read_text()
+
+    # the fitted steering directory as the concept spec: the same steerer, so every image is cached
+    config_path.write_text(json.dumps({**TINY, "steering": str(single / "steering" / "caa-dsas"), "methods": "all"}))
+    from_dir = _run(config_path, single)
+    assert (from_dir["generated"], from_dir["reused"]) == (0, 12)
+    assert json.loads((single / "rows.json").read_text()) == rows
