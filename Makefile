@@ -9,7 +9,7 @@ TORCH   := torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint install clean
+.PHONY: demo app test lint install chromium clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -25,7 +25,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m dsas_diffusion.demo --out outputs
 
-test: $(STAMP)
+app: $(STAMP)
+	$(PY) app.py
+
+# Debian's Chromium for the browser test (Playwright drives it; never `playwright install`)
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+test: $(STAMP) chromium
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -ra
 

@@ -89,6 +89,23 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def _demo(args: argparse.Namespace) -> None:
+    """Serve the Gradio demo, ``app.py`` at the root of the source checkout."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "app.py"
+    if not path.is_file():
+        raise SystemExit(f"dsas demo: {path} not found; the demo runs from a source checkout (python app.py)")
+    spec = importlib.util.spec_from_file_location("dsas_app", path)
+    app = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(app)  # type: ignore[union-attr]
+    argv = ["--model", args.model, "--host", args.host, "--port", str(args.port)]
+    argv += ["--concurrency", str(args.concurrency)]
+    if args.threads is not None:
+        argv += ["--threads", str(args.threads)]
+    app.main([*argv, *(["--share"] if args.share else [])])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsas", description="Dynamically Scaled Activation Steering for diffusers")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--compare", action="store_true", help="one grid: unsteered | uniform | DSAS | gate heatmap")
     gen.add_argument("--out", required=True, help="image path (a grid with --compare)")
     gen.set_defaults(run=_generate)
+
+    demo = commands.add_parser("demo", help="serve the Gradio demo (unsteered | uniform | DSAS, CLIP scores, gates)")
+    demo.add_argument("--model", default="shapes-sd", help="model shown when the page opens")
+    demo.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    demo.add_argument("--port", type=int, default=7860)
+    demo.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
+    demo.add_argument("--concurrency", type=int, default=4, help="requests served at once")
+    demo.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads per request (default: cores / concurrency)"
+    )
+    demo.set_defaults(run=_demo)
 
     from .eval.command import add_arguments
     from .eval.command import run as run_eval

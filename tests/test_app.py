@@ -1,0 +1,155 @@
+"""The Gradio demo through gradio_client against the app served on localhost: real calls,
+real images, concurrent requests without cross-talk, and validation messages in the UI."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from app_server import running_app
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from dsas_diffusion import Steerer
+
+PROMPT = "a yellow banana on a gray background"
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def url():
+    with running_app(concurrency=8) as address:
+        yield address
+
+
+def client(url: str) -> Client:
+    return Client(url, verbose=False)
+
+
+def generate(c: Client, strength: float = 3.0, **changes):
+    args = dict(model="shapes-sd", steering="banana", directory="", prompt=PROMPT, seed=0, steps=STEPS, guidance=7.5)
+    args.update(strength=strength, size=0)
+    args.update(changes)
+    return c.predict(*args.values(), api_name="/generate")
+
+
+def pixels(path: str) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+@pytest.mark.slow
+def test_generate_shows_three_images_clip_scores_and_gates_per_layer(url):
+    c = client(url)
+    unsteered, uniform, dsas, scores, gates, step_slider = generate(c)
+    images = [pixels(p) for p in (unsteered, uniform, dsas)]
+    assert all(image.shape == (256, 256, 3) for image in images)  # 64 px, shown 4x
+    assert np.abs(images[1].astype(int) - images[0]).mean() > 1.0  # uniform steering changed the banana image
+    numbers = [float(x) for x in re.findall(r"\| ([\d.]+)", scores)]
+    assert "shapes-clip" in scores and len(numbers) == 3 and all(0 < n <= 100 for n in numbers)
+    captions = [item["caption"] for item in gates]
+    assert captions[0].startswith("all layers") and len(captions) >= 2  # the mean, then one heatmap per layer
+    assert all("mean over steps" in caption for caption in captions)
+    assert pixels(gates[0]["image"]).shape == (256, 256, 3)
+    assert step_slider["maximum"] == STEPS
+    # the step slider redraws the heatmaps of one denoising step (state kept in this client's session)
+    step = c.predict(3, api_name="/gate_step")
+    assert [item["caption"].split(":")[0] for item in step] == [caption.split(":")[0] for caption in captions]
+    assert all(f"step 3/{STEPS}" in item["caption"] for item in step)
+
+
+@pytest.mark.slow
+def test_eight_concurrent_calls_each_return_what_they_return_alone(url):
+    strengths = [0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0]
+    clients = [client(url) for _ in strengths]  # eight users, eight sessions
+    args = dict(directory="", prompt=PROMPT, seed=0, steps=STEPS, guidance=7.5)
+    jobs = [
+        c.submit("shapes-sd", "banana", *args.values(), strength, 0, api_name="/generate")
+        for c, strength in zip(clients, strengths, strict=True)
+    ]
+    together = [[pixels(p) for p in job.result(timeout=300)[:3]] for job in jobs]
+    for strength, images in zip(strengths, together, strict=True):
+        alone = [pixels(p) for p in generate(clients[0], strength)[:3]]
+        for mode, a, b in zip(("unsteered", "uniform", "DSAS"), images, alone, strict=True):
+            assert np.array_equal(a, b), f"λ={strength}: the {mode} image differs from the same call made alone"
+    # the strengths really differed: uniform images move further from the unsteered one as λ grows
+    change = [np.abs(images[1].astype(int) - images[0]).mean() for images in together]
+    assert change[0] == 0.0 and change[-1] > change[2] > 0.0
+
+
+@pytest.mark.slow
+def test_strength_sweep_is_one_strip(url):
+    strip = pixels(client(url).predict("shapes-sd", "banana", "", PROMPT, 0, 4, 7.5, 2.0, 0, 3, api_name="/sweep"))
+    assert strip.shape == (16 + 2 * 128, 56 + 3 * 128, 3)  # λ header, uniform and DSAS rows, 3 columns
+    first_uniform, first_dsas = strip[16:144, 56:184], strip[144:272, 56:184]
+    assert np.array_equal(first_uniform, first_dsas)  # λ = 0: both rows show the unsteered image
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"prompt": "   "}, "The prompt is empty"),
+        ({"prompt": "a" * 301}, "at most 300 are allowed"),
+        ({"prompt": "a " * 120}, "tokens long; the model reads at most 24"),
+        # out-of-range sliders and numbers are refused by Gradio's own check of the component bounds
+        ({"steps": 0}, "Value 0 is less than minimum value 1"),
+        ({"steps": 51}, "Value 51 is greater than maximum value 50"),
+        ({"strength": 10.5}, "Value 10.5 is greater than maximum value 10"),
+        ({"seed": -1}, "Value -1 is less than minimum value 0"),
+        ({"size": 2048}, "image size must be between 64 and 1024"),
+        ({"size": 100}, "multiple of 8"),
+        ({"steering": "directory", "directory": "/no/such/steering"}, "does not exist"),
+        ({"steering": "directory", "directory": ""}, "Give the path of a steering directory"),
+        ({"steering": "fitted"}, "No steering has been fitted in this session"),
+        ({"model": "shapes-mmdit"}, "This steering was made for shapes-sd, not for shapes-mmdit"),
+        ({"model": "/no/such/model"}, "Could not load the model"),
+    ],
+)
+def test_bad_requests_get_a_message_not_a_traceback(url, changes, message):
+    with pytest.raises(AppError, match=re.escape(message)):
+        generate(client(url), **changes)
+
+
+def test_steering_fitted_on_another_model_is_refused(url, tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8))
+    batches = [[torch.randn(4, 6, 8) + shift for _ in range(8)] for shift in (1.0, 0.0, -1.0)]
+    Steerer.fit(model, ["0"], *batches, map="caa", progress=False).save_pretrained(tmp_path / "toy")
+    with pytest.raises(AppError, match=r"made for another model, not for shapes-sd: .* module '0'"):
+        generate(client(url), steering="directory", directory=str(tmp_path / "toy"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AppError, match="is not a steering directory"):
+        generate(client(url), steering="directory", directory=str(tmp_path / "empty"))
+
+
+def test_fitting_needs_three_prompt_lists(url):
+    prompts = "a red banana on a white background\na blue banana on a black background"
+    with pytest.raises(AppError, match="The control prompt list is empty"):
+        client(url).predict("shapes-sd", prompts, prompts, "# only a comment\n\n", "caa", 2, api_name="/fit")
+
+
+@pytest.mark.slow
+def test_fit_from_pasted_prompts_then_generate_with_it(url):
+    colours = ["red", "green", "blue", "yellow", "purple", "red"]
+    backgrounds = ["white", "black", "gray", "gray", "white", "black"]
+    pairs = list(zip(colours * 2, backgrounds * 2, strict=True))
+    source = "\n".join(f"a {c} banana on a {b} background" for c, b in pairs)
+    target = "\n".join(f"a {c} circle on a {b} background" for c, b in pairs)
+    control = "\n".join(f"a {c} square on a {b} background" for c, b in pairs)
+    c = client(url)
+    summary, steering = c.predict("shapes-sd", source, target, control, "caa", 2, api_name="/fit")
+    assert "map **caa**" in summary and "made for **shapes-sd**" in summary and steering["value"] == "fitted"
+    unsteered, uniform, *_ = generate(c, steering="fitted", strength=2.0)
+    assert pixels(uniform).shape == (256, 256, 3)
+    assert not np.array_equal(pixels(uniform), pixels(unsteered))
+
+
+def test_dsas_demo_command_has_its_options():
+    script = Path(sys.executable).parent / "dsas"
+    result = subprocess.run([str(script), "demo", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert all(option in result.stdout for option in ("--model", "--host", "--port", "--share", "--concurrency"))

@@ -1,0 +1,173 @@
+"""The demo's library module: validation messages, example steerings, locking, gate overlays."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dsas_diffusion import Steerer
+from dsas_diffusion.demo import concept_prompts
+from dsas_diffusion.webapp import (
+    LIMITS,
+    PROMPTS_DIR,
+    GenerateSettings,
+    InputError,
+    ModelCache,
+    ReadWriteLock,
+    example_steerings,
+    gate_overlays,
+    parse_prompt_list,
+    request_pipeline,
+    resolve_steering,
+    strength_sweep,
+    upscale,
+    validate_settings,
+)
+
+GOOD = GenerateSettings("a red star on a white background", seed=1, steps=10, guidance=7.5, strength=2.0, size=0)
+
+
+def with_(**changes) -> GenerateSettings:
+    return GenerateSettings(**{**GOOD.__dict__, **changes})
+
+
+def test_valid_settings_are_coerced():
+    settings = validate_settings(with_(prompt="  a red star on a white background ", seed=3.0, steps=12.0, size=128))
+    assert settings == GenerateSettings("a red star on a white background", 3, 12, 7.5, 2.0, 128)
+    assert isinstance(settings.steps, int) and isinstance(settings.seed, int)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"prompt": ""}, "The prompt is empty"),
+        ({"prompt": None}, "The prompt is empty"),
+        ({"prompt": "x" * (LIMITS.max_prompt_chars + 1)}, f"at most {LIMITS.max_prompt_chars}"),
+        ({"steps": 0}, "Steps must be between 1 and 50, got 0"),
+        ({"steps": 2.5}, "Steps must be a whole number"),
+        ({"steps": "many"}, "Steps must be a number"),
+        ({"seed": 2**32}, "The seed must be between 0 and 4294967295"),
+        ({"guidance": 25}, "Guidance must be between 0.0 and 20.0"),
+        ({"strength": -1}, "The strength λ must be between 0.0 and 10.0, got -1.0"),
+        ({"strength": float("nan")}, "must be a finite number"),
+        ({"size": 32}, "The image size must be between 64 and 1024"),
+        ({"size": 100}, "multiple of 8"),
+    ],
+)
+def test_invalid_settings_name_the_field_and_its_bounds(changes, message):
+    with pytest.raises(InputError, match=message):
+        validate_settings(with_(**changes))
+
+
+def test_prompt_lists_skip_comments_and_refuse_empty_or_long_lists():
+    assert parse_prompt_list(
+        "# a comment\n\na red star on a white background\n  a blue circle on a black background  ", "source"
+    ) == [
+        "a red star on a white background",
+        "a blue circle on a black background",
+    ]
+    with pytest.raises(InputError, match="The control prompt list is empty"):
+        parse_prompt_list("\n# nothing\n", "control")
+    with pytest.raises(InputError, match="has 201 prompts; at most 200"):
+        parse_prompt_list("\n".join(["a red star on a white background"] * 201), "target")
+    with pytest.raises(InputError, match="Line 2 of the source prompts is 301 characters"):
+        parse_prompt_list("ok\n" + "x" * 301, "source")
+
+
+def test_shipped_examples_were_fitted_on_shapes_sd_with_the_shipped_prompt_sets():
+    examples = example_steerings()
+    assert {"banana", "red"} <= set(examples)
+    for concept, path in examples.items():
+        steerer = Steerer.from_pretrained(path)
+        assert steerer.provenance["base_model"] == "shapes-sd"
+        assert steerer.config["map"] == "linear-act" and steerer.has_gates
+        source, target, control = concept_prompts(PROMPTS_DIR / concept)
+        assert steerer.provenance["prompts"] == {"source": source, "target": target, "control": control}
+        assert any(row["enabled"] for row in steerer.gate_report())
+        assert len(source) == len(target) == len(control) == 30
+
+
+def test_steering_choices_are_checked(tmp_path):
+    with pytest.raises(InputError, match="Unknown steering 'pears'"):
+        resolve_steering("pears")
+    with pytest.raises(InputError, match="No steering has been fitted"):
+        resolve_steering("fitted")
+    with pytest.raises(InputError, match="does not exist"):
+        resolve_steering("directory", str(tmp_path / "missing"))
+    (tmp_path / "steering_config.json").write_text("{not json")
+    with pytest.raises(InputError, match="Could not read the steering"):
+        resolve_steering("directory", str(tmp_path))
+    assert isinstance(resolve_steering("banana"), Steerer)
+
+
+def test_sweep_points_are_bounded():
+    with pytest.raises(InputError, match="between 2 and 9 points"):
+        strength_sweep(None, None, GOOD, points=12)  # refused before any model is touched
+
+
+def test_write_lock_excludes_readers_and_readers_share():
+    lock, events = ReadWriteLock(), []
+
+    def reader(name):
+        with lock.reading():
+            events.append(f"{name} in")
+            time.sleep(0.05)
+            events.append(f"{name} out")
+
+    def writer():
+        with lock.writing():
+            events.append("writer in")
+            time.sleep(0.05)
+            events.append("writer out")
+
+    readers = [threading.Thread(target=reader, args=(f"r{i}",)) for i in range(2)]
+    for thread in readers:
+        thread.start()
+    time.sleep(0.01)
+    writing = threading.Thread(target=writer)
+    writing.start()
+    for thread in [*readers, writing]:
+        thread.join()
+    assert events[:2] == ["r0 in", "r1 in"] or events[:2] == ["r1 in", "r0 in"]  # readers overlap
+    start = events.index("writer in")
+    assert events[start + 1] == "writer out" and start == 4  # the writer waited for both readers
+
+
+def test_gate_overlays_mean_and_single_steps():
+    image = Image.new("RGB", (64, 64), "gray")
+    maps = {"down": np.zeros((4, 64, 64), np.float32), "up": np.ones((4, 64, 64), np.float32)}
+    maps["up"][0] = 0.0
+    mean = gate_overlays(image, maps, 0)
+    assert [caption.split(":")[0] for _, caption in mean] == ["all layers", "down", "up"]
+    assert "up: mean gate 0.75 (mean over steps)" == mean[2][1]
+    first = gate_overlays(image, maps, 1)
+    assert first[2][1] == "up: mean gate 0.00 (step 1/4)" and first[0][0].size == (256, 256)
+    with pytest.raises(InputError, match="between 0 \\(mean over steps\\) and 4"):
+        gate_overlays(image, maps, 5)
+
+
+def test_upscale_is_by_a_whole_factor():
+    assert upscale(Image.new("RGB", (64, 64))).size == (256, 256)
+    assert upscale(Image.new("RGB", (100, 50)), 256).size == (600, 300)
+    big = Image.new("RGB", (512, 512))
+    assert upscale(big) is big
+
+
+def test_one_base_pipeline_per_model_and_light_request_pipelines():
+    cache = ModelCache()
+    entry = cache.get("shapes-sd")
+    assert cache.get(" shapes-sd ") is entry and cache.loaded() == ["shapes-sd"]
+    steerer = resolve_steering("banana", model=entry)
+    with request_pipeline(entry, steerer) as first, request_pipeline(entry) as second:
+        for pipe in (first, second):  # the weights are shared, the per-call state is not
+            assert pipe.unet is entry.pipeline.unet and pipe.vae is entry.pipeline.vae
+            assert pipe.text_encoder is entry.pipeline.text_encoder
+            assert pipe.scheduler is not entry.pipeline.scheduler and pipe.tokenizer is not entry.pipeline.tokenizer
+        assert first.tokenizer is not second.tokenizer
+        assert first.steerers == {"demo": steerer} and second.steerers == {} and entry.pipeline.steerers == {}
+    with pytest.raises(InputError, match="Could not load the model '/no/such/model'"):
+        cache.get("/no/such/model")
