@@ -58,9 +58,9 @@ def run(args: argparse.Namespace) -> None:
     overrides = {k: v for k, v in vars(args).items() if k in fields}
     try:
         config = load_config(args.config, overrides)
+        run_evaluation(config, progress=not args.no_progress)
     except ConfigError as error:
         sys.exit(f"dsas eval: {error}")
-    run_evaluation(config, progress=not args.no_progress)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -185,14 +185,14 @@ def image_grid(
     first = Image.open(out / next(iter(cells.values())))
     width, height = first.size[0] * scale, first.size[1] * scale
     caption, margin = 12, 4
-    canvas = Image.new("RGB", (len(strengths) * (width + margin), caption + len(prompts) * (height + caption)), "white")
+    header = 2 * caption  # the method, then the strengths (PIL's default font has no λ)
+    canvas = Image.new("RGB", (len(strengths) * (width + margin), header + len(prompts) * (height + caption)), "white")
     draw = ImageDraw.Draw(canvas)
+    draw.text((2, 0), f"{method} at each strength (0: unsteered)", fill="black")
     for col, strength in enumerate(strengths):
-        draw.text(
-            (col * (width + margin) + 2, 0), f"{method} λ={strength:g}" if col == 0 else f"λ={strength:g}", fill="black"
-        )
+        draw.text((col * (width + margin) + 2, caption), f"strength {strength:g}", fill="black")
     for row_index, prompt in enumerate(prompts):
-        top = caption + row_index * (height + caption)
+        top = header + row_index * (height + caption)
         draw.text((2, top), prompt, fill="black")
         for col, strength in enumerate(strengths):
             if (prompt, strength) in cells:

@@ -109,9 +109,8 @@ class _Runner:
             return methods
         steerer = Steerer.from_pretrained(self.config.steering)
         fitted, gate = steerer.config.get("map"), steerer.config.get("gate")
-        allowed = [
-            parse_method(f"{fitted}/{g}") for g in (("uniform", "dsas") if gate != "e2e" else ("uniform", "e2e"))
-        ]
+        gatings = {"e2e": ("uniform", "e2e"), "none": ("uniform",)}.get(gate, ("uniform", "dsas"))
+        allowed = [parse_method(f"{fitted}/{g}") for g in gatings]
         if self.config.methods == "all":
             return allowed
         foreign = [m.name for m in methods if m not in allowed]
