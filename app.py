@@ -223,23 +223,19 @@ def build_demo(
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Gradio demo of DSAS steering")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="model shown when the page opens")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--share", action="store_true", help="make a public gradio.live link (off by default)")
-    parser.add_argument("--concurrency", type=int, default=4, help="requests served at once")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads per request (default: cores / concurrency)"
-    )
+    webapp.add_server_arguments(parser, default_model=DEFAULT_MODEL)
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Build the demo and serve it until interrupted."""
-    args = parse_args(argv)
+def serve(args: argparse.Namespace) -> None:
+    """Build the demo and serve it until interrupted (options: :func:`parse_args`)."""
     webapp.configure_torch_threads(args.concurrency, args.threads)
     demo = build_demo(default_model=args.model, concurrency=args.concurrency)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    serve(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -99,11 +99,7 @@ def _demo(args: argparse.Namespace) -> None:
     spec = importlib.util.spec_from_file_location("dsas_app", path)
     app = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     spec.loader.exec_module(app)  # type: ignore[union-attr]
-    argv = ["--model", args.model, "--host", args.host, "--port", str(args.port)]
-    argv += ["--concurrency", str(args.concurrency)]
-    if args.threads is not None:
-        argv += ["--threads", str(args.threads)]
-    app.main([*argv, *(["--share"] if args.share else [])])
+    app.serve(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,14 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(run=_generate)
 
     demo = commands.add_parser("demo", help="serve the Gradio demo (unsteered | uniform | DSAS, CLIP scores, gates)")
-    demo.add_argument("--model", default="shapes-sd", help="model shown when the page opens")
-    demo.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    demo.add_argument("--port", type=int, default=7860)
-    demo.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
-    demo.add_argument("--concurrency", type=int, default=4, help="requests served at once")
-    demo.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads per request (default: cores / concurrency)"
-    )
+    from .webapp import add_server_arguments
+
+    add_server_arguments(demo)
     demo.set_defaults(run=_demo)
 
     from .eval.command import add_arguments

@@ -52,6 +52,7 @@ __all__ = [
     "ModelCache",
     "PromptTokenizer",
     "ReadWriteLock",
+    "add_server_arguments",
     "build_example_steering",
     "configure_torch_threads",
     "example_steerings",
@@ -73,6 +74,18 @@ STEERER_NAME = "demo"
 
 # diffusers' from_pipe calls pipeline.to(dtype=None), which logs a warning per model each time
 logging.getLogger("diffusers.models.modeling_utils").setLevel(logging.ERROR)
+
+
+def add_server_arguments(parser: argparse.ArgumentParser, default_model: str = "shapes-sd") -> None:
+    """The options of ``python app.py`` and ``dsas demo``."""
+    parser.add_argument("--model", default=default_model, help="model shown when the page opens")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
+    parser.add_argument("--concurrency", type=int, default=4, help="requests served at once")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads per request (default: cores / concurrency)"
+    )
 
 
 class InputError(ValueError):
