@@ -11,9 +11,10 @@ Concurrency model (several users at once, no cross-talk):
   tokenizers (both hold per-call state) and the request's steerer loaded on it. Steering hooks are attached
   for one call and act only on the calling thread (the core's scoped sessions), so requests
   with different strengths or steerers never see each other's settings.
-* Fitting collects activations with hooks that observe *every* forward pass of the shared
-  denoiser, so a fit takes the model's lock exclusively (:class:`ReadWriteLock`): generation
-  requests on that model wait until it ends; generation requests run together.
+* A fit takes the model's lock exclusively (:class:`ReadWriteLock`): generation requests on
+  that model wait until it ends; generation requests run together. (The library's collection
+  hooks only count the fitting thread's forward calls, so this is not needed for correctness;
+  it keeps a fit, minutes of work, from sharing the cores with requests.)
 
 Validation raises :class:`InputError`, whose message is meant for the user as it is.
 """
@@ -681,8 +682,8 @@ def fit_from_text(
 ) -> Steerer:
     """Fit a DSAS steering on ``entry``'s model from three pasted prompt lists.
 
-    Generation requests on the same model wait while it runs (collection hooks observe
-    every forward pass of the shared denoiser). ``report(fraction, message)`` is told the
+    Generation requests on the same model wait while it runs (see the module's notes).
+    ``report(fraction, message)`` is told the
     phase; the library's tqdm bars run too (a Gradio ``Progress(track_tqdm=True)`` shows them).
     """
     if map not in MAPS:

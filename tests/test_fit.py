@@ -167,6 +167,24 @@ def test_collector_memory_does_not_grow_with_sequence_length():
     assert stored[4] == stored[256] == 3 * 2 * 16 * 3
 
 
+def test_collector_ignores_forward_calls_of_other_threads():
+    """A server may answer requests on the model while a steering is being fitted on it."""
+    import threading
+
+    model = TokenNet()
+    mine, theirs = torch.randn(2, 4, 16), torch.randn(3, 4, 16) + 5.0
+    with ActivationCollector(model, HOOKS) as collector:
+        other = threading.Thread(target=lambda: model(theirs))
+        other.start()
+        other.join()
+        model(mine)
+    with ActivationCollector(model, HOOKS) as alone:
+        model(mine)
+    for name, pooled in collector.pooled().items():
+        assert pooled.shape[0] == 2  # the other thread's 3 rows were not collected
+        torch.testing.assert_close(pooled, alone.pooled()[name])
+
+
 def test_padding_mask_excludes_padded_tokens_from_pooling():
     model = torch.nn.Sequential(torch.nn.Identity())
     x = torch.randn(2, 5, 16)

@@ -14,6 +14,7 @@ latents the unsteered model reached at step 5.
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -125,8 +126,11 @@ def record_denoiser_calls(
     images_per_prompt = int(pipeline_kwargs.get("num_images_per_prompt", 1) or 1)
     calls: list[DenoiserCall] = []
     state: dict[str, Any] = {}
+    owner = threading.get_ident()
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if threading.get_ident() != owner:
+            return  # another thread's call on the same denoiser (a server answering requests)
         arguments = signature.bind(*args, **kwargs).arguments
         key = _timestep_key(arguments.get("timestep"))
         if key is not None and key == state["timestep"]:
@@ -203,8 +207,10 @@ class ImageStreamCheck:
         self.tokens: int | None = None
         self._handles: list[Any] = []
         self._signature = inspect.signature(denoiser.forward)
+        self._owner: int | None = None  # only the entering thread's calls are checked
 
     def __enter__(self) -> ImageStreamCheck:
+        self._owner = threading.get_ident()
         try:
             self._handles.append(self.denoiser.register_forward_pre_hook(self._read_latents, with_kwargs=True))
             for point in self.points:
@@ -220,6 +226,8 @@ class ImageStreamCheck:
             self._handles.pop().remove()
 
     def _read_latents(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if threading.get_ident() != self._owner:
+            return
         arguments = self._signature.bind(*args, **kwargs).arguments
         latents = _primary_input(arguments)
         if latents.ndim == 4:  # (B, C, H, W) latents, patchified inside transformers
@@ -230,6 +238,8 @@ class ImageStreamCheck:
 
     def _make_hook(self, point: HookPoint):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if threading.get_ident() != self._owner:
+                return
             try:
                 tensor = get_output(output, point.output_index, point.module)
             except ActivationError as error:

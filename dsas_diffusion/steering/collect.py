@@ -8,6 +8,7 @@ so peak memory is one forward pass plus ``rows x channels`` floats.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -74,9 +75,11 @@ class ActivationCollector:
         self._pooled: dict[str, list[torch.Tensor]] = {name: [] for name in names}
         self._positions: dict[str, list[torch.Tensor]] = {name: [] for name in names}
         self._handles: list[Any] = []
+        self._owner: int | None = None  # the thread that entered: only its forward calls count
 
     # -- hook management -------------------------------------------------------------------
     def __enter__(self) -> ActivationCollector:
+        self._owner = threading.get_ident()
         try:
             for point in self.hook_points:
                 handle = self.modules[point.module].register_forward_hook(self._make_hook(point))
@@ -107,8 +110,8 @@ class ActivationCollector:
         name = point.module
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if not self.enabled:
-                return
+            if not self.enabled or threading.get_ident() != self._owner:
+                return  # other threads may run the same model meanwhile (a server answering requests)
             tensor = get_output(output, point.output_index, name).detach()
             layout = resolve_layout(tensor, point.layout)
             mask = self.mask
