@@ -18,13 +18,23 @@ __all__ = ["main", "read_prompts"]
 MAPS = ("caa", "iti", "linear-act", "lineas")
 
 
+def prompt_lines(text: str) -> list[str]:
+    r"""The prompts of a text, one per line; blank lines and ``#`` comment lines are skipped.
+
+    Example:
+        >>> prompt_lines("# bananas\n a yellow banana on a white background \n\n")
+        ['a yellow banana on a white background']
+    """
+    lines = [line.strip() for line in text.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
 def read_prompts(path: str | Path) -> list[str]:
     """The prompts of a file, one per line; errors name the file when it is missing or empty."""
     file = Path(path)
     if not file.is_file():
         raise SystemExit(f"dsas: prompt file {str(file)!r} does not exist")
-    prompts = [line.strip() for line in file.read_text().splitlines()]
-    prompts = [p for p in prompts if p and not p.startswith("#")]
+    prompts = prompt_lines(file.read_text())
     if not prompts:
         raise SystemExit(f"dsas: prompt file {str(file)!r} has no prompts (one per line)")
     return prompts

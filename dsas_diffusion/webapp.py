@@ -483,8 +483,9 @@ def validate_settings(
 
 def parse_prompt_list(text: str | None, name: str, *, limits: Limits = LIMITS) -> list[str]:
     """Prompts pasted one per line (blank lines and ``#`` comments skipped), each checked."""
-    lines = [line.strip() for line in str(text or "").splitlines()]
-    prompts = [line for line in lines if line and not line.startswith("#")]
+    from .cli import prompt_lines
+
+    prompts = prompt_lines(str(text or ""))
     if not prompts:
         raise InputError(f"The {name} prompt list is empty: paste one prompt per line.")
     if len(prompts) > limits.max_fit_prompts:
@@ -659,7 +660,7 @@ def strength_sweep(
     strip = Image.new("RGB", (margin + points * cell, header + 2 * cell), "white")
     draw = ImageDraw.Draw(strip)
     for col, strength in enumerate(strengths):
-        draw.text((margin + col * cell + 4, 2), f"λ = {strength:.2f}".replace("λ", "lambda"), fill="black")
+        draw.text((margin + col * cell + 4, 2), f"lambda = {strength:.2f}", fill="black")
     for row, (label, images) in enumerate(rows.items()):
         top = header + row * cell
         draw.text((4, top + cell // 2 - 6), label, fill="black")
@@ -683,8 +684,7 @@ def fit_from_text(
     """Fit a DSAS steering on ``entry``'s model from three pasted prompt lists.
 
     Generation requests on the same model wait while it runs (see the module's notes).
-    ``report(fraction, message)`` is told the
-    phase; the library's tqdm bars run too (a Gradio ``Progress(track_tqdm=True)`` shows them).
+    ``report(fraction, message)`` is told the phase; the library's tqdm bars run too (a Gradio ``Progress(track_tqdm=True)`` shows them).
     """
     if map not in MAPS:
         raise InputError(f"Unknown steering map {map!r}; choose one of {list(MAPS)}.")

@@ -112,6 +112,9 @@ def test_config_files_unknown_fields_and_parse_errors(tmp_path):
         load_config(broken)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+    (tmp_path / "empty.txt").write_text("# only a comment\n\n")
+    with pytest.raises(ConfigError, match="has no prompts"):
+        load_config(None, _config(control=str(tmp_path / "empty.txt")))
     # prompt files in a config are read relative to the config file
     (tmp_path / "concept.txt").write_text("a yellow banana on a white background\n\n")
     good = tmp_path / "good.yaml"

@@ -217,7 +217,7 @@ class EvalConfig:
 
 
 def _read_prompt_field(value: Any, base: Path, name: str) -> list[str] | None:
-    from ..cli import read_prompts
+    from ..cli import prompt_lines
 
     if value is None:
         return None
@@ -227,7 +227,10 @@ def _read_prompt_field(value: Any, base: Path, name: str) -> list[str] | None:
             path = base / path
         if not path.is_file():
             raise ConfigError(f"{name}: prompt file {str(path)!r} does not exist")
-        return read_prompts(path)
+        prompts = prompt_lines(path.read_text())
+        if not prompts:
+            raise ConfigError(f"{name}: prompt file {str(path)!r} has no prompts (one per line)")
+        return prompts
     if isinstance(value, Sequence) and all(isinstance(p, str) for p in value):
         return [p.strip() for p in value if p.strip()]
     raise ConfigError(f"{name} must be a prompt file or a list of prompts, got {value!r}")
