@@ -231,3 +231,24 @@ def test_cache_reuse_extension_and_sharding_over_two_processes(tmp_path):
     from_dir = _run(config_path, single)
     assert (from_dir["generated"], from_dir["reused"]) == (0, 12)
     assert json.loads((single / "rows.json").read_text()) == rows
+
+    # the caches know a model by its files: a copy of shapes-sd is the same model (all cached),
+    # and retrained weights in that folder refit the steerers and render every image again
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from dsas_diffusion.shapes.hub import resolve_model_path
+
+    model = tmp_path / "retrained" / "shapes-sd"  # the folder `shapes.train sd --out retrained` writes
+    shutil.copytree(resolve_model_path("shapes-sd"), model)
+    config_path.write_text(json.dumps({**TINY, "model": str(model)}))
+    assert _run(config_path, single)["generated"] == 0
+    fit_key = (single / "steering" / "caa-dsas" / "fit_key.txt").read_text()
+    weights_file = model / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(str(weights_file))
+    weights["conv_out.bias"] = weights["conv_out.bias"] + 0.01
+    save_file(weights, str(weights_file))
+    retrained = _run(config_path, single)
+    assert (retrained["generated"], retrained["reused"]) == (12, 0)
+    assert (single / "steering" / "caa-dsas" / "fit_key.txt").read_text() != fit_key

@@ -34,11 +34,11 @@ def load_pipeline(model: str | os.PathLike[str], *, device: str | None = None, *
     import torch
     from diffusers import DiffusionPipeline
 
-    from ..shapes.hub import is_shapes_model, resolve_model_path
+    from ..shapes.hub import is_shapes_world, resolve_model_path
     from . import pipelines
 
     path = resolve_model_path(model)
-    if is_shapes_model(model):
+    if is_shapes_world(model):
         kwargs.setdefault("dtype", torch.float32)
     config = DiffusionPipeline.load_config(path)
     class_name = config.get("_class_name")

@@ -159,9 +159,9 @@ class EvalConfig:
         return sorted({0.0, *(float(s) for s in self.strengths)})
 
     def use_shapes_detector(self) -> bool:
-        from ..shapes.hub import is_shapes_model
+        from ..shapes.hub import is_shapes_world
 
-        return self.detector == "shapes" or (self.detector == "auto" and is_shapes_model(self.model))
+        return self.detector == "shapes" or (self.detector == "auto" and is_shapes_world(self.model))
 
     def generation_settings(self) -> dict[str, Any]:
         """Everything besides method, strength, prompt and seed that decides an image."""

@@ -20,9 +20,9 @@ DEFAULT_NEUTRAL_CAPTION = "a picture of something"
 def default_clip_for(model: str) -> tuple[str, str | None]:
     """The ``(open_clip model, pretrained tag)`` used to score images of ``model`` by default:
     ``shapes-clip`` for the Shapes models, OpenAI's ViT-B/32 otherwise."""
-    from ..shapes.hub import is_shapes_model
+    from ..shapes.hub import is_shapes_world
 
-    return ("shapes-clip", None) if is_shapes_model(model) else ("ViT-B-32", "openai")
+    return ("shapes-clip", None) if is_shapes_world(model) else ("ViT-B-32", "openai")
 
 
 class ClipScorer:

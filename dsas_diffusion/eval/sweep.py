@@ -22,11 +22,12 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..shapes.hub import resolve_model_path
 from ..steering import Steerer
 from ..steering.steerer import CONFIG_NAME, WEIGHTS_NAME
 from .config import ConfigError, EvalConfig, Method, parse_method
 
-__all__ = ["EvalResult", "Job", "run_evaluation"]
+__all__ = ["EvalResult", "Job", "model_id", "run_evaluation"]
 
 UNSTEERED = "unsteered"
 CACHE_VERSION = 1
@@ -67,6 +68,25 @@ def _without_timestamps(value: Any) -> Any:
     return value
 
 
+def model_id(model: str | Path) -> str:
+    """The model as the caches see it. A local folder (a Shapes name resolves to one) is
+    identified by a hash of its files, so retrained weights saved under the same name
+    invalidate cached fits and images; a hub id is identified by its name.
+
+    Example:
+        >>> model_id("shapes-sd") == model_id(resolve_model_path("shapes-sd"))
+        True
+    """
+    path = Path(resolve_model_path(model))
+    if not path.is_dir():
+        return str(model)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(file.read_bytes()).digest())
+    return "sha256:" + digest.hexdigest()[:32]
+
+
 def steering_id(directory: Path) -> str:
     """A hash of a saved steerer (its weights and its config without the creation time): a
     refitted steerer that differs invalidates its cached images, an identical one does not."""
@@ -93,6 +113,7 @@ class _Runner:
         device = config.device or (str(self.state.device) if self.state.device.type != "mps" else "cpu")
         self.device = device
         self.pipe = None
+        self.model_id = model_id(config.model)
 
     # -- steerers --------------------------------------------------------------------------
     def load_pipeline(self):
@@ -133,7 +154,7 @@ class _Runner:
             fit_kwargs = dict(config.fit)
             key = _digest(
                 {
-                    "model": config.model,
+                    "model": self.model_id,
                     "sets": [config.source, config.target, config.control],
                     "map": method.map,
                     "gate": method.fit_gate,
@@ -180,7 +201,7 @@ class _Runner:
         steering = None if job.method == UNSTEERED else ids[parse_method(job.method).steerer_name]
         key = _digest(
             {
-                "settings": self.config.generation_settings(),
+                "settings": {**self.config.generation_settings(), "model": self.model_id},
                 "method": job.method,
                 "steering": steering,
                 "strength": job.strength,

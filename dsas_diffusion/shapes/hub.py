@@ -5,14 +5,27 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["SHAPES_MODELS", "is_shapes_model", "load_shapes_pipeline", "resolve_model_path"]
+__all__ = ["SHAPES_MODELS", "is_shapes_model", "is_shapes_world", "load_shapes_pipeline", "resolve_model_path"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 SHAPES_MODELS = ("shapes-sd", "shapes-mmdit", "shapes-clip")
 
 
 def is_shapes_model(name: str | os.PathLike[str]) -> bool:
+    """Whether ``name`` is the name of a shipped Shapes model (``shapes-sd``, ...)."""
     return str(name) in SHAPES_MODELS
+
+
+def is_shapes_world(model: str | os.PathLike[str]) -> bool:
+    """Whether ``model`` is a Shapes model: a shipped name, or a folder with a Shapes name such
+    as the ones ``python -m dsas_diffusion.shapes.train`` writes (``--out DIR`` gives ``DIR/shapes-sd``).
+    Such models are scored with ``shapes-clip`` and the Shapes detectors, and load in float32.
+
+    Example:
+        >>> is_shapes_world("shapes-sd"), is_shapes_world("stabilityai/stable-diffusion-2-1")
+        (True, False)
+    """
+    return is_shapes_model(model) or (Path(model).name in SHAPES_MODELS and Path(model).is_dir())
 
 
 def resolve_model_path(name: str | os.PathLike[str]) -> Path | str:
@@ -35,8 +48,9 @@ def resolve_model_path(name: str | os.PathLike[str]) -> Path | str:
     return path
 
 
-def load_shapes_pipeline(name: str = "shapes-sd", **kwargs):
-    """Load ``shapes-sd`` or ``shapes-mmdit`` with the stock diffusers classes.
+def load_shapes_pipeline(name: str | os.PathLike[str] = "shapes-sd", **kwargs):
+    """Load ``shapes-sd`` or ``shapes-mmdit`` (or a folder of that name written by
+    ``python -m dsas_diffusion.shapes.train``) with the stock diffusers classes.
 
     ``shapes-mmdit`` is a ``StableDiffusion3Pipeline`` with its two CLIP text encoders and no
     T5 (``text_encoder_3=None, tokenizer_3=None``, the stock way to drop T5). Weights are
@@ -54,11 +68,11 @@ def load_shapes_pipeline(name: str = "shapes-sd", **kwargs):
     # stored in float16; without a dtype diffusers loads its models in float32 but transformers
     # keeps the text encoders in float16, which cannot run together
     kwargs.setdefault("dtype", torch.float32)
-    if name == "shapes-mmdit":
+    if Path(name).name == "shapes-mmdit":
         kwargs.setdefault("text_encoder_3", None)
         kwargs.setdefault("tokenizer_3", None)
         pipe = StableDiffusion3Pipeline.from_pretrained(path, **kwargs)
-    elif name == "shapes-sd":
+    elif Path(name).name == "shapes-sd":
         pipe = StableDiffusionPipeline.from_pretrained(path, **kwargs)
     else:
         raise ValueError(f"{name!r} is not a Shapes pipeline; choose 'shapes-sd' or 'shapes-mmdit'")
