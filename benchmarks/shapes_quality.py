@@ -1,6 +1,6 @@
 """Quality bars of the embedded Shapes models (issue: the Shapes world).
 
-    python benchmarks/shapes_quality.py [--models clip vae sd mmdit] [--out docs/images]
+    python benchmarks/shapes_quality.py [--models clip vae sd mmdit] [--out docs/images] [--models-dir DIR]
 
 - shapes-clip: zero-shot accuracy (shape, colour, background) on 500 held-out single-object
   test-split images, classifying among all 75 single-object captions.
@@ -76,12 +76,22 @@ def clip_accuracy(judge: ShapeJudge, count: int = 500, grid_path: Path | None = 
     return {k: v / count for k, v in correct.items()}
 
 
+MODELS_DIR: Path | None = None  # --models-dir
+
+
+def model_path(name: str) -> str | Path:
+    """``name`` in ``--models-dir`` when it is there, else the shipped model."""
+    if MODELS_DIR is not None and (MODELS_DIR / name).is_dir():
+        return MODELS_DIR / name
+    return name
+
+
 def vae_ceiling(judge: ShapeJudge, count: int = 200) -> dict[str, float]:
     """Shape accuracy of the judge on held-out images passed through shapes-sd's VAE
     (encode, decode): the most any generated image can reach through this VAE."""
     from dsas_diffusion.shapes.dataset import images_to_tensor
 
-    vae = load_shapes_pipeline("shapes-sd").vae
+    vae = load_shapes_pipeline(model_path("shapes-sd")).vae
     scenes = [render_scene(sample_spec(scene_seed(i, "eval"), 1)) for i in range(count)]
     with torch.no_grad():
         pixels = images_to_tensor([s.image for s in scenes])
@@ -163,10 +173,22 @@ def main() -> None:
     parser.add_argument("--double", type=int, default=100)
     parser.add_argument("--out", type=Path, default=Path("docs/images"))
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument(
+        "--models-dir",
+        type=Path,
+        default=None,
+        help="measure the models in this folder (a training run's --out) where it has them, the shipped ones otherwise",
+    )
     args = parser.parse_args()
+    global MODELS_DIR
+    MODELS_DIR = args.models_dir
     torch.manual_seed(0)
     args.out.mkdir(parents=True, exist_ok=True)
-    judge = ShapeJudge()
+    from dsas_diffusion.shapes.clip import load_shapes_clip
+
+    clip_path = model_path("shapes-clip")
+    judge = ShapeJudge(*load_shapes_clip(path=clip_path if isinstance(clip_path, Path) else None))
+    print("models:", {name: str(model_path(name)) for name in ("shapes-clip", "shapes-sd", "shapes-mmdit")})
     results: dict[str, dict[str, float]] = {}
     if "clip" in args.models:
         results["shapes-clip"] = clip_accuracy(judge, grid_path=args.out / "shapes-clip_zero_shot.png")
@@ -178,7 +200,7 @@ def main() -> None:
         if key not in args.models:
             continue
         name = f"shapes-{key}"
-        pipe = load_shapes_pipeline(name)
+        pipe = load_shapes_pipeline(model_path(name))
         extra = {"max_sequence_length": 16} if key == "mmdit" else {}
         single = single_prompts(args.single)
         images = generate(pipe, single, args.steps, args.guidance, **extra)

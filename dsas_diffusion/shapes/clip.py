@@ -24,9 +24,10 @@ def register_shapes_clip() -> None:
         open_clip.add_model_config(_CONFIG_DIR / "shapes-clip.json")
 
 
-def load_shapes_clip(device: str = "cpu"):
-    """``(model, preprocess, tokenizer)`` of the shipped ``shapes-clip``, via open_clip's
-    ``local-dir:`` loading (the same call works for any open_clip model folder).
+def load_shapes_clip(device: str = "cpu", path: str | Path | None = None):
+    """``(model, preprocess, tokenizer)`` of the shipped ``shapes-clip`` (or of the folder
+    ``path``, e.g. one written by ``python -m dsas_diffusion.shapes.train clip --out DIR``), via
+    open_clip's ``local-dir:`` loading (the same call works for any open_clip model folder).
 
     Example:
         >>> model, preprocess, tokenizer = load_shapes_clip()
@@ -35,6 +36,6 @@ def load_shapes_clip(device: str = "cpu"):
     """
     import open_clip
 
-    identifier = f"local-dir:{shapes_clip_dir()}"
+    identifier = f"local-dir:{path if path is not None else shapes_clip_dir()}"
     model, _, preprocess = open_clip.create_model_and_transforms(identifier, device=device)
     return model.float().eval(), preprocess, open_clip.get_tokenizer(identifier)
