@@ -35,7 +35,7 @@ from dsas_diffusion.shapes.data import (
     scene_seed,
 )
 from dsas_diffusion.shapes.detect import ShapeJudge, isolate_colour, read_scenes
-from dsas_diffusion.shapes.hub import load_shapes_pipeline
+from dsas_diffusion.shapes.hub import load_shapes_pipeline, resolve_model_path
 
 SINGLE = [f"a {c} {s} on a {b} background" for c, s, b in itertools.product(COLOURS, SHAPES, BACKGROUNDS)]
 
@@ -186,8 +186,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     from dsas_diffusion.shapes.clip import load_shapes_clip
 
-    clip_path = model_path("shapes-clip")
-    judge = ShapeJudge(*load_shapes_clip(path=clip_path if isinstance(clip_path, Path) else None))
+    judge = ShapeJudge(*load_shapes_clip(path=resolve_model_path(model_path("shapes-clip"))))
     print("models:", {name: str(model_path(name)) for name in ("shapes-clip", "shapes-sd", "shapes-mmdit")})
     results: dict[str, dict[str, float]] = {}
     if "clip" in args.models:

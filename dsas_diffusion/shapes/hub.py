@@ -68,11 +68,12 @@ def load_shapes_pipeline(name: str | os.PathLike[str] = "shapes-sd", **kwargs):
     # stored in float16; without a dtype diffusers loads its models in float32 but transformers
     # keeps the text encoders in float16, which cannot run together
     kwargs.setdefault("dtype", torch.float32)
-    if Path(name).name == "shapes-mmdit":
+    kind = Path(name).name  # a shipped name, or a folder of that name written by shapes.train
+    if kind == "shapes-mmdit":
         kwargs.setdefault("text_encoder_3", None)
         kwargs.setdefault("tokenizer_3", None)
         pipe = StableDiffusion3Pipeline.from_pretrained(path, **kwargs)
-    elif Path(name).name == "shapes-sd":
+    elif kind == "shapes-sd":
         pipe = StableDiffusionPipeline.from_pretrained(path, **kwargs)
     else:
         raise ValueError(f"{name!r} is not a Shapes pipeline; choose 'shapes-sd' or 'shapes-mmdit'")
