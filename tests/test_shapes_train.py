@@ -1,5 +1,7 @@
 """The training recipes run end to end (a few steps) and write checkpoints the stock classes load."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -46,6 +48,9 @@ def test_stages_chain_and_write_a_stock_pipeline(work_dir, tmp_path, name, train
     out = train.train_stages(small_stage, stages, name, work_dir, tmp_path)
     first = work_dir / f"{name}-stage1"
     assert trained == [f"{name}-stage1", name] and out == tmp_path / name
+    # the saved configs do not name the folders this run loaded from
+    for config in out.glob("*/*config.json"):
+        assert not {"_name_or_path", "local_files_only"} & json.loads(config.read_text()).keys(), config
     # the second stage starts from the first one's weights: at learning rate 0 it keeps them exactly
     for part in parts:
         before, after = _weights(first / part), _weights(out / part)

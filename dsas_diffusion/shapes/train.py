@@ -307,10 +307,18 @@ def train_sd(
 
 
 def _slim_tokenizers(pipeline_dir: Path) -> None:
+    """Slim the tokenizer folders and drop what says where this run loaded things from
+    (``_name_or_path`` of a continued stage's models, the offline flag of the tokenizers)."""
     from .tokenizer import slim_tokenizer_folder
 
     for folder in pipeline_dir.glob("tokenizer*"):
         slim_tokenizer_folder(folder)
+    for config in pipeline_dir.glob("*/*config.json"):
+        data = json.loads(config.read_text())
+        if {"_name_or_path", "local_files_only"} & data.keys():
+            data.pop("_name_or_path", None)
+            data.pop("local_files_only", None)
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 # -- shapes-mmdit ----------------------------------------------------------------------------
