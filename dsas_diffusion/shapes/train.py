@@ -301,12 +301,12 @@ def train_sd(
     )
     target = out / name
     pipeline.to(torch.float16).save_pretrained(target)
-    _slim_tokenizers(target)
+    _tidy_saved_pipeline(target)
     print(f"{name} -> {target}")
     return target
 
 
-def _slim_tokenizers(pipeline_dir: Path) -> None:
+def _tidy_saved_pipeline(pipeline_dir: Path) -> None:
     """Slim the tokenizer folders and drop what says where this run loaded things from
     (``_name_or_path`` of a continued stage's models, the offline flag of the tokenizers)."""
     from .tokenizer import slim_tokenizer_folder
@@ -412,7 +412,7 @@ def train_mmdit(
     final = assemble(*optimisation.averaged())
     target = out / name
     final.to(torch.float16).save_pretrained(target)
-    _slim_tokenizers(target)
+    _tidy_saved_pipeline(target)
     print(f"{name} -> {target}")
     return target
 
