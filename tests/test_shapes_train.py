@@ -20,10 +20,18 @@ def _weights(folder):
     return load_file(str(next(folder.glob("*.safetensors"))))
 
 
-def _generate(pipeline_class, folder, **kwargs):
-    pipe = pipeline_class.from_pretrained(folder, dtype=torch.float32, **kwargs)
+def _generate(folder, sd3: bool = False):
+    """Two denoising steps with the stock pipeline class (SD3 without T5 when ``sd3``)."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+
+    if sd3:
+        pipe = StableDiffusion3Pipeline.from_pretrained(
+            folder, text_encoder_3=None, tokenizer_3=None, dtype=torch.float32
+        )
+        extra = {"max_sequence_length": 16}
+    else:
+        pipe, extra = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32), {}
     pipe.set_progress_bar_config(disable=True)
-    extra = {"max_sequence_length": 16} if "text_encoder_3" in kwargs else {}
     return pipe("a red circle on a white background", num_inference_steps=2, output_type="pt", **extra).images
 
 
@@ -36,8 +44,6 @@ def _generate(pipeline_class, folder, **kwargs):
     ],
 )
 def test_stages_chain_and_write_a_stock_pipeline(work_dir, tmp_path, name, trainer, parts):
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
-
     stages = ({"steps": 2, "lr": 1e-3, "bank_seed": 3}, {"steps": 1, "lr": 0.0, "bank_seed": 6})
     trained, one_stage = [], getattr(train, trainer)
 
@@ -56,10 +62,7 @@ def test_stages_chain_and_write_a_stock_pipeline(work_dir, tmp_path, name, train
         before, after = _weights(first / part), _weights(out / part)
         assert before.keys() == after.keys()
         assert all(torch.equal(before[k], after[k]) for k in before)
-    if name == "shapes-sd":
-        image = _generate(StableDiffusionPipeline, out)
-    else:
-        image = _generate(StableDiffusion3Pipeline, out, text_encoder_3=None, tokenizer_3=None)
+    image = _generate(out, sd3=name == "shapes-mmdit")
     assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
     # a stage already in the work folder is reused, not trained again
     trained.clear()
@@ -69,11 +72,9 @@ def test_stages_chain_and_write_a_stock_pipeline(work_dir, tmp_path, name, train
 
 @pytest.mark.slow
 def test_mmdit_recipe_writes_a_stock_sd3_pipeline_sharing_the_vae(work_dir, tmp_path):
-    from diffusers import StableDiffusion3Pipeline
-
     out = train.train_mmdit(work_dir, tmp_path, steps=2, batch_size=4, bank_size=32)
     vae = _weights(work_dir / "vae")
     shipped_vae = _weights(out / "vae")
     assert all(torch.equal(vae[k].half(), shipped_vae[k]) for k in vae)
-    image = _generate(StableDiffusion3Pipeline, out, text_encoder_3=None, tokenizer_3=None)
+    image = _generate(out, sd3=True)
     assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
