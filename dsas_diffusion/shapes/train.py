@@ -184,8 +184,7 @@ class _Optimisation:
 
 # -- shapes-sd -------------------------------------------------------------------------------
 # Cosine cycles, each from the previous one's averaged weights, on fresh scenes (a new bank
-# seed); the shipped checkpoint is the last. With the first cycle copied to
-# build/shapes/shapes-sd-stage1, `python -m dsas_diffusion.shapes.train sd` trains only the second.
+# seed); the shipped checkpoint is the last (train_stages reuses earlier cycles already trained).
 SD_STAGES: tuple[dict, ...] = (
     {"steps": 4000, "lr": 1e-3, "bank_seed": 3},
     {"steps": 6000, "lr": 5e-4, "bank_seed": 6},
