@@ -35,6 +35,13 @@ def _generate(folder, sd3: bool = False):
     return pipe("a red circle on a white background", num_inference_steps=2, output_type="pt", **extra).images
 
 
+def _scheduler(folder):
+    """The scheduler class a pipeline folder names and its config, diffusers' version left out."""
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    config.pop("_diffusers_version")
+    return json.loads((folder / "model_index.json").read_text())["scheduler"], config
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "trainer", "parts"),
@@ -64,6 +71,8 @@ def test_stages_chain_and_write_a_stock_pipeline(work_dir, tmp_path, name, train
         assert all(torch.equal(before[k], after[k]) for k in before)
     image = _generate(out, sd3=name == "shapes-mmdit")
     assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
+    # the recipe writes the sampler that ships with the model
+    assert _scheduler(out) == _scheduler(train.WEIGHTS_DIR / name)
     # a stage already in the work folder is reused, not trained again
     trained.clear()
     train.train_stages(small_stage, stages, name, work_dir, tmp_path / "again")

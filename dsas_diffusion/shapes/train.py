@@ -228,6 +228,26 @@ def train_stages(
     return out / name
 
 
+def sd_scheduler():
+    """The sampler shipped with ``shapes-sd``: DPM-Solver++ (2M) on the training schedule.
+
+    Measured on the second checkpoint (200 single-object / 100 two-object prompts, 25 steps,
+    guidance 4): DPM-Solver++ 2M 76.5% / 26%, DDIM 72.5% / 21%, DPM-Solver++ 3M 74%,
+    UniPC 71.5%. "leading" spacing starts at t = 961: from t = 999 ("trailing"), where the cosine
+    schedule leaves no signal, epsilon prediction cannot recover the image (6.5%).
+    """
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler(
+        **SCHEDULE,
+        prediction_type="epsilon",
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+
+
 def train_sd(
     work_dir: Path,
     out: Path,
@@ -243,7 +263,7 @@ def train_sd(
 ) -> Path:
     """One cosine cycle of ``shapes-sd`` training, from scratch or from the UNet and text
     encoder of the pipeline saved at ``init_from``; writes the averaged pipeline to ``out/name``."""
-    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
@@ -288,14 +308,7 @@ def train_sd(
         text_encoder=averaged_text_encoder,
         tokenizer=tokenizer,
         unet=averaged_unet,
-        scheduler=DDIMScheduler(
-            **SCHEDULE,
-            prediction_type="epsilon",
-            clip_sample=False,
-            set_alpha_to_one=False,
-            steps_offset=1,
-            timestep_spacing="leading",
-        ),
+        scheduler=sd_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
