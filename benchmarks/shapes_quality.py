@@ -1,6 +1,7 @@
 """Quality bars of the embedded Shapes models (issue: the Shapes world).
 
     python benchmarks/shapes_quality.py [--models clip vae sd mmdit] [--out docs/images] [--models-dir DIR]
+        [--guidance 4.0] [--scheduler DDIMScheduler] [--scheduler-option solver_order=3 ...]
 
 - shapes-clip: zero-shot accuracy (shape, colour, background) on 500 held-out single-object
   test-split images, classifying among all 75 single-object captions.
@@ -162,6 +163,26 @@ def sampling_seconds(pipe, prompt: str, steps: int, guidance: float, **kwargs) -
     return time.perf_counter() - start
 
 
+def scheduler_from(shipped, class_name: str | None, options: list[str]):
+    """``class_name`` (default: the shipped scheduler's class) built from the shipped config
+    with ``KEY=VALUE`` overrides (values read as JSON when they parse, else as strings)."""
+    import diffusers
+
+    cls = type(shipped) if class_name is None else getattr(diffusers, class_name, None)
+    if cls is None or not hasattr(cls, "from_config"):
+        raise SystemExit(f"--scheduler {class_name!r} is not a diffusers scheduler class (e.g. DDIMScheduler)")
+    overrides = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--scheduler-option {option!r}: write KEY=VALUE, e.g. solver_order=3")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return cls.from_config(shipped.config, **overrides)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -169,6 +190,19 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument(
+        "--scheduler",
+        default=None,
+        help="sample with this diffusers scheduler class instead of the model's own, built from the model's "
+        "scheduler config (e.g. DDIMScheduler, UniPCMultistepScheduler)",
+    )
+    parser.add_argument(
+        "--scheduler-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one scheduler config entry (repeatable; e.g. solver_order=3, timestep_spacing=trailing)",
+    )
     parser.add_argument("--single", type=int, default=200)
     parser.add_argument("--double", type=int, default=100)
     parser.add_argument("--out", type=Path, default=Path("docs/images"))
@@ -200,6 +234,9 @@ def main() -> None:
             continue
         name = f"shapes-{key}"
         pipe = load_shapes_pipeline(model_path(name))
+        if args.scheduler or args.scheduler_option:
+            pipe.scheduler = scheduler_from(pipe.scheduler, args.scheduler, args.scheduler_option)
+            print(f"{name} samples with {type(pipe.scheduler).__name__} {dict(pipe.scheduler.config)}")
         extra = {"max_sequence_length": 16} if key == "mmdit" else {}
         single = single_prompts(args.single)
         images = generate(pipe, single, args.steps, args.guidance, **extra)
