@@ -169,7 +169,7 @@ def scheduler_from(shipped, class_name: str | None, options: list[str]):
     import diffusers
 
     cls = type(shipped) if class_name is None else getattr(diffusers, class_name, None)
-    if cls is None or not hasattr(cls, "from_config"):
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
         raise SystemExit(f"--scheduler {class_name!r} is not a diffusers scheduler class (e.g. DDIMScheduler)")
     overrides = {}
     for option in options:
