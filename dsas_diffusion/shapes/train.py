@@ -229,12 +229,10 @@ def train_stages(
 
 
 def sd_scheduler():
-    """The sampler shipped with ``shapes-sd``: DPM-Solver++ (2M) on the training schedule.
-
-    Measured on the second checkpoint (200 single-object / 100 two-object prompts, 25 steps,
-    guidance 4): DPM-Solver++ 2M 76.5% / 26%, DDIM 72.5% / 21%, DPM-Solver++ 3M 74%,
-    UniPC 71.5%. "leading" spacing starts at t = 961: from t = 999 ("trailing"), where the cosine
-    schedule leaves no signal, epsilon prediction cannot recover the image (6.5%).
+    """The sampler shipped with ``shapes-sd``: DPM-Solver++ (2M) on the training schedule, chosen
+    by ``benchmarks/shapes_quality.py --scheduler`` (the README's sampler table). "leading"
+    spacing starts at t = 961; from t = 999 ("trailing"), where the cosine schedule leaves no
+    signal, an epsilon-predicting model cannot recover the image.
     """
     from diffusers import DPMSolverMultistepScheduler
 
