@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from dsas_diffusion.shapes.data import (
     BACKGROUNDS,
@@ -13,7 +14,7 @@ from dsas_diffusion.shapes.data import (
     sample_spec,
     scene_seed,
 )
-from dsas_diffusion.shapes.dataset import SceneStream
+from dsas_diffusion.shapes.dataset import SceneStream, distort
 from dsas_diffusion.shapes.detect import isolate_colour, read_colours
 
 
@@ -87,6 +88,27 @@ def test_isolating_a_colour_keeps_exactly_that_object():
     alone = np.asarray(isolate_colour(scene.image, first.colour, scene.spec.background))
     assert (alone[scene.masks[0]] == COLOURS[first.colour]).all()
     assert (alone[scene.masks[1]] == BACKGROUNDS[scene.spec.background]).all()
+
+
+def test_distorted_scenes_stay_close_to_their_drawings():
+    images, _ = SceneStream(seed=7).next_batch(64)
+    assert torch.equal(distort(images, torch.Generator().manual_seed(0), fraction=0.0), images)
+    out = distort(images, torch.Generator().manual_seed(0), fraction=1.0)
+    again = distort(images, torch.Generator().manual_seed(0), fraction=1.0)
+    assert torch.equal(out, again)  # seeded: a training run is reproducible
+    assert out.min() >= -1 and out.max() <= 1
+    palette = torch.tensor(list(COLOURS.values()) + list(BACKGROUNDS.values()), dtype=torch.float32) / 127.5 - 1
+    flat_count = 0
+    for before, after in zip(images, out, strict=True):
+        assert not torch.equal(before, after)  # fraction 1: every image is redrawn
+        own = {tuple(c) for c in before.flatten(1).T.tolist()}
+        colours = {tuple(c) for c in after.flatten(1).T.tolist()}
+        if colours <= {tuple(c) for c in palette.tolist()}:  # flattened to palette colours...
+            flat_count += 1
+            assert colours <= own  # ...of its own scene only
+        # small distortions: most pixels keep their colour (within the soft branch's noise and blur)
+        assert ((after - before).abs().amax(0) < 0.25).float().mean() > 0.8
+    assert 10 < flat_count < 54  # about half flattened, half soft
 
 
 def test_committed_open_clip_config_matches_the_architecture():

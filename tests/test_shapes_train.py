@@ -87,3 +87,24 @@ def test_mmdit_recipe_writes_a_stock_sd3_pipeline_sharing_the_vae(work_dir, tmp_
     assert all(torch.equal(vae[k].half(), shipped_vae[k]) for k in vae)
     image = _generate(out, sd3=True)
     assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
+
+
+def test_clip_recipe_writes_a_folder_open_clip_loads_with_the_shipped_layout(tmp_path):
+    from dsas_diffusion.shapes.clip import load_shapes_clip, shapes_clip_dir
+
+    folder = train.train_clip(tmp_path, steps=2, batch_size=8)
+    shipped = shapes_clip_dir()
+    assert json.loads((folder / "open_clip_config.json").read_text()) == json.loads(
+        (shipped / "open_clip_config.json").read_text()
+    )
+    trained, reference = _weights(folder), _weights(shipped)
+    assert trained.keys() == reference.keys()
+    assert all(trained[k].shape == reference[k].shape and trained[k].dtype == reference[k].dtype for k in trained)
+    model, preprocess, tokenizer = load_shapes_clip(path=folder)  # open_clip's local-dir: loading
+    from dsas_diffusion.shapes.data import render_scene, sample_spec
+
+    scene = render_scene(sample_spec(0))
+    with torch.no_grad():
+        text = model.encode_text(tokenizer([scene.caption]), normalize=True)
+        image = model.encode_image(preprocess(scene.image).unsqueeze(0), normalize=True)
+    assert text.shape == image.shape == (1, 64) and torch.isfinite(text @ image.T).all()

@@ -7,7 +7,7 @@ import torch
 
 from .data import render_scene, sample_spec, scene_seed
 
-__all__ = ["SceneStream", "images_to_tensor"]
+__all__ = ["SceneStream", "distort", "images_to_tensor"]
 
 
 def images_to_tensor(images) -> torch.Tensor:
@@ -38,3 +38,61 @@ class SceneStream:
             scenes.append(render_scene(sample_spec(scene_seed(self.index, self.split), count)))
             self.index += 1
         return images_to_tensor([s.image for s in scenes]), [s.caption for s in scenes]
+
+
+def _palette() -> torch.Tensor:
+    from .data import BACKGROUNDS, COLOURS
+
+    colours = list(COLOURS.values()) + list(BACKGROUNDS.values())
+    return torch.tensor(colours, dtype=torch.float32) / 127.5 - 1.0
+
+
+def distort(images: torch.Tensor, generator: torch.Generator, fraction: float = 0.5) -> torch.Tensor:
+    """Imperfect drawings of the same scenes, for training a judge that reads generated images.
+
+    A random ``fraction`` of the batch (B, 3, H, W, in [-1, 1]) is warped by a small random
+    affine map plus a smooth random displacement field (outlines a pixel or two off,
+    corners and points softened or bent, as a denoiser draws them); half of those are then
+    flattened back to each image's own palette colours (as ``isolate_colour`` shows an object
+    to the judge), the other half are blurred (0.3-1 pixel) and get faint pixel noise. The rest stay
+    as drawn.
+
+    Example:
+        >>> images, _ = SceneStream(seed=0).next_batch(4)
+        >>> distort(images, torch.Generator().manual_seed(0), fraction=1.0).shape
+        torch.Size([4, 3, 64, 64])
+    """
+    import torch.nn.functional as F
+
+    count, _, height, width = images.shape
+    chosen = torch.rand(count, generator=generator) < fraction
+    if not chosen.any():
+        return images
+    picked = images[chosen]
+    n = picked.shape[0]
+    theta = torch.eye(2, 3).repeat(n, 1, 1)
+    theta[:, :, :2] += 0.07 * torch.randn(n, 2, 2, generator=generator)  # shear / stretch / turn
+    theta[:, :, 2] += 0.03 * torch.randn(n, 2, generator=generator)  # about a pixel of shift
+    grid = F.affine_grid(theta, [n, 3, height, width], align_corners=False)
+    field = 0.025 * torch.randn(n, 2, 5, 5, generator=generator)  # smooth, about a pixel peak to peak
+    grid = grid + F.interpolate(field, size=(height, width), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+    warped = F.grid_sample(picked, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    palette = _palette()
+    distances = ((warped.permute(0, 2, 3, 1)[..., None, :] - palette) ** 2).sum(-1)  # (n, H, W, P)
+    own = ((picked.permute(0, 2, 3, 1)[..., None, :] - palette) ** 2).sum(-1).argmin(-1)  # palette index of each pixel
+    present = torch.zeros(n, len(palette), dtype=torch.bool)
+    present.scatter_(1, own.flatten(1), True)
+    distances = distances.masked_fill(~present[:, None, None, :], float("inf"))
+    flat = palette[distances.argmin(-1)].permute(0, 3, 1, 2)
+    sigma = 0.3 + 0.7 * torch.rand(n, generator=generator)  # a Gaussian blur of 0.3-1 pixel, as decoders draw edges
+    taps = torch.arange(-2, 3, dtype=torch.float32)
+    kernel = torch.exp(-(taps[None] ** 2) / (2 * sigma[:, None] ** 2))
+    kernel = kernel / kernel.sum(1, keepdim=True)
+    kernel2d = (kernel[:, :, None] * kernel[:, None, :]).repeat_interleave(3, 0)[:, None]  # (3n, 1, 5, 5)
+    padded = F.pad(warped.reshape(1, 3 * n, height, width), (2, 2, 2, 2), mode="replicate")
+    blurred = F.conv2d(padded, kernel2d, groups=3 * n).reshape(n, 3, height, width)
+    soft = (blurred + 0.03 * torch.randn(warped.shape, generator=generator)).clamp(-1, 1)
+    keep_flat = (torch.rand(n, generator=generator) < 0.5)[:, None, None, None]
+    out = images.clone()
+    out[chosen] = torch.where(keep_flat, flat, soft)
+    return out

@@ -430,10 +430,15 @@ def train_mmdit(
 
 
 # -- shapes-clip -----------------------------------------------------------------------------
-def train_clip(out: Path, steps: int = 800, batch_size: int = 128, lr: float = 1e-3, seed: int = 0) -> Path:
+def train_clip(
+    out: Path, steps: int = 2000, batch_size: int = 128, lr: float = 1e-3, seed: int = 0, distorted: float = 0.5
+) -> Path:
+    """Contrastive training on Shapes scenes and their captions; a ``distorted`` fraction of each
+    batch is drawn imperfectly (``dataset.distort``) so that the judge also reads generated images."""
     import open_clip
 
     from .clip import CLIP_PREPROCESS, register_shapes_clip
+    from .dataset import distort
 
     torch.manual_seed(seed)
     device = _device()
@@ -443,9 +448,11 @@ def train_clip(out: Path, steps: int = 800, batch_size: int = 128, lr: float = 1
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     scheduler = _cosine_lr(optimizer, steps)
     stream = SceneStream(seed=seed + 5)
+    generator = torch.Generator().manual_seed(seed + 6)
     bar = tqdm(range(steps), desc="shapes-clip")
     for _ in bar:
         images, captions = stream.next_batch(batch_size)
+        images = distort(images, generator, fraction=distorted)
         # open_clip's preprocessing (CLIP_PREPROCESS: 64 px, mean = std = 0.5) maps [0, 1] pixels to
         # the [-1, 1] range our images are already in
         image_features = model.encode_image(images.to(device), normalize=True)
