@@ -109,6 +109,8 @@ def test_distorted_scenes_stay_close_to_their_drawings():
         # small distortions: most pixels keep their colour (within the soft branch's noise and blur)
         assert ((after - before).abs().amax(0) < 0.25).float().mean() > 0.8
     assert 10 < flat_count < 54  # about half flattened, half soft
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        distort(images, torch.Generator(), fraction=1.5)
 
 
 def test_committed_open_clip_config_matches_the_architecture():

@@ -91,6 +91,7 @@ def test_mmdit_recipe_writes_a_stock_sd3_pipeline_sharing_the_vae(work_dir, tmp_
 
 def test_clip_recipe_writes_a_folder_open_clip_loads_with_the_shipped_layout(tmp_path):
     from dsas_diffusion.shapes.clip import load_shapes_clip, shapes_clip_dir
+    from dsas_diffusion.shapes.data import render_scene, sample_spec
 
     folder = train.train_clip(tmp_path, steps=2, batch_size=8)
     shipped = shapes_clip_dir()
@@ -101,8 +102,6 @@ def test_clip_recipe_writes_a_folder_open_clip_loads_with_the_shipped_layout(tmp
     assert trained.keys() == reference.keys()
     assert all(trained[k].shape == reference[k].shape and trained[k].dtype == reference[k].dtype for k in trained)
     model, preprocess, tokenizer = load_shapes_clip(path=folder)  # open_clip's local-dir: loading
-    from dsas_diffusion.shapes.data import render_scene, sample_spec
-
     scene = render_scene(sample_spec(0))
     with torch.no_grad():
         text = model.encode_text(tokenizer([scene.caption]), normalize=True)

@@ -54,8 +54,8 @@ def distort(images: torch.Tensor, generator: torch.Generator, fraction: float = 
     affine map plus a smooth random displacement field (outlines a pixel or two off,
     corners and points softened or bent, as a denoiser draws them); half of those are then
     flattened back to each image's own palette colours (as ``isolate_colour`` shows an object
-    to the judge), the other half are blurred (0.3-1 pixel) and get faint pixel noise. The rest stay
-    as drawn.
+    to the judge), the other half are blurred (0.3-1 pixel) and get faint pixel noise. The rest
+    stay as drawn.
 
     Example:
         >>> images, _ = SceneStream(seed=0).next_batch(4)
@@ -64,6 +64,8 @@ def distort(images: torch.Tensor, generator: torch.Generator, fraction: float = 
     """
     import torch.nn.functional as F
 
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction={fraction}: give the share of the batch to distort, between 0 and 1")
     count, _, height, width = images.shape
     chosen = torch.rand(count, generator=generator) < fraction
     if not chosen.any():
@@ -74,7 +76,7 @@ def distort(images: torch.Tensor, generator: torch.Generator, fraction: float = 
     theta[:, :, :2] += 0.07 * torch.randn(n, 2, 2, generator=generator)  # shear / stretch / turn
     theta[:, :, 2] += 0.03 * torch.randn(n, 2, generator=generator)  # about a pixel of shift
     grid = F.affine_grid(theta, [n, 3, height, width], align_corners=False)
-    field = 0.025 * torch.randn(n, 2, 5, 5, generator=generator)  # smooth, about a pixel peak to peak
+    field = 0.025 * torch.randn(n, 2, 5, 5, generator=generator)  # smooth; 0.025 of the half-width is 0.8 px
     grid = grid + F.interpolate(field, size=(height, width), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
     warped = F.grid_sample(picked, grid, mode="bilinear", padding_mode="border", align_corners=False)
     palette = _palette()
