@@ -40,13 +40,6 @@ class SceneStream:
         return images_to_tensor([s.image for s in scenes]), [s.caption for s in scenes]
 
 
-def _palette() -> torch.Tensor:
-    from .data import BACKGROUNDS, COLOURS
-
-    colours = list(COLOURS.values()) + list(BACKGROUNDS.values())
-    return torch.tensor(colours, dtype=torch.float32) / 127.5 - 1.0
-
-
 def distort(images: torch.Tensor, generator: torch.Generator, fraction: float = 0.5) -> torch.Tensor:
     """Imperfect drawings of the same scenes, for training a judge that reads generated images.
 
@@ -79,7 +72,9 @@ def distort(images: torch.Tensor, generator: torch.Generator, fraction: float = 
     field = 0.025 * torch.randn(n, 2, 5, 5, generator=generator)  # smooth; 0.025 of the half-width is 0.8 px
     grid = grid + F.interpolate(field, size=(height, width), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
     warped = F.grid_sample(picked, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    palette = _palette()
+    from .detect import _PALETTE  # the judge's palette: object colours, then backgrounds
+
+    palette = torch.from_numpy(_PALETTE) / 127.5 - 1.0
     distances = ((warped.permute(0, 2, 3, 1)[..., None, :] - palette) ** 2).sum(-1)  # (n, H, W, P)
     own = ((picked.permute(0, 2, 3, 1)[..., None, :] - palette) ** 2).sum(-1).argmin(-1)  # palette index of each pixel
     present = torch.zeros(n, len(palette), dtype=torch.bool)
