@@ -109,6 +109,12 @@ def test_distorted_scenes_stay_close_to_their_drawings():
         # small distortions: most pixels keep their colour (within the soft branch's noise and blur)
         assert ((after - before).abs().amax(0) < 0.25).float().mean() > 0.8
     assert 10 < flat_count < 54  # about half flattened, half soft
+    # a one-image batch takes one branch alone, flattened or soft, and both work
+    singles = [distort(images[:1], torch.Generator().manual_seed(seed), fraction=1.0) for seed in range(20)]
+    assert {len({tuple(c) for c in single[0].flatten(1).T.tolist()}) <= len(palette) for single in singles} == {
+        True,
+        False,
+    }
     with pytest.raises(ValueError, match="between 0 and 1"):
         distort(images, torch.Generator(), fraction=1.5)
 

@@ -72,24 +72,32 @@ def distort(images: torch.Tensor, generator: torch.Generator, fraction: float = 
     field = 0.025 * torch.randn(n, 2, 5, 5, generator=generator)  # smooth; 0.025 of the half-width is 0.8 px
     grid = grid + F.interpolate(field, size=(height, width), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
     warped = F.grid_sample(picked, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    sigma = 0.3 + 0.7 * torch.rand(n, generator=generator)  # a Gaussian blur of 0.3-1 pixel, as decoders draw edges
+    noise = 0.03 * torch.randn(warped.shape, generator=generator)
+    flatten = torch.rand(n, generator=generator) < 0.5
+    redrawn = torch.empty_like(warped)
+    # flattened: each pixel to the nearest palette colour the image had before
     from .detect import _PALETTE  # the judge's palette: object colours, then backgrounds
 
     palette = torch.from_numpy(_PALETTE) / 127.5 - 1.0
-    distances = ((warped.permute(0, 2, 3, 1)[..., None, :] - palette) ** 2).sum(-1)  # (n, H, W, P)
-    own = ((picked.permute(0, 2, 3, 1)[..., None, :] - palette) ** 2).sum(-1).argmin(-1)  # palette index of each pixel
-    present = torch.zeros(n, len(palette), dtype=torch.bool)
+    flat_in, flat_out = picked[flatten], warped[flatten]
+    own = ((flat_in.permute(0, 2, 3, 1)[..., None, :] - palette) ** 2).sum(-1).argmin(-1)  # palette index per pixel
+    present = torch.zeros(len(flat_in), len(palette), dtype=torch.bool)
     present.scatter_(1, own.flatten(1), True)
+    distances = ((flat_out.permute(0, 2, 3, 1)[..., None, :] - palette) ** 2).sum(-1)  # (f, H, W, P)
     distances = distances.masked_fill(~present[:, None, None, :], float("inf"))
-    flat = palette[distances.argmin(-1)].permute(0, 3, 1, 2)
-    sigma = 0.3 + 0.7 * torch.rand(n, generator=generator)  # a Gaussian blur of 0.3-1 pixel, as decoders draw edges
-    taps = torch.arange(-2, 3, dtype=torch.float32)
-    kernel = torch.exp(-(taps[None] ** 2) / (2 * sigma[:, None] ** 2))
-    kernel = kernel / kernel.sum(1, keepdim=True)
-    kernel2d = (kernel[:, :, None] * kernel[:, None, :]).repeat_interleave(3, 0)[:, None]  # (3n, 1, 5, 5)
-    padded = F.pad(warped.reshape(1, 3 * n, height, width), (2, 2, 2, 2), mode="replicate")
-    blurred = F.conv2d(padded, kernel2d, groups=3 * n).reshape(n, 3, height, width)
-    soft = (blurred + 0.03 * torch.randn(warped.shape, generator=generator)).clamp(-1, 1)
-    keep_flat = (torch.rand(n, generator=generator) < 0.5)[:, None, None, None]
+    redrawn[flatten] = palette[distances.argmin(-1)].permute(0, 3, 1, 2)
+    # soft: a 5-tap Gaussian blur per image, then the noise
+    soft = ~flatten
+    m = int(soft.sum())
+    if m:
+        taps = torch.arange(-2, 3, dtype=torch.float32)
+        kernel = torch.exp(-(taps[None] ** 2) / (2 * sigma[soft, None] ** 2))
+        kernel = kernel / kernel.sum(1, keepdim=True)
+        kernel2d = (kernel[:, :, None] * kernel[:, None, :]).repeat_interleave(3, 0)[:, None]  # (3m, 1, 5, 5)
+        padded = F.pad(warped[soft].reshape(1, 3 * m, height, width), (2, 2, 2, 2), mode="replicate")
+        blurred = F.conv2d(padded, kernel2d, groups=3 * m).reshape(m, 3, height, width)
+        redrawn[soft] = (blurred + noise[soft]).clamp(-1, 1)
     out = images.clone()
-    out[chosen] = torch.where(keep_flat, flat, soft)
+    out[chosen] = redrawn
     return out
