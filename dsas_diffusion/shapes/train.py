@@ -188,6 +188,7 @@ class _Optimisation:
 SD_STAGES: tuple[dict, ...] = (
     {"steps": 4000, "lr": 1e-3, "bank_seed": 3},
     {"steps": 6000, "lr": 5e-4, "bank_seed": 6},
+    {"steps": 2500, "lr": 2.5e-4, "bank_seed": 9},
 )
 
 
