@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from .data import render_scene, sample_spec, scene_seed
+from .detect import _PALETTE  # the judge's palette: object colours, then backgrounds
 
 __all__ = ["SceneStream", "distort", "images_to_tensor"]
 
@@ -77,8 +78,6 @@ def distort(images: torch.Tensor, generator: torch.Generator, fraction: float = 
     flatten = torch.rand(n, generator=generator) < 0.5
     redrawn = torch.empty_like(warped)
     # flattened: each pixel to the nearest palette colour the image had before
-    from .detect import _PALETTE  # the judge's palette: object colours, then backgrounds
-
     palette = torch.from_numpy(_PALETTE) / 127.5 - 1.0
     flat_in, flat_out = picked[flatten], warped[flatten]
     own = ((flat_in.permute(0, 2, 3, 1)[..., None, :] - palette) ** 2).sum(-1).argmin(-1)  # palette index per pixel
