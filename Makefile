@@ -9,7 +9,7 @@ TORCH   := torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo app test lint install chromium clean
+.PHONY: demo app test test-fast lint install chromium clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -35,6 +35,11 @@ chromium:
 test: $(STAMP) chromium
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -ra
+
+# for development: skips the end-to-end tests marked slow (make test and CI run everything)
+test-fast: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -ra -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -14,9 +14,9 @@ import argparse
 import numpy as np
 import torch
 
-from dsas_diffusion.demo import banana_drawn, concept_prompts, evaluation_prompts, pixel_change
 from dsas_diffusion.diffusion.loading import load_pipeline
-from dsas_diffusion.shapes.detect import ShapeJudge
+from dsas_diffusion.eval import pixel_change
+from dsas_diffusion.shapes import ShapeJudge, banana_drawn, concept_prompts, evaluation_prompts
 
 
 def render(pipe, prompts, seed=100, **kwargs):

@@ -81,9 +81,9 @@ def time_variants(denoiser, call: dict, steerer, repeats: int, block: int = 5) -
 
 
 def shapes_sd(repeats: int) -> list[dict]:
-    from dsas_diffusion.demo import concept_prompts
     from dsas_diffusion.diffusion.collect import record_denoiser_calls
     from dsas_diffusion.diffusion.loading import load_pipeline
+    from dsas_diffusion.shapes import concept_prompts
 
     pipe = load_pipeline("shapes-sd")
     pipe.set_progress_bar_config(disable=True)

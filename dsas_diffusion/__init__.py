@@ -1,43 +1,43 @@
-"""dsas-diffusion: Dynamically Scaled Activation Steering for diffusers pipelines and text LLMs."""
+"""dsas-diffusion: Dynamically Scaled Activation Steering for diffusers pipelines and text LLMs.
 
-__version__ = "0.1.0"
+Names are imported on first use: ``import dsas_diffusion`` loads neither torch nor diffusers
+until one of them is asked for.
+"""
 
-from .steering import (
-    ActivationCollector,
-    HookPoint,
-    LinEASConfig,
-    Steerer,
-    SteeringError,
-    fit_steerer,
-)
+from importlib import metadata as _metadata
 
-# the diffusers integration is imported on first use, so that the text path and the core
-# do not pay for importing diffusers
-_DIFFUSION_EXPORTS = (
-    "DSASFluxPipeline",
-    "DSASPipelineMixin",
-    "DSASPixArtAlphaPipeline",
-    "DSASStableDiffusion3Pipeline",
-    "DSASStableDiffusionPipeline",
-    "DSASStableDiffusionXLPipeline",
-)
+from ._lazy import lazy_exports
 
+try:
+    __version__ = _metadata.version("dsas-diffusion")
+except _metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "unknown"
 
-def __getattr__(name: str):
-    if name in _DIFFUSION_EXPORTS:
-        from . import diffusion
+_EXPORTS = {
+    **dict.fromkeys(
+        (
+            "ActivationCollector",
+            "HookPoint",
+            "LinEASConfig",
+            "Steerer",
+            "SteeringError",
+            "fit_steerer",
+        ),
+        ".steering",
+    ),
+    **dict.fromkeys(
+        (
+            "DSASFluxPipeline",
+            "DSASPipelineMixin",
+            "DSASPixArtAlphaPipeline",
+            "DSASStableDiffusion3Pipeline",
+            "DSASStableDiffusionPipeline",
+            "DSASStableDiffusionXLPipeline",
+        ),
+        ".diffusion",
+    ),
+}
 
-        return getattr(diffusion, name)
-    raise AttributeError(f"module 'dsas_diffusion' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
-
-__all__ = [
-    *_DIFFUSION_EXPORTS,
-    "ActivationCollector",
-    "HookPoint",
-    "LinEASConfig",
-    "Steerer",
-    "SteeringError",
-    "__version__",
-    "fit_steerer",
-]
+__all__ = [*sorted(_EXPORTS), "__version__"]

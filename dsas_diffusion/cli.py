@@ -3,8 +3,12 @@
     dsas fit --model shapes-sd --source S.txt --target T.txt --control C.txt --map linear-act --out DIR
     dsas generate --model shapes-sd --steering DIR --prompt "a yellow banana on a white background" \\
         --strength 1.0 --seed 0 --compare --out grid.png
+    dsas eval --config benchmarks/eval_banana.yaml
+    dsas demo
+    dsas examples
 
 Prompt files hold one prompt per line (blank lines and lines starting with ``#`` are skipped).
+Building the parser imports no torch, diffusers or gradio: ``dsas --help`` is instant.
 """
 
 from __future__ import annotations
@@ -13,35 +17,16 @@ import argparse
 import sys
 from pathlib import Path
 
-__all__ = ["main", "read_prompts"]
+from .app.options import add_server_arguments
+from .eval.command import add_arguments as add_eval_arguments
+from .names import DIFFUSION_PRESETS, MAP_NAMES
 
-MAPS = ("caa", "iti", "linear-act", "lineas")
-
-
-def prompt_lines(text: str) -> list[str]:
-    r"""The prompts of a text, one per line; blank lines and ``#`` comment lines are skipped.
-
-    Example:
-        >>> prompt_lines("# bananas\n a yellow banana on a white background \n\n")
-        ['a yellow banana on a white background']
-    """
-    lines = [line.strip() for line in text.splitlines()]
-    return [line for line in lines if line and not line.startswith("#")]
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """The prompts of a file, one per line; errors name the file when it is missing or empty."""
-    file = Path(path)
-    if not file.is_file():
-        raise SystemExit(f"dsas: prompt file {str(file)!r} does not exist")
-    prompts = prompt_lines(file.read_text())
-    if not prompts:
-        raise SystemExit(f"dsas: prompt file {str(file)!r} has no prompts (one per line)")
-    return prompts
+__all__ = ["build_parser", "main"]
 
 
 def _fit(args: argparse.Namespace) -> None:
     from .diffusion.loading import load_pipeline
+    from .prompts import read_prompts
 
     if args.gate != "none" and not args.control:
         raise SystemExit("dsas fit: --gate dsas needs --control (prompts without the concept)")
@@ -67,26 +52,26 @@ def _fit(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
+    import torch
+
     from .diffusion.loading import load_pipeline
     from .diffusion.visual import compare, comparison_grid
+    from .prompts import read_prompts
 
-    pipe = load_pipeline(args.model, device=args.device)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.load_steering(args.steering)
     prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
     if not prompts:
         raise SystemExit("dsas generate: give --prompt (repeatable) or --prompts FILE")
+    pipe = load_pipeline(args.model, device=args.device)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_steering(args.steering)
     call = {"num_inference_steps": args.steps}
     if args.guidance is not None:
         call["guidance_scale"] = args.guidance
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.compare:
-        grid = comparison_grid(compare(pipe, prompts, strength=args.strength, seed=args.seed, **call))
-        grid.save(out)
+        comparison_grid(compare(pipe, prompts, strength=args.strength, seed=args.seed, **call)).save(out)
     else:
-        import torch
-
         generators = [torch.Generator().manual_seed(args.seed + i) for i in range(len(prompts))]
         images = pipe(
             prompts, generator=generators, steering_strength=args.strength, steering_gate=not args.uniform, **call
@@ -100,16 +85,28 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    """Serve the Gradio demo, ``app.py`` at the root of the source checkout."""
-    import importlib.util
+    """Serve the Gradio demo from the installed package."""
+    from .app.ui import serve
 
-    path = Path(__file__).resolve().parent.parent / "app.py"
-    if not path.is_file():
-        raise SystemExit(f"dsas demo: {path} not found; the demo runs from a source checkout (python app.py)")
-    spec = importlib.util.spec_from_file_location("dsas_app", path)
-    app = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(app)  # type: ignore[union-attr]
-    app.serve(args)
+    serve(args)
+
+
+def _examples(args: argparse.Namespace) -> None:
+    """Refit the example steerings shipped with the package."""
+    from .diffusion.loading import load_pipeline
+    from .shapes import EXAMPLE_CONCEPTS, fit_example_steering
+
+    pipe = load_pipeline("shapes-sd")
+    pipe.set_progress_bar_config(disable=True)
+    for concept in args.concepts or EXAMPLE_CONCEPTS:
+        out = None if args.out is None else Path(args.out) / concept
+        print(f"fitted {concept}: {fit_example_steering(pipe, concept, out)}")
+
+
+def _run_eval(args: argparse.Namespace) -> None:
+    from .eval.command import run
+
+    run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,9 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--source", required=True, help="prompts showing the concept (one per line)")
     fit.add_argument("--target", required=True, help="the same prompts without the concept")
     fit.add_argument("--control", help="prompts steering must leave alone (needed by --gate dsas)")
-    fit.add_argument("--map", choices=MAPS, default="linear-act")
+    fit.add_argument("--map", choices=MAP_NAMES, default="linear-act")
     fit.add_argument("--gate", choices=("dsas", "none"), default="dsas")
-    fit.add_argument("--preset", choices=("blocks", "norms"), default="blocks")
+    fit.add_argument("--preset", choices=DIFFUSION_PRESETS, default="blocks")
     fit.add_argument("--steps", type=int, default=10, help="denoising steps of the collection runs")
     fit.add_argument("--collect-steps", default="all", help="'all' or comma-separated step indices, e.g. 0,1,2")
     fit.add_argument("--components", type=int, default=20, help="PCA rank of the DSAS gates")
@@ -148,19 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(run=_generate)
 
     demo = commands.add_parser("demo", help="serve the Gradio demo (unsteered | uniform | DSAS, CLIP scores, gates)")
-    from .webapp import add_server_arguments
-
     add_server_arguments(demo)
     demo.set_defaults(run=_demo)
-
-    from .eval.command import add_arguments
-    from .eval.command import run as run_eval
 
     evaluate = commands.add_parser(
         "eval", help="strength sweeps of steering methods scored with CLIP; Pareto fronts (see dsas_diffusion.eval)"
     )
-    add_arguments(evaluate)
-    evaluate.set_defaults(run=run_eval)
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(run=_run_eval)
+
+    examples = commands.add_parser("examples", help="refit the example steerings shipped with the package")
+    examples.add_argument("concepts", nargs="*", help="Shapes concepts (default: every shipped example)")
+    examples.add_argument("--out", default=None, help="parent directory (default: the package's shapes/steering/)")
+    examples.set_defaults(run=_examples)
     return parser
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from dsas_diffusion import webapp
+from dsas_diffusion.app import configure_torch_threads
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,7 +34,7 @@ def running_app(concurrency: int = 8) -> Iterator[str]:
     """Serve the demo as ``python app.py --concurrency N`` would; yield its URL."""
     app = load_app_module()
     threads = torch.get_num_threads()
-    webapp.configure_torch_threads(concurrency)
+    configure_torch_threads(concurrency)
     demo = app.build_demo(concurrency=concurrency)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)

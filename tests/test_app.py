@@ -16,7 +16,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from dsas_diffusion import Steerer
+from dsas_diffusion import fit_steerer
 
 PROMPT = "a yellow banana on a gray background"
 STEPS = 8
@@ -118,7 +118,7 @@ def test_bad_requests_get_a_message_not_a_traceback(url, changes, message):
 def test_steering_fitted_on_another_model_is_refused(url, tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8))
     batches = [[torch.randn(4, 6, 8) + shift for _ in range(8)] for shift in (1.0, 0.0, -1.0)]
-    Steerer.fit(model, ["0"], *batches, map="caa", progress=False).save_pretrained(tmp_path / "toy")
+    fit_steerer(model, ["0"], *batches, map="caa", progress=False).save_pretrained(tmp_path / "toy")
     with pytest.raises(AppError, match=r"made for another model, not for shapes-sd: .* module '0'"):
         generate(client(url), steering="directory", directory=str(tmp_path / "toy"))
     (tmp_path / "empty").mkdir()

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dsas_diffusion.cli import main, read_prompts
+from dsas_diffusion.cli import main
 from dsas_diffusion.diffusion.loading import load_pipeline
+from dsas_diffusion.prompts import PromptFileError, read_prompts
 
 
 def _write(path, prompts):
@@ -36,13 +37,19 @@ def test_fit_then_generate_compare(tmp_path, capsys):
     assert image.size[1] > 2 * 64 * 3  # two prompt rows
 
 
-def test_prompt_files_errors_name_the_file(tmp_path):
-    with pytest.raises(SystemExit, match="does not exist"):
+def test_prompt_files_errors_name_the_file(tmp_path, capsys):
+    with pytest.raises(PromptFileError, match="does not exist"):
         read_prompts(tmp_path / "missing.txt")
     empty = tmp_path / "empty.txt"
     empty.write_text("# only a comment\n\n")
-    with pytest.raises(SystemExit, match=r"empty\.txt.*no prompts"):
+    with pytest.raises(PromptFileError, match=r"empty\.txt.*no prompts"):
         read_prompts(empty)
+    # the command turns the library's error into a one-line message and exit status 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--model", "shapes-sd", "--source", str(empty), "--target", str(empty), "--control", str(empty),
+              "--out", str(tmp_path / "out")])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith(f"dsas fit: prompt file {str(empty)!r} has no prompts")
 
 
 def test_the_dsas_console_script_is_installed():

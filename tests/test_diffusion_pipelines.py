@@ -116,6 +116,39 @@ def test_gate_maps_per_layer_and_step_at_image_size(tiny, fitted):
         assert float(tensor.min()) >= 0.0 and float(tensor.max()) <= 1.0
 
 
+def _first_denoiser_output(pipe, tiny, **steering):
+    """The denoiser's output at the first step ([unconditional; conditional] rows)."""
+    outputs = []
+
+    def keep(module, args, output):
+        if not outputs:
+            outputs.append((output[0] if isinstance(output, tuple) else output.sample).detach().clone())
+
+    handle = pipe.denoiser.register_forward_hook(keep)
+    try:
+        _run(pipe, PROMPTS, **steering, **tiny.call_kwargs)
+    finally:
+        handle.remove()
+    return outputs[0]
+
+
+def test_steering_the_conditional_half_leaves_the_unconditional_rows_untouched(tiny, fitted):
+    pipe, _ = fitted
+    if pipe.dsas_cfg_layout != "batched" or not pipe._guidance_on(tiny.call_kwargs):
+        pytest.skip(f"{tiny.family} runs no batched classifier-free guidance")
+    plain = _first_denoiser_output(pipe, tiny, steering_strength=0.0)
+    half = len(PROMPTS)
+    assert plain.shape[0] == 2 * half
+    for gate in (False, True):
+        cond = _first_denoiser_output(pipe, tiny, steering_strength=2.0, steering_gate=gate, steering_cfg="cond")
+        assert torch.equal(cond[:half], plain[:half])  # unconditional rows: bit-identical, gated or not
+    # uniform steering (the gates of random weights may stay shut) changes what it is asked to
+    cond = _first_denoiser_output(pipe, tiny, steering_strength=2.0, steering_gate=False, steering_cfg="cond")
+    both = _first_denoiser_output(pipe, tiny, steering_strength=2.0, steering_gate=False, steering_cfg="both")
+    assert not torch.equal(cond[half:], plain[half:])  # conditional rows steered
+    assert not torch.equal(both[:half], plain[:half]) and not torch.equal(both[half:], plain[half:])
+
+
 def test_fit_save_load_generate_round_trip(tiny, fitted, tmp_path):
     pipe, steerer = fitted
     steerer.save_pretrained(tmp_path / "steering")

@@ -238,7 +238,7 @@ def test_cache_reuse_extension_and_sharding_over_two_processes(tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from dsas_diffusion.shapes.hub import resolve_model_path
+    from dsas_diffusion.shapes import resolve_model_path
 
     model = tmp_path / "retrained" / "shapes-sd"  # the folder `shapes.train sd --out retrained` writes
     shutil.copytree(resolve_model_path("shapes-sd"), model)

@@ -6,13 +6,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dsas_diffusion.shapes import train
+from dsas_diffusion.shapes import training
+from dsas_diffusion.shapes.hub import WEIGHTS_DIR
 
 
 @pytest.fixture(scope="module")
 def work_dir(tmp_path_factory):
     work = tmp_path_factory.mktemp("shapes-work")
-    train.train_vae(work, steps=2, batch_size=4)
+    training.train_vae(work, steps=2, batch_size=4)
     return work
 
 
@@ -52,13 +53,13 @@ def _scheduler(folder):
 )
 def test_stages_chain_and_write_a_stock_pipeline(work_dir, tmp_path, name, trainer, parts):
     stages = ({"steps": 2, "lr": 1e-3, "bank_seed": 3}, {"steps": 1, "lr": 0.0, "bank_seed": 6})
-    trained, one_stage = [], getattr(train, trainer)
+    trained, one_stage = [], getattr(training, trainer)
 
     def small_stage(*args, **kwargs):
         trained.append(kwargs["name"])
         return one_stage(*args, bank_size=32, batch_size=4, **kwargs)
 
-    out = train.train_stages(small_stage, stages, name, work_dir, tmp_path)
+    out = training.train_stages(small_stage, stages, name, work_dir, tmp_path)
     first = work_dir / f"{name}-stage1"
     assert trained == [f"{name}-stage1", name] and out == tmp_path / name
     # the saved configs do not name the folders this run loaded from
@@ -72,16 +73,16 @@ def test_stages_chain_and_write_a_stock_pipeline(work_dir, tmp_path, name, train
     image = _generate(out, sd3=name == "shapes-mmdit")
     assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
     # the recipe writes the sampler that ships with the model
-    assert _scheduler(out) == _scheduler(train.WEIGHTS_DIR / name)
+    assert _scheduler(out) == _scheduler(WEIGHTS_DIR / name)
     # a stage already in the work folder is reused, not trained again
     trained.clear()
-    train.train_stages(small_stage, stages, name, work_dir, tmp_path / "again")
+    training.train_stages(small_stage, stages, name, work_dir, tmp_path / "again")
     assert trained == [name]
 
 
 @pytest.mark.slow
 def test_mmdit_recipe_writes_a_stock_sd3_pipeline_sharing_the_vae(work_dir, tmp_path):
-    out = train.train_mmdit(work_dir, tmp_path, steps=2, batch_size=4, bank_size=32)
+    out = training.train_mmdit(work_dir, tmp_path, steps=2, batch_size=4, bank_size=32)
     vae = _weights(work_dir / "vae")
     shipped_vae = _weights(out / "vae")
     assert all(torch.equal(vae[k].half(), shipped_vae[k]) for k in vae)
@@ -89,11 +90,20 @@ def test_mmdit_recipe_writes_a_stock_sd3_pipeline_sharing_the_vae(work_dir, tmp_
     assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
 
 
+def test_training_command_lists_every_recipe(capsys):
+    from dsas_diffusion.shapes import train
+
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    usage = capsys.readouterr().out
+    assert "{vae,clip,sd,mmdit,all}" in usage
+
+
 def test_clip_recipe_writes_a_folder_open_clip_loads_with_the_shipped_layout(tmp_path):
     from dsas_diffusion.shapes.clip import load_shapes_clip, shapes_clip_dir
     from dsas_diffusion.shapes.data import render_scene, sample_spec
 
-    folder = train.train_clip(tmp_path, steps=2, batch_size=8)
+    folder = training.train_clip(tmp_path, steps=2, batch_size=8)
     shipped = shapes_clip_dir()
     assert json.loads((folder / "open_clip_config.json").read_text()) == json.loads(
         (shipped / "open_clip_config.json").read_text()

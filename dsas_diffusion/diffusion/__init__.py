@@ -1,10 +1,10 @@
 """DSAS for diffusers: where to hook each denoiser family, collection through pipeline runs,
 and the drop-in ``DSAS*Pipeline`` classes."""
 
+from ..names import CFG_MODES
 from .architectures import ARCHITECTURES, Architecture, HookGroup, architecture_of, hook_points
 from .collect import ImageStreamCheck, check_image_stream, record_denoiser_calls, run_denoiser_call
 from .pipelines import (
-    CFG_MODES,
     DSASFluxPipeline,
     DSASPipelineMixin,
     DSASPixArtAlphaPipeline,

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..names import DIFFUSION_PRESETS
 from ..steering import HookPoint, SteeringError
 
 __all__ = ["ARCHITECTURES", "Architecture", "HookGroup", "architecture_of", "hook_points"]
@@ -62,6 +63,11 @@ class Architecture:
     presets: dict[str, tuple[HookGroup, ...]]
     image_ndim: int  # 4 for (B, C, H, W) feature maps, 3 for (B, N, C) image tokens
     patch_size_attr: str | None = None  # config key of the patch size, for token grids
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.presets) - set(DIFFUSION_PRESETS))
+        if unknown:
+            raise ValueError(f"{self.denoiser_class}: presets {unknown} are not in names.DIFFUSION_PRESETS")
 
 
 _UNET_NORMS = tuple(

@@ -34,7 +34,7 @@ def load_pipeline(model: str | os.PathLike[str], *, device: str | None = None, *
     import torch
     from diffusers import DiffusionPipeline
 
-    from ..shapes.hub import is_shapes_world, resolve_model_path
+    from ..shapes import is_shapes_world, resolve_model_path
     from . import pipelines
 
     path = resolve_model_path(model)

@@ -35,6 +35,7 @@ from diffusers import (
 )
 from torch import nn
 
+from ..names import CFG_MODES
 from ..steering import HookPoint, Steerer, SteeringError, fit_steerer
 from ..steering.hooks import SteeringSession
 from .architectures import hook_points as preset_hook_points
@@ -50,7 +51,6 @@ __all__ = [
     "DSASStableDiffusionXLPipeline",
 ]
 
-CFG_MODES = ("both", "cond")
 DEFAULT_STEERER = "default"
 
 
@@ -66,7 +66,7 @@ class DSASPipelineMixin:
 
     Example:
         >>> from dsas_diffusion import DSASStableDiffusionPipeline
-        >>> from dsas_diffusion.shapes.hub import resolve_model_path
+        >>> from dsas_diffusion.shapes import resolve_model_path
         >>> pipe = DSASStableDiffusionPipeline.from_pretrained(resolve_model_path("shapes-sd"))  # doctest: +SKIP
         >>> pipe.fit_steering(["a yellow banana on a white background"] * 16,
         ...                   ["a yellow circle on a white background"] * 16,

@@ -10,7 +10,91 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-__all__ = ["Comparison", "compare", "comparison_grid", "gate_heatmap", "mean_gate_map", "overlay_heatmap"]
+__all__ = [
+    "Comparison",
+    "compare",
+    "comparison_grid",
+    "gate_heatmap",
+    "image_grid",
+    "mean_gate_map",
+    "overlay_heatmap",
+    "rows_of",
+]
+
+
+def rows_of(items: Sequence[Any], columns: int) -> list[list[Any]]:
+    """``items`` in rows of ``columns`` (the last row may be shorter).
+
+    Example:
+        >>> rows_of([1, 2, 3, 4, 5], 2)
+        [[1, 2], [3, 4], [5]]
+    """
+    return [list(items[i : i + columns]) for i in range(0, len(items), columns)]
+
+
+def image_grid(
+    rows: Sequence[Sequence[Image.Image | None]],
+    *,
+    scale: int = 1,
+    cell_size: tuple[int, int] | None = None,
+    title: str | None = None,
+    column_titles: Sequence[str] | None = None,
+    row_titles: Sequence[str] | None = None,
+    row_labels: Sequence[str] | None = None,
+    cell_notes: Sequence[Sequence[str]] | None = None,
+    gap: int = 0,
+    line_height: int = 12,
+    label_width: int = 56,
+    note_width: int = 90,
+) -> Image.Image:
+    """The one image-grid drawing of the project (CLI, app, evaluation report, benchmarks).
+
+    Args:
+        rows: rows of images (``None`` leaves a cell blank); each is resized (nearest
+            neighbour) to ``cell_size``, by default the first image's size times ``scale``.
+        title: a line above everything.
+        column_titles: a line of titles above the columns.
+        row_titles: a caption line above each row (e.g. its prompt).
+        row_labels: a label left of each row, in a ``label_width`` column.
+        cell_notes: text drawn right of each cell, in a ``note_width`` margin.
+        gap: pixels between columns.
+
+    Example:
+        >>> cells = [[Image.new("RGB", (8, 8), "red"), Image.new("RGB", (8, 8), "blue")]]
+        >>> image_grid(cells, scale=2, column_titles=["a", "b"]).size
+        (32, 28)
+    """
+    first = next((image for row in rows for image in row if image is not None), None)
+    if first is None:
+        raise ValueError("image_grid needs at least one image")
+    width, height = cell_size or (first.size[0] * scale, first.size[1] * scale)
+    columns = max(len(row) for row in rows)
+    note = note_width if cell_notes is not None else 0
+    left = label_width if row_labels is not None else 0
+    column_step = width + note + gap
+    header = line_height * ((title is not None) + (column_titles is not None))
+    row_caption = line_height if row_titles is not None else 0
+    row_step = height + row_caption
+    canvas = Image.new("RGB", (left + columns * column_step - gap, header + len(rows) * row_step), "white")
+    draw = ImageDraw.Draw(canvas)
+    if title is not None:
+        draw.text((2, 0), title, fill="black")
+    if column_titles is not None:
+        for col, text in enumerate(column_titles):
+            draw.text((left + col * column_step + 2, header - line_height), text, fill="black")
+    for index, row in enumerate(rows):
+        top = header + index * row_step
+        if row_titles is not None:
+            draw.text((2, top), row_titles[index], fill="black")
+        if row_labels is not None:
+            draw.text((4, top + row_caption + height // 2 - 6), row_labels[index], fill="black")
+        for col, image in enumerate(row):
+            x, y = left + col * column_step, top + row_caption
+            if image is not None:
+                canvas.paste(image.convert("RGB").resize((width, height), Image.NEAREST), (x, y))
+            if cell_notes is not None and cell_notes[index][col]:
+                draw.text((x + width + 4, y + height // 2 - 18), cell_notes[index][col], fill="black")
+    return canvas
 
 
 def mean_gate_map(gate_maps: Mapping[str, Mapping[str, torch.Tensor]], image: int = 0) -> torch.Tensor:
@@ -63,21 +147,13 @@ def compare(
     ]
 
 
-def comparison_grid(comparisons: Sequence[Comparison], scale: int = 3, caption_height: int = 14) -> Image.Image:
+def comparison_grid(comparisons: Sequence[Comparison], scale: int = 3) -> Image.Image:
     """Rows of ``unsteered | uniform | DSAS | DSAS gates over the DSAS image``, prompt above each row."""
-    width, height = comparisons[0].unsteered.size
-    cell_w, cell_h = width * scale, height * scale
-    titles = ["unsteered", "uniform", "DSAS", "DSAS gate"]
-    canvas = Image.new("RGB", (4 * cell_w, caption_height + len(comparisons) * (cell_h + caption_height)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for col, title in enumerate(titles):
-        draw.text((col * cell_w + 4, 1), title, fill="black")
-    for row, item in enumerate(comparisons):
-        top = caption_height + row * (cell_h + caption_height)
-        draw.text((4, top + 1), item.prompt, fill="black")
-        cells = [item.unsteered, item.uniform, item.dsas, overlay_heatmap(item.dsas, item.gates)]
-        for col, cell in enumerate(cells):
-            canvas.paste(
-                cell.convert("RGB").resize((cell_w, cell_h), Image.NEAREST), (col * cell_w, top + caption_height)
-            )
-    return canvas
+    rows = [[c.unsteered, c.uniform, c.dsas, overlay_heatmap(c.dsas, c.gates)] for c in comparisons]
+    return image_grid(
+        rows,
+        scale=scale,
+        column_titles=["unsteered", "uniform", "DSAS", "DSAS gate"],
+        row_titles=[c.prompt for c in comparisons],
+        line_height=14,
+    )

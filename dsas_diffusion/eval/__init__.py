@@ -1,26 +1,20 @@
 """Evaluation: CLIP metrics, strength sweeps over steering methods, Pareto fronts.
 
 Run ``dsas eval --config benchmarks/eval_banana.yaml`` (or ``python -m dsas_diffusion.eval``;
-``accelerate launch -m dsas_diffusion.eval ...`` shards it over processes).
+``accelerate launch -m dsas_diffusion.eval ...`` shards it over processes). Names are
+imported on first use, so the command line can build its options without loading torch.
 """
 
-from .config import ALL_METHODS, ConfigError, EvalConfig, Method, load_config, parse_method
-from .metrics import ClipScorer, default_clip_for
-from .report import hypervolume, write_report
-from .sweep import EvalResult, Job, run_evaluation
+from .._lazy import lazy_exports
 
-__all__ = [
-    "ALL_METHODS",
-    "ClipScorer",
-    "ConfigError",
-    "EvalConfig",
-    "EvalResult",
-    "Job",
-    "Method",
-    "default_clip_for",
-    "hypervolume",
-    "load_config",
-    "parse_method",
-    "run_evaluation",
-    "write_report",
-]
+_EXPORTS = {
+    **dict.fromkeys(("ALL_METHODS", "ConfigError", "EvalConfig", "Method", "load_config", "parse_method"), ".config"),
+    **dict.fromkeys(("ClipScorer", "default_clip_for", "pixel_change"), ".metrics"),
+    **dict.fromkeys(("hypervolume", "write_report"), ".report"),
+    **dict.fromkeys(("EvalResult", "run_evaluation"), ".sweep"),
+    "Job": ".cache",
+}
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+__all__ = sorted(_EXPORTS)

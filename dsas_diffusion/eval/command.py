@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ALL_METHODS, ConfigError, load_config
+from ..names import CFG_MODES, GATINGS, MAP_NAMES
 
 __all__ = ["add_arguments", "main"]
 
@@ -34,13 +34,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--methods",
         type=lambda t: "all" if t == "all" else t.replace(",", " ").split(),
-        help=f"'all' or a comma list of {', '.join(ALL_METHODS)}",
+        help=f"'all' or a comma list of <map>/<gating>: map one of {', '.join(MAP_NAMES)}, gating one of "
+        f"{', '.join(GATINGS)} (e.g. linear-act/dsas)",
     )
     parser.add_argument("--clip-model", dest="clip_model", help="open_clip model name (default: by model)")
     parser.add_argument("--clip-pretrained", dest="clip_pretrained", help="open_clip pretrained tag or file")
     parser.add_argument("--steps", dest="num_inference_steps", type=int)
     parser.add_argument("--guidance", dest="guidance_scale", type=float)
-    parser.add_argument("--steering-cfg", dest="steering_cfg", choices=["both", "cond"])
+    parser.add_argument("--steering-cfg", dest="steering_cfg", choices=CFG_MODES)
     parser.add_argument("--batch-size", dest="batch_size", type=int)
     parser.add_argument("--device")
     parser.add_argument("--out", help="output directory")
@@ -51,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     import dataclasses
 
-    from .config import EvalConfig
+    from .config import ConfigError, EvalConfig, load_config
     from .sweep import run_evaluation
 
     fields = {f.name for f in dataclasses.fields(EvalConfig)}

@@ -26,13 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..steering.maps import MAP_NAMES
+from ..names import CFG_MODES, GATINGS, MAP_NAMES
+from ..prompts import read_prompts
+from ..steering.errors import PromptFileError
 
 __all__ = ["ALL_METHODS", "ConfigError", "EvalConfig", "Method", "load_config", "parse_method"]
 
-GATINGS = ("uniform", "dsas", "e2e")
 #: every map uniform and with DSAS, plus end-to-end DSAS + LinEAS
-ALL_METHODS = (*(f"{m}/{g}" for m in MAP_NAMES for g in ("uniform", "dsas")), "lineas/e2e")
+ALL_METHODS = (*(f"{m}/{g}" for m in MAP_NAMES for g in GATINGS[:2]), "lineas/e2e")
 
 
 class ConfigError(ValueError):
@@ -159,7 +160,7 @@ class EvalConfig:
         return sorted({0.0, *(float(s) for s in self.strengths)})
 
     def use_shapes_detector(self) -> bool:
-        from ..shapes.hub import is_shapes_world
+        from ..shapes import is_shapes_world
 
         return self.detector == "shapes" or (self.detector == "auto" and is_shapes_world(self.model))
 
@@ -203,8 +204,8 @@ class EvalConfig:
         methods = self.method_list
         if not methods:
             raise ConfigError("methods is empty: give 'all' or a list like ['linear-act/uniform', 'linear-act/dsas']")
-        if self.steering_cfg not in ("both", "cond"):
-            raise ConfigError(f"steering_cfg must be 'both' or 'cond', got {self.steering_cfg!r}")
+        if self.steering_cfg not in CFG_MODES:
+            raise ConfigError(f"steering_cfg must be one of {CFG_MODES}, got {self.steering_cfg!r}")
         if self.detector not in ("auto", "shapes", "none"):
             raise ConfigError(f"detector must be 'auto', 'shapes' or 'none', got {self.detector!r}")
         if "{concept}" not in self.concept_template:
@@ -217,20 +218,16 @@ class EvalConfig:
 
 
 def _read_prompt_field(value: Any, base: Path, name: str) -> list[str] | None:
-    from ..cli import prompt_lines
-
     if value is None:
         return None
     if isinstance(value, str):
         path = Path(value)
         if not path.is_absolute():
             path = base / path
-        if not path.is_file():
-            raise ConfigError(f"{name}: prompt file {str(path)!r} does not exist")
-        prompts = prompt_lines(path.read_text())
-        if not prompts:
-            raise ConfigError(f"{name}: prompt file {str(path)!r} has no prompts (one per line)")
-        return prompts
+        try:
+            return read_prompts(path)
+        except PromptFileError as error:
+            raise ConfigError(f"{name}: {error}") from None
     if isinstance(value, Sequence) and all(isinstance(p, str) for p in value):
         return [p.strip() for p in value if p.strip()]
     raise ConfigError(f"{name} must be a prompt file or a list of prompts, got {value!r}")

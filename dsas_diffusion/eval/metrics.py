@@ -8,19 +8,34 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["DEFAULT_CONCEPT_TEMPLATE", "DEFAULT_NEUTRAL_CAPTION", "ClipScorer", "default_clip_for"]
+__all__ = ["DEFAULT_CONCEPT_TEMPLATE", "DEFAULT_NEUTRAL_CAPTION", "ClipScorer", "default_clip_for", "pixel_change"]
 
 DEFAULT_CONCEPT_TEMPLATE = "a picture of a {concept}"
 DEFAULT_NEUTRAL_CAPTION = "a picture of something"
 
 
+def pixel_change(image: Image.Image, reference: Image.Image) -> float:
+    """Mean absolute difference of two images' RGB values, on the 0-255 scale.
+
+    Example:
+        >>> pixel_change(Image.new("RGB", (4, 4), (0, 0, 0)), Image.new("RGB", (4, 4), (30, 0, 0)))
+        10.0
+    """
+    a = np.asarray(image.convert("RGB"), dtype=np.float32)
+    b = np.asarray(reference.convert("RGB"), dtype=np.float32)
+    if a.shape != b.shape:
+        raise ValueError(f"images of sizes {a.shape[:2]} and {b.shape[:2]} cannot be compared pixel by pixel")
+    return float(np.abs(a - b).mean())
+
+
 def default_clip_for(model: str) -> tuple[str, str | None]:
     """The ``(open_clip model, pretrained tag)`` used to score images of ``model`` by default:
     ``shapes-clip`` for the Shapes models, OpenAI's ViT-B/32 otherwise."""
-    from ..shapes.hub import is_shapes_world
+    from ..shapes import is_shapes_world
 
     return ("shapes-clip", None) if is_shapes_world(model) else ("ViT-B-32", "openai")
 
@@ -57,7 +72,7 @@ class ClipScorer:
 
         self.model_name, self.pretrained, self.device, self.batch_size = model_name, pretrained, device, batch_size
         if model_name == "shapes-clip":
-            from ..shapes.clip import load_shapes_clip
+            from ..shapes import load_shapes_clip
 
             model, preprocess, tokenizer = load_shapes_clip(device)
         else:

@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from ..diffusion.visual import image_grid
 from .config import EvalConfig
 
-__all__ = ["hypervolume", "summarise", "write_report"]
+__all__ = ["hypervolume", "strength_grid", "summarise", "write_report"]
 
 MAP_COLOURS = {"caa": "tab:blue", "iti": "tab:orange", "linear-act": "tab:green", "lineas": "tab:red"}
 
@@ -170,7 +171,7 @@ def pareto_plot(
     plt.close(figure)
 
 
-def image_grid(
+def strength_grid(
     rows: Sequence[Mapping[str, Any]], method: str, out: Path, prompts_per_group: int, scale: int = 2
 ) -> Image.Image:
     """Rows: the first prompts of each group (first seed); columns: strengths (0 = unsteered)."""
@@ -182,25 +183,15 @@ def image_grid(
         group_prompts = list(dict.fromkeys(r["prompt"] for r in chosen if r["group"] == group))
         prompts += group_prompts[:prompts_per_group]
     cells = {(r["prompt"], r["strength"]): r["image"] for r in chosen if r["seed"] == seed}
-    first = Image.open(out / next(iter(cells.values())))
-    width, height = first.size[0] * scale, first.size[1] * scale
-    caption, margin = 12, 4
-    header = 2 * caption  # the method, then the strengths (PIL's default font has no λ)
-    canvas = Image.new("RGB", (len(strengths) * (width + margin), header + len(prompts) * (height + caption)), "white")
-    draw = ImageDraw.Draw(canvas)
-    draw.text((2, 0), f"{method} at each strength (0: unsteered)", fill="black")
-    for col, strength in enumerate(strengths):
-        draw.text((col * (width + margin) + 2, caption), f"strength {strength:g}", fill="black")
-    for row_index, prompt in enumerate(prompts):
-        top = header + row_index * (height + caption)
-        draw.text((2, top), prompt, fill="black")
-        for col, strength in enumerate(strengths):
-            if (prompt, strength) in cells:
-                image = (
-                    Image.open(out / cells[(prompt, strength)]).convert("RGB").resize((width, height), Image.NEAREST)
-                )
-                canvas.paste(image, (col * (width + margin), top + caption))
-    return canvas
+    images = [[Image.open(out / cells[(p, s)]) if (p, s) in cells else None for s in strengths] for p in prompts]
+    return image_grid(
+        images,
+        scale=scale,
+        title=f"{method} at each strength (0: unsteered)",  # PIL's default font has no λ
+        column_titles=[f"strength {s:g}" for s in strengths],
+        row_titles=prompts,
+        gap=4,
+    )
 
 
 def write_report(
@@ -236,6 +227,6 @@ def write_report(
     grids = out / "grids"
     grids.mkdir(exist_ok=True)
     for method in methods:
-        image_grid(rows, method, out, config.grid_prompts).save(grids / f"{method.replace('/', '_')}.png")
+        strength_grid(rows, method, out, config.grid_prompts).save(grids / f"{method.replace('/', '_')}.png")
     print(text)
     return summary, scores

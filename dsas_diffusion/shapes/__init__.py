@@ -1,0 +1,52 @@
+"""The Shapes world, the project's embedded default: procedural scenes with exact ground
+truth, small models trained on them and shipped in the package, their judges, concept
+prompt sets and example steerings.
+
+The rest of the library reaches this package only through the names exported here (model
+names and folders, concept sets, the detector, the judge's CLIP model, the example
+steerings); nothing here imports the diffusers integration, the evaluation, the app or the
+command line.
+
+Example:
+    >>> from dsas_diffusion.shapes import is_shapes_world, resolve_model_path
+    >>> is_shapes_world("shapes-sd"), resolve_model_path("shapes-sd").name
+    (True, 'shapes-sd')
+"""
+
+from .._lazy import lazy_exports
+
+_EXPORTS = {
+    **dict.fromkeys(
+        (
+            "SHAPES_MODELS",
+            "WEIGHTS_DIR",
+            "is_shapes_model",
+            "is_shapes_world",
+            "load_shapes_pipeline",
+            "resolve_model_path",
+        ),
+        ".hub",
+    ),
+    **dict.fromkeys(
+        (
+            "EVAL_SETS",
+            "FIT_SETS",
+            "HELD_OUT_CONCEPTS",
+            "PROMPTS_DIR",
+            "TUNING_CONCEPTS",
+            "concept_dir",
+            "concept_names",
+            "concept_prompts",
+            "evaluation_prompts",
+            "make_concept_sets",
+        ),
+        ".concepts",
+    ),
+    **dict.fromkeys(("ShapeJudge", "banana_drawn", "concept_drawn", "concepts_drawn", "read_scenes"), ".detect"),
+    **dict.fromkeys(("EXAMPLES_DIR", "EXAMPLE_CONCEPTS", "example_steerings", "fit_example_steering"), ".examples"),
+    "load_shapes_clip": ".clip",
+}
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+__all__ = sorted(_EXPORTS)

@@ -15,7 +15,9 @@ __all__ = [
     "ColourReading",
     "SceneReading",
     "ShapeJudge",
+    "banana_drawn",
     "concept_drawn",
+    "concepts_drawn",
     "isolate_colour",
     "read_colours",
     "read_scenes",
@@ -167,3 +169,17 @@ def concept_drawn(reading: SceneReading, prompt: str, concept: str) -> bool | No
     if not colours:
         return None
     return all(reading.present[c] and reading.shapes[c] == concept for c in colours)
+
+
+def concepts_drawn(judge: ShapeJudge, images: list[Image.Image], prompts: list[str], concept: str) -> list[bool]:
+    """For each image: is ``concept`` (a shape or a colour) drawn where its prompt asked for it?
+
+    Prompts that do not mention the concept count as ``False`` (nothing of it drawn there).
+    """
+    readings = read_scenes(judge, list(images), list(prompts))
+    return [bool(concept_drawn(r, p, concept)) for r, p in zip(readings, prompts, strict=True)]
+
+
+def banana_drawn(judge: ShapeJudge, images: list[Image.Image], prompts: list[str]) -> list[bool]:
+    """For each image: is the prompted banana's colour present and shaped like a banana?"""
+    return concepts_drawn(judge, images, prompts, "banana")

@@ -6,15 +6,19 @@ from typing import Any
 
 __all__ = [
     "CLIP_MODEL_CONFIG",
+    "SCHEDULE",
     "TOKENIZER_MAX_LENGTH",
     "make_mmdit_transformer",
     "make_sd_unet",
     "make_text_encoder",
     "make_vae",
+    "sd_scheduler",
 ]
 
 TOKENIZER_MAX_LENGTH = 24  # the longest Shapes caption is 13 tokens with BOS/EOS
 VOCAB_SIZE = 49408
+#: the noise schedule ``shapes-sd`` is trained and sampled on
+SCHEDULE = {"beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 1000}
 
 
 def make_vae():
@@ -69,6 +73,24 @@ def make_sd_unet(cross_attention_dim: int = 64):
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=32,
         norm_num_groups=16,
+    )
+
+
+def sd_scheduler():
+    """The sampler shipped with ``shapes-sd``: DPM-Solver++ (2M) on the training schedule, chosen
+    by ``benchmarks/shapes_quality.py --scheduler`` (the sampler table in docs/shapes-world.md). "leading"
+    spacing starts at t = 961; from t = 999 ("trailing"), where the cosine schedule leaves no
+    signal, an epsilon-predicting model cannot recover the image.
+    """
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler(
+        **SCHEDULE,
+        prediction_type="epsilon",
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        steps_offset=1,
+        timestep_spacing="leading",
     )
 
 

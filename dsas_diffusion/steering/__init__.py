@@ -4,36 +4,36 @@ Collect pooled activations at named modules, fit steering maps (CAA, ITI, Linear
 LinEAS) and DSAS gates, apply them through removable hooks, save and load them.
 """
 
-from .collect import ActivationCollector
-from .errors import (
-    ActivationError,
-    IncompatibleSteeringError,
-    InputSetError,
-    SteeringError,
-    SteeringFileError,
-    UnknownModuleError,
-)
-from .fit import (
-    GATE_MODES,
+from ..names import FIT_GATES, MAP_NAMES
+from .collect import (
+    ActivationCollector,
     Activations,
     collect_activations,
     default_forward,
     default_mask,
-    fit_from_activations,
-    fit_steerer,
-    select_layers,
 )
+from .errors import (
+    ActivationError,
+    IncompatibleSteeringError,
+    InputSetError,
+    PromptFileError,
+    SteeringError,
+    SteeringFileError,
+    UnknownModuleError,
+)
+from .fit import fit_from_activations, fit_steerer, select_layers
 from .gate import LinearGate, fit_gate, gate_accuracy_scale
 from .hookpoints import HookPoint, pool, resolve_module
 from .hooks import SteeringSession, active_hook_names
 from .layer import SteeringLayer
 from .lineas import LinEASConfig, sliced_w2, train_lineas
-from .maps import MAP_NAMES, SteeringMap, fit_caa, fit_iti, fit_linear_act, identity_affine_map
-from .steerer import CONFIG_NAME, WEIGHTS_NAME, Steerer
+from .maps import SteeringMap, fit_caa, fit_iti, fit_linear_act, identity_affine_map
+from .persistence import CONFIG_NAME, WEIGHTS_NAME
+from .steerer import Steerer
 
 __all__ = [
     "CONFIG_NAME",
-    "GATE_MODES",
+    "FIT_GATES",
     "MAP_NAMES",
     "WEIGHTS_NAME",
     "ActivationCollector",
@@ -44,6 +44,7 @@ __all__ = [
     "InputSetError",
     "LinEASConfig",
     "LinearGate",
+    "PromptFileError",
     "Steerer",
     "SteeringError",
     "SteeringFileError",

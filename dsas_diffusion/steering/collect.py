@@ -9,16 +9,27 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from .errors import ActivationError
+from .errors import ActivationError, InputSetError
 from .hookpoints import HookPoint, get_output, pool, position_rows, resolve_layout, resolve_module
+from .hooks import SteeringSession
 
-__all__ = ["ActivationCollector"]
+__all__ = [
+    "ActivationCollector",
+    "Activations",
+    "Forward",
+    "check_not_empty",
+    "collect_activations",
+    "default_forward",
+    "default_mask",
+]
 
 
 class ActivationCollector:
@@ -175,3 +186,85 @@ def _cat(rows: list[torch.Tensor], name: str) -> torch.Tensor:
             "of the inputs you ran, or collection was disabled. Pick a module that runs."
         )
     return torch.cat(rows)
+
+
+Forward = Callable[[Any], Any]
+
+
+def default_forward(model: nn.Module) -> Forward:
+    """``model(**batch)`` for dicts, ``model(*batch)`` for tuples/lists, else ``model(batch)``."""
+
+    def forward(batch: Any) -> Any:
+        if isinstance(batch, Mapping):
+            return model(**batch)
+        if isinstance(batch, (tuple, list)):
+            return model(*batch)
+        return model(batch)
+
+    return forward
+
+
+def default_mask(batch: Any) -> torch.Tensor | None:
+    """The ``attention_mask`` entry of a dict batch (for padded text), else ``None``."""
+    if isinstance(batch, Mapping):
+        return batch.get("attention_mask")
+    return None
+
+
+@dataclass
+class Activations:
+    """Pooled activations of one input set: per module ``(samples, C)`` float32 rows."""
+
+    pooled: dict[str, torch.Tensor]
+    positions: dict[str, torch.Tensor] = field(default_factory=dict)
+    layouts: dict[str, str] = field(default_factory=dict)
+    call_order: list[str] = field(default_factory=list)
+
+    @property
+    def num_samples(self) -> int:
+        return next(iter(self.pooled.values())).shape[0]
+
+
+def collect_activations(
+    model: nn.Module,
+    hook_points: Sequence[HookPoint | str],
+    inputs: Sequence[Any],
+    *,
+    forward: Forward | None = None,
+    mask_fn: Callable[[Any], torch.Tensor | None] = default_mask,
+    positions_per_sample: int | None = None,
+    steering: SteeringSession | None = None,
+    name: str = "inputs",
+    progress: bool = True,
+    seed: int = 0,
+) -> Activations:
+    """Run every batch of ``inputs`` through ``forward`` and pool each hooked activation.
+
+    ``steering``, if given, is a detached :class:`SteeringSession` kept active during the
+    collection (used for incremental fitting: upstream layers already steered).
+    """
+    check_not_empty(inputs, name)
+    forward = forward or default_forward(model)
+    collector = ActivationCollector(model, hook_points, positions_per_sample=positions_per_sample, seed=seed)
+    collector.tag = f"the {name} set"
+    with torch.no_grad(), collector:
+        if steering is not None:
+            steering.attach()
+        try:
+            for batch in tqdm(inputs, desc=f"collect {name}", disable=not progress, leave=False):
+                with collector.masked(mask_fn(batch)):
+                    forward(batch)
+        finally:
+            if steering is not None:
+                steering.detach()
+    return Activations(
+        pooled=collector.pooled(),
+        positions=collector.positions() if positions_per_sample else {},
+        layouts=dict(collector.layouts),
+        call_order=list(collector.call_order),
+    )
+
+
+def check_not_empty(inputs: Sequence[Any] | None, name: str) -> None:
+    if inputs is None or len(inputs) == 0:
+        raise InputSetError(f"the {name} set is empty; give it at least a few batches (32 samples is the default size)")

@@ -6,6 +6,7 @@ __all__ = [
     "ActivationError",
     "IncompatibleSteeringError",
     "InputSetError",
+    "PromptFileError",
     "SteeringError",
     "SteeringFileError",
     "UnknownModuleError",
@@ -25,6 +26,10 @@ class UnknownModuleError(SteeringError, KeyError):
 
 class InputSetError(SteeringError):
     """A source / target / control set is empty, too small or unbalanced."""
+
+
+class PromptFileError(InputSetError):
+    """A prompt (or text) file is missing, unreadable or empty."""
 
 
 class ActivationError(SteeringError):

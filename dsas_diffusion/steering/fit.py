@@ -4,115 +4,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .collect import ActivationCollector
+from ..names import CLOSED_FORM_MAPS, FIT_GATES, GATE_ACTIVATIONS, GATE_CALIBRATIONS, GATE_FIT_ON, MAP_NAMES
+from .collect import Activations, Forward, check_not_empty, collect_activations, default_forward, default_mask
 from .errors import InputSetError
-from .gate import GATE_ACTIVATIONS, LinearGate, calibrate_gate_on_positions, fit_gate, gate_accuracy_scale
+from .gate import LinearGate, calibrate_gate_on_positions, fit_gate, gate_accuracy_scale
 from .hookpoints import HookPoint, resolve_module
 from .hooks import SteeringSession
 from .layer import SteeringLayer, module_signature
 from .lineas import LinEASConfig, train_lineas
-from .maps import MAP_NAMES, SteeringMap, fit_caa, fit_iti, fit_linear_act, identity_affine_map
+from .maps import SteeringMap, fit_caa, fit_iti, fit_linear_act, identity_affine_map
 from .steerer import Steerer
 
-__all__ = [
-    "GATE_MODES",
-    "Activations",
-    "collect_activations",
-    "default_forward",
-    "default_mask",
-    "fit_from_activations",
-    "fit_steerer",
-    "select_layers",
-]
-
-GATE_MODES = ("dsas", "none", "e2e")
-Forward = Callable[[Any], Any]
-
-
-def default_forward(model: nn.Module) -> Forward:
-    """``model(**batch)`` for dicts, ``model(*batch)`` for tuples/lists, else ``model(batch)``."""
-
-    def forward(batch: Any) -> Any:
-        if isinstance(batch, Mapping):
-            return model(**batch)
-        if isinstance(batch, (tuple, list)):
-            return model(*batch)
-        return model(batch)
-
-    return forward
-
-
-def default_mask(batch: Any) -> torch.Tensor | None:
-    """The ``attention_mask`` entry of a dict batch (for padded text), else ``None``."""
-    if isinstance(batch, Mapping):
-        return batch.get("attention_mask")
-    return None
-
-
-@dataclass
-class Activations:
-    """Pooled activations of one input set: per module ``(samples, C)`` float32 rows."""
-
-    pooled: dict[str, torch.Tensor]
-    positions: dict[str, torch.Tensor] = field(default_factory=dict)
-    layouts: dict[str, str] = field(default_factory=dict)
-    call_order: list[str] = field(default_factory=list)
-
-    @property
-    def num_samples(self) -> int:
-        return next(iter(self.pooled.values())).shape[0]
-
-
-def collect_activations(
-    model: nn.Module,
-    hook_points: Sequence[HookPoint | str],
-    inputs: Sequence[Any],
-    *,
-    forward: Forward | None = None,
-    mask_fn: Callable[[Any], torch.Tensor | None] = default_mask,
-    positions_per_sample: int | None = None,
-    steering: SteeringSession | None = None,
-    name: str = "inputs",
-    progress: bool = True,
-    seed: int = 0,
-) -> Activations:
-    """Run every batch of ``inputs`` through ``forward`` and pool each hooked activation.
-
-    ``steering``, if given, is a detached :class:`SteeringSession` kept active during the
-    collection (used for incremental fitting: upstream layers already steered).
-    """
-    _check_not_empty(inputs, name)
-    forward = forward or default_forward(model)
-    collector = ActivationCollector(model, hook_points, positions_per_sample=positions_per_sample, seed=seed)
-    collector.tag = f"the {name} set"
-    with torch.no_grad(), collector:
-        if steering is not None:
-            steering.attach()
-        try:
-            for batch in tqdm(inputs, desc=f"collect {name}", disable=not progress, leave=False):
-                with collector.masked(mask_fn(batch)):
-                    forward(batch)
-        finally:
-            if steering is not None:
-                steering.detach()
-    return Activations(
-        pooled=collector.pooled(),
-        positions=collector.positions() if positions_per_sample else {},
-        layouts=dict(collector.layouts),
-        call_order=list(collector.call_order),
-    )
-
-
-def _check_not_empty(inputs: Sequence[Any] | None, name: str) -> None:
-    if inputs is None or len(inputs) == 0:
-        raise InputSetError(f"the {name} set is empty; give it at least a few batches (32 samples is the default size)")
+__all__ = ["fit_from_activations", "fit_steerer", "model_provenance", "select_layers"]
 
 
 def _check_balance(counts: Mapping[str, int], max_imbalance: float) -> None:
@@ -273,14 +182,14 @@ def fit_steerer(
     """
     if map not in MAP_NAMES:
         raise ValueError(f"map must be one of {MAP_NAMES}, got {map!r}")
-    if gate not in GATE_MODES:
-        raise ValueError(f"gate must be one of {GATE_MODES}, got {gate!r}")
+    if gate not in FIT_GATES:
+        raise ValueError(f"gate must be one of {FIT_GATES}, got {gate!r}")
     if gate == "e2e" and map != "lineas":
         raise ValueError("gate='e2e' trains gates jointly with LinEAS maps: use map='lineas'")
-    if gate_fit_on not in ("pooled", "positions"):
-        raise ValueError(f"gate_fit_on must be 'pooled' or 'positions', got {gate_fit_on!r}")
-    if gate_calibration not in ("none", "control-positions"):
-        raise ValueError(f"gate_calibration must be 'none' or 'control-positions', got {gate_calibration!r}")
+    if gate_fit_on not in GATE_FIT_ON:
+        raise ValueError(f"gate_fit_on must be one of {GATE_FIT_ON}, got {gate_fit_on!r}")
+    if gate_calibration not in GATE_CALIBRATIONS:
+        raise ValueError(f"gate_calibration must be one of {GATE_CALIBRATIONS}, got {gate_calibration!r}")
     if gate_activation not in GATE_ACTIVATIONS:
         raise ValueError(f"gate_activation must be one of {GATE_ACTIVATIONS}, got {gate_activation!r}")
     points = [HookPoint.coerce(point) for point in hook_points]
@@ -288,11 +197,11 @@ def fit_steerer(
         raise ValueError("give at least one hook point")
     for point in points:
         resolve_module(model, point.module)
-    _check_not_empty(source_inputs, "source")
-    _check_not_empty(target_inputs, "target")
+    check_not_empty(source_inputs, "source")
+    check_not_empty(target_inputs, "target")
     needs_control = gate != "none"
     if needs_control:
-        _check_not_empty(control_inputs, "control")
+        check_not_empty(control_inputs, "control")
     forward = forward or default_forward(model)
     settings = {
         "n_components": n_components,
@@ -324,7 +233,7 @@ def fit_steerer(
     layers = fit_from_activations(
         points, source, target, control, map=map, gate=gate, signatures=signatures, **settings
     )
-    if incremental and map in ("caa", "iti", "linear-act"):
+    if incremental and map in CLOSED_FORM_MAPS:
         for index in tqdm(range(1, len(layers)), desc="incremental maps", disable=not progress):
             upstream = SteeringSession(layers[:index], model, strength=1.0, gated=False)
             steered = collect_activations(

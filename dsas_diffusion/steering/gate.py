@@ -5,12 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..names import GATE_ACTIVATIONS
 from .errors import InputSetError
 from .linear import fit_logistic, fit_pca, stratified_folds
 
 __all__ = ["GATE_ACTIVATIONS", "LinearGate", "calibrate_gate_on_positions", "fit_gate", "gate_accuracy_scale"]
-
-GATE_ACTIVATIONS = ("sigmoid", "relu")
 
 
 class LinearGate(nn.Module):

@@ -11,12 +11,11 @@ import math
 import torch
 from torch import nn
 
+from ..names import MAP_NAMES
 from .errors import InputSetError
 from .linear import fit_logistic, sorted_quantiles
 
 __all__ = ["MAP_NAMES", "SteeringMap", "fit_caa", "fit_iti", "fit_linear_act", "identity_affine_map"]
-
-MAP_NAMES = ("caa", "iti", "linear-act", "lineas")
 
 
 class SteeringMap(nn.Module):

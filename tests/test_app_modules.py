@@ -1,4 +1,5 @@
-"""The demo's library module: validation messages, example steerings, locking, gate overlays."""
+"""The app package's modules without a server: validation messages, example steerings,
+locking, the model cache, gate overlays."""
 
 from __future__ import annotations
 
@@ -10,23 +11,11 @@ import pytest
 from PIL import Image
 
 from dsas_diffusion import Steerer
-from dsas_diffusion.demo import concept_prompts
-from dsas_diffusion.webapp import (
-    LIMITS,
-    PROMPTS_DIR,
-    GenerateSettings,
-    InputError,
-    ModelCache,
-    ReadWriteLock,
-    example_steerings,
-    gate_overlays,
-    parse_prompt_list,
-    request_pipeline,
-    resolve_steering,
-    strength_sweep,
-    upscale,
-    validate_settings,
-)
+from dsas_diffusion.app.actions import resolve_steering, strength_sweep
+from dsas_diffusion.app.images import gate_overlays, upscale
+from dsas_diffusion.app.serving import ModelCache, ReadWriteLock, request_pipeline
+from dsas_diffusion.app.validation import LIMITS, GenerateSettings, InputError, parse_prompt_list, validate_settings
+from dsas_diffusion.shapes import concept_prompts, example_steerings
 
 GOOD = GenerateSettings("a red star on a white background", seed=1, steps=10, guidance=7.5, strength=2.0, size=0)
 
@@ -85,7 +74,7 @@ def test_shipped_examples_were_fitted_on_shapes_sd_with_the_shipped_prompt_sets(
         steerer = Steerer.from_pretrained(path)
         assert steerer.provenance["base_model"] == "shapes-sd"
         assert steerer.config["map"] == "linear-act" and steerer.has_gates
-        source, target, control = concept_prompts(PROMPTS_DIR / concept)
+        source, target, control = concept_prompts(concept)
         assert steerer.provenance["prompts"] == {"source": source, "target": target, "control": control}
         assert any(row["enabled"] for row in steerer.gate_report())
         assert len(source) == len(target) == len(control) == 30
@@ -171,3 +160,17 @@ def test_one_base_pipeline_per_model_and_light_request_pipelines():
         assert first.steerers == {"demo": steerer} and second.steerers == {} and entry.pipeline.steerers == {}
     with pytest.raises(InputError, match="Could not load the model '/no/such/model'"):
         cache.get("/no/such/model")
+
+
+def test_model_cache_evicts_the_least_recently_used_model():
+    cache = ModelCache(max_models=1)
+    first = cache.get("shapes-sd")
+    cache.get("shapes-mmdit")
+    assert cache.loaded() == ["shapes-mmdit"]  # shapes-sd went to make room
+    again = cache.get("shapes-sd")
+    assert again is not first and cache.loaded() == ["shapes-sd"]  # loaded anew
+    two = ModelCache(max_models=2)
+    kept = two.get("shapes-sd")
+    two.get("shapes-mmdit")
+    assert two.get("shapes-sd") is kept  # a hit makes it the most recently used ...
+    assert two.loaded() == ["shapes-mmdit", "shapes-sd"]  # ... so shapes-mmdit would go first

@@ -1,0 +1,237 @@
+"""What the demo does for a request: generate the three images, sweep the strength, fit a
+steering from pasted prompt lists, and find the steering a request names."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..names import MAP_NAMES
+from ..shapes import example_steerings
+from ..steering import IncompatibleSteeringError, Steerer, SteeringError
+from ..steering.persistence import CONFIG_NAME
+from .images import sweep_strip
+from .serving import STEERER_NAME, ModelEntry, request_pipeline
+from .validation import (
+    LIMITS,
+    GenerateSettings,
+    InputError,
+    check_prompt,
+    integer,
+    parse_prompt_list,
+    validate_settings,
+)
+
+__all__ = [
+    "GenerateResult",
+    "describe_steerer",
+    "fit_from_text",
+    "generate",
+    "resolve_steering",
+    "strength_sweep",
+]
+
+
+def resolve_steering(
+    choice: str, directory: str | None = None, fitted: Steerer | None = None, *, model: ModelEntry | None = None
+) -> Steerer:
+    """The steerer a request asks for: a shipped example's name, ``"directory"`` (then
+    ``directory`` is read) or ``"fitted"`` (the one fitted in this session). With ``model``,
+    steering made for another model is refused with a message naming the difference."""
+    examples = example_steerings()
+    if choice == "fitted":
+        if fitted is None:
+            raise InputError("No steering has been fitted in this session yet: fit one from prompt lists first.")
+        steerer = fitted
+    elif choice == "directory":
+        path = Path((directory or "").strip()).expanduser()
+        if not str(directory or "").strip():
+            raise InputError("Give the path of a steering directory (one written by `dsas fit` or save_pretrained).")
+        if not path.is_dir():
+            raise InputError(f"The steering directory {str(path)!r} does not exist.")
+        if not (path / CONFIG_NAME).is_file():
+            raise InputError(f"{str(path)!r} is not a steering directory: it has no {CONFIG_NAME}.")
+        try:
+            steerer = Steerer.from_pretrained(path)
+        except SteeringError as error:
+            raise InputError(f"Could not read the steering in {str(path)!r}: {error}") from error
+    elif choice in examples:
+        steerer = Steerer.from_pretrained(examples[choice])
+    else:
+        options = [*examples, "directory", "fitted"]
+        raise InputError(f"Unknown steering {choice!r}; choose one of {options}.")
+    if model is not None:
+        try:
+            steerer.check_compatible(model.pipeline.denoiser)
+        except IncompatibleSteeringError as error:
+            base = steerer.provenance.get("base_model") or "another model"
+            raise InputError(f"This steering was made for {base}, not for {model.name}: {error}") from error
+    return steerer
+
+
+# -- generation --------------------------------------------------------------------------------
+@dataclass
+class GenerateResult:
+    """The three images of one request, their CLIP scores and the DSAS gates.
+
+    ``gate_maps`` holds one ``(steps, H, W)`` float32 array per steered layer (the gates of
+    the conditional half of the guidance batch, upsampled to the image size).
+    """
+
+    settings: GenerateSettings
+    unsteered: Image.Image
+    uniform: Image.Image
+    dsas: Image.Image
+    scores: dict[str, float] | None
+    score_model: str
+    gate_maps: dict[str, np.ndarray]
+    seconds: float
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return [self.unsteered, self.uniform, self.dsas]
+
+    def score_table(self) -> str:
+        """The CLIP scores as a Markdown table (or the reason there are none)."""
+        if self.scores is None:
+            return f"_{self.score_model}_"
+        rows = " | ".join(f"{self.scores[k]:.2f}" for k in ("unsteered", "uniform", "dsas"))
+        return (
+            f"CLIP score against the prompt ({self.score_model}; 100 × cosine)\n\n"
+            f"| unsteered | uniform | DSAS |\n|---|---|---|\n| {rows} |\n\n"
+            f"λ = {self.settings.strength:g}, {self.settings.steps} steps, seed {self.settings.seed}; "
+            f"{self.seconds:.1f} s"
+        )
+
+
+def call_kwargs(settings: GenerateSettings) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "num_inference_steps": settings.steps,
+        "guidance_scale": settings.guidance,
+    }
+    if settings.size:
+        kwargs["height"] = kwargs["width"] = settings.size
+    return kwargs
+
+
+def run(pipe: Any, settings: GenerateSettings, **steering: Any) -> Any:
+    generator = torch.Generator().manual_seed(settings.seed)
+    return pipe(settings.prompt, generator=generator, **call_kwargs(settings), **steering)
+
+
+def size_multiple(pipe: Any) -> int:
+    """Image sides must be multiples of this: 8 (diffusers' check) or the VAE's factor if larger."""
+    return max(8, int(getattr(pipe, "vae_scale_factor", 8) or 8))
+
+
+def generate(entry: ModelEntry, steerer: Steerer, settings: GenerateSettings, *, score: bool = True) -> GenerateResult:
+    """Render ``settings.prompt`` unsteered, with uniform steering and with DSAS (same seed),
+    score the three images with CLIP and keep the DSAS gate maps."""
+    settings = validate_settings(settings, tokenizer=entry.tokenizer, size_multiple=size_multiple(entry.pipeline))
+    start = time.perf_counter()
+    with entry.lock.reading(), request_pipeline(entry, steerer) as pipe:
+        try:
+            unsteered = run(pipe, settings, steering_strength=0.0).images[0]
+            uniform = run(pipe, settings, steering_strength=settings.strength, steering_gate=False).images[0]
+            gated = run(pipe, settings, steering_strength=settings.strength, steering_gate=True, return_gate_maps=True)
+        except ValueError as error:  # SteeringError, or a diffusers input check
+            raise InputError(f"The pipeline refused the request: {error}") from error
+    maps = {layer: tensor[:, 0].float().numpy() for layer, tensor in gated.gate_maps.get(STEERER_NAME, {}).items()}
+    images = {"unsteered": unsteered, "uniform": uniform, "dsas": gated.images[0]}
+    scores, score_model = (
+        (None, "CLIP scoring off") if not score else entry.clip_scores(list(images.values()), settings.prompt)
+    )
+    return GenerateResult(
+        settings,
+        unsteered,
+        uniform,
+        gated.images[0],
+        None if scores is None else dict(zip(images, scores, strict=True)),
+        score_model,
+        maps,
+        time.perf_counter() - start,
+    )
+
+
+def strength_sweep(
+    entry: ModelEntry, steerer: Steerer, settings: GenerateSettings, points: int = 5, *, cell: int = 128
+) -> Image.Image:
+    """A strip of images at λ = 0 … ``settings.strength`` (``points`` values): uniform steering
+    on the top row, DSAS below, λ above each column."""
+    points = integer(points, "The number of sweep points")
+    if not 2 <= points <= LIMITS.max_sweep_points:
+        raise InputError(f"The sweep needs between 2 and {LIMITS.max_sweep_points} points, got {points}.")
+    settings = validate_settings(settings, tokenizer=entry.tokenizer, size_multiple=size_multiple(entry.pipeline))
+    strengths = np.linspace(0.0, settings.strength, points)
+    rows: dict[str, list[Image.Image]] = {"uniform": [], "DSAS": []}
+    with entry.lock.reading(), request_pipeline(entry, steerer) as pipe:
+        for strength in strengths:
+            for label, gate in (("uniform", False), ("DSAS", True)):
+                rows[label].append(run(pipe, settings, steering_strength=float(strength), steering_gate=gate).images[0])
+    return sweep_strip(rows, strengths, cell=cell)
+
+
+# -- fitting -------------------------------------------------------------------------------------
+def fit_from_text(
+    entry: ModelEntry,
+    source_text: str,
+    target_text: str,
+    control_text: str,
+    *,
+    map: str = "linear-act",
+    steps: int = 10,
+    seed: int = 0,
+    report: Callable[[float, str], None] | None = None,
+) -> Steerer:
+    """Fit a DSAS steering on ``entry``'s model from three pasted prompt lists.
+
+    Generation requests on the same model wait while it runs (see the module's notes).
+    ``report(fraction, message)`` is told the phase; the library's tqdm bars run too (a Gradio ``Progress(track_tqdm=True)`` shows them).
+    """
+    if map not in MAP_NAMES:
+        raise InputError(f"Unknown steering map {map!r}; choose one of {list(MAP_NAMES)}.")
+    source = parse_prompt_list(source_text, "source")
+    target = parse_prompt_list(target_text, "target")
+    control = parse_prompt_list(control_text, "control")
+    steps = integer(steps, "Collection steps")
+    if not LIMITS.min_fit_steps <= steps <= LIMITS.max_fit_steps:
+        raise InputError(f"Collection steps must be between {LIMITS.min_fit_steps} and {LIMITS.max_fit_steps}.")
+    tokenizer = entry.tokenizer
+    for name, prompts in (("source", source), ("target", target), ("control", control)):
+        for i, prompt in enumerate(prompts, 1):
+            check_prompt(prompt, name=f"Line {i} of the {name} prompts", tokenizer=tokenizer)
+    if report is not None:
+        report(0.0, "waiting for running generations on this model to finish")
+    with entry.lock.writing(), request_pipeline(entry) as pipe:
+        if report is not None:
+            report(0.05, f"fitting {map} + DSAS gates on {len(source)}/{len(target)}/{len(control)} prompts")
+        try:
+            steerer = pipe.fit_steering(
+                source, target, control, map=map, gate="dsas", num_inference_steps=steps, seed=seed, progress=True
+            )
+        except SteeringError as error:
+            raise InputError(f"Fitting failed: {error}") from error
+    steerer.provenance["base_model"] = entry.name
+    if report is not None:
+        report(1.0, "done")
+    return steerer
+
+
+def describe_steerer(steerer: Steerer) -> str:
+    """A short Markdown summary: map, base model and the gate accuracy of each layer."""
+    rows = "\n".join(
+        f"| {r['module']} | {r['accuracy'] if r['accuracy'] is None else format(r['accuracy'], '.2f')} | "
+        f"{'on' if r['enabled'] else 'off'} |"
+        for r in steerer.gate_report()
+    )
+    return (
+        f"map **{steerer.config.get('map')}**, gate **{steerer.config.get('gate')}**, made for "
+        f"**{steerer.provenance.get('base_model', 'unknown')}**\n\n| layer | gate accuracy | steered |\n|---|---|---|\n{rows}"
+    )

@@ -1,0 +1,242 @@
+"""The Gradio user interface of the demo: unsteered vs uniform steering vs DSAS, with CLIP
+scores, per-layer gate heatmaps, a strength sweep and fitting from pasted prompt lists.
+
+Everything it computes lives in the other modules of :mod:`dsas_diffusion.app` (serving,
+validation, actions, images); this module only lays out the page and wires the events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import html
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr
+
+from ..names import MAP_NAMES
+from ..shapes import concept_prompts, example_steerings
+from . import actions
+from .images import ImageFiles, gate_overlays, upscale
+from .options import DEFAULT_MODEL, add_server_arguments
+from .serving import ModelCache, configure_torch_threads
+from .validation import LIMITS, GenerateSettings, InputError
+
+__all__ = ["build_demo", "main", "parse_args", "serve"]
+
+DEFAULT_PROMPT = "a yellow banana on a gray background"
+IMAGE_SIDE = 256  # displayed size of the 64 px Shapes images (nearest-neighbour upscaling)
+
+
+def _ui_errors(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Show :class:`InputError` as a Gradio error message instead of a traceback."""
+
+    @functools.wraps(function)  # keeps the signature: Gradio finds the gr.Progress parameter through it
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except InputError as error:
+            raise gr.Error(html.escape(str(error), quote=False), print_exception=False) from None
+
+    return wrapped
+
+
+def build_demo(
+    cache: ModelCache | None = None, *, default_model: str = DEFAULT_MODEL, concurrency: int = 4
+) -> gr.Blocks:
+    """The demo's Blocks (queued: ``concurrency`` requests run at once).
+
+    Args:
+        cache: the model cache to use (one base pipeline per model); a new one by default.
+        default_model: the model named in the model box when the page opens.
+        concurrency: how many events of one kind run at the same time.
+    """
+    cache = cache or ModelCache()
+    files = ImageFiles()  # results go out as paths: see ImageFiles for why
+    examples = list(example_steerings())
+    steering_choices = [(f"{name} (shipped example, shapes-sd)", name) for name in examples]
+    steering_choices += [("a steering directory", "directory"), ("fitted below in this session", "fitted")]
+    source, target, control = concept_prompts()
+
+    def settings(prompt: str, seed: float, steps: float, guidance: float, strength: float, size: float):
+        return GenerateSettings(prompt, seed, steps, guidance, strength, size)  # type: ignore[arg-type]
+
+    @_ui_errors
+    def generate(model, steering, directory, fitted, prompt, seed, steps, guidance, strength, size):
+        """Generate the unsteered, uniform and DSAS images with CLIP scores and gate heatmaps."""
+        entry = cache.get(model)
+        steerer = actions.resolve_steering(steering, directory, fitted, model=entry)
+        result = actions.generate(entry, steerer, settings(prompt, seed, steps, guidance, strength, size))
+        if not result.gate_maps:
+            gr.Warning("No layer of this steering has an open gate: every layer was deselected at fit time.")
+        gates = gate_overlays(result.dsas, result.gate_maps, 0, min_side=IMAGE_SIDE)
+        state = {"image": result.dsas, "maps": result.gate_maps}
+        return (
+            *(files.save(upscale(image, IMAGE_SIDE)) for image in result.images),
+            result.score_table(),
+            [(files.save(image), caption) for image, caption in gates],
+            gr.Slider(minimum=0, maximum=result.settings.steps, value=0, step=1, interactive=True),
+            state,
+        )
+
+    @_ui_errors
+    def show_step(step, state):
+        """Redraw the gate heatmaps for one denoising step (0: mean over all steps)."""
+        if not state:
+            return []
+        gates = gate_overlays(state["image"], state["maps"], int(step), min_side=IMAGE_SIDE)
+        return [(files.save(image), caption) for image, caption in gates]
+
+    @_ui_errors
+    def sweep(model, steering, directory, fitted, prompt, seed, steps, guidance, strength, size, points):
+        """Uniform and DSAS images at λ = 0 … the chosen strength."""
+        entry = cache.get(model)
+        steerer = actions.resolve_steering(steering, directory, fitted, model=entry)
+        strip = actions.strength_sweep(entry, steerer, settings(prompt, seed, steps, guidance, strength, size), points)
+        return files.save(strip)
+
+    @_ui_errors
+    def fit(
+        model,
+        source_text,
+        target_text,
+        control_text,
+        steering_map,
+        fit_steps,
+        progress=gr.Progress(track_tqdm=True),  # noqa: B008 (Gradio injects the tracker through this default)
+    ):
+        """Fit a steering from three pasted prompt lists and select it."""
+        entry = cache.get(model)
+        steerer = actions.fit_from_text(
+            entry,
+            source_text,
+            target_text,
+            control_text,
+            map=steering_map,
+            steps=fit_steps,
+            report=lambda fraction, message: progress(fraction, desc=message),
+        )
+        return steerer, actions.describe_steerer(steerer), gr.Dropdown(value="fitted")
+
+    @_ui_errors
+    def describe(model, steering, directory, fitted):
+        """Summarise the chosen steering (map, base model, gate accuracy per layer)."""
+        if steering == "fitted" and fitted is None:
+            return "_Nothing fitted yet: open “Fit a steering from prompt lists”._"
+        if steering == "directory" and not str(directory or "").strip():
+            return "_Type the path of a steering directory._"
+        return actions.describe_steerer(actions.resolve_steering(steering, directory, fitted))
+
+    with gr.Blocks(title="DSAS: dynamically scaled activation steering") as demo:
+        gr.Markdown(
+            "# DSAS for diffusers\n"
+            "The same prompt and seed rendered **unsteered**, with **uniform** steering and with **DSAS** "
+            "(steering scaled per position by a learned gate), each scored with CLIP against the prompt; "
+            "below, where the DSAS gates opened, per layer."
+        )
+        fitted = gr.State(None)
+        gate_state = gr.State(None)
+        with gr.Row():
+            model = gr.Dropdown(
+                ["shapes-sd", "shapes-mmdit"],
+                value=default_model,
+                allow_custom_value=True,
+                label="Model (a Shapes name, a diffusers id or a local folder)",
+                elem_id="model",
+            )
+            steering = gr.Dropdown(
+                steering_choices, value=examples[0] if examples else "directory", label="Steering", elem_id="steering"
+            )
+            directory = gr.Textbox(
+                label="Steering directory (when 'a steering directory' is chosen)", elem_id="directory"
+            )
+        steering_info = gr.Markdown(elem_id="steering-info")
+        with gr.Accordion("Fit a steering from prompt lists", open=False):
+            gr.Markdown("One prompt per line. Prefilled with the shipped banana sets of the Shapes world.")
+            with gr.Row():
+                source_box = gr.Textbox("\n".join(source), lines=8, label="Source: prompts showing the concept")
+                target_box = gr.Textbox("\n".join(target), lines=8, label="Target: the same scenes without it")
+                control_box = gr.Textbox("\n".join(control), lines=8, label="Control: prompts to leave alone")
+            with gr.Row():
+                steering_map = gr.Dropdown(list(MAP_NAMES), value="linear-act", label="Steering map")
+                fit_steps = gr.Slider(
+                    LIMITS.min_fit_steps, LIMITS.max_fit_steps, value=10, step=1, label="Denoising steps collected"
+                )
+                fit_button = gr.Button("Fit steering")
+            fit_status = gr.Markdown()
+        prompt = gr.Textbox(DEFAULT_PROMPT, label="Prompt", max_lines=2, elem_id="prompt")
+        with gr.Row():
+            seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=LIMITS.max_seed)
+            steps = gr.Slider(LIMITS.min_steps, LIMITS.max_steps, value=25, step=1, label="Steps")
+            guidance = gr.Slider(LIMITS.min_guidance, LIMITS.max_guidance, value=7.5, step=0.5, label="Guidance")
+            strength = gr.Slider(LIMITS.min_strength, LIMITS.max_strength, value=3.0, step=0.25, label="Strength λ")
+            size = gr.Number(0, label="Image size (px, 0 = model default)", precision=0)
+        with gr.Row():
+            generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
+            sweep_points = gr.Slider(2, LIMITS.max_sweep_points, value=5, step=1, label="Sweep points")
+            sweep_button = gr.Button("Strength sweep (λ = 0 … λ)", elem_id="sweep")
+        with gr.Row():
+            unsteered_image = gr.Image(
+                label="unsteered", type="filepath", format="png", elem_id="unsteered", interactive=False
+            )
+            uniform_image = gr.Image(
+                label="uniform steering", type="filepath", format="png", elem_id="uniform", interactive=False
+            )
+            dsas_image = gr.Image(label="DSAS", type="filepath", format="png", elem_id="dsas", interactive=False)
+        scores = gr.Markdown(elem_id="scores")
+        gate_step = gr.Slider(0, 25, value=0, step=1, label="Gate step (0 = mean over all steps)", elem_id="gate-step")
+        gates = gr.Gallery(label="DSAS gates per layer", columns=5, format="png", elem_id="gates", height="auto")
+        sweep_image = gr.Image(
+            label="Strength sweep", type="filepath", format="png", elem_id="sweep-strip", interactive=False
+        )
+
+        common = [model, steering, directory, fitted, prompt, seed, steps, guidance, strength, size]
+        generate_button.click(
+            generate,
+            common,
+            [unsteered_image, uniform_image, dsas_image, scores, gates, gate_step, gate_state],
+            api_name="generate",
+        )
+        prompt.submit(
+            generate,
+            common,
+            [unsteered_image, uniform_image, dsas_image, scores, gates, gate_step, gate_state],
+            api_visibility="private",
+        )
+        gate_step.change(show_step, [gate_step, gate_state], gates, api_name="gate_step")
+        sweep_button.click(sweep, [*common, sweep_points], sweep_image, api_name="sweep")
+        fit_button.click(
+            fit,
+            [model, source_box, target_box, control_box, steering_map, fit_steps],
+            [fitted, fit_status, steering],
+            api_name="fit",
+        )
+        for trigger in (steering.change, directory.submit, demo.load):
+            trigger(describe, [model, steering, directory, fitted], steering_info, api_visibility="private")
+    demo.queue(default_concurrency_limit=concurrency)
+    return demo
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Gradio demo of DSAS steering")
+    add_server_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Build the demo and serve it until interrupted (options: :func:`parse_args`)."""
+    configure_torch_threads(args.concurrency, args.threads)
+    demo = build_demo(default_model=args.model, concurrency=args.concurrency)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    serve(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

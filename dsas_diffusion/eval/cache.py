@@ -1,0 +1,124 @@
+"""What the evaluation caches and how it names it: the jobs (one image each), the model and
+steering identities, and the image file of each job.
+
+Images are cached by a hash of everything that decides them, so a rerun renders nothing and
+an extended sweep renders only what is new; fitted steerers are reused while their prompts
+and fit settings are unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..shapes import resolve_model_path
+from ..steering.persistence import CONFIG_NAME, WEIGHTS_NAME
+from .config import EvalConfig, Method, parse_method
+
+__all__ = ["CACHE_VERSION", "UNSTEERED", "ImageCache", "Job", "digest", "list_jobs", "model_id", "steering_id"]
+
+UNSTEERED = "unsteered"
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image: a method (or ``"unsteered"``) at a strength, for one prompt and seed."""
+
+    method: str
+    strength: float
+    group: str  # "concept" or "control"
+    prompt: str
+    seed: int
+
+    @property
+    def reference(self) -> Job:
+        """The unsteered image of the same prompt and seed."""
+        return Job(UNSTEERED, 0.0, self.group, self.prompt, self.seed)
+
+
+def list_jobs(config: EvalConfig, methods: Sequence[Method]) -> list[Job]:
+    """Every image of the run, unsteered first, in a fixed order."""
+    groups = (("concept", config.concept_prompts), ("control", config.control_prompts))
+    runs = [(UNSTEERED, 0.0)] + [(m.name, s) for m in methods for s in config.strength_list if s != 0.0]
+    return [
+        Job(method, strength, group, prompt, seed)
+        for method, strength in runs
+        for seed in config.seeds
+        for group, prompts in groups
+        for prompt in prompts
+    ]
+
+
+def digest(payload: Any) -> str:
+    """A short stable hash of a JSON-able payload."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _without_timestamps(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_timestamps(v) for k, v in value.items() if k != "created"}
+    if isinstance(value, list):
+        return [_without_timestamps(v) for v in value]
+    return value
+
+
+def model_id(model: str | Path) -> str:
+    """The model as the caches see it. A local folder (a Shapes name resolves to one) is
+    identified by a hash of its files, so retrained weights saved under the same name
+    invalidate cached fits and images; a hub id is identified by its name.
+
+    Example:
+        >>> model_id("shapes-sd") == model_id(resolve_model_path("shapes-sd"))
+        True
+    """
+    path = Path(resolve_model_path(model))
+    if not path.is_dir():
+        return str(model)
+    hasher = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        hasher.update(file.relative_to(path).as_posix().encode() + b"\0")
+        hasher.update(hashlib.sha256(file.read_bytes()).digest())
+    return "sha256:" + hasher.hexdigest()[:32]
+
+
+def steering_id(directory: Path) -> str:
+    """A hash of a saved steerer (its weights and its config without the creation time): a
+    refitted steerer that differs invalidates its cached images, an identical one does not."""
+    config = _without_timestamps(json.loads((directory / CONFIG_NAME).read_text()))
+    weights = hashlib.sha256((directory / WEIGHTS_NAME).read_bytes()).hexdigest()
+    return digest({"config": config, "weights": weights})
+
+
+class ImageCache:
+    """Where each job's image lives: ``directory/<hash>.png``, the hash taken over the
+    generation settings, the model's identity, the method, the steerer's identity, the
+    strength, the prompt and the seed."""
+
+    def __init__(self, directory: Path, settings: Mapping[str, Any], steering_ids: Mapping[str, str]) -> None:
+        self.directory = Path(directory)
+        self.settings = dict(settings)
+        self.steering_ids = dict(steering_ids)
+
+    def path(self, job: Job) -> Path:
+        steering = None if job.method == UNSTEERED else self.steering_ids[parse_method(job.method).steerer_name]
+        key = digest(
+            {
+                "settings": self.settings,
+                "method": job.method,
+                "steering": steering,
+                "strength": job.strength,
+                "prompt": job.prompt,
+                "seed": job.seed,
+                "version": CACHE_VERSION,
+            }
+        )
+        return self.directory / f"{key}.png"
+
+    def has(self, jobs: Sequence[Job]) -> bool:
+        """Whether every job's image is cached."""
+        return all(self.path(job).is_file() for job in jobs)

@@ -1,0 +1,99 @@
+"""Scoring an evaluation's images: CLIP score, concept presence, similarity and pixel change
+against the unsteered image, and the exact Shapes detector where it applies."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from .cache import UNSTEERED, ImageCache, Job
+from .config import EvalConfig, parse_method
+from .metrics import ClipScorer, default_clip_for, pixel_change
+
+__all__ = ["make_scorer", "score_jobs"]
+
+
+def make_scorer(config: EvalConfig, device: str) -> ClipScorer:
+    """The config's CLIP scorer, with every evaluation prompt's text features computed in
+    one fixed batch (so features do not depend on how the images are sharded)."""
+    name, pretrained = config.clip_model, config.clip_pretrained
+    if name is None:
+        name, pretrained = default_clip_for(config.model)
+    scorer = ClipScorer(name, pretrained, device=device, batch_size=config.score_batch_size)
+    scorer.text_features(list(dict.fromkeys(config.concept_prompts + config.control_prompts)))
+    return scorer
+
+
+def _relative(path: Path, base: Path) -> str:
+    try:
+        return str(path.relative_to(base))
+    except ValueError:
+        return str(path.resolve())
+
+
+def _detector_rows(scorer: ClipScorer, config: EvalConfig, images: list[Image.Image], jobs: Sequence[Job], device: str):
+    from ..shapes import ShapeJudge, concept_drawn, read_scenes
+
+    judge = ShapeJudge(scorer.model, scorer.preprocess, scorer.tokenizer, device=device)
+    readings = read_scenes(judge, images, [job.prompt for job in jobs])
+    rows = []
+    for job, reading in zip(jobs, readings, strict=True):
+        drawn = concept_drawn(reading, job.prompt, config.concept)
+        rows.append(
+            {
+                "concept_drawn": None if drawn is None else float(drawn),
+                "objects_as_prompted": float(reading.objects_as_prompted),
+                "background_as_prompted": float(reading.background_as_prompted),
+            }
+        )
+    return rows
+
+
+def score_jobs(
+    scorer: ClipScorer, config: EvalConfig, jobs: Sequence[Job], cache: ImageCache, out: Path, device: str = "cpu"
+) -> list[dict[str, Any]]:
+    """One row per job, every metric of its image (scored as one batch)."""
+    if not jobs:
+        return []
+    images = [Image.open(cache.path(job)).convert("RGB") for job in jobs]
+    references = [Image.open(cache.path(job.reference)).convert("RGB") for job in jobs]
+    features = scorer.image_features(images)
+    reference_features = scorer.image_features(references)
+    clip_scores = scorer.clip_score(images, [job.prompt for job in jobs], image_features=features)
+    presence = scorer.concept_presence(
+        images,
+        config.concept,
+        template=config.concept_template,
+        neutral=config.neutral_caption,
+        image_features=features,
+    )
+    similarity = scorer.image_similarity(features, reference_features).clamp(max=1.0)
+    detector = (
+        _detector_rows(scorer, config, images, jobs, device) if config.use_shapes_detector() else [{}] * len(jobs)
+    )
+    rows = []
+    for index, job in enumerate(jobs):
+        method = None if job.method == UNSTEERED else parse_method(job.method)
+        rows.append(
+            {
+                "model": config.model,
+                "concept": config.concept,
+                "method": job.method,
+                "map": method.map if method else "",
+                "gating": method.gating if method else "",
+                "strength": job.strength,
+                "group": job.group,
+                "prompt": job.prompt,
+                "seed": job.seed,
+                "clip_score": round(float(clip_scores[index]), 5),
+                "concept_presence": round(float(presence[index]), 5),
+                "clip_similarity": round(float(similarity[index]), 5),
+                "pixel_change": round(pixel_change(images[index], references[index]) / 255.0, 6),
+                **detector[index],
+                "image": _relative(cache.path(job), out),
+            }
+        )
+    return rows

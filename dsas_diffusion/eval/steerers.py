@@ -1,0 +1,84 @@
+"""The steerers an evaluation needs: which methods a config (or a fitted steering directory)
+allows, and fitting each steerer once, reusing it while its inputs are unchanged."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..steering import Steerer
+from .cache import CACHE_VERSION, digest
+from .config import ConfigError, EvalConfig, Method, parse_method
+
+__all__ = ["allowed_methods", "fit_or_reuse"]
+
+
+def allowed_methods(config: EvalConfig) -> list[Method]:
+    """The config's methods; with ``steering:`` a fitted directory, the ones its map and
+    gates can run (all of them for ``methods: all``), or a :class:`ConfigError`."""
+    methods = config.method_list
+    if config.steering is None:
+        return methods
+    steerer = Steerer.from_pretrained(config.steering)
+    fitted, gate = steerer.config.get("map"), steerer.config.get("gate")
+    gatings = {"e2e": ("uniform", "e2e"), "none": ("uniform",)}.get(gate, ("uniform", "dsas"))
+    allowed = [parse_method(f"{fitted}/{g}") for g in gatings]
+    if config.methods == "all":
+        return allowed
+    foreign = [m.name for m in methods if m not in allowed]
+    if foreign:
+        raise ConfigError(
+            f"methods {foreign} cannot use the steering in {config.steering!r}, which holds a {fitted} map "
+            f"with {gate} gates; choose among {[m.name for m in allowed]} or fit from prompt files"
+        )
+    return methods
+
+
+def fit_or_reuse(
+    config: EvalConfig,
+    methods: Sequence[Method],
+    out: Path,
+    model_identity: str,
+    load_pipeline: Callable[[], Any],
+    *,
+    fit_here: bool = True,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """``{steerer name: directory}`` for the methods. Each steerer is fitted into
+    ``out/steering/<name>`` unless a fit with the same model, prompt sets and settings is
+    already there (its key in ``fit_key.txt``). ``fit_here=False`` (processes other than the
+    main one) only names the directories."""
+    if config.steering is not None:
+        return {method.steerer_name: Path(config.steering) for method in methods}
+    dirs: dict[str, Path] = {}
+    for name, method in {m.steerer_name: m for m in methods}.items():
+        directory = out / "steering" / name
+        fit_kwargs = dict(config.fit)
+        key = digest(
+            {
+                "model": model_identity,
+                "sets": [config.source, config.target, config.control],
+                "map": method.map,
+                "gate": method.fit_gate,
+                "fit": fit_kwargs,
+                "version": CACHE_VERSION,
+            }
+        )
+        key_file = directory / "fit_key.txt"
+        if fit_here and not (key_file.is_file() and key_file.read_text().strip() == key):
+            print(f"fitting {method.map} with {method.fit_gate} gates on {config.model}")
+            steerer = load_pipeline().fit_steering(
+                config.source,
+                config.target,
+                config.control,
+                map=method.map,
+                gate=method.fit_gate,
+                name=name,
+                progress=progress,
+                **fit_kwargs,
+            )
+            steerer.save_pretrained(directory)
+            key_file.write_text(key + "\n")
+        dirs[name] = directory
+    return dirs

@@ -1,0 +1,44 @@
+"""The names the library accepts, each list defined once and imported everywhere.
+
+This module imports nothing, so the command line can build its options from it without
+loading torch.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ADDITIVE_MAPS",
+    "CFG_MODES",
+    "CLOSED_FORM_MAPS",
+    "DIFFUSION_PRESETS",
+    "FIT_GATES",
+    "GATE_ACTIVATIONS",
+    "GATE_CALIBRATIONS",
+    "GATE_FIT_ON",
+    "GATINGS",
+    "MAP_NAMES",
+    "RENDER_MODES",
+]
+
+#: steering maps (how to steer): mean shift, ITI, Linear-AcT, LinEAS
+MAP_NAMES = ("caa", "iti", "linear-act", "lineas")
+#: maps fitted in closed form from pooled statistics (LinEAS is trained through the model)
+CLOSED_FORM_MAPS = ("caa", "iti", "linear-act")
+#: maps that add a vector (the others are per-unit affine)
+ADDITIVE_MAPS = ("caa", "iti")
+#: how a steerer's gates are fitted: DSAS (PCA + logistic), none (uniform only), trained end to end with LinEAS
+FIT_GATES = ("dsas", "none", "e2e")
+#: how a method applies a steerer: every position alike, DSAS gates, end-to-end gates
+GATINGS = ("uniform", "dsas", "e2e")
+#: the gate's squashing function
+GATE_ACTIVATIONS = ("sigmoid", "relu")
+#: what the gate's classifier is fitted on
+GATE_FIT_ON = ("pooled", "positions")
+#: how a fitted gate is recalibrated on single positions
+GATE_CALIBRATIONS = ("none", "control-positions")
+#: which half of a classifier-free-guidance batch is steered
+CFG_MODES = ("both", "cond")
+#: named sets of hook points on a denoiser
+DIFFUSION_PRESETS = ("blocks", "norms")
+#: the three renderings compared everywhere: unsteered, uniform steering, DSAS
+RENDER_MODES = ("unsteered", "uniform", "dsas")
