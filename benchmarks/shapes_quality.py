@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from dsas_diffusion.diffusion.visual import image_grid, rows_of
 from dsas_diffusion.shapes.data import (
     BACKGROUNDS,
     COLOURS,
@@ -111,21 +112,12 @@ def vae_ceiling(judge: ShapeJudge, count: int = 200) -> dict[str, float]:
 
 
 def labelled_grid(images: list[Image.Image], captions: list[str], columns: int = 4, scale: int = 2) -> Image.Image:
-    """Images with the zero-shot caption under each (colour, shape / background)."""
-    from PIL import ImageDraw
-
-    size = images[0].size[0] * scale
-    cell_w, cell_h = size + 90, size + 4
-    rows = (len(images) + columns - 1) // columns
-    canvas = Image.new("RGB", (columns * cell_w, rows * cell_h), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for i, (image, caption) in enumerate(zip(images, captions, strict=True)):
-        x, y = (i % columns) * cell_w, (i // columns) * cell_h
-        canvas.paste(image.resize((size, size), Image.NEAREST), (x, y))
+    """Images with the zero-shot caption beside each (colour, shape / background)."""
+    notes = []
+    for caption in captions:
         spec = parse_caption(caption)
-        lines = [spec.objects[0].colour, spec.objects[0].shape, f"on {spec.background}"]
-        draw.text((x + size + 4, y + 30), "\n".join(lines), fill=(0, 0, 0))
-    return canvas
+        notes.append("\n".join([spec.objects[0].colour, spec.objects[0].shape, f"on {spec.background}"]))
+    return image_grid(rows_of(images, columns), scale=scale, cell_notes=rows_of(notes, columns), note_width=90)
 
 
 def generate(pipe, prompts: list[str], steps: int, guidance: float, batch: int = 8, **kwargs) -> list[Image.Image]:
@@ -145,15 +137,6 @@ def judge_images(judge: ShapeJudge, prompts: list[str], images: list[Image.Image
         "objects_as_prompted": sum(r.objects_as_prompted for r in readings) / len(prompts),
         "background": sum(r.background_as_prompted for r in readings) / len(prompts),
     }
-
-
-def grid(images: list[Image.Image], columns: int = 8, scale: int = 2) -> Image.Image:
-    size = images[0].size[0] * scale
-    rows = (len(images) + columns - 1) // columns
-    canvas = Image.new("RGB", (columns * size, rows * size), (255, 255, 255))
-    for i, image in enumerate(images):
-        canvas.paste(image.resize((size, size), Image.NEAREST), ((i % columns) * size, (i // columns) * size))
-    return canvas
 
 
 def sampling_seconds(pipe, prompt: str, steps: int, guidance: float, **kwargs) -> float:
@@ -241,12 +224,12 @@ def main() -> None:
         single = single_prompts(args.single)
         images = generate(pipe, single, args.steps, args.guidance, **extra)
         row = {f"single_{k}": v for k, v in judge_images(judge, single, images).items()}
-        grid(images[:32]).save(args.out / f"{name}_samples.png")
+        image_grid(rows_of(images[:32], 8), scale=2).save(args.out / f"{name}_samples.png")
         if key == "sd" and args.double:
             double = two_object_prompts(args.double)
             double_images = generate(pipe, double, args.steps, args.guidance, **extra)
             row["two_objects_both_present"] = judge_images(judge, double, double_images)["objects_as_prompted"]
-            grid(double_images[:16]).save(args.out / f"{name}_two_objects.png")
+            image_grid(rows_of(double_images[:16], 8), scale=2).save(args.out / f"{name}_two_objects.png")
         row["seconds_batch8_25steps_cfg"] = sampling_seconds(pipe, single[0], 25, args.guidance, **extra)
         results[name] = row
         print(name, row)

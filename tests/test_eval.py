@@ -170,15 +170,30 @@ def _run(config_path: Path, out: Path, *launcher: str) -> dict:
     return json.loads((out / "run.json").read_text())
 
 
-@pytest.mark.slow
-def test_cache_reuse_extension_and_sharding_over_two_processes(tmp_path):
-    config_path = tmp_path / "tiny.json"
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """The tiny evaluation run once: its output folder, config file and rows."""
+    work = tmp_path_factory.mktemp("eval")
+    config_path = work / "tiny.json"
     config_path.write_text(json.dumps(TINY))
-    single = tmp_path / "single"
+    out = work / "single"
+    run = _run(config_path, out)
+    return out, run, json.loads((out / "rows.json").read_text())
 
-    first = _run(config_path, single)
-    assert (first["images"], first["generated"], first["reused"]) == (12, 12, 0)
-    rows = json.loads((single / "rows.json").read_text())
+
+def _copy_of(first_run, tmp_path) -> tuple[Path, Path]:
+    """A private copy of the first run's folder (cache included) and a config path beside it."""
+    import shutil
+
+    out = tmp_path / "single"
+    shutil.copytree(first_run[0], out)
+    return out, tmp_path / "tiny.json"
+
+
+@pytest.mark.slow
+def test_a_run_renders_every_image_and_writes_the_report(first_run):
+    out, run, rows = first_run
+    assert (run["images"], run["generated"], run["reused"]) == (12, 12, 0)
     assert len(rows) == 12 and {r["method"] for r in rows} == {"unsteered", "caa/uniform", "caa/dsas"}
     for name in (
         "summary.csv",
@@ -189,24 +204,35 @@ def test_cache_reuse_extension_and_sharding_over_two_processes(tmp_path):
         "grids/caa_dsas.png",
         "grids/caa_uniform.png",
     ):
-        assert (single / name).is_file(), name
-    stamps = {p: p.stat().st_mtime_ns for p in (single / "images").glob("*.png")}
-    assert len(stamps) == 12
+        assert (out / name).is_file(), name
+    assert len(list((out / "images").glob("*.png"))) == 12
 
-    # a rerun renders nothing and leaves every cached image untouched
-    again = _run(config_path, single)
-    assert (again["generated"], again["reused"]) == (0, 12)
-    assert {p: p.stat().st_mtime_ns for p in (single / "images").glob("*.png")} == stamps
-    assert json.loads((single / "rows.json").read_text()) == rows
 
-    # an extended sweep renders only the new strength (2 methods x 4 prompts)
-    config_path.write_text(json.dumps({**TINY, "strengths": [0, 2, 3]}))
-    extended = _run(config_path, single)
-    assert (extended["generated"], extended["reused"]) == (8, 12)
+@pytest.mark.slow
+def test_a_rerun_renders_nothing_and_leaves_the_cache_untouched(first_run, tmp_path):
+    out, config_path = _copy_of(first_run, tmp_path)
     config_path.write_text(json.dumps(TINY))
-    assert _run(config_path, single)["generated"] == 0  # back to the first sweep: all cached
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "images").glob("*.png")}
+    again = _run(config_path, out)
+    assert (again["generated"], again["reused"]) == (0, 12)
+    assert {p: p.stat().st_mtime_ns for p in (out / "images").glob("*.png")} == stamps
+    assert json.loads((out / "rows.json").read_text()) == first_run[2]
 
-    # accelerate with two CPU processes gives exactly the one-process rows
+
+@pytest.mark.slow
+def test_an_extended_sweep_renders_only_the_new_strength(first_run, tmp_path):
+    out, config_path = _copy_of(first_run, tmp_path)
+    config_path.write_text(json.dumps({**TINY, "strengths": [0, 2, 3]}))
+    extended = _run(config_path, out)
+    assert (extended["generated"], extended["reused"]) == (8, 12)  # 2 methods x 4 prompts
+    config_path.write_text(json.dumps(TINY))
+    assert _run(config_path, out)["generated"] == 0  # back to the first sweep: all cached
+
+
+@pytest.mark.slow
+def test_two_accelerate_processes_give_exactly_the_one_process_rows(first_run, tmp_path):
+    config_path = tmp_path / "tiny.json"
+    config_path.write_text(json.dumps(TINY))
     sharded = tmp_path / "sharded"
     accelerate = [
         str(Path(sys.executable).parent / "accelerate"),
@@ -223,32 +249,39 @@ def test_cache_reuse_extension_and_sharding_over_two_processes(tmp_path):
     ]
     run = _run(config_path, sharded, *accelerate)
     assert run["processes"] == 2 and run["generated"] == 12
-    assert json.loads((sharded / "rows.json").read_text()) == rows
-    assert (sharded / "summary.csv").read_text() == (single / "summary.csv").read_text()
+    assert json.loads((sharded / "rows.json").read_text()) == first_run[2]
+    assert (sharded / "summary.csv").read_text() == (first_run[0] / "summary.csv").read_text()
 
-    # the fitted steering directory as the concept spec: the same steerer, so every image is cached
-    config_path.write_text(json.dumps({**TINY, "steering": str(single / "steering" / "caa-dsas"), "methods": "all"}))
-    from_dir = _run(config_path, single)
+
+@pytest.mark.slow
+def test_a_fitted_steering_directory_reuses_every_cached_image(first_run, tmp_path):
+    out, config_path = _copy_of(first_run, tmp_path)
+    config_path.write_text(json.dumps({**TINY, "steering": str(out / "steering" / "caa-dsas"), "methods": "all"}))
+    from_dir = _run(config_path, out)
     assert (from_dir["generated"], from_dir["reused"]) == (0, 12)
-    assert json.loads((single / "rows.json").read_text()) == rows
+    assert json.loads((out / "rows.json").read_text()) == first_run[2]
 
-    # the caches know a model by its files: a copy of shapes-sd is the same model (all cached),
-    # and retrained weights in that folder refit the steerers and render every image again
+
+@pytest.mark.slow
+def test_the_caches_know_a_model_by_its_files(first_run, tmp_path):
+    """A copy of shapes-sd is the same model (all cached); retrained weights in that folder
+    refit the steerers and render every image again."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
     from dsas_diffusion.shapes import resolve_model_path
 
+    out, config_path = _copy_of(first_run, tmp_path)
     model = tmp_path / "retrained" / "shapes-sd"  # the folder `shapes.train sd --out retrained` writes
     shutil.copytree(resolve_model_path("shapes-sd"), model)
     config_path.write_text(json.dumps({**TINY, "model": str(model)}))
-    assert _run(config_path, single)["generated"] == 0
-    fit_key = (single / "steering" / "caa-dsas" / "fit_key.txt").read_text()
+    assert _run(config_path, out)["generated"] == 0
+    fit_key = (out / "steering" / "caa-dsas" / "fit_key.txt").read_text()
     weights_file = model / "unet" / "diffusion_pytorch_model.safetensors"
     weights = load_file(str(weights_file))
     weights["conv_out.bias"] = weights["conv_out.bias"] + 0.01
     save_file(weights, str(weights_file))
-    retrained = _run(config_path, single)
+    retrained = _run(config_path, out)
     assert (retrained["generated"], retrained["reused"]) == (12, 0)
-    assert (single / "steering" / "caa-dsas" / "fit_key.txt").read_text() != fit_key
+    assert (out / "steering" / "caa-dsas" / "fit_key.txt").read_text() != fit_key
