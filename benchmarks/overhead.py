@@ -3,7 +3,8 @@
     python benchmarks/overhead.py [--repeats 30] [--json results.json]
 
 - ``shapes-sd`` on the CPU: one UNet call on a CFG batch of 2 x 8 latents, with a steerer
-  fitted on the banana prompt sets for each hook preset (``blocks``, ``norms``).
+  fitted on the banana prompt sets with ``fit_steering``'s defaults (CAA on the
+  ``cross-attention`` preset) and with Linear-AcT on the ``blocks`` and ``norms`` presets.
 - When a GPU is present, also an SDXL-size random UNet (``UNet2DConditionModel`` with
   SDXL's config, random weights) at 1024 x 1024 (128 x 128 latents) in float16, batch 2,
   with steerers fitted on random activations (only the cost matters here).
@@ -95,15 +96,17 @@ def shapes_sd(repeats: int) -> list[dict]:
     # the CFG batch the pipeline runs: [unconditional; conditional], 2 x 8
     call = {k: torch.cat([v, v]) if torch.is_tensor(v) and v.ndim > 0 else v for k, v in cond.items()}
     rows = []
-    # fit_steering's defaults (Linear-AcT without a source support, the gate decides where to
-    # steer) and, for comparison, with the core's min-max source support (4 more kernels a hook)
-    for preset, support in (("blocks", False), ("norms", False), ("blocks", True)):
-        settings = {"support_quantiles": (0.0, 1.0)} if support else {}
-        steerer = pipe.fit_steering(
-            source, target, control, map="linear-act", preset=preset, gate_threshold=None, progress=False, **settings
-        )
+    # fit_steering's defaults (CAA on the cross-attention outputs), Linear-AcT on the block and
+    # norm outputs, and with the core's min-max source support (4 more kernels a hook)
+    variants = (
+        ("cross-attention, CAA (defaults)", {}),
+        ("blocks, Linear-AcT", {"map": "linear-act", "preset": "blocks"}),
+        ("norms, Linear-AcT", {"map": "linear-act", "preset": "norms"}),
+        ("blocks, Linear-AcT with support", {"map": "linear-act", "preset": "blocks", "support_quantiles": (0.0, 1.0)}),
+    )
+    for label, settings in variants:
+        steerer = pipe.fit_steering(source, target, control, gate_threshold=None, progress=False, **settings)
         timing = time_variants(unet, call, steerer, repeats)
-        label = f"{preset}, {'with' if support else 'no'} support"
         rows.append(
             {"model": "shapes-sd (CPU, batch 2x8, 64x64)", "preset": label, "layers": len(steerer.layers), **timing}
         )
@@ -132,7 +135,7 @@ def sdxl_gpu(repeats: int) -> list[dict]:
         }
 
     rows = []
-    for preset in ("blocks", "norms"):
+    for preset in ("cross-attention", "blocks", "norms"):
         points = hook_points(unet, preset)
         sets = [[call(seed)] for seed in range(3)]
         steerer = fit_steerer(

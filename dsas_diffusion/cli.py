@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .app.options import add_server_arguments
 from .eval.command import add_arguments as add_eval_arguments
-from .names import DIFFUSION_PRESETS, MAP_NAMES
+from .names import CFG_MODES, DIFFUSION_PRESETS, MAP_NAMES
 
 __all__ = ["build_parser", "main"]
 
@@ -34,17 +34,16 @@ def _fit(args: argparse.Namespace) -> None:
     control = read_prompts(args.control) if args.control else None
     pipe = load_pipeline(args.model, device=args.device)
     steps = "all" if args.collect_steps == "all" else [int(s) for s in args.collect_steps.split(",")]
+    chosen = {"map": args.map, "preset": args.preset, "n_components": args.components, "gate_floor": args.gate_floor}
     steerer = pipe.fit_steering(
         source,
         target,
         control,
-        map=args.map,
         gate=args.gate,
-        preset=args.preset,
         collect_steps=steps,
         num_inference_steps=args.steps,
-        n_components=args.components,
         seed=args.seed,
+        **{name: value for name, value in chosen.items() if value is not None},  # else fit_steering's defaults
     )
     steerer.save_pretrained(args.out)
     print(steerer)
@@ -67,6 +66,8 @@ def _generate(args: argparse.Namespace) -> None:
     call = {"num_inference_steps": args.steps}
     if args.guidance is not None:
         call["guidance_scale"] = args.guidance
+    if args.steering_cfg is not None:
+        call["steering_cfg"] = args.steering_cfg
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.compare:
@@ -118,12 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--source", required=True, help="prompts showing the concept (one per line)")
     fit.add_argument("--target", required=True, help="the same prompts without the concept")
     fit.add_argument("--control", help="prompts steering must leave alone (needed by --gate dsas)")
-    fit.add_argument("--map", choices=MAP_NAMES, default="linear-act")
+    fit.add_argument("--map", choices=MAP_NAMES, help="steering map (default: fit_steering's, caa)")
     fit.add_argument("--gate", choices=("dsas", "none"), default="dsas")
-    fit.add_argument("--preset", choices=DIFFUSION_PRESETS, default="blocks")
+    fit.add_argument("--preset", choices=DIFFUSION_PRESETS, help="hook points (default: cross-attention)")
     fit.add_argument("--steps", type=int, default=10, help="denoising steps of the collection runs")
     fit.add_argument("--collect-steps", default="all", help="'all' or comma-separated step indices, e.g. 0,1,2")
-    fit.add_argument("--components", type=int, default=20, help="PCA rank of the DSAS gates")
+    fit.add_argument("--components", type=int, help="PCA rank of the DSAS gates (default 20)")
+    fit.add_argument("--gate-floor", type=float, help="gates opened less than this are 0 (default 0.5)")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--device", default=None)
     fit.add_argument("--out", required=True, help="directory for steering_config.json + steering.safetensors")
@@ -139,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--steps", type=int, default=25)
     gen.add_argument("--guidance", type=float, default=None)
+    gen.add_argument("--steering-cfg", choices=CFG_MODES, help="steer the conditional CFG half (default) or both")
     gen.add_argument("--device", default=None)
     gen.add_argument("--compare", action="store_true", help="one grid: unsteered | uniform | DSAS | gate heatmap")
     gen.add_argument("--out", required=True, help="image path (a grid with --compare)")

@@ -29,8 +29,8 @@ __all__ = ["main"]
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="outputs", help="output directory")
-    parser.add_argument("--map", default="linear-act", choices=MAP_NAMES)
-    parser.add_argument("--strength", type=float, default=3.0)
+    parser.add_argument("--map", default="caa", choices=MAP_NAMES)
+    parser.add_argument("--strength", type=float, default=2.0)
     parser.add_argument("--count", type=int, default=16, help="held-out prompts per group")
     parser.add_argument("--steps", type=int, default=25)
     args = parser.parse_args(argv)

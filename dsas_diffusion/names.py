@@ -32,13 +32,14 @@ FIT_GATES = ("dsas", "none", "e2e")
 GATINGS = ("uniform", "dsas", "e2e")
 #: the gate's squashing function
 GATE_ACTIVATIONS = ("sigmoid", "relu")
-#: what the gate's classifier is fitted on
-GATE_FIT_ON = ("pooled", "positions")
+#: what the gate's classifier is fitted on: per-sample means, sampled positions, or the
+#: concept's positions located by contrast with the paired target
+GATE_FIT_ON = ("pooled", "positions", "contrast")
 #: how a fitted gate is recalibrated on single positions
-GATE_CALIBRATIONS = ("none", "control-positions")
+GATE_CALIBRATIONS = ("none", "control-positions", "two-sided")
 #: which half of a classifier-free-guidance batch is steered
 CFG_MODES = ("both", "cond")
-#: named sets of hook points on a denoiser
-DIFFUSION_PRESETS = ("blocks", "norms")
+#: named sets of hook points on a denoiser (see diffusion/architectures.py)
+DIFFUSION_PRESETS = ("cross-attention", "blocks", "norms")
 #: the three renderings compared everywhere: unsteered, uniform steering, DSAS
 RENDER_MODES = ("unsteered", "uniform", "dsas")

@@ -14,9 +14,9 @@ def test_demo_removes_bananas_and_spares_control_prompts(tmp_path):
     table = {row[0]: (float(row[1].rstrip("%")) / 100, float(row[2]), float(row[3])) for row in rows}
     unsteered, uniform, dsas = table["unsteered"], table["uniform"], table["dsas"]
     assert unsteered[1] == 0.0 and unsteered[2] == 0.0
-    # with DSAS on, banana prompts change more than control prompts ...
-    assert dsas[1] > 1.5 * dsas[2]  # measured: 1.26 vs 0.40 (8 prompts), 2.01 vs 0.97 (16)
-    # ... control prompts change much less than under uniform steering ...
-    assert dsas[2] < 0.25 * uniform[2]  # measured: 0.40 vs 6.46, 0.97 vs 28.65
-    # ... and no more bananas are drawn than without steering
-    assert dsas[0] <= unsteered[0]
+    # DSAS removes at least half of the bananas ...
+    assert dsas[0] <= unsteered[0] / 2  # measured: 88% -> 6% (16 prompts)
+    # ... while control prompts stay within a pixel change of 2 (measured: 0.00), far below
+    # uniform steering's change (measured: 7.18), and banana prompts do change
+    assert dsas[2] <= 2.0 and dsas[2] < 0.25 * uniform[2]
+    assert dsas[1] > 1.5 * dsas[2]

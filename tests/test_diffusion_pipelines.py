@@ -149,6 +149,53 @@ def test_steering_the_conditional_half_leaves_the_unconditional_rows_untouched(t
     assert not torch.equal(both[:half], plain[:half]) and not torch.equal(both[half:], plain[half:])
 
 
+def test_separate_guidance_calls_steer_only_the_conditional_call(tokenizer_dir):
+    """FLUX runs true classifier-free guidance as two denoiser calls per step (conditional
+    first): with steering_cfg="cond" only the first call of each step is steered."""
+    tiny = build("flux", tokenizer_dir)
+    pipe = tiny.dsas()
+    pipe.set_progress_bar_config(disable=True)
+    extra = {k: v for k, v in tiny.call_kwargs.items() if k != "num_inference_steps"}
+    pipe.fit_steering(SOURCE, TARGET, gate="none", preset="blocks", num_inference_steps=2, progress=False,
+                      pipeline_kwargs=extra)  # fmt: skip
+    call = {**tiny.call_kwargs, "true_cfg_scale": 2.0, "negative_prompt": ["a gray background"] * len(PROMPTS)}
+    call["steering_gate"] = False
+
+    def outputs(**steering):
+        kept = []
+        handle = pipe.denoiser.register_forward_hook(lambda m, a, o: kept.append(o[0].detach().clone()))
+        try:
+            _run(pipe, PROMPTS, **{**call, **steering})
+        finally:
+            handle.remove()
+        return kept
+
+    plain, cond, both = (
+        outputs(steering_strength=0.0),
+        outputs(steering_strength=2.0),
+        outputs(steering_strength=2.0, steering_cfg="both"),
+    )
+    assert len(plain) == 2 * call["num_inference_steps"]  # two calls per step
+    assert not torch.equal(cond[0], plain[0]) and torch.equal(cond[1], plain[1])  # first step: only the conditional
+    assert not torch.equal(both[1], plain[1])
+
+
+def test_a_step_window_steers_only_the_chosen_steps(tiny, fitted):
+    pipe, _ = fitted
+    steps = tiny.call_kwargs["num_inference_steps"]
+    full = _run(pipe, PROMPTS[:1], steering_strength=1.0, steering_gate=False, **tiny.call_kwargs).images
+    half = _run(
+        pipe, PROMPTS[:1], steering_strength=1.0, steering_steps=(0, 0.5), return_gate_maps=True, **tiny.call_kwargs
+    )
+    assert all(tensor.shape[0] == steps // 2 for tensor in half.gate_maps["default"].values())  # gates of steered steps
+    early = _run(pipe, PROMPTS[:1], steering_strength=1.0, steering_gate=False, steering_steps=(0, 0.5),
+                 **tiny.call_kwargs).images  # fmt: skip
+    plain = _run(pipe, PROMPTS[:1], steering_strength=0.0, **tiny.call_kwargs).images
+    assert not np.array_equal(early, plain) and not np.array_equal(early, full)
+    with pytest.raises(SteeringError, match="steering_steps"):
+        _run(pipe, PROMPTS[:1], steering_strength=1.0, steering_steps=(0.5, 0.2), **tiny.call_kwargs)
+
+
 def test_fit_save_load_generate_round_trip(tiny, fitted, tmp_path):
     pipe, steerer = fitted
     steerer.save_pretrained(tmp_path / "steering")

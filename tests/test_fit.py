@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 from toys import TokenNet, make_sets
 
 from dsas_diffusion.steering import (
@@ -230,3 +231,46 @@ def test_incremental_gates_are_refitted_with_upstream_layers_steered():
         assert plain.layers[index].gate.accuracy > 0.9  # measured 0.95, 0.94
         assert refitted.layers[index].gate.accuracy < plain.layers[index].gate.accuracy - 0.1  # measured 0.77, 0.75
         assert not torch.equal(plain.layers[index].gate.weight, refitted.layers[index].gate.weight)
+
+
+def test_contrast_locates_the_concept_positions_of_paired_inputs():
+    """Source = target plus the concept at known positions: contrast finds exactly those."""
+    from dsas_diffusion.steering import collect_contrast_positions
+
+    model = nn.Identity()
+    generator = torch.Generator().manual_seed(0)
+    target = [torch.randn(4, 10, 8, generator=generator) for _ in range(3)]
+    source = [batch.clone() for batch in target]
+    concept = torch.zeros(8)
+    concept[0] = 6.0
+    for batch in source:
+        batch[:, 2] += concept  # the concept sits at position 2 of every sample
+    found = collect_contrast_positions(model, [""], source, target, background_per_sample=5, progress=False)
+    expected = torch.cat([batch[:, 2] for batch in source])
+    torch.testing.assert_close(found.concept[""], expected)
+    assert found.background[""].shape == (3 * 4 * 5, 8)
+    assert not any(torch.equal(row, concept_row) for row in found.background[""] for concept_row in expected)
+    with pytest.raises(InputSetError, match="paired"):
+        collect_contrast_positions(model, [""], source, target[:2], progress=False)
+
+
+def test_contrast_fitted_gates_open_where_the_concept_is_and_not_beside_it():
+    """Gates fitted on contrast-located positions (against control and background
+    positions) open at the concept's position and stay shut beside it."""
+    generator = torch.Generator().manual_seed(1)
+    width = 8
+    concept = torch.zeros(width)
+    concept[0] = 4.0
+    target = [torch.randn(4, 10, width, generator=generator) for _ in range(8)]
+    source = [batch.clone() for batch in target]
+    for batch in source:
+        batch[:, 3] += concept
+    control = [torch.randn(4, 10, width, generator=generator) for _ in range(8)]
+    model = nn.Sequential(nn.Identity())
+    common = dict(map="caa", gate_threshold=None, n_components=4, progress=False)
+    steerer = fit_steerer(model, ["0"], source, target, control, gate_fit_on="contrast", **common)
+    probe = torch.randn(64, 10, width, generator=generator)
+    probe[:, 3] += concept
+    opening = steerer.layers[0].gate(probe, -1).squeeze(-1)
+    assert opening[:, 3].mean() > 0.8 and torch.cat([opening[:, :3], opening[:, 4:]], 1).mean() < 0.2
+    assert steerer.config["gate_fit_on"] == "contrast" and steerer.config["contrast_level"] == 0.5

@@ -86,3 +86,22 @@ def test_fewer_samples_than_components_is_a_clear_error():
 def test_empty_control_is_a_clear_error():
     with pytest.raises(InputSetError, match="control set is empty"):
         fit_gate(torch.randn(8, 4), torch.zeros(0, 4))
+
+
+def test_two_sided_calibration_puts_both_quantiles_at_their_levels():
+    from dsas_diffusion.steering import calibrate_gate_two_sided
+
+    generator = torch.Generator().manual_seed(3)
+    control = torch.randn(400, 6, generator=generator)
+    concept = torch.randn(400, 6, generator=generator) + torch.tensor([3.0, 0, 0, 0, 0, 0])
+    gate = LinearGate(torch.tensor([0.2, 0.01, 0, 0, 0, 0]), 0.0)
+    direction = gate.weight.clone()
+    assert calibrate_gate_two_sided(gate, control, concept, control_level=0.05, concept_level=0.9)
+    opening = {name: gate(rows, -1).squeeze(-1).double() for name, rows in (("control", control), ("concept", concept))}
+    assert float(torch.quantile(opening["control"], 0.99)) == pytest.approx(0.05, abs=1e-3)
+    assert float(torch.quantile(opening["concept"], 0.5)) == pytest.approx(0.9, abs=1e-3)
+    torch.testing.assert_close(gate.weight / gate.weight.norm(), direction / direction.norm())  # same direction
+    # a direction that ranks the concept below control cannot meet both ends: control stays shut
+    backwards = LinearGate(-direction, 0.0)
+    assert not calibrate_gate_two_sided(backwards, control, concept)
+    assert float(torch.quantile(backwards(control, -1).squeeze(-1).double(), 0.99)) <= 0.05 + 1e-4

@@ -215,3 +215,44 @@ def test_gates_are_recorded_at_strength_zero_without_changing_the_output(token_n
     # the first steered module sees the same input either way, so its gates agree
     assert torch.equal(idle.gate_maps["blocks.0"][0], active.gate_maps["blocks.0"][0])
     assert idle.gate_maps["blocks.2"][0].shape == (2, 5)
+
+
+def test_a_gate_below_its_floor_leaves_positions_untouched_at_any_strength():
+    """The floor makes a closed gate exactly 0: no leak however large the strength."""
+    model = nn.Identity()
+    gate = LinearGate(torch.tensor([1.0, 0.0, 0.0, 0.0]), 0.0, floor=0.5)
+    steerer = Steerer([_layer("", 4, gate=gate)])
+    x = torch.zeros(1, 3, 4)
+    x[0, 0, 0], x[0, 1, 0], x[0, 2, 0] = -4.0, 0.0, 4.0  # opening 0.018, 0.5, 0.982
+    for strength in (1.0, 64.0, 1e6):
+        with steerer.apply(model, strength=strength, gate=True):
+            out = model(x)
+        assert torch.equal(out[0, :2], x[0, :2])  # at or below the floor: bit-identical
+        assert not torch.equal(out[0, 2], x[0, 2])  # above it: steered
+    # without the floor the sigmoid's tail leaks, more with the strength
+    leaky = Steerer([_layer("", 4, gate=LinearGate(torch.tensor([1.0, 0.0, 0.0, 0.0]), 0.0))])
+    with leaky.apply(model, strength=64.0, gate=True):
+        assert (model(x)[0, 0] - x[0, 0]).abs().max() > 0.5
+
+
+def test_the_floor_keeps_a_fully_open_gate_at_one_and_is_saved(tmp_path):
+    gate = LinearGate(torch.tensor([1.0]), 0.0, floor=0.5)
+    values = gate(torch.tensor([[30.0], [-30.0]]), -1).squeeze(-1)
+    assert values.tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match="floor"):
+        LinearGate(torch.tensor([1.0]), 0.0, floor=1.0)
+    Steerer([_layer("", 1, gate=gate)]).save_pretrained(tmp_path)
+    assert Steerer.from_pretrained(tmp_path).layers[0].gate.floor == 0.5
+
+
+def test_a_strength_above_the_steerings_bound_is_refused(token_net):
+    steerer = Steerer([_layer("blocks.1", 16)], config={"max_strength": 4.0})
+    with steerer.apply(token_net, strength=4.0, gate=False):
+        pass
+    for strength in (4.5, -8.0):
+        with pytest.raises(SteeringError, match="above this steering's bound 4"):
+            steerer.apply(token_net, strength=strength, gate=False)
+    assert active_hook_names(token_net) == []
+    unbounded = Steerer([_layer("blocks.1", 16)])
+    with unbounded.apply(token_net, strength=1e3, gate=False):
+        pass

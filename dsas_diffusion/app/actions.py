@@ -185,7 +185,7 @@ def fit_from_text(
     target_text: str,
     control_text: str,
     *,
-    map: str = "linear-act",
+    map: str = "caa",
     steps: int = 10,
     seed: int = 0,
     report: Callable[[float, str], None] | None = None,

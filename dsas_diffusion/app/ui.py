@@ -162,7 +162,7 @@ def build_demo(
                 target_box = gr.Textbox("\n".join(target), lines=8, label="Target: the same scenes without it")
                 control_box = gr.Textbox("\n".join(control), lines=8, label="Control: prompts to leave alone")
             with gr.Row():
-                steering_map = gr.Dropdown(list(MAP_NAMES), value="linear-act", label="Steering map")
+                steering_map = gr.Dropdown(list(MAP_NAMES), value="caa", label="Steering map")
                 fit_steps = gr.Slider(
                     LIMITS.min_fit_steps, LIMITS.max_fit_steps, value=10, step=1, label="Denoising steps collected"
                 )
@@ -173,7 +173,7 @@ def build_demo(
             seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=LIMITS.max_seed)
             steps = gr.Slider(LIMITS.min_steps, LIMITS.max_steps, value=25, step=1, label="Steps")
             guidance = gr.Slider(LIMITS.min_guidance, LIMITS.max_guidance, value=7.5, step=0.5, label="Guidance")
-            strength = gr.Slider(LIMITS.min_strength, LIMITS.max_strength, value=3.0, step=0.25, label="Strength λ")
+            strength = gr.Slider(LIMITS.min_strength, LIMITS.max_strength, value=2.0, step=0.25, label="Strength λ")
             size = gr.Number(0, label="Image size (px, 0 = model default)", precision=0)
         with gr.Row():
             generate_button = gr.Button("Generate", variant="primary", elem_id="generate")

@@ -64,7 +64,7 @@ class GenerateSettings:
     seed: int = 0
     steps: int = 25
     guidance: float = 7.5
-    strength: float = 3.0
+    strength: float = 2.0
     size: int = 0  # 0: the model's default size
 
 

@@ -17,6 +17,12 @@ Presets:
   layout (``B x N x C``; adaptive norms return a tuple whose element 0 is the normed
   stream). FLUX's single-stream blocks normalise text and image tokens together, so
   only its double-stream blocks' norms are in this preset.
+* ``"cross-attention"``: where the prompt enters the image stream, per position
+  (``B x N x C``). UNets and PixArt: the output of every cross-attention (``attn2``).
+  SD3 / FLUX joint blocks have no cross-attention; their joint attention returns
+  ``(image, text)``, and its image part (output 0) is where the text reaches the image
+  tokens. FLUX's single-stream blocks attend over text and image tokens together and are
+  left out.
 
 Example:
     >>> from diffusers import UNet2DConditionModel
@@ -70,6 +76,10 @@ class Architecture:
             raise ValueError(f"{self.denoiser_class}: presets {unknown} are not in names.DIFFUSION_PRESETS")
 
 
+_UNET_CROSS_ATTENTION = tuple(
+    HookGroup(f"{prefix}.attentions.*.transformer_blocks.*.attn2", None, "channels_last")
+    for prefix in ("down_blocks.*", "mid_block", "up_blocks.*")
+)
 _UNET_NORMS = tuple(
     HookGroup(f"{prefix}.attentions.*.transformer_blocks.*.norm{k}", None, "channels_last")
     for prefix in ("down_blocks.*", "mid_block", "up_blocks.*")
@@ -84,6 +94,7 @@ _UNET = Architecture(
             HookGroup("up_blocks.*", None, "channels_first"),
         ),
         "norms": _UNET_NORMS,
+        "cross-attention": _UNET_CROSS_ATTENTION,
     },
     image_ndim=4,
 )
@@ -98,6 +109,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                 HookGroup("transformer_blocks.*.norm1", 0, "channels_last"),
                 HookGroup("transformer_blocks.*.norm2", None, "channels_last"),
             ),
+            "cross-attention": (HookGroup("transformer_blocks.*.attn", 0, "channels_last"),),
         },
         image_ndim=3,
         patch_size_attr="patch_size",
@@ -113,6 +125,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                 HookGroup("transformer_blocks.*.norm1", 0, "channels_last"),
                 HookGroup("transformer_blocks.*.norm2", None, "channels_last"),
             ),
+            "cross-attention": (HookGroup("transformer_blocks.*.attn", 0, "channels_last"),),
         },
         image_ndim=3,
         patch_size_attr="patch_size",
@@ -125,6 +138,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                 HookGroup("transformer_blocks.*.norm1", None, "channels_last"),
                 HookGroup("transformer_blocks.*.norm2", None, "channels_last"),
             ),
+            "cross-attention": (HookGroup("transformer_blocks.*.attn2", None, "channels_last"),),
         },
         image_ndim=3,
         patch_size_attr="patch_size",

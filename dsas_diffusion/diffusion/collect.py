@@ -41,7 +41,7 @@ def _primary_input(arguments: Mapping[str, Any]) -> torch.Tensor:
     return next(v for v in arguments.values() if torch.is_tensor(v))
 
 
-def _timestep_key(value: Any) -> float | None:
+def timestep_key(value: Any) -> float | None:
     if torch.is_tensor(value):
         return float(value.flatten()[0]) if value.numel() else None
     if isinstance(value, (int, float)):
@@ -132,7 +132,7 @@ def record_denoiser_calls(
         if threading.get_ident() != owner:
             return  # another thread's call on the same denoiser (a server answering requests)
         arguments = signature.bind(*args, **kwargs).arguments
-        key = _timestep_key(arguments.get("timestep"))
+        key = timestep_key(arguments.get("timestep"))
         if key is not None and key == state["timestep"]:
             return  # a further call within the same step (e.g. a separate unconditional pass)
         state["timestep"], state["step"] = key, state["step"] + 1
@@ -205,6 +205,7 @@ class ImageStreamCheck:
         self.architecture = architecture_of(denoiser)
         self.problems: list[str] = []
         self.tokens: int | None = None
+        self.latent_size: tuple[int, ...] | None = None
         self._handles: list[Any] = []
         self._signature = inspect.signature(denoiser.forward)
         self._owner: int | None = None  # only the entering thread's calls are checked
@@ -230,6 +231,7 @@ class ImageStreamCheck:
             return
         arguments = self._signature.bind(*args, **kwargs).arguments
         latents = _primary_input(arguments)
+        self.latent_size = tuple(latents.shape[-2:]) if latents.ndim == 4 else None
         if latents.ndim == 4:  # (B, C, H, W) latents, patchified inside transformers
             patch = int(getattr(self.denoiser.config, self.architecture.patch_size_attr or "patch_size", 1) or 1)
             self.tokens = (latents.shape[-2] // patch) * (latents.shape[-1] // patch)
@@ -254,6 +256,16 @@ class ImageStreamCheck:
                     self.problems.append(
                         f"{point.module!r} output {point.output_index!r} has shape {tuple(tensor.shape)}, expected "
                         f"(B, {self.tokens} image tokens, C): it is not the image-token stream"
+                    )
+            elif point.layout == "channels_last" and self.latent_size is not None:
+                # tokens of a UNet feature map (inside its transformer blocks): one per position
+                # of the latents downsampled by a power of two
+                height, width = self.latent_size
+                grids = {(height >> k) * (width >> k) for k in range(8) if height >> k and width >> k}
+                if tensor.ndim != 3 or tensor.shape[1] not in grids:
+                    self.problems.append(
+                        f"{point.module!r} gave {tuple(tensor.shape)}, expected (B, positions, C) with the positions "
+                        f"of a {height}x{width} latent grid or a downsampled one: it is not the image stream"
                     )
 
         return hook

@@ -4,7 +4,7 @@ Each ``DSAS*Pipeline`` is the stock diffusers class plus :class:`DSASPipelineMix
 ``from_pretrained``, ``from_pipe`` (no weight reload), schedulers, offloading and every
 call argument work as before. Steering is added by::
 
-    pipe.fit_steering(source_prompts, target_prompts, control_prompts, map="linear-act", gate="dsas")
+    pipe.fit_steering(source_prompts, target_prompts, control_prompts)  # CAA + DSAS gates on the cross-attention
     pipe.load_steering("steering-dir")           # or a Steerer; several may be loaded
     out = pipe(prompt, steering_strength=1.0, return_gate_maps=True)
     out.images, out.gate_maps                    # gate maps: {steerer: {layer: (steps, B, H, W)}}
@@ -40,6 +40,7 @@ from ..steering import HookPoint, Steerer, SteeringError, fit_steerer
 from ..steering.hooks import SteeringSession
 from .architectures import hook_points as preset_hook_points
 from .collect import ImageStreamCheck, check_image_stream, record_denoiser_calls, run_denoiser_call
+from .steps import StepWindow, check_step_window
 
 __all__ = [
     "CFG_MODES",
@@ -125,14 +126,16 @@ class DSASPipelineMixin:
         target_prompts: Sequence[str],
         control_prompts: Sequence[str] | None = None,
         *,
-        map: str = "linear-act",
+        map: str = "caa",
         gate: str = "dsas",
-        preset: str = "blocks",
+        preset: str = "cross-attention",
         hook_points: Sequence[HookPoint | str] | None = None,
         collect_steps: Sequence[int] | str = "all",
         num_inference_steps: int = 10,
         n_components: int = 20,
         gate_calibration: str = "control-positions",
+        gate_floor: float = 0.5,
+        max_strength: float | None = 16.0,
         support_quantiles: tuple[float, float] | None = None,
         batch_size: int = 8,
         seed: int = 0,
@@ -147,10 +150,19 @@ class DSASPipelineMixin:
             source_prompts: prompts showing the concept to remove.
             target_prompts: the same prompts with the concept replaced (paired or not).
             control_prompts: prompts steering must leave alone (needed for ``gate="dsas"``).
-            map: ``"caa"``, ``"iti"``, ``"linear-act"`` or ``"lineas"``.
+            map: ``"caa"`` (default), ``"iti"``, ``"linear-act"`` or ``"lineas"``.
             gate: ``"dsas"``, ``"none"`` (uniform only) or ``"e2e"`` (with ``map="lineas"``).
-            preset: ``"blocks"`` or ``"norms"`` (see :mod:`dsas_diffusion.diffusion.architectures`);
-                ignored only when ``hook_points`` is given.
+            preset: ``"cross-attention"`` (default: where the prompt enters the image stream),
+                ``"blocks"`` or ``"norms"`` (see :mod:`dsas_diffusion.diffusion.architectures`);
+                ignored when ``hook_points`` is given. The defaults (cross-attention, CAA, gate
+                floor 0.5, and the call's conditional-half steering) were chosen by
+                ``benchmarks/gate_diagnostic.py`` and ``benchmarks/removal.py`` on ``shapes-sd``
+                (docs/removal.md): on the block outputs the gates hardly separated concept from
+                control positions (ROC-AUC 0.62 on average over layers and three concepts) and
+                the maps removed the concept only at strengths that changed control images; on
+                the cross-attention outputs the gates separate them almost perfectly (0.99) and
+                CAA removes a banana, a colour and a shape at λ = 2 with control images changed
+                by at most 0.42 of 255.
             collect_steps: denoising steps whose activations are collected (``"all"`` or indices).
             num_inference_steps: the schedule used for collection.
             n_components: PCA rank of the DSAS gates. 20 here, not the core's 5: on ``shapes-sd``
@@ -161,6 +173,15 @@ class DSASPipelineMixin:
                 pooled activations open on ordinary positions when applied per position (mean gate
                 0.33 away from the concept on the demo UNet; 0.04 after calibration), so DSAS changed
                 banana and control images of ``shapes-sd`` alike without it.
+            gate_floor: gates opened less than this are exactly 0 (see
+                :class:`~dsas_diffusion.steering.LinearGate`), so control images stay unchanged at
+                any strength (without it, the sigmoid's tail times λ leaked into control images:
+                pixel change 3.8 at λ = 64 against at most 0.6 with the floor); 0 keeps the plain
+                sigmoid of the paper.
+            max_strength: the largest λ the steerer accepts (``None``: no bound). λ = 1 moves the
+                source onto the target; on ``shapes-sd`` concept images were destroyed from λ = 16
+                on, and at λ = 64 a colour steering changed control images (pixel change 2.5), so
+                larger strengths are refused with an error.
             support_quantiles: Linear-AcT's source support; ``None`` here (the map applies at every
                 position and the gate decides where): the support is estimated on pooled samples,
                 which single positions often leave, and costs four more kernels per hook.
@@ -211,6 +232,8 @@ class DSASPipelineMixin:
             gate=gate,
             n_components=n_components,
             gate_calibration=gate_calibration if gate == "dsas" else "none",
+            gate_floor=gate_floor if gate == "dsas" else 0.0,
+            max_strength=max_strength,
             support_quantiles=support_quantiles,
             forward=lambda call: run_denoiser_call(denoiser, call),
             mask_fn=lambda call: None,
@@ -223,10 +246,14 @@ class DSASPipelineMixin:
         return steerer
 
     # -- generation ------------------------------------------------------------------------
+    def _call_default(self, name: str) -> Any:
+        """The stock call's default value of argument ``name``."""
+        return inspect.signature(super().__call__).parameters[name].default  # type: ignore[misc]
+
     def _guidance_on(self, kwargs: Mapping[str, Any]) -> bool:
         scale = kwargs.get("guidance_scale")
         if scale is None:
-            scale = inspect.signature(super().__call__).parameters["guidance_scale"].default  # type: ignore[misc]
+            scale = self._call_default("guidance_scale")
         if getattr(self.denoiser.config, "time_cond_proj_dim", None) is not None:
             return False  # guidance-distilled UNets (LCM) embed the scale instead of batching
         if self.dsas_cfg_layout == "separate":
@@ -239,7 +266,8 @@ class DSASPipelineMixin:
         *args: Any,
         steering_strength: float | Mapping[str, float] | None = None,
         steering_gate: bool = True,
-        steering_cfg: str = "both",
+        steering_cfg: str = "cond",
+        steering_steps: tuple[float, float] | None = None,
         return_gate_maps: bool = False,
         **kwargs: Any,
     ) -> Any:
@@ -251,9 +279,15 @@ class DSASPipelineMixin:
                 bit-identical to the stock pipeline's.
             steering_gate: ``True`` scales the steering by the DSAS gates per position;
                 ``False`` steers every position uniformly.
-            steering_cfg: ``"both"`` steers the unconditional and the conditional half of the
-                guidance batch, each gated by its own activations; ``"cond"`` steers the
-                conditional half only.
+            steering_cfg: ``"cond"`` (default) steers the conditional half of the guidance batch
+                only (in pipelines that run the guidance branches as separate denoiser calls,
+                such as FLUX with ``true_cfg_scale``, the conditional call); ``"both"`` steers
+                the unconditional half too, each gated by its own activations. Measured on
+                ``shapes-sd`` (docs/removal.md): with ``"both"`` DSAS changed control images by
+                up to 98 of 255 over λ up to 64; with ``"cond"`` by at most 0.6.
+            steering_steps: ``(start, end)`` fractions of the schedule during which steering
+                acts, e.g. ``(0, 0.5)`` for the first half of the denoising steps; ``None``
+                steers every step.
             return_gate_maps: add ``gate_maps`` to the output: ``{steerer: {layer: tensor}}``
                 with one ``(steps, images, H, W)`` float tensor per layer (the conditional
                 half's gates, upsampled to the image size).
@@ -272,11 +306,8 @@ class DSASPipelineMixin:
         if not active:
             return super().__call__(*args, **kwargs)  # type: ignore[misc]
         guidance = self._guidance_on(kwargs)
-        if steering_cfg == "cond" and guidance and self.dsas_cfg_layout != "batched":
-            raise SteeringError(
-                f"steering_cfg='cond' needs batched guidance; {type(self).__name__} runs its guidance branches "
-                "as separate calls: use steering_cfg='both'"
-            )
+        window = check_step_window(steering_steps)
+        separate_cond = steering_cfg == "cond" and guidance and self.dsas_cfg_layout != "batched"
         denoiser = self.denoiser
         sessions: dict[str, SteeringSession] = {}
         checked = self.__dict__.setdefault("_dsas_checked", weakref.WeakSet())
@@ -291,9 +322,16 @@ class DSASPipelineMixin:
                     denoiser, strength=strengths[name], gate=steering_gate, record_gates=return_gate_maps
                 )
                 stack.enter_context(session)
-                if steering_cfg == "cond" and guidance:
+                if steering_cfg == "cond" and guidance and not separate_cond:
                     session.batch_rows = _RowsOfConditionalHalf()
                 sessions[name] = session
+            if window is not None or separate_cond:
+                total = kwargs.get("num_inference_steps") or self._call_default("num_inference_steps")
+                stack.enter_context(
+                    StepWindow(
+                        denoiser, list(sessions.values()), window=window, total=total, first_call_only=separate_cond
+                    )
+                )
             output = super().__call__(*args, **kwargs)  # type: ignore[misc]
         for steerer, check in checks:
             check.raise_if_wrong()

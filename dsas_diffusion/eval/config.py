@@ -102,7 +102,7 @@ class EvalConfig:
             Shapes models, ``ViT-B-32`` / ``openai`` otherwise).
         concept_template / neutral_caption: zero-shot concept presence captions.
         num_inference_steps, guidance_scale, height, width: the pipeline call.
-        steering_cfg: ``"both"`` or ``"cond"`` (see the pipelines' ``steering_cfg``).
+        steering_cfg: ``"cond"`` (default) or ``"both"`` (see the pipelines' ``steering_cfg``).
         fit: extra ``fit_steering`` arguments (``collect_steps``, ``n_components``,
             ``gate_threshold``, ``gate_calibration``...).
         batch_size: images per pipeline call.
@@ -136,7 +136,7 @@ class EvalConfig:
     guidance_scale: float | None = None
     height: int | None = None
     width: int | None = None
-    steering_cfg: str = "both"
+    steering_cfg: str = "cond"
     fit: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 16
     score_batch_size: int = 32

@@ -42,7 +42,18 @@ _EXPORTS = {
         ),
         ".concepts",
     ),
-    **dict.fromkeys(("ShapeJudge", "banana_drawn", "concept_drawn", "concepts_drawn", "read_scenes"), ".detect"),
+    **dict.fromkeys(
+        (
+            "ShapeJudge",
+            "banana_drawn",
+            "concept_drawn",
+            "concept_mask",
+            "concepts_drawn",
+            "others_drawn",
+            "read_scenes",
+        ),
+        ".detect",
+    ),
     **dict.fromkeys(("EXAMPLES_DIR", "EXAMPLE_CONCEPTS", "example_steerings", "fit_example_steering"), ".examples"),
     "load_shapes_clip": ".clip",
 }

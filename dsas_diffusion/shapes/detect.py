@@ -17,8 +17,10 @@ __all__ = [
     "ShapeJudge",
     "banana_drawn",
     "concept_drawn",
+    "concept_mask",
     "concepts_drawn",
     "isolate_colour",
+    "others_drawn",
     "read_colours",
     "read_scenes",
 ]
@@ -171,6 +173,23 @@ def concept_drawn(reading: SceneReading, prompt: str, concept: str) -> bool | No
     return all(reading.present[c] and reading.shapes[c] == concept for c in colours)
 
 
+def others_drawn(reading: SceneReading, prompt: str, concept: str) -> bool | None:
+    """Are the objects of ``prompt`` that do not carry ``concept`` drawn as prompted (their
+    colour present and read as their shape)? ``None`` when every object carries it.
+
+    Example (a red banana and a blue square; the concept is the banana):
+        >>> reading = SceneReading(True, True, {"red": "circle", "blue": "square"}, {"red": True, "blue": True})
+        >>> others_drawn(reading, "a red banana and a blue square on a white background", "banana")
+        True
+    """
+    from .data import parse_caption
+
+    others = [o for o in parse_caption(prompt).objects if concept not in (o.colour, o.shape)]
+    if not others:
+        return None
+    return all(reading.present.get(o.colour, False) and reading.shapes.get(o.colour) == o.shape for o in others)
+
+
 def concepts_drawn(judge: ShapeJudge, images: list[Image.Image], prompts: list[str], concept: str) -> list[bool]:
     """For each image: is ``concept`` (a shape or a colour) drawn where its prompt asked for it?
 
@@ -183,3 +202,25 @@ def concepts_drawn(judge: ShapeJudge, images: list[Image.Image], prompts: list[s
 def banana_drawn(judge: ShapeJudge, images: list[Image.Image], prompts: list[str]) -> list[bool]:
     """For each image: is the prompted banana's colour present and shaped like a banana?"""
     return concepts_drawn(judge, images, prompts, "banana")
+
+
+def concept_mask(image: Image.Image, prompt: str, concept: str) -> np.ndarray:
+    """``(H, W)`` boolean mask of the pixels of the object(s) carrying ``concept`` (a shape
+    or a colour) that ``prompt`` asks for, found by colour in ``image``; all ``False`` when
+    the prompt has no such object.
+
+    Example:
+        >>> from dsas_diffusion.shapes.data import parse_caption, render_scene
+        >>> prompt = "a yellow banana and a red square on a black background"
+        >>> scene = render_scene(parse_caption(prompt))
+        >>> bool((concept_mask(scene.image, prompt, "banana") == scene.masks[0]).all())
+        True
+    """
+    from .data import parse_caption
+
+    colours = [o.colour for o in parse_caption(prompt).objects if concept in (o.colour, o.shape)]
+    labels = read_colours(image).labels
+    mask = np.zeros(labels.shape, dtype=bool)
+    for colour in colours:
+        mask |= labels == _NAMES.index(colour)
+    return mask

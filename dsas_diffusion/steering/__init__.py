@@ -8,7 +8,9 @@ from ..names import FIT_GATES, MAP_NAMES
 from .collect import (
     ActivationCollector,
     Activations,
+    ContrastPositions,
     collect_activations,
+    collect_contrast_positions,
     default_forward,
     default_mask,
 )
@@ -21,8 +23,9 @@ from .errors import (
     SteeringFileError,
     UnknownModuleError,
 )
-from .fit import fit_from_activations, fit_steerer, select_layers
-from .gate import LinearGate, fit_gate, gate_accuracy_scale
+from .fit import fit_from_activations, fit_steerer
+from .gate import LinearGate, calibrate_gate_on_positions, calibrate_gate_two_sided, fit_gate, gate_accuracy_scale
+from .gate_fit import select_layers
 from .hookpoints import HookPoint, pool, resolve_module
 from .hooks import SteeringSession, active_hook_names
 from .layer import SteeringLayer
@@ -39,6 +42,7 @@ __all__ = [
     "ActivationCollector",
     "ActivationError",
     "Activations",
+    "ContrastPositions",
     "HookPoint",
     "IncompatibleSteeringError",
     "InputSetError",
@@ -53,7 +57,10 @@ __all__ = [
     "SteeringSession",
     "UnknownModuleError",
     "active_hook_names",
+    "calibrate_gate_on_positions",
+    "calibrate_gate_two_sided",
     "collect_activations",
+    "collect_contrast_positions",
     "default_forward",
     "default_mask",
     "fit_caa",

@@ -24,9 +24,11 @@ from .hooks import SteeringSession
 __all__ = [
     "ActivationCollector",
     "Activations",
+    "ContrastPositions",
     "Forward",
     "check_not_empty",
     "collect_activations",
+    "collect_contrast_positions",
     "default_forward",
     "default_mask",
 ]
@@ -268,3 +270,143 @@ def collect_activations(
 def check_not_empty(inputs: Sequence[Any] | None, name: str) -> None:
     if inputs is None or len(inputs) == 0:
         raise InputSetError(f"the {name} set is empty; give it at least a few batches (32 samples is the default size)")
+
+
+@dataclass
+class ContrastPositions:
+    """Per module, rows of single positions of the source inputs located by contrast with
+    their paired target inputs: ``concept`` where a source input differs most from its
+    target (the concept is there), ``background`` where it hardly differs."""
+
+    concept: dict[str, torch.Tensor]
+    background: dict[str, torch.Tensor]
+
+
+class _FullCapture:
+    """Hooks keeping the whole ``(B, positions, C)`` activation of the last forward call per module."""
+
+    def __init__(self, model: nn.Module, hook_points: Sequence[HookPoint]) -> None:
+        self.points = list(hook_points)
+        self.modules = {point.module: resolve_module(model, point.module) for point in self.points}
+        self.rows: dict[str, torch.Tensor] = {}
+        self._handles: list[Any] = []
+        self._owner = threading.get_ident()
+
+    def __enter__(self) -> _FullCapture:
+        try:
+            for point in self.points:
+                self._handles.append(self.modules[point.module].register_forward_hook(self._make_hook(point)))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def _make_hook(self, point: HookPoint):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if threading.get_ident() != self._owner:
+                return
+            tensor = get_output(output, point.output_index, point.module).detach()
+            self.rows[point.module] = position_rows(tensor, resolve_layout(tensor, point.layout)).float().cpu()
+
+        return hook
+
+    def take(self) -> dict[str, torch.Tensor]:
+        rows, self.rows = self.rows, {}
+        return rows
+
+
+def collect_contrast_positions(
+    model: nn.Module,
+    hook_points: Sequence[HookPoint | str],
+    source_inputs: Sequence[Any],
+    target_inputs: Sequence[Any],
+    *,
+    forward: Forward | None = None,
+    mask_fn: Callable[[Any], torch.Tensor | None] = default_mask,
+    level: float = 0.5,
+    per_sample: int = 16,
+    background_level: float = 0.1,
+    background_per_sample: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+) -> ContrastPositions:
+    """Locate the concept inside each source input without any mask, by contrast with its
+    paired target input (the same scene without the concept, e.g. the same prompt and seed
+    with the concept word replaced): at each hooked module, the positions where
+    ``|| source - target ||`` reaches at least ``level`` times the input's largest
+    difference (at most ``per_sample`` of them, largest first) are concept positions; the
+    positions below ``background_level`` times it (``background_per_sample`` of them, at
+    random) are the concept images' background.
+
+    Source and target must be paired batch by batch with activations of the same shape
+    (diffusion: the same seeds and steps; text of different lengths cannot be paired).
+
+    Example:
+        >>> model = torch.nn.Linear(4, 4)
+        >>> source = [torch.zeros(2, 5, 4)]
+        >>> source[0][:, 3] = 5.0                      # the concept at position 3
+        >>> found = collect_contrast_positions(model, ["" ], source, [torch.zeros(2, 5, 4)], progress=False)
+        >>> found.concept[""].shape, found.background[""].shape
+        (torch.Size([2, 4]), torch.Size([8, 4]))
+    """
+    if not 0.0 < background_level < level <= 1.0:
+        raise ValueError("contrast levels must satisfy 0 < background_level < level <= 1")
+    check_not_empty(source_inputs, "source")
+    check_not_empty(target_inputs, "target")
+    if len(source_inputs) != len(target_inputs):
+        raise InputSetError(
+            f"locating the concept by contrast pairs source and target batch by batch, but there are "
+            f"{len(source_inputs)} source and {len(target_inputs)} target batches; give paired sets of the same size"
+        )
+    forward = forward or default_forward(model)
+    points = [HookPoint.coerce(point) for point in hook_points]
+    generator = torch.Generator().manual_seed(seed)
+    concept: dict[str, list[torch.Tensor]] = {point.module: [] for point in points}
+    background: dict[str, list[torch.Tensor]] = {point.module: [] for point in points}
+    pairs = zip(source_inputs, target_inputs, strict=True)
+    with torch.no_grad(), _FullCapture(model, points) as capture:
+        for source_batch, target_batch in tqdm(pairs, total=len(source_inputs), desc="contrast", disable=not progress):
+            forward(source_batch)
+            source_rows = capture.take()
+            forward(target_batch)
+            target_rows = capture.take()
+            mask = mask_fn(source_batch)
+            for point in points:
+                name = point.module
+                if name not in source_rows or name not in target_rows:
+                    raise ActivationError(
+                        f"module {name!r} was not called by the forward pass of a source or target batch"
+                    )
+                rows, other = source_rows[name], target_rows[name]
+                if rows.shape != other.shape:
+                    raise InputSetError(
+                        f"module {name!r}: a source batch gave activations of shape {tuple(rows.shape)} and its "
+                        f"paired target batch {tuple(other.shape)}; contrast needs paired inputs of the same shape"
+                    )
+                difference = (rows - other).norm(dim=-1)  # (B, positions)
+                if mask is not None:
+                    difference = difference * mask.reshape(difference.shape).to(difference.dtype).cpu()
+                for sample in range(rows.shape[0]):
+                    top = difference[sample].max()
+                    if not bool(top > 0):
+                        continue  # source and target identical here: nothing to locate
+                    order = difference[sample].argsort(descending=True)
+                    strong = order[difference[sample][order] >= level * top][:per_sample]
+                    concept[name].append(rows[sample, strong])
+                    weak = (difference[sample] <= background_level * top).nonzero().flatten()
+                    weak = weak[torch.randperm(weak.numel(), generator=generator)[:background_per_sample]]
+                    background[name].append(rows[sample, weak])
+    empty = [name for name, found in concept.items() if not found]
+    if empty:
+        raise InputSetError(
+            f"source and target activations are identical at {empty}: the concept cannot be located by "
+            "contrast there; check that the target set differs from the source set"
+        )
+    return ContrastPositions(
+        {name: torch.cat(rows) for name, rows in concept.items()},
+        {name: torch.cat(rows) for name, rows in background.items()},
+    )

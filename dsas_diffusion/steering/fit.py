@@ -11,9 +11,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..names import CLOSED_FORM_MAPS, FIT_GATES, GATE_ACTIVATIONS, GATE_CALIBRATIONS, GATE_FIT_ON, MAP_NAMES
-from .collect import Activations, Forward, check_not_empty, collect_activations, default_forward, default_mask
+from .collect import (
+    Activations,
+    ContrastPositions,
+    Forward,
+    check_not_empty,
+    collect_activations,
+    collect_contrast_positions,
+    default_forward,
+    default_mask,
+)
 from .errors import InputSetError
-from .gate import LinearGate, calibrate_gate_on_positions, fit_gate, gate_accuracy_scale
+from .gate_fit import calibrate_layers, fit_layer_gate, select_layers
 from .hookpoints import HookPoint, resolve_module
 from .hooks import SteeringSession
 from .layer import SteeringLayer, module_signature
@@ -46,16 +55,6 @@ def _fit_map(name: str, source: torch.Tensor, target: torch.Tensor, settings: Ma
     raise ValueError(f"map must be one of {MAP_NAMES}, got {name!r}")
 
 
-def select_layers(layers: Sequence[SteeringLayer], *, threshold: float | None, accuracy_scaling: bool) -> None:
-    """Switch off gates below ``threshold`` accuracy; optionally scale the others by accuracy."""
-    for layer in layers:
-        gate = layer.gate
-        if gate is None or math.isnan(gate.accuracy):
-            continue
-        gate.enabled = threshold is None or gate.accuracy >= threshold
-        gate.scale = gate_accuracy_scale(gate.accuracy) if accuracy_scaling else 1.0
-
-
 def fit_from_activations(
     hook_points: Sequence[HookPoint],
     source: Activations,
@@ -65,9 +64,11 @@ def fit_from_activations(
     map: str = "linear-act",
     gate: str = "dsas",
     signatures: Mapping[str, dict[str, Any]] | None = None,
+    contrast: ContrastPositions | None = None,
     **settings: Any,
 ) -> list[SteeringLayer]:
-    """Fit closed-form maps (and gates) per layer from already collected activations."""
+    """Fit closed-form maps (and gates) per layer from already collected activations
+    (``contrast``: the concept's positions, for ``gate_fit_on="contrast"``)."""
     settings = {**_DEFAULTS, **settings}
     layers = []
     for point in hook_points:
@@ -79,27 +80,9 @@ def fit_from_activations(
         if gate in ("dsas", "e2e"):
             if control is None:
                 raise InputSetError("gate='dsas' needs control inputs; give a control set or use gate='none'")
-            layer_gate = _fit_layer_gate(name, source, control, settings)
+            layer_gate = fit_layer_gate(name, source, control, contrast, settings)
         layers.append(SteeringLayer(resolved, steering_map, layer_gate, (signatures or {}).get(name)))
     return layers
-
-
-def _fit_layer_gate(name: str, source: Activations, control: Activations, settings: Mapping[str, Any]) -> LinearGate:
-    if settings["gate_fit_on"] == "positions":
-        if name not in source.positions:
-            raise ValueError("gate_fit_on='positions' needs activations collected with positions_per_sample")
-        source_rows, control_rows = source.positions[name], control.positions[name]
-    else:
-        source_rows, control_rows = source.pooled[name], control.pooled[name]
-    return fit_gate(
-        source_rows,
-        control_rows,
-        n_components=settings["n_components"],
-        l2=settings["gate_l2"],
-        cv_folds=settings["cv_folds"],
-        seed=settings["seed"],
-        activation=settings["gate_activation"],
-    )
 
 
 _DEFAULTS: dict[str, Any] = {
@@ -136,6 +119,9 @@ def fit_steerer(
     gate_fit_on: str = "pooled",
     gate_calibration: str = "none",
     calibration_quantile: float = 0.99,
+    concept_level: float = 0.9,
+    gate_floor: float = 0.0,
+    contrast_level: float = 0.5,
     positions_per_sample: int = 16,
     gate_activation: str = "sigmoid",
     support_quantiles: tuple[float, float] | None = (0.0, 1.0),
@@ -143,6 +129,7 @@ def fit_steerer(
     iti_probe: str = "logistic",
     lineas: LinEASConfig | None = None,
     strength: float = 1.0,
+    max_strength: float | None = None,
     max_imbalance: float = 4.0,
     provenance: Mapping[str, Any] | None = None,
     progress: bool = True,
@@ -168,15 +155,24 @@ def fit_steerer(
             cross-validation folds and ``"sigmoid"`` / ``"relu"`` (clipped at 1).
         gate_threshold: layers whose gate accuracy is below it are not steered when gated
             (``None`` keeps all). ``accuracy_scaling`` scales each gate by its accuracy.
-        gate_fit_on: ``"pooled"`` (one row per sample) or ``"positions"`` (sampled
-            positions, ``positions_per_sample`` per sample).
-        gate_calibration: ``"none"`` or ``"control-positions"``: lower each gate's bias so
-            that at most ``1 - calibration_quantile`` of control positions open it past
-            0.05 (see :func:`calibrate_gate_on_positions`).
+        gate_fit_on: ``"pooled"`` (one row per sample, the method as published),
+            ``"positions"`` (sampled positions, ``positions_per_sample`` per sample) or
+            ``"contrast"`` (the source positions where each source input differs most from
+            its paired target input, against control and background positions; needs
+            source and target paired batch by batch, see :func:`collect_contrast_positions`;
+            ``contrast_level`` is its relative threshold).
+        gate_calibration: ``"none"``, ``"control-positions"`` (lower each gate's bias so that
+            at most ``1 - calibration_quantile`` of control positions open it past 0.05) or
+            ``"two-sided"`` (also rescale it so that the median concept position, located by
+            contrast, opens it to ``concept_level``; see :func:`calibrate_gate_two_sided`).
+        gate_floor: gates opened less than this are exactly 0 (see :class:`LinearGate`), so
+            closed positions stay unsteered at any strength; 0 keeps the plain sigmoid.
         support_quantiles: Linear-AcT's source support, ``None`` for everywhere.
         iti_alpha / iti_probe: ITI's step and direction (see :func:`fit_iti`).
         lineas: LinEAS training settings (:class:`LinEASConfig`).
         strength: the saved default λ.
+        max_strength: the largest |λ| the steerer will accept (``None``: no bound); applying it
+            with a larger strength raises :class:`SteeringError`.
         max_imbalance: refuse sets whose sizes differ by more than this factor.
         provenance: recorded in the saved file (base model, revision, prompts...).
     """
@@ -192,6 +188,16 @@ def fit_steerer(
         raise ValueError(f"gate_calibration must be one of {GATE_CALIBRATIONS}, got {gate_calibration!r}")
     if gate_activation not in GATE_ACTIVATIONS:
         raise ValueError(f"gate_activation must be one of {GATE_ACTIVATIONS}, got {gate_activation!r}")
+    if max_strength is not None and not (math.isfinite(max_strength) and max_strength > 0):
+        raise ValueError(f"max_strength must be a positive number or None, got {max_strength!r}")
+    if not 0.0 <= gate_floor < 1.0:
+        raise ValueError(f"gate_floor must lie in [0, 1), got {gate_floor!r}")
+    uses_contrast = gate == "dsas" and (gate_fit_on == "contrast" or gate_calibration == "two-sided")
+    if uses_contrast and incremental_gates:
+        raise ValueError(
+            "incremental_gates refits gates on upstream-steered activations; it does not combine with "
+            "gate_fit_on='contrast' or gate_calibration='two-sided'"
+        )
     points = [HookPoint.coerce(point) for point in hook_points]
     if not points:
         raise ValueError("give at least one hook point")
@@ -214,13 +220,27 @@ def fit_steerer(
         "iti_probe": iti_probe,
         "seed": seed,
     }
-    wants_positions = gate_fit_on == "positions" or gate_calibration != "none"
+    wants_positions = gate_fit_on != "pooled" or gate_calibration != "none"
     positions = positions_per_sample if wants_positions else None
     collect = dict(forward=forward, mask_fn=mask_fn, positions_per_sample=positions, progress=progress, seed=seed)
 
     source = collect_activations(model, points, source_inputs, name="source", **collect)
     target = collect_activations(model, points, target_inputs, name="target", **collect)
     control = collect_activations(model, points, control_inputs, name="control", **collect) if needs_control else None
+    contrast = None
+    if uses_contrast:
+        contrast = collect_contrast_positions(
+            model,
+            points,
+            source_inputs,
+            target_inputs,
+            forward=forward,
+            mask_fn=mask_fn,
+            level=contrast_level,
+            per_sample=positions_per_sample,
+            seed=seed,
+            progress=progress,
+        )
     counts = {"source": source.num_samples, "target": target.num_samples}
     if control is not None:
         counts["control"] = control.num_samples
@@ -231,7 +251,7 @@ def fit_steerer(
     signatures = {point.module: module_signature(resolve_module(model, point.module)) for point in points}
 
     layers = fit_from_activations(
-        points, source, target, control, map=map, gate=gate, signatures=signatures, **settings
+        points, source, target, control, map=map, gate=gate, signatures=signatures, contrast=contrast, **settings
     )
     if incremental and map in CLOSED_FORM_MAPS:
         for index in tqdm(range(1, len(layers)), desc="incremental maps", disable=not progress):
@@ -273,15 +293,24 @@ def fit_steerer(
                 sets[label] = collect_activations(
                     model, point, inputs, steering=upstream, name=f"{label} (steered upstream)", **collect
                 )
-            layers[index].gate = _fit_layer_gate(layers[index].name, sets["source"], sets["control"], settings)
+            layers[index].gate = fit_layer_gate(layers[index].name, sets["source"], sets["control"], None, settings)
             calibration_rows = {**calibration_rows, **sets["control"].positions}
 
-    if gate == "dsas" and gate_calibration == "control-positions":
-        for layer in layers:
-            calibrate_gate_on_positions(layer.gate, calibration_rows[layer.name], quantile=calibration_quantile)
+    calibration = {}
+    if gate == "dsas" and gate_calibration != "none":
+        calibration = calibrate_layers(
+            layers,
+            gate_calibration,
+            calibration_rows,
+            contrast,
+            quantile=calibration_quantile,
+            concept_level=concept_level,
+        )
 
     if gate == "dsas":  # end-to-end gates were trained to decide for themselves
         select_layers(layers, threshold=gate_threshold, accuracy_scaling=accuracy_scaling)
+        for layer in layers:
+            layer.gate.floor = float(gate_floor)
 
     config = {
         "map": map,
@@ -293,10 +322,15 @@ def fit_steerer(
         "pooling": "mean",
         "gate_calibration": gate_calibration,
         "calibration_quantile": calibration_quantile if gate_calibration != "none" else None,
+        "concept_level": concept_level if gate_calibration == "two-sided" else None,
+        "calibration_outcome": calibration or None,
+        "gate_floor": gate_floor if gate == "dsas" else None,
+        "contrast_level": contrast_level if uses_contrast else None,
         **{k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()},
         "positions_per_sample": positions,
         "samples": counts,
         "lineas": lineas.to_dict() if map == "lineas" else None,
+        "max_strength": None if max_strength is None else float(max_strength),
     }
     return Steerer(
         layers, strength=strength, config=config, provenance={**model_provenance(model), **(provenance or {})}

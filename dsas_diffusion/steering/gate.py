@@ -9,13 +9,28 @@ from ..names import GATE_ACTIVATIONS
 from .errors import InputSetError
 from .linear import fit_logistic, fit_pca, stratified_folds
 
-__all__ = ["GATE_ACTIVATIONS", "LinearGate", "calibrate_gate_on_positions", "fit_gate", "gate_accuracy_scale"]
+__all__ = [
+    "GATE_ACTIVATIONS",
+    "LinearGate",
+    "calibrate_gate_on_positions",
+    "calibrate_gate_two_sided",
+    "fit_gate",
+    "gate_accuracy_scale",
+]
 
 
 class LinearGate(nn.Module):
-    """``s(t) = scale * g(weight . t + bias)`` per position, with ``g`` a sigmoid or a ReLU
-    clipped at 1. ``accuracy`` is the held-out accuracy measured when it was fitted;
-    ``enabled=False`` switches the layer off when gating is on (layer selection).
+    """``s(t) = scale * f(g(weight . t + bias))`` per position, with ``g`` a sigmoid or a ReLU
+    clipped at 1 (the *opening*) and ``f`` the floor: with ``floor = τ > 0``,
+    ``f(o) = max(0, (o − τ) / (1 − τ))``, so a gate opened less than ``τ`` is exactly 0 and
+    stays 0 whatever the strength, and a fully open gate is still 1. ``accuracy`` is the
+    held-out accuracy measured when it was fitted; ``enabled=False`` switches the layer off
+    when gating is on (layer selection).
+
+    Example:
+        >>> gate = LinearGate(torch.tensor([1.0, 0.0]), 0.0, floor=0.5)
+        >>> gate(torch.tensor([[-3.0, 5.0], [0.0, 5.0], [3.0, 5.0]])).squeeze(-1)
+        tensor([0.0000, 0.0000, 0.9051])
     """
 
     def __init__(
@@ -28,10 +43,13 @@ class LinearGate(nn.Module):
         enabled: bool = True,
         activation: str = "sigmoid",
         n_components: int | None = None,
+        floor: float = 0.0,
     ) -> None:
         super().__init__()
         if activation not in GATE_ACTIVATIONS:
             raise ValueError(f"gate activation must be one of {GATE_ACTIVATIONS}, got {activation!r}")
+        if not 0.0 <= float(floor) < 1.0:
+            raise ValueError(f"gate floor must lie in [0, 1), got {floor!r}")
         self.weight = nn.Parameter(torch.as_tensor(weight, dtype=torch.float32).flatten().clone(), requires_grad=False)
         self.bias = nn.Parameter(torch.as_tensor(bias, dtype=torch.float32).reshape(()).clone(), requires_grad=False)
         self.accuracy = float(accuracy)
@@ -39,6 +57,7 @@ class LinearGate(nn.Module):
         self.enabled = bool(enabled)
         self.activation = activation
         self.n_components = n_components
+        self.floor = float(floor)
 
     @property
     def width(self) -> int:
@@ -57,15 +76,21 @@ class LinearGate(nn.Module):
         logits = torch.baddbmm(bias.view(1, 1, 1), self.weight.view(1, 1, width).expand(batch, 1, width), flat)
         return logits.view(batch, 1, *x.shape[2:])
 
-    def forward(self, x: torch.Tensor, feature_dim: int = -1) -> torch.Tensor:
+    def opening(self, x: torch.Tensor, feature_dim: int = -1) -> torch.Tensor:
+        """``g(weight . x + bias)`` in [0, 1] at every position, before the floor and scale."""
         logits = self.logits(x, feature_dim)
-        value = torch.sigmoid(logits) if self.activation == "sigmoid" else logits.clamp(0.0, 1.0)
+        return torch.sigmoid(logits) if self.activation == "sigmoid" else logits.clamp(0.0, 1.0)
+
+    def forward(self, x: torch.Tensor, feature_dim: int = -1) -> torch.Tensor:
+        value = self.opening(x, feature_dim)
+        if self.floor > 0.0:
+            value = value.sub_(self.floor).clamp_(min=0.0).mul_(1.0 / (1.0 - self.floor))
         return value * self.scale if self.scale != 1.0 else value
 
     def extra_repr(self) -> str:
         return (
             f"width={self.width}, accuracy={self.accuracy:.3f}, scale={self.scale:.3f}, "
-            f"enabled={self.enabled}, activation={self.activation}"
+            f"enabled={self.enabled}, activation={self.activation}, floor={self.floor:g}"
         )
 
 
@@ -170,7 +195,50 @@ def calibrate_gate_on_positions(
     with torch.no_grad():
         logits = control_positions.float() @ gate.weight
         level = torch.quantile(logits.double(), quantile).float()
-        target_logit = float(torch.logit(torch.tensor(ceiling))) if gate.activation == "sigmoid" else ceiling
+        target_logit = _logit_of(gate, ceiling)
         new_bias = torch.minimum(gate.bias, target_logit - level)
         gate.bias.copy_(new_bias)
     return gate
+
+
+def _logit_of(gate: LinearGate, level: float) -> float:
+    """The pre-activation value at which the gate's opening equals ``level``."""
+    return float(torch.logit(torch.tensor(level, dtype=torch.float64))) if gate.activation == "sigmoid" else level
+
+
+def calibrate_gate_two_sided(
+    gate: LinearGate,
+    control_positions: torch.Tensor,
+    concept_positions: torch.Tensor,
+    *,
+    control_quantile: float = 0.99,
+    control_level: float = 0.05,
+    concept_quantile: float = 0.5,
+    concept_level: float = 0.9,
+) -> bool:
+    """Rescale and shift the gate so that both ends are where they should be: at the
+    ``control_quantile`` of control positions the opening is ``control_level`` (control
+    stays shut) and at the ``concept_quantile`` of concept positions it is ``concept_level``
+    (the concept opens it). The direction is kept; its scale and the bias are set.
+
+    When the fitted direction does not put those two quantiles in the right order (the
+    concept's is below the control's), no rescaling can meet both: the control end is kept
+    (as :func:`calibrate_gate_on_positions` does) and ``False`` is returned.
+    """
+    if not 0.0 < control_level < concept_level < 1.0:
+        raise ValueError("calibration levels must satisfy 0 < control_level < concept_level < 1")
+    for name, rows in (("control", control_positions), ("concept", concept_positions)):
+        if rows.ndim != 2 or rows.shape[0] == 0:
+            raise InputSetError(f"two-sided gate calibration needs {name} positions: a non-empty (rows, C) matrix")
+    with torch.no_grad():
+        weight = gate.weight.double()
+        low = torch.quantile(control_positions.double() @ weight, control_quantile)
+        high = torch.quantile(concept_positions.double() @ weight, concept_quantile)
+        target_low, target_high = _logit_of(gate, control_level), _logit_of(gate, concept_level)
+        if not bool(high > low):
+            gate.bias.copy_(torch.minimum(gate.bias, torch.tensor(target_low - float(low), dtype=torch.float32)))
+            return False
+        factor = (target_high - target_low) / float(high - low)
+        gate.weight.mul_(factor)
+        gate.bias.fill_(target_low - factor * float(low))
+    return True

@@ -53,6 +53,8 @@ class SteeringSession:
         ``batch_rows``: steer only these batch rows (e.g. the conditional half of a CFG
             batch): a slice or index tensor, or a function of the batch size returning one;
             ``None`` steers all rows.
+        ``active``: ``False`` lets forward calls through untouched (and records no gates),
+            e.g. at denoising steps outside a steering window.
         ``gate_maps``: with ``record_gates=True``, per module a list with one gate tensor
             per forward call (float16, CPU; the activation's shape without its features).
     """
@@ -76,6 +78,7 @@ class SteeringSession:
         self.scoped = scoped
         self.observer = observer
         self.batch_rows: slice | torch.Tensor | Callable[[int], slice | torch.Tensor] | None = None
+        self.active = True
         self.gate_maps: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in self.layers}
         self.id = next(_COUNTER)
         self.hook_names: list[str] = []
@@ -141,7 +144,7 @@ class SteeringSession:
         point = layer.hook_point
 
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            if self.scoped and self.id not in _ACTIVE.get():
+            if not self.active or (self.scoped and self.id not in _ACTIVE.get()):
                 return None
             gated = self.gated
             if gated and layer.gate is not None and not layer.gate.enabled:

@@ -54,6 +54,7 @@ def _layer_entry(layer: SteeringLayer) -> dict[str, Any]:
             "enabled": gate.enabled,
             "activation": gate.activation,
             "n_components": gate.n_components,
+            "floor": gate.floor,
         },
     }
 
@@ -227,6 +228,7 @@ def _layer_from_entry(
                 enabled=meta.get("enabled", True),
                 activation=meta.get("activation", "sigmoid"),
                 n_components=meta.get("n_components"),
+                floor=meta.get("floor", 0.0),
             )
         return SteeringLayer(point, steering_map, gate, signature=entry.get("signature"))
     except (KeyError, TypeError, ValueError) as error:

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import IncompatibleSteeringError, UnknownModuleError
+from .errors import IncompatibleSteeringError, SteeringError, UnknownModuleError
 from .hookpoints import resolve_module
 from .hooks import SteeringSession, check_strength
 from .layer import SteeringLayer, module_signature
@@ -67,6 +67,12 @@ class Steerer(nn.Module):
     @property
     def module_names(self) -> list[str]:
         return [layer.name for layer in self.layers]
+
+    @property
+    def max_strength(self) -> float | None:
+        """The largest |λ| this steering accepts (``config["max_strength"]``), or ``None``."""
+        bound = self.config.get("max_strength")
+        return None if bound is None else float(bound)
 
     @property
     def has_gates(self) -> bool:
@@ -154,13 +160,21 @@ class Steerer(nn.Module):
                 f"gating requested but layers {missing} have no DSAS gate; refit with gate='dsas' "
                 "or steer uniformly with gate=False"
             )
+        value = check_strength(self.strength if strength is None else strength)
+        if self.max_strength is not None and abs(value) > self.max_strength:
+            raise SteeringError(
+                f"steering strength {value:g} is above this steering's bound {self.max_strength:g}: beyond it the "
+                "few unrelated positions whose gate opens are steered hard enough to change unrelated outputs, and "
+                "outputs with the concept are long destroyed. Use a strength within the bound, or fit with "
+                "max_strength=None to lift it."
+            )
         chosen = list(self.layers)
         if layers is not None:
             chosen = [self.layer(name) for name in layers]
         session = SteeringSession(
             chosen,
             model,
-            strength=self.strength if strength is None else strength,
+            strength=value,
             gated=gated,
             record_gates=record_gates,
             scoped=scoped,
