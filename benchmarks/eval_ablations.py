@@ -4,7 +4,7 @@
 
 Runs ``dsas eval``'s banana config (``benchmarks/eval_banana.yaml``) for one map with DSAS
 gates under each variant below, sharing one image cache with the main evaluation
-(``outputs/eval-banana/images``), and prints the hypervolumes and the figures at λ = 3.
+(``outputs/eval-images``), and prints the hypervolumes and the figures at λ = 3.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ HERE = Path(__file__).resolve().parent
 
 # name -> (config fields changed, what it tests)
 VARIANTS: dict[str, tuple[dict, str]] = {
-    "defaults": ({}, "fit_steering's defaults, both CFG halves steered"),
-    "cfg-cond": ({"steering_cfg": "cond"}, "steer the conditional CFG half only"),
+    "defaults": ({}, "fit_steering's defaults, the conditional CFG half steered"),
+    "cfg-both": ({"steering_cfg": "both"}, "steer both CFG halves"),
     "all-layers": ({"fit": {"gate_threshold": None}}, "keep layers whose gate accuracy is under 0.75"),
     "threshold-0.9": ({"fit": {"gate_threshold": 0.9}}, "keep only layers with gate accuracy >= 0.9"),
     "early-steps": ({"fit": {"collect_steps": [0, 1, 2]}}, "collect from the first 3 of 10 steps only"),
@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--map", default="linear-act", choices=["caa", "iti", "linear-act", "lineas"])
     parser.add_argument("--config", default=str(HERE / "eval_banana.yaml"))
     parser.add_argument("--out", default="outputs/eval-banana-ablations")
-    parser.add_argument("--cache-dir", default="outputs/eval-banana/images")
+    parser.add_argument("--cache-dir", default="outputs/eval-images")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
     args = parser.parse_args()
     lines = []
@@ -46,6 +46,8 @@ def main() -> None:
                 "methods": [f"{args.map}/dsas"],
                 "out": str(Path(args.out) / name),
                 "cache_dir": args.cache_dir,
+                "strengths": [0, 1, 2, 3, 4],  # one fixed grid: the variants are compared at λ = 3
+                "pairs_prompts": [],
                 **fields,
             },
         )

@@ -86,7 +86,7 @@ def _config(**fields):
         ({"concept_prompts": []}, "concept_prompts is empty"),
         ({"source": None}, "source prompts are missing"),
         ({"control": "/nonexistent/control.txt"}, "does not exist"),
-        ({"strengths": ["strong"]}, "strengths must be numbers"),
+        ({"strengths": ["strong"]}, "strengths must be .auto. or numbers"),
         ({"strengths": [0]}, "at least one strength above 0"),
         ({"strengths": [1, float("nan")]}, "finite numbers"),
         ({"seeds": [0.5]}, "seeds must be a non-empty list of integers"),
@@ -285,3 +285,34 @@ def test_the_caches_know_a_model_by_its_files(first_run, tmp_path):
     retrained = _run(config_path, out)
     assert (retrained["generated"], retrained["reused"]) == (12, 0)
     assert (out / "steering" / "caa-dsas" / "fit_key.txt").read_text() != fit_key
+
+
+PAIRS = [
+    "a yellow banana and a red square on a black background",
+    "a purple banana and a blue circle on a white background",
+]
+
+
+@pytest.mark.slow
+def test_an_adaptive_sweep_gives_each_method_its_own_range_and_extends_through_the_cache(first_run, tmp_path):
+    out, config_path = _copy_of(first_run, tmp_path)
+    adaptive = {**TINY, "strengths": "auto", "sweep": {"start": 1.5, "max": 6}, "pairs_prompts": PAIRS, "bootstrap": 50}
+    config_path.write_text(json.dumps(adaptive))
+    run = _run(config_path, out)
+    rows = json.loads((out / "rows.json").read_text())
+    for method in ("caa/uniform", "caa/dsas"):
+        strengths = sorted({r["strength"] for r in rows if r["method"] == method})
+        assert strengths == [1.5, 3.0, 6.0][: len(strengths)] and strengths, (method, strengths)
+        assert run["sweep_stopped"][method], method  # every sweep says why it stopped
+        groups = {r["group"] for r in rows if r["method"] == method}
+        assert groups == {"concept", "control", "pairs"}
+    # the fixed sweep's unsteered images were found in the cache
+    assert run["reused"] >= 4 and run["generated"] + run["reused"] == run["images"] == len(rows)
+    operating = (out / "operating.csv").read_text().splitlines()
+    assert operating[0].startswith("method,similarity,strength,reached,concept_drawn,concept_drawn_low")
+    assert len(operating) == 1 + 2 * 2  # two methods x two thresholds
+    assert "spatial_removed" in operating[0] and "Operating points" in (out / "summary.md").read_text()
+    # a higher maximum renders only the strengths the first sweep did not reach
+    config_path.write_text(json.dumps({**adaptive, "sweep": {"start": 1.5, "max": 12}}))
+    extended = _run(config_path, out)
+    assert extended["reused"] >= run["images"]

@@ -10,7 +10,8 @@ from .._lazy import lazy_exports
 _EXPORTS = {
     **dict.fromkeys(("ALL_METHODS", "ConfigError", "EvalConfig", "Method", "load_config", "parse_method"), ".config"),
     **dict.fromkeys(("ClipScorer", "default_clip_for", "pixel_change"), ".metrics"),
-    **dict.fromkeys(("hypervolume", "write_report"), ".report"),
+    **dict.fromkeys(("hypervolume", "method_figures", "operating_point"), ".operating"),
+    "write_report": ".report",
     **dict.fromkeys(("EvalResult", "run_evaluation"), ".sweep"),
     "Job": ".cache",
 }

@@ -31,7 +31,7 @@ class Job:
 
     method: str
     strength: float
-    group: str  # "concept" or "control"
+    group: str  # "concept", "control" or "pairs"
     prompt: str
     seed: int
 
@@ -41,10 +41,21 @@ class Job:
         return Job(UNSTEERED, 0.0, self.group, self.prompt, self.seed)
 
 
-def list_jobs(config: EvalConfig, methods: Sequence[Method]) -> list[Job]:
-    """Every image of the run, unsteered first, in a fixed order."""
-    groups = (("concept", config.concept_prompts), ("control", config.control_prompts))
-    runs = [(UNSTEERED, 0.0)] + [(m.name, s) for m in methods for s in config.strength_list if s != 0.0]
+def list_jobs(
+    config: EvalConfig, methods: Sequence[Method], strengths: Mapping[str, Sequence[float]] | None = None
+) -> list[Job]:
+    """Every image of the run, unsteered first, in a fixed order: each method at its
+    ``strengths`` (default: the config's fixed strengths), every seed, every group (concept,
+    control and, when the config has them, the spatial test's pairs)."""
+    groups = [("concept", config.concept_prompts), ("control", config.control_prompts)]
+    if config.pairs_prompts:
+        groups.append(("pairs", config.pairs_prompts))
+    runs = [(UNSTEERED, 0.0)] + [
+        (m.name, float(s))
+        for m in methods
+        for s in (config.strength_list if strengths is None else strengths.get(m.name, ()))
+        if s != 0.0
+    ]
     return [
         Job(method, strength, group, prompt, seed)
         for method, strength in runs

@@ -10,7 +10,9 @@ from ..names import CFG_MODES, GATINGS, MAP_NAMES
 __all__ = ["add_arguments", "main"]
 
 
-def _floats(text: str) -> list[float]:
+def _strengths(text: str) -> list[float] | str:
+    if text.strip() == "auto":
+        return "auto"
     return [float(part) for part in text.replace(",", " ").split()]
 
 
@@ -30,7 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concept-prompts", dest="concept_prompts", help="evaluation prompts showing the concept")
     parser.add_argument("--control-prompts", dest="control_prompts", help="evaluation prompts without it")
     parser.add_argument("--seeds", type=_ints, help="e.g. '0,1,2'")
-    parser.add_argument("--strengths", type=_floats, help="e.g. '0,1,2,4'")
+    parser.add_argument("--strengths", type=_strengths, help="'auto' (each method its own range) or e.g. '0,1,2,4'")
+    parser.add_argument("--pairs-prompts", dest="pairs_prompts", help="two-object prompts for the spatial test")
+    parser.add_argument("--bootstrap", type=int, help="bootstrap replicates for the intervals (default 1000)")
     parser.add_argument(
         "--methods",
         type=lambda t: "all" if t == "all" else t.replace(",", " ").split(),

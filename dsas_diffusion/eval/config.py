@@ -11,9 +11,10 @@ to the config file. Example (``benchmarks/eval_banana.yaml``)::
     control: ../dsas_diffusion/shapes/prompts/banana/control.txt
     concept_prompts: ../dsas_diffusion/shapes/prompts/banana/eval_concept.txt
     control_prompts: ../dsas_diffusion/shapes/prompts/banana/eval_control.txt
-    seeds: [0]
-    strengths: [0, 1, 2, 3, 4]
-    methods: all
+    pairs_prompts: ../dsas_diffusion/shapes/prompts/banana/eval_pairs.txt
+    seeds: [0, 1]
+    strengths: auto        # each method its own range: doubling from sweep.start (see SweepSettings)
+    methods: [caa/uniform, caa/dsas, linear-act/uniform, linear-act/dsas, lineas/uniform, lineas/dsas]
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ..names import CFG_MODES, GATINGS, MAP_NAMES
 from ..prompts import read_prompts
 from ..steering.errors import PromptFileError
 
-__all__ = ["ALL_METHODS", "ConfigError", "EvalConfig", "Method", "load_config", "parse_method"]
+__all__ = ["ALL_METHODS", "ConfigError", "EvalConfig", "Method", "SweepSettings", "load_config", "parse_method"]
 
 #: every map uniform and with DSAS, plus end-to-end DSAS + LinEAS
 ALL_METHODS = (*(f"{m}/{g}" for m in MAP_NAMES for g in GATINGS[:2]), "lineas/e2e")
@@ -84,6 +85,32 @@ def parse_method(text: str) -> Method:
     return method
 
 
+@dataclass(frozen=True)
+class SweepSettings:
+    """How ``strengths: auto`` sweeps each method: strengths ``start``, ``start * factor``,
+    ``start * factor**2`` ... until one of
+
+    * the concept presence (the Shapes detector where it applies, else CLIP presence) changed
+      by less than ``plateau`` between the last two strengths, once it has moved at least
+      ``plateau`` away from the unsteered images (so a sweep does not stop before it starts);
+    * the control similarity fell below ``min_similarity``;
+    * the next strength would pass ``max`` or the steerer's own ``max_strength`` (it would be
+      refused).
+
+    ``starts`` gives a method its own start (``{"lineas/dsas": 0.25}``).
+    """
+
+    start: float = 0.5
+    factor: float = 2.0
+    max: float = 64.0
+    plateau: float = 0.02
+    min_similarity: float = 0.5
+    starts: Mapping[str, float] = field(default_factory=dict)
+
+    def start_for(self, method: str) -> float:
+        return float(self.starts.get(method, self.start))
+
+
 @dataclass
 class EvalConfig:
     """One evaluation. Prompt fields take a list of prompts or a text file (one a line).
@@ -95,8 +122,15 @@ class EvalConfig:
         steering: an already fitted steering directory instead of the three sets; the methods
             are then that steerer's map, uniform and with its gates.
         concept_prompts / control_prompts: evaluation prompts, separate from the fitting ones.
+        pairs_prompts: optional two-object prompts, one object carrying the concept, for the
+            spatial test (is the concept object removed and the other one kept?).
         seeds, strengths: every prompt is rendered with every seed at every strength
-            (strength 0, the unsteered image, is always included).
+            (strength 0, the unsteered image, is always included). ``strengths: auto`` (the
+            default) sweeps each method over its own range (``sweep``).
+        sweep: a mapping of :class:`SweepSettings` fields.
+        thresholds: control similarities at which the report reads each method's operating
+            point (see :mod:`.operating`).
+        bootstrap: bootstrap replicates for the intervals (0: none).
         methods: ``"all"`` or a list such as ``["caa/uniform", "caa/dsas", "lineas/e2e"]``.
         clip_model / clip_pretrained: the open_clip scorer (default: ``shapes-clip`` for
             Shapes models, ``ViT-B-32`` / ``openai`` otherwise).
@@ -125,8 +159,12 @@ class EvalConfig:
     steering: str | None = None
     concept_prompts: list[str] = field(default_factory=list)
     control_prompts: list[str] = field(default_factory=list)
+    pairs_prompts: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0])
-    strengths: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 3.0, 4.0])
+    strengths: list[float] | str = "auto"
+    sweep: dict[str, Any] = field(default_factory=dict)
+    thresholds: list[float] = field(default_factory=lambda: [0.98, 0.95])
+    bootstrap: int = 1000
     methods: list[str] | str = "all"
     clip_model: str | None = None
     clip_pretrained: str | None = None
@@ -155,9 +193,20 @@ class EvalConfig:
         return [parse_method(name) for name in names]
 
     @property
+    def adaptive(self) -> bool:
+        """Whether each method is swept over its own range (``strengths: auto``)."""
+        return isinstance(self.strengths, str)
+
+    @property
     def strength_list(self) -> list[float]:
-        """Sorted strengths, 0 first."""
+        """Sorted fixed strengths, 0 first (only 0 for an adaptive sweep)."""
+        if self.adaptive:
+            return [0.0]
         return sorted({0.0, *(float(s) for s in self.strengths)})
+
+    @property
+    def sweep_settings(self) -> SweepSettings:
+        return SweepSettings(**self.sweep)
 
     def use_shapes_detector(self) -> bool:
         from ..shapes import is_shapes_world
@@ -193,14 +242,7 @@ class EvalConfig:
             raise ConfigError(f"steering: {self.steering!r} is not a steering directory (no steering_config.json)")
         if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
             raise ConfigError(f"seeds must be a non-empty list of integers, got {self.seeds!r}")
-        try:
-            values = [float(s) for s in self.strengths]
-        except (TypeError, ValueError):
-            raise ConfigError(f"strengths must be numbers, got {self.strengths!r}") from None
-        if not values or not all(math.isfinite(v) and v >= 0 for v in values):
-            raise ConfigError(f"strengths must be a non-empty list of finite numbers >= 0, got {self.strengths!r}")
-        if len(self.strength_list) < 2:
-            raise ConfigError("strengths: give at least one strength above 0 (0, the unsteered image, is implied)")
+        self._validate_strengths()
         methods = self.method_list
         if not methods:
             raise ConfigError("methods is empty: give 'all' or a list like ['linear-act/uniform', 'linear-act/dsas']")
@@ -214,7 +256,44 @@ class EvalConfig:
             raise ConfigError("batch_size, score_batch_size and num_inference_steps must be at least 1")
         if not isinstance(self.fit, Mapping):
             raise ConfigError(f"fit must be a mapping of fit_steering arguments, got {self.fit!r}")
+        if not isinstance(self.thresholds, Sequence) or not all(
+            isinstance(v, (int, float)) and 0 < v <= 1 for v in self.thresholds
+        ):
+            raise ConfigError(f"thresholds must be a list of control similarities in (0, 1], got {self.thresholds!r}")
+        if not isinstance(self.bootstrap, int) or isinstance(self.bootstrap, bool) or self.bootstrap < 0:
+            raise ConfigError(f"bootstrap must be a number of replicates >= 0, got {self.bootstrap!r}")
         return self
+
+    def _validate_strengths(self) -> None:
+        if isinstance(self.strengths, str):
+            if self.strengths != "auto":
+                raise ConfigError(f"strengths must be 'auto' or a list of numbers, got {self.strengths!r}")
+            if not isinstance(self.sweep, Mapping):
+                raise ConfigError(f"sweep must be a mapping of {list(SweepSettings.__dataclass_fields__)}")
+            try:
+                settings = self.sweep_settings
+            except TypeError as error:
+                raise ConfigError(f"sweep: {error}; known keys: {list(SweepSettings.__dataclass_fields__)}") from None
+            numbers = [settings.start, settings.factor, settings.max, settings.plateau, settings.min_similarity]
+            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in numbers) or not (
+                0 < settings.start <= settings.max and settings.factor > 1 and settings.plateau >= 0
+            ):
+                raise ConfigError(
+                    f"sweep: need 0 < start <= max, factor > 1 and plateau >= 0 (finite numbers), got {self.sweep!r}"
+                )
+            for name, value in dict(settings.starts).items():
+                parse_method(name)
+                if not isinstance(value, (int, float)) or not 0 < value <= settings.max:
+                    raise ConfigError(f"sweep.starts[{name!r}] must be a number in (0, max], got {value!r}")
+            return
+        try:
+            values = [float(s) for s in self.strengths]
+        except (TypeError, ValueError):
+            raise ConfigError(f"strengths must be 'auto' or numbers, got {self.strengths!r}") from None
+        if not values or not all(math.isfinite(v) and v >= 0 for v in values):
+            raise ConfigError(f"strengths must be a non-empty list of finite numbers >= 0, got {self.strengths!r}")
+        if len(self.strength_list) < 2:
+            raise ConfigError("strengths: give at least one strength above 0 (0, the unsteered image, is implied)")
 
 
 def _read_prompt_field(value: Any, base: Path, name: str) -> list[str] | None:
@@ -233,7 +312,7 @@ def _read_prompt_field(value: Any, base: Path, name: str) -> list[str] | None:
     raise ConfigError(f"{name} must be a prompt file or a list of prompts, got {value!r}")
 
 
-PROMPT_FIELDS = ("source", "target", "control", "concept_prompts", "control_prompts")
+PROMPT_FIELDS = ("source", "target", "control", "concept_prompts", "control_prompts", "pairs_prompts")
 
 
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> EvalConfig:

@@ -32,26 +32,11 @@ from PIL import Image
 
 from ..diffusion.visual import image_grid
 from .config import EvalConfig
+from .operating import hypervolume, method_figures, spatial_rows
 
 __all__ = ["hypervolume", "strength_grid", "summarise", "write_report"]
 
 MAP_COLOURS = {"caa": "tab:blue", "iti": "tab:orange", "linear-act": "tab:green", "lineas": "tab:red"}
-
-
-def hypervolume(points: Sequence[tuple[float, float]]) -> float:
-    """Area dominated by ``points`` (both coordinates larger is better) above (0, 0).
-
-    Example:
-        >>> hypervolume([(1.0, 0.2), (0.5, 0.8)])  # 1 x 0.2 + 0.5 x (0.8 - 0.2)
-        0.5
-    """
-    cleaned = sorted(((max(0.0, u), max(0.0, r)) for u, r in points), key=lambda p: -p[0])
-    area, best = 0.0, 0.0
-    for index, (utility, removal) in enumerate(cleaned):
-        best = max(best, removal)
-        following = cleaned[index + 1][0] if index + 1 < len(cleaned) else 0.0
-        area += (utility - following) * best
-    return round(area, 6)
 
 
 def _mean(rows: list[Mapping[str, Any]], key: str) -> float | None:
@@ -59,9 +44,16 @@ def _mean(rows: list[Mapping[str, Any]], key: str) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def _nanmean(rows: list[Mapping[str, Any]], key: str) -> float | None:
+    values = [row[key] for row in rows if row.get(key) is not None and not np.isnan(row[key])]
+    return float(np.mean(values)) if values else None
+
+
 def summarise(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> list[dict[str, Any]]:
     """One line per method and strength (strength 0 is the shared unsteered images)."""
-    unsteered = [r for r in rows if r["method"] == "unsteered"]
+    unsteered = [r for r in rows if r["method"] == "unsteered" and r["group"] != "pairs"]
+    spatial = spatial_rows(rows)
+    rows = [r for r in rows if r["group"] != "pairs"]
     lines = []
     for method in methods:
         strengths = sorted({r["strength"] for r in rows if r["method"] == method})
@@ -85,6 +77,11 @@ def summarise(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> list
             if any("concept_drawn" in r for r in chosen):
                 line["concept_drawn"] = _mean(concept, "concept_drawn")
                 line["control_as_prompted"] = _mean(control, "objects_as_prompted")
+            pairs = [r for r in spatial if r["method"] == ("unsteered" if strength == 0.0 else method)]
+            pairs = [r for r in pairs if strength == 0.0 or r["strength"] == strength]
+            if pairs:
+                line["spatial_removed"] = _nanmean(pairs, "removed")
+                line["spatial_kept"] = _nanmean(pairs, "kept")
             lines.append(line)
     return lines
 
@@ -128,6 +125,53 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     lines = ["| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
     lines += ["| " + " | ".join(_fmt(row.get(f)) for f in fields) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _interval(value: Any) -> str:
+    if value is None:
+        return "-"
+    estimate, low, high = value
+    if np.isnan(low):
+        return f"{estimate:.3f}"
+    return f"{estimate:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def _flat(line: Mapping[str, Any]) -> dict[str, Any]:
+    """An operating-point line with each interval as three columns."""
+    flat: dict[str, Any] = {}
+    for key, value in line.items():
+        if isinstance(value, tuple):
+            flat[key], flat[f"{key}_low"], flat[f"{key}_high"] = (round(v, 5) for v in value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def operating_table(lines: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown: one row per method and threshold, each figure with its interval."""
+    fields = [
+        "method",
+        "similarity",
+        "strength",
+        "concept_drawn",
+        "concept_presence",
+        "spatial_removed",
+        "spatial_kept",
+    ]
+    fields = [f for f in fields if any(line.get(f) is not None for line in lines)]
+    out = ["| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
+    for line in lines:
+        cells = []
+        for field in fields:
+            value = line.get(field)
+            if field == "strength":
+                cells.append(f"{value:.2f}" + ("" if line["reached"] else " (end of sweep)"))
+            elif isinstance(value, tuple) or value is None:
+                cells.append(_interval(value))
+            else:
+                cells.append(_fmt(value))
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 def pareto_plot(
@@ -200,19 +244,38 @@ def write_report(
     rows: Sequence[Mapping[str, Any]],
     out: Path,
     run: Mapping[str, Any] | None = None,
+    stopped: Mapping[str, str] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Write every table, plot and grid; return ``(summary, method scores)``."""
+    """Write every table, plot and grid; return ``(summary, method scores)``.
+
+    ``stopped``: why each method's adaptive sweep stopped (``methods.csv`` and the text)."""
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(out / "rows.csv", rows)
     (out / "rows.json").write_text(json.dumps(list(rows), indent=1))
     summary = summarise(rows, methods)
     scores = method_scores(summary, methods)
+    operating = [
+        line
+        for method in methods
+        for line in method_figures(rows, method, config.thresholds, replicates=config.bootstrap)
+    ]
+    for score in scores:
+        figures = next(line for line in operating if line["method"] == score["method"])
+        score["hypervolume_interval"] = [round(v, 4) for v in figures["hypervolume"][1:]]
+        if stopped:
+            score["sweep_stopped"] = stopped.get(score["method"], "")
     _write_csv(out / "summary.csv", summary)
     _write_csv(out / "methods.csv", scores)
+    _write_csv(out / "operating.csv", [_flat(line) for line in operating])
+    pairs = len(config.pairs_prompts)
     text = (
         f"{config.model}, concept {config.concept!r}: {len(config.concept_prompts)} concept / "
-        f"{len(config.control_prompts)} control prompts x {len(config.seeds)} seed(s)\n\n"
+        f"{len(config.control_prompts)} control / {pairs} pair prompts x {len(config.seeds)} seed(s)\n\n"
         + markdown_table(summary)
+        + "\n\nOperating points: each method at the strongest setting whose control similarity stays at "
+        f"least the threshold (interpolated; 95% bootstrap intervals over prompts x seeds, "
+        f"{config.bootstrap} replicates):\n\n"
+        + operating_table(operating)
         + "\n\nHypervolume (area dominated in the (control similarity, 1 - concept presence) plane, "
         "reference (0, 0); higher is better):\n\n" + markdown_table(scores) + "\n"
     )

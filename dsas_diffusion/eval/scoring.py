@@ -23,7 +23,7 @@ def make_scorer(config: EvalConfig, device: str) -> ClipScorer:
     if name is None:
         name, pretrained = default_clip_for(config.model)
     scorer = ClipScorer(name, pretrained, device=device, batch_size=config.score_batch_size)
-    scorer.text_features(list(dict.fromkeys(config.concept_prompts + config.control_prompts)))
+    scorer.text_features(list(dict.fromkeys(config.concept_prompts + config.control_prompts + config.pairs_prompts)))
     return scorer
 
 
@@ -35,20 +35,22 @@ def _relative(path: Path, base: Path) -> str:
 
 
 def _detector_rows(scorer: ClipScorer, config: EvalConfig, images: list[Image.Image], jobs: Sequence[Job], device: str):
-    from ..shapes import ShapeJudge, concept_drawn, read_scenes
+    from ..shapes import ShapeJudge, concept_drawn, others_drawn, read_scenes
 
     judge = ShapeJudge(scorer.model, scorer.preprocess, scorer.tokenizer, device=device)
     readings = read_scenes(judge, images, [job.prompt for job in jobs])
     rows = []
     for job, reading in zip(jobs, readings, strict=True):
         drawn = concept_drawn(reading, job.prompt, config.concept)
-        rows.append(
-            {
-                "concept_drawn": None if drawn is None else float(drawn),
-                "objects_as_prompted": float(reading.objects_as_prompted),
-                "background_as_prompted": float(reading.background_as_prompted),
-            }
-        )
+        row = {
+            "concept_drawn": None if drawn is None else float(drawn),
+            "objects_as_prompted": float(reading.objects_as_prompted),
+            "background_as_prompted": float(reading.background_as_prompted),
+        }
+        if job.group == "pairs":
+            others = others_drawn(reading, job.prompt, config.concept)
+            row["others_drawn"] = None if others is None else float(others)
+        rows.append(row)
     return rows
 
 

@@ -10,6 +10,7 @@ tables and plots. The pieces live in :mod:`.cache` (jobs and image files), :mod:
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,8 +19,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..steering.persistence import CONFIG_NAME
+from .adaptive import AdaptiveSweep
 from .cache import ImageCache, Job, list_jobs, model_id, steering_id
-from .config import EvalConfig
+from .config import EvalConfig, Method
 from .render import batches, render
 from .scoring import make_scorer, score_jobs
 from .steerers import allowed_methods, fit_or_reuse
@@ -54,17 +57,31 @@ class _Pipeline:
         return self.pipe
 
 
-def _merge_shards(shard_dir: Path, processes: int, jobs: list[Job]) -> list[dict[str, Any]]:
+def _merge_shards(shard_dir: Path, prefix: str, processes: int, jobs: list[Job]) -> list[dict[str, Any]]:
     merged = []
     for index in range(processes):
-        merged += json.loads((shard_dir / f"rows-{index}.json").read_text())
+        merged += json.loads((shard_dir / f"{prefix}-{index}.json").read_text())
     order = {job: position for position, job in enumerate(jobs)}
     merged.sort(key=lambda r: order[Job(r["method"], r["strength"], r["group"], r["prompt"], r["seed"])])
     return merged
 
 
+def _steerer_bounds(methods: list[Method], dirs: dict[str, Path]) -> dict[str, float | None]:
+    """Per method, the largest strength its steerer accepts (``max_strength`` in its file)."""
+    bounds = {}
+    for method in methods:
+        config = json.loads((dirs[method.steerer_name] / CONFIG_NAME).read_text()).get("config", {})
+        bound = config.get("max_strength")
+        bounds[method.name] = None if bound is None else float(bound)
+    return bounds
+
+
 def run_evaluation(config: EvalConfig, *, progress: bool = True) -> EvalResult:
     """Run ``config`` (on every process of an ``accelerate launch``, or on one).
+
+    With ``strengths: auto`` the run goes in rounds: each round renders and scores the next
+    strength of every method still sweeping (:class:`~.adaptive.AdaptiveSweep`); otherwise
+    one round renders the fixed strengths.
 
     Example:
         >>> from dsas_diffusion.eval import load_config, run_evaluation
@@ -83,8 +100,12 @@ def run_evaluation(config: EvalConfig, *, progress: bool = True) -> EvalResult:
     device = config.device or (str(state.device) if state.device.type != "mps" else "cpu")
     out = Path(config.out)
     images_dir = Path(config.cache_dir) if config.cache_dir else out / "images"
+    shard_dir = out / "shards"
     if state.is_main_process:
         images_dir.mkdir(parents=True, exist_ok=True)
+        shard_dir.mkdir(exist_ok=True)
+        for stale in shard_dir.glob("rows-*.json"):
+            stale.unlink()
     state.wait_for_everyone()
     identity = model_id(config.model)
     pipeline = _Pipeline(config.model, device)
@@ -97,37 +118,49 @@ def run_evaluation(config: EvalConfig, *, progress: bool = True) -> EvalResult:
         {**config.generation_settings(), "model": identity},
         {name: steering_id(directory) for name, directory in dirs.items()},
     )
-    jobs = list_jobs(config, methods)
-    # every process lists what is missing before anyone renders, so all see the same list
-    missing = [batch for batch in batches(jobs, config.batch_size) if not cache.has(batch)]
-    missing_images = sum(len(batch) for batch in missing)
-    state.wait_for_everyone()
-    share = missing[state.process_index :: state.num_processes]
-    if share:
-        render(pipeline(), config, share, cache, dirs, process_index=state.process_index, progress=progress)
-    state.wait_for_everyone()
-
-    shard_dir = out / "shards"
-    if state.is_main_process:
-        shard_dir.mkdir(exist_ok=True)
-        for stale in shard_dir.glob("rows-*.json"):
-            stale.unlink()
-    state.wait_for_everyone()
-    # fixed chunks of images, dealt out to the processes: a chunk is scored as one batch
-    # whichever process gets it, so the rows equal a one-process run's exactly
-    size = config.score_batch_size
-    chunks = [jobs[i : i + size] for i in range(0, len(jobs), size)]
     scorer = make_scorer(config, device)
-    rows = []
-    mine = chunks[state.process_index :: state.num_processes]
-    for chunk in tqdm(mine, desc="score", disable=not progress, leave=False):
-        rows += score_jobs(scorer, config, chunk, cache, out, device)
-    (shard_dir / f"rows-{state.process_index}.json").write_text(json.dumps(rows))
-    state.wait_for_everyone()
+    sweep = None
+    if config.adaptive:
+        presence_key = "concept_drawn" if config.use_shapes_detector() else "concept_presence"
+        sweep = AdaptiveSweep(
+            config.sweep_settings, [m.name for m in methods], _steerer_bounds(methods, dirs), presence_key
+        )
+    rows: list[dict[str, Any]] = []
+    scored: set[Job] = set()
+    generated = 0
+    for round_index in itertools.count():
+        jobs = list_jobs(config, methods, None if sweep is None else sweep.strengths)
+        new = [job for job in jobs if job not in scored]
+        # every process lists what is missing before anyone renders, so all see the same list
+        missing = [batch for batch in batches(new, config.batch_size) if not cache.has(batch)]
+        generated += sum(len(batch) for batch in missing)
+        state.wait_for_everyone()
+        share = missing[state.process_index :: state.num_processes]
+        if share:
+            render(pipeline(), config, share, cache, dirs, process_index=state.process_index, progress=progress)
+        state.wait_for_everyone()
+        # fixed chunks of images, dealt out to the processes: a chunk is scored as one batch
+        # whichever process gets it, so the rows equal a one-process run's exactly
+        size = config.score_batch_size
+        chunks = [new[i : i + size] for i in range(0, len(new), size)]
+        mine = []
+        for chunk in tqdm(
+            chunks[state.process_index :: state.num_processes], desc="score", disable=not progress, leave=False
+        ):
+            mine += score_jobs(scorer, config, chunk, cache, out, device)
+        prefix = f"rows-{round_index}"
+        (shard_dir / f"{prefix}-{state.process_index}.json").write_text(json.dumps(mine))
+        state.wait_for_everyone()
+        rows += _merge_shards(shard_dir, prefix, state.num_processes, new)
+        scored.update(new)
+        if sweep is None or not sweep.update(rows):
+            break
+    order = {job: position for position, job in enumerate(jobs)}
+    rows.sort(key=lambda r: order[Job(r["method"], r["strength"], r["group"], r["prompt"], r["seed"])])
 
-    result = EvalResult(rows=[], generated=missing_images, reused=len(jobs) - missing_images, out=out)
+    result = EvalResult(rows=[], generated=generated, reused=len(jobs) - generated, out=out)
     if state.is_main_process:
-        result.rows = _merge_shards(shard_dir, state.num_processes, jobs)
+        result.rows = rows
         result.summary, result.methods = write_report(
             config,
             [m.name for m in methods],
@@ -136,11 +169,14 @@ def run_evaluation(config: EvalConfig, *, progress: bool = True) -> EvalResult:
             run={
                 "config": asdict(config),
                 "images": len(jobs),
-                "generated": missing_images,
-                "reused": len(jobs) - missing_images,
+                "generated": generated,
+                "reused": len(jobs) - generated,
                 "processes": state.num_processes,
+                "rounds": round_index + 1,
+                "sweep_stopped": None if sweep is None else sweep.stopped,
                 "steering": {name: str(directory) for name, directory in dirs.items()},
             },
+            stopped=None if sweep is None else sweep.stopped,
         )
     state.wait_for_everyone()
     return result

@@ -1,0 +1,259 @@
+"""Where a user would operate a method, with bootstrap intervals.
+
+A method's sweep gives, per strength λ (0 = the unsteered images), the mean control
+similarity (CLIP image similarity of control images to their unsteered selves) and the mean
+concept presence on the concept prompts. The *operating point at similarity ``t``* is the
+strongest setting whose control similarity stays at least ``t``: walking up the sweep from
+λ = 0, the point where the similarity first falls below ``t``, found by linear interpolation
+between the two strengths around it (every other measure is interpolated with the same
+weight). A sweep whose similarity never falls below ``t`` operates at its strongest λ.
+
+Intervals: the units of an evaluation are (prompt, seed) pairs. A bootstrap replicate draws
+the concept, control and pair units with replacement (the same draw at every strength, so
+the sweep stays paired) and recomputes the figure; the interval is the 2.5th and 97.5th
+percentile over the replicates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "MEASURES",
+    "SweepTable",
+    "bootstrap_intervals",
+    "hypervolume",
+    "method_figures",
+    "operating_point",
+    "spatial_rows",
+    "sweep_table",
+]
+
+
+def hypervolume(points: Sequence[tuple[float, float]]) -> float:
+    """Area dominated by ``points`` (both coordinates larger is better) above (0, 0).
+
+    Example:
+        >>> hypervolume([(1.0, 0.2), (0.5, 0.8)])  # 1 x 0.2 + 0.5 x (0.8 - 0.2)
+        0.5
+    """
+    cleaned = sorted(((max(0.0, u), max(0.0, r)) for u, r in points), key=lambda p: -p[0])
+    area, best = 0.0, 0.0
+    for index, (utility, removal) in enumerate(cleaned):
+        best = max(best, removal)
+        following = cleaned[index + 1][0] if index + 1 < len(cleaned) else 0.0
+        area += (utility - following) * best
+    return round(area, 6)
+
+
+def operating_point(
+    strengths: Sequence[float], similarity: Sequence[float], threshold: float, **measures: Sequence[float]
+) -> dict[str, float]:
+    """The operating point of one sweep at control similarity ``threshold``.
+
+    Returns ``strength``, ``similarity`` and each of ``measures`` at that point, and
+    ``reached`` (1.0 when the similarity fell below the threshold within the sweep, 0.0 when
+    the sweep ends first and the point is its strongest setting).
+
+    Example:
+        >>> point = operating_point([0, 1, 2], [1.0, 0.99, 0.97], 0.98, presence=[0.8, 0.4, 0.2])
+        >>> round(point["strength"], 3), round(point["presence"], 3), point["reached"]
+        (1.5, 0.3, 1.0)
+    """
+    order = np.argsort(np.asarray(strengths, dtype=float), kind="stable")
+    lam = np.asarray(strengths, dtype=float)[order]
+    sim = np.asarray(similarity, dtype=float)[order]
+    values = {name: np.asarray(v, dtype=float)[order] for name, v in measures.items()}
+    below = np.flatnonzero(sim < threshold)
+    if below.size == 0:
+        index = len(lam) - 1
+        point = {"strength": float(lam[index]), "similarity": float(sim[index]), "reached": 0.0}
+        point.update({name: float(v[index]) for name, v in values.items()})
+        return point
+    upper = int(below[0])
+    if upper == 0:  # already below at the weakest setting: operate there
+        point = {"strength": float(lam[0]), "similarity": float(sim[0]), "reached": 1.0}
+        point.update({name: float(v[0]) for name, v in values.items()})
+        return point
+    lower = upper - 1
+    span = sim[lower] - sim[upper]
+    weight = float((sim[lower] - threshold) / span) if span > 0 else 0.0
+
+    def at(v: np.ndarray) -> float:
+        return float(v[lower] + weight * (v[upper] - v[lower]))
+
+    point = {"strength": at(lam), "similarity": float(threshold), "reached": 1.0}
+    point.update({name: at(v) for name, v in values.items()})
+    return point
+
+
+@dataclass
+class SweepTable:
+    """One method's per-image measures as matrices ``(strengths, units)``, strength 0 (the
+    unsteered images) first. ``concept`` / ``control`` / ``pairs`` map a measure name to its
+    matrix; a unit is a (prompt, seed) pair; NaN marks a unit that does not count (e.g. a
+    pair whose unsteered image lacks one of its objects)."""
+
+    strengths: list[float]
+    concept: dict[str, np.ndarray]
+    control: dict[str, np.ndarray]
+    pairs: dict[str, np.ndarray]
+
+    def means(self, draws: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Per strength, the mean of every measure (over the drawn units, if given), named
+        ``<group>_<measure>``."""
+        out = {}
+        for group in ("concept", "control", "pairs"):
+            for name, matrix in getattr(self, group).items():
+                chosen = matrix if draws is None else matrix[:, draws[group]]
+                with np.errstate(invalid="ignore"):
+                    counted = np.sum(~np.isnan(chosen), axis=1)
+                    total = np.nansum(chosen, axis=1)
+                    out[f"{group}_{name}"] = np.where(counted > 0, total / np.maximum(counted, 1), np.nan)
+        return out
+
+
+def sweep_table(
+    rows: Sequence[Mapping[str, Any]],
+    method: str,
+    measures: Mapping[str, Sequence[str]],
+) -> SweepTable:
+    """Build a method's :class:`SweepTable` from evaluation rows (``method``, ``strength``,
+    ``group``, ``prompt``, ``seed`` and the measures; the unsteered rows are method
+    ``"unsteered"``). ``measures`` names the row keys to keep per group."""
+    strengths = sorted({0.0, *(float(r["strength"]) for r in rows if r["method"] == method)})
+    index = {s: i for i, s in enumerate(strengths)}
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    for group in ("concept", "control", "pairs"):
+        chosen = [r for r in rows if r["group"] == group and r["method"] in (method, "unsteered")]
+        units = sorted({(r["prompt"], r["seed"]) for r in chosen})
+        column = {u: j for j, u in enumerate(units)}
+        matrices = {name: np.full((len(strengths), len(units)), np.nan) for name in measures.get(group, ())}
+        for r in chosen:
+            strength = 0.0 if r["method"] == "unsteered" else float(r["strength"])
+            for name, matrix in matrices.items():
+                value = r.get(name)
+                if value is not None:
+                    matrix[index[strength], column[(r["prompt"], r["seed"])]] = float(value)
+        groups[group] = matrices
+    return SweepTable(strengths, groups["concept"], groups["control"], groups["pairs"])
+
+
+def bootstrap_intervals(
+    table: SweepTable,
+    statistic: Callable[[SweepTable, Mapping[str, np.ndarray] | None], Mapping[str, float]],
+    *,
+    replicates: int = 1000,
+    seed: int = 0,
+) -> dict[str, tuple[float, float, float]]:
+    """Per figure of ``statistic`` (a mapping of named floats): ``(estimate, low, high)``,
+    the figure on all units and its 95% percentile interval over bootstrap replicates of the
+    units (each group drawn with replacement). ``replicates=0`` gives NaN intervals.
+
+    Example:
+        >>> table = SweepTable([0.0], {"p": np.array([[0.0, 1.0, 1.0, 0.0]])}, {}, {})
+        >>> figures = bootstrap_intervals(table, lambda t, d: {"p": t.means(d)["concept_p"][0]})
+        >>> estimate, low, high = figures["p"]
+        >>> estimate, low <= 0.5 <= high
+        (0.5, True)
+    """
+    generator = np.random.default_rng(seed)
+    sizes = {
+        group: next(iter(getattr(table, group).values())).shape[1] if getattr(table, group) else 0
+        for group in ("concept", "control", "pairs")
+    }
+    estimates = {name: float(value) for name, value in statistic(table, None).items()}
+    samples: dict[str, list[float]] = {name: [] for name in estimates}
+    for _ in range(replicates):
+        draws = {
+            group: generator.integers(0, size, size) if size else np.zeros(0, int) for group, size in sizes.items()
+        }
+        for name, value in statistic(table, draws).items():
+            samples[name].append(float(value))
+    out = {}
+    for name, estimate in estimates.items():
+        finite = np.asarray([v for v in samples[name] if np.isfinite(v)], dtype=float)
+        if finite.size == 0:
+            out[name] = (estimate, float("nan"), float("nan"))
+        else:
+            low, high = np.percentile(finite, [2.5, 97.5])
+            out[name] = (estimate, float(low), float(high))
+    return out
+
+
+def spatial_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The spatial test's rows with ``removed`` (the concept object gone) and ``kept`` (the
+    other objects drawn as prompted), NaN for (prompt, seed) units whose unsteered image did
+    not show both the concept object and the others (they cannot test anything)."""
+    eligible = {
+        (r["prompt"], r["seed"])
+        for r in rows
+        if r["group"] == "pairs" and r["method"] == "unsteered" and r.get("concept_drawn") == 1.0
+        and r.get("others_drawn") == 1.0
+    }  # fmt: skip
+    out = []
+    for r in rows:
+        if r["group"] != "pairs":
+            continue
+        ok = (r["prompt"], r["seed"]) in eligible and r.get("concept_drawn") is not None
+        removed = 1.0 - float(r["concept_drawn"]) if ok else float("nan")
+        kept = float(r.get("others_drawn") or 0.0) if ok else float("nan")
+        out.append({**r, "removed": removed, "kept": kept, "removed_and_kept": removed * kept})
+    return out
+
+
+MEASURES = {
+    "concept": ("concept_drawn", "concept_presence"),
+    "control": ("clip_similarity",),
+    "pairs": ("removed", "kept", "removed_and_kept"),
+}
+
+
+def method_figures(
+    rows: Sequence[Mapping[str, Any]],
+    method: str,
+    thresholds: Sequence[float],
+    *,
+    replicates: int = 1000,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """One line per operating point of ``method`` (one per threshold): its strength and, with
+    bootstrap intervals, concept presence (detector and CLIP), the spatial test's removal
+    and keep rates, and the method's hypervolume (control similarity vs 1 - presence)."""
+    table = sweep_table([*[r for r in rows if r["group"] != "pairs"], *spatial_rows(rows)], method, MEASURES)
+    detector = "concept_drawn" in table.concept and not np.all(np.isnan(table.concept["concept_drawn"]))
+    presence = "concept_concept_drawn" if detector else "concept_concept_presence"
+
+    def statistic(t: SweepTable, draws: Mapping[str, np.ndarray] | None) -> dict[str, float]:
+        means = t.means(draws)
+        similarity = means["control_clip_similarity"]
+        figures = {"hypervolume": hypervolume(list(zip(similarity, 1.0 - means[presence], strict=True)))}
+        for threshold in thresholds:
+            point = operating_point(t.strengths, similarity, threshold, **means)
+            for name in ("strength", "reached", *means):
+                figures[f"{threshold}:{name}"] = point[name]
+        return figures
+
+    figures = bootstrap_intervals(table, statistic, replicates=replicates, seed=seed)
+    spatial = table.pairs["removed"].shape[1] > 0
+    lines = []
+    for threshold in thresholds:
+        key = f"{threshold}:"
+        lines.append(
+            {
+                "method": method,
+                "similarity": threshold,
+                "strength": figures[key + "strength"][0],
+                "reached": bool(figures[key + "reached"][0]),
+                "concept_drawn": figures[key + "concept_concept_drawn"] if detector else None,
+                "concept_presence": figures[key + "concept_concept_presence"],
+                "spatial_removed": figures[key + "pairs_removed"] if spatial else None,
+                "spatial_kept": figures[key + "pairs_kept"] if spatial else None,
+                "hypervolume": figures["hypervolume"],
+            }
+        )
+    return lines
