@@ -8,32 +8,94 @@
     dsas examples
 
 Prompt files hold one prompt per line (blank lines and lines starting with ``#`` are skipped).
-Building the parser imports no torch, diffusers or gradio: ``dsas --help`` is instant.
+Building the parser imports no torch, diffusers or gradio: ``dsas --help`` is instant. A user
+error ends in one line on stderr and exit status 2 (``--debug`` shows the traceback);
+output paths are checked before any model is loaded.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from .app.options import add_server_arguments
+from .app.options import add_server_arguments, at_least_one
 from .eval.command import add_arguments as add_eval_arguments
 from .names import CFG_MODES, DIFFUSION_PRESETS, MAP_NAMES
 
 __all__ = ["build_parser", "main"]
 
 
+def _steps_list(text: str) -> str | list[int]:
+    if text.strip() == "all":
+        return "all"
+    try:
+        steps = [int(part) for part in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'all' or step indices like 0,1,2, got {text!r}") from None
+    if not steps or min(steps) < 0:
+        raise argparse.ArgumentTypeError(f"expected 'all' or step indices >= 0 like 0,1,2, got {text!r}")
+    return steps
+
+
+def _writable_directory(path: str) -> Path:
+    """``path`` as a directory that can be written (created if needed), checked before any work."""
+    from .steering.errors import SteeringError
+
+    directory = Path(path)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".dsas-write-check-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise SteeringError(
+            f"cannot write to {str(directory)!r} ({error.strerror or error}); choose another --out"
+        ) from None
+    return directory
+
+
+def _writable_image(path: str) -> Path:
+    from PIL import Image
+
+    from .steering.errors import SteeringError
+
+    out = Path(path)
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise SteeringError(f"--out {path!r} needs an image file extension such as .png or .jpg")
+    _writable_directory(str(out.parent if str(out.parent) else "."))
+    return out
+
+
+def _check_device(device: str | None) -> None:
+    if device is None:
+        return
+    import torch
+
+    from .steering.errors import SteeringError
+
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise SteeringError(f"--device {device!r} is not a device; use cpu, cuda, cuda:1 or mps") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SteeringError(f"--device {device!r} asked for CUDA, which this machine does not have; use --device cpu")
+
+
 def _fit(args: argparse.Namespace) -> None:
     from .diffusion.loading import load_pipeline
     from .prompts import read_prompts
+    from .steering.errors import SteeringError
 
     if args.gate != "none" and not args.control:
-        raise SystemExit("dsas fit: --gate dsas needs --control (prompts without the concept)")
+        raise SteeringError("--gate dsas needs --control (prompts without the concept)")
+    out = _writable_directory(args.out)
+    _check_device(args.device)
     source, target = read_prompts(args.source), read_prompts(args.target)
     control = read_prompts(args.control) if args.control else None
     pipe = load_pipeline(args.model, device=args.device)
-    steps = "all" if args.collect_steps == "all" else [int(s) for s in args.collect_steps.split(",")]
+    steps = args.collect_steps
     chosen = {"map": args.map, "preset": args.preset, "n_components": args.components, "gate_floor": args.gate_floor}
     steerer = pipe.fit_steering(
         source,
@@ -45,9 +107,9 @@ def _fit(args: argparse.Namespace) -> None:
         seed=args.seed,
         **{name: value for name, value in chosen.items() if value is not None},  # else fit_steering's defaults
     )
-    steerer.save_pretrained(args.out)
+    steerer.save_pretrained(out)
     print(steerer)
-    print(f"saved to {args.out}")
+    print(f"saved to {out}")
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -56,20 +118,23 @@ def _generate(args: argparse.Namespace) -> None:
     from .diffusion.loading import load_pipeline
     from .diffusion.visual import compare, comparison_grid
     from .prompts import read_prompts
+    from .steering import Steerer
+    from .steering.errors import SteeringError
 
     prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
     if not prompts:
-        raise SystemExit("dsas generate: give --prompt (repeatable) or --prompts FILE")
+        raise SteeringError("give --prompt (repeatable) or --prompts FILE")
+    out = _writable_image(args.out)
+    _check_device(args.device)
+    steerer = Steerer.from_pretrained(args.steering)  # a bad steering fails before the model loads
     pipe = load_pipeline(args.model, device=args.device)
     pipe.set_progress_bar_config(disable=True)
-    pipe.load_steering(args.steering)
+    pipe.load_steering(steerer)
     call = {"num_inference_steps": args.steps}
     if args.guidance is not None:
         call["guidance_scale"] = args.guidance
     if args.steering_cfg is not None:
         call["steering_cfg"] = args.steering_cfg
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if args.compare:
         comparison_grid(compare(pipe, prompts, strength=args.strength, seed=args.seed, **call)).save(out)
     else:
@@ -112,6 +177,7 @@ def _run_eval(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsas", description="Dynamically Scaled Activation Steering for diffusers")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
 
     fit = commands.add_parser("fit", help="fit a steering from source / target / control prompt files")
@@ -122,9 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--map", choices=MAP_NAMES, help="steering map (default: fit_steering's, caa)")
     fit.add_argument("--gate", choices=("dsas", "none"), default="dsas")
     fit.add_argument("--preset", choices=DIFFUSION_PRESETS, help="hook points (default: cross-attention)")
-    fit.add_argument("--steps", type=int, default=10, help="denoising steps of the collection runs")
-    fit.add_argument("--collect-steps", default="all", help="'all' or comma-separated step indices, e.g. 0,1,2")
-    fit.add_argument("--components", type=int, help="PCA rank of the DSAS gates (default 20)")
+    fit.add_argument("--steps", type=at_least_one, default=10, help="denoising steps of the collection runs")
+    fit.add_argument(
+        "--collect-steps", type=_steps_list, default="all", help="'all' or comma-separated step indices, e.g. 0,1,2"
+    )
+    fit.add_argument("--components", type=at_least_one, help="PCA rank of the DSAS gates (default 20)")
     fit.add_argument("--gate-floor", type=float, help="gates opened less than this are 0 (default 0.5)")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--device", default=None)
@@ -139,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--strength", type=float, default=1.0)
     gen.add_argument("--uniform", action="store_true", help="steer uniformly instead of with DSAS gates")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--steps", type=int, default=25)
+    gen.add_argument("--steps", type=at_least_one, default=25)
     gen.add_argument("--guidance", type=float, default=None)
     gen.add_argument("--steering-cfg", choices=CFG_MODES, help="steer the conditional CFG half (default) or both")
     gen.add_argument("--device", default=None)
@@ -166,13 +234,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    from .steering import SteeringError
-
     try:
         args.run(args)
-    except SteeringError as error:
-        print(f"dsas {args.command}: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(f"dsas {args.command}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as error:  # every error ends in one line (and a traceback with --debug)
+        if args.debug:
+            raise
+        print(f"dsas {args.command}: {_describe(error)}", file=sys.stderr)
+        raise SystemExit(2 if _is_user_error(error) else 1) from None
+
+
+def _is_user_error(error: BaseException) -> bool:
+    from .eval.config import ConfigError
+    from .steering.errors import SteeringError
+
+    return isinstance(error, (SteeringError, ConfigError, OSError))
+
+
+def _describe(error: BaseException) -> str:
+    """One line: the message of the library's own errors, and the kind and message of others
+    (a model that cannot be loaded, an unreadable file)."""
+    if _is_user_error(error) and not isinstance(error, OSError):
+        text = str(error)
+    else:
+        text = f"{type(error).__name__}: {error}"
+        if not isinstance(error, OSError):
+            text += " (rerun with --debug for the traceback)"
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

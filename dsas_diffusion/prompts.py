@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .steering.errors import PromptFileError
+from .steering.errors import InputSetError, PromptFileError
 
-__all__ = ["PromptFileError", "prompt_lines", "read_prompts"]
+__all__ = ["PromptFileError", "check_prompt_list", "prompt_lines", "read_prompts"]
 
 
 def prompt_lines(text: str) -> list[str]:
@@ -49,7 +49,33 @@ def read_prompts(path: str | os.PathLike[str]) -> list[str]:
         ) from None
     except OSError as error:
         raise PromptFileError(f"prompt file {str(file)!r} cannot be read ({error.strerror})") from None
+    if "\x00" in text:
+        raise PromptFileError(
+            f"prompt file {str(file)!r} is binary, not text; give a text file with one prompt per line"
+        )
     prompts = prompt_lines(text)
     if not prompts:
         raise PromptFileError(f"prompt file {str(file)!r} has no prompts; write one prompt per line")
     return prompts
+
+
+def check_prompt_list(prompts: object, name: str) -> list[str]:
+    """``prompts`` as a list of non-empty strings, or :class:`InputSetError` naming ``name``
+    and the fix (a bare string is refused: it would be read as a list of characters).
+
+    Example:
+        >>> check_prompt_list("a red star on a white background", "source_prompts")
+        Traceback (most recent call last):
+        ...
+        dsas_diffusion.steering.errors.InputSetError: source_prompts is a single string; pass a list of prompts, e.g. ['a red star on a white background']
+    """
+    if isinstance(prompts, str):
+        raise InputSetError(f"{name} is a single string; pass a list of prompts, e.g. [{prompts!r}]")
+    if not isinstance(prompts, (list, tuple)):
+        raise InputSetError(f"{name} must be a list of prompts, got {type(prompts).__name__}")
+    if not prompts:
+        raise InputSetError(f"{name} is empty; give at least one prompt")
+    for index, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputSetError(f"{name}[{index}] is {prompt!r}; every prompt must be a non-empty string")
+    return list(prompts)

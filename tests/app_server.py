@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import socket
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,7 +36,8 @@ def running_app(concurrency: int = 8) -> Iterator[str]:
     app = load_app_module()
     threads = torch.get_num_threads()
     configure_torch_threads(concurrency)
-    demo = app.build_demo(concurrency=concurrency)
+    # the tests' steering directories live under the temporary folder
+    demo = app.build_demo(concurrency=concurrency, steering_roots=[tempfile.gettempdir()])
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:

@@ -101,9 +101,14 @@ def test_strength_sweep_is_one_strip(url):
         ({"steps": 51}, "Value 51 is greater than maximum value 50"),
         ({"strength": 10.5}, "Value 10.5 is greater than maximum value 10"),
         ({"seed": -1}, "Value -1 is less than minimum value 0"),
-        ({"size": 2048}, "image size must be between 64 and 1024"),
+        ({"size": 256}, "image size must be between 64 and 128"),  # shapes-sd: twice its 64 px
         ({"size": 100}, "multiple of 8"),
-        ({"steering": "directory", "directory": "/no/such/steering"}, "does not exist"),
+        (
+            {"steering": "directory", "directory": "/no/such/steering"},
+            "No steering directory '/no/such/steering' under",
+        ),
+        # a folder outside the allowed roots gets the same answer as a missing one
+        ({"steering": "directory", "directory": "/root"}, "No steering directory '/root' under"),
         ({"steering": "directory", "directory": ""}, "Give the path of a steering directory"),
         ({"steering": "fitted"}, "No steering has been fitted in this session"),
         ({"model": "shapes-mmdit"}, "This steering was made for shapes-sd, not for shapes-mmdit"),
@@ -122,7 +127,7 @@ def test_steering_fitted_on_another_model_is_refused(url, tmp_path):
     with pytest.raises(AppError, match=r"made for another model, not for shapes-sd: .* module '0'"):
         generate(client(url), steering="directory", directory=str(tmp_path / "toy"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(AppError, match="is not a steering directory"):
+    with pytest.raises(AppError, match="No steering directory"):
         generate(client(url), steering="directory", directory=str(tmp_path / "empty"))
 
 

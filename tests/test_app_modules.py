@@ -93,12 +93,40 @@ def test_steering_choices_are_checked(tmp_path):
         resolve_steering("pears")
     with pytest.raises(InputError, match="No steering has been fitted"):
         resolve_steering("fitted")
-    with pytest.raises(InputError, match="does not exist"):
-        resolve_steering("directory", str(tmp_path / "missing"))
-    (tmp_path / "steering_config.json").write_text("{not json")
-    with pytest.raises(InputError, match="Could not read the steering"):
-        resolve_steering("directory", str(tmp_path))
+    roots = [tmp_path / "allowed"]
+    (tmp_path / "allowed").mkdir()
+    with pytest.raises(InputError, match=r"No steering directory .*missing' under the folders"):
+        resolve_steering("directory", str(tmp_path / "allowed" / "missing"), roots=roots)
+    (tmp_path / "allowed" / "steering_config.json").write_text("{not json")
+    with pytest.raises(InputError, match=r"Could not read the steering .*steering_config\.json is corrupt"):
+        resolve_steering("directory", str(tmp_path / "allowed"), roots=roots)
+    # a real steering directory outside the roots: the same answer as a missing one
+    Steerer.from_pretrained(example_steerings()["banana"]).save_pretrained(tmp_path / "outside")
+    with pytest.raises(InputError, match=r"No steering directory .*outside' under the folders"):
+        resolve_steering("directory", str(tmp_path / "outside"), roots=roots)
+    with pytest.raises(InputError, match=r"No steering directory .*outside' under the folders"):
+        resolve_steering("directory", str(tmp_path / "allowed" / ".." / "outside"), roots=roots)
+    assert isinstance(resolve_steering("directory", str(tmp_path / "outside"), roots=[tmp_path]), Steerer)
     assert isinstance(resolve_steering("banana"), Steerer)
+
+
+def test_image_sides_are_bounded_by_the_model_and_concurrency_by_one():
+    import argparse
+
+    from dsas_diffusion.app.actions import size_bound
+    from dsas_diffusion.app.options import add_server_arguments
+    from dsas_diffusion.app.ui import build_demo
+    from dsas_diffusion.diffusion.loading import load_pipeline
+
+    assert size_bound(load_pipeline("shapes-sd")) == 128  # trained at 64 px
+    with pytest.raises(InputError, match="between 64 and 128"):
+        validate_settings(with_(size=256), max_size=128)
+    parser = argparse.ArgumentParser()
+    add_server_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--concurrency", "0"])
+    with pytest.raises(ValueError, match="concurrency must be at least 1"):
+        build_demo(concurrency=0)
 
 
 def test_sweep_points_are_bounded():

@@ -62,3 +62,58 @@ def test_shapes_models_load_as_dsas_pipelines():
     assert type(load_pipeline("shapes-sd")).__name__ == "DSASStableDiffusionPipeline"
     pipe = load_pipeline("shapes-mmdit")
     assert type(pipe).__name__ == "DSASStableDiffusion3Pipeline" and pipe.text_encoder_3 is None
+
+
+def _fails(argv, capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_every_user_error_is_one_line_and_a_non_zero_exit(tmp_path, capsys):
+    prompts = _write(tmp_path / "p.txt", ["a yellow banana on a white background"])
+    binary = tmp_path / "b.txt"
+    binary.write_bytes(b"\x00\x01a red star\x00")
+    fit = ["fit", "--model", "shapes-sd", "--source", str(prompts), "--target", str(prompts), "--control", str(prompts)]
+    blocked = tmp_path / "a-file"
+    blocked.write_text("in the way")  # --out under a file: cannot be a directory
+    cases = [
+        (["fit", "--model", "shapes-sd", "--source", str(binary), "--target", str(prompts), "--control", str(prompts),
+          "--out", str(tmp_path / "o")], "is binary, not text"),
+        ([*fit, "--out", str(blocked / "steering")], "cannot write to"),
+        ([*fit, "--device", "warp-drive", "--out", str(tmp_path / "o")], "--device 'warp-drive' is not a device"),
+        ([*fit, "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "o")], ""),
+        (["generate", "--model", "shapes-sd", "--steering", str(tmp_path), "--prompt", "a red star on a white background",
+          "--out", str(tmp_path / "grid.txt")], "needs an image file extension"),
+        (["generate", "--model", "shapes-sd", "--steering", str(tmp_path / "none"), "--prompt", "a",
+          "--out", str(tmp_path / "grid.png")], "no steering directory"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        code, err = _fails(argv, capsys)
+        assert code != 0 and err.startswith(f"dsas {argv[0]}: ") and message in err, (argv, err)
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())  # nothing written by failed fits
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--collect-steps", "abc"], "expected 'all' or step indices"),
+        (["--steps", "0"], "must be at least 1"),
+        (["--components", "0"], "must be at least 1"),
+    ],
+)
+def test_bad_numbers_are_refused_by_the_parser(tmp_path, capsys, option, message):
+    prompts = _write(tmp_path / "p.txt", ["a yellow banana on a white background"])
+    argv = ["fit", "--model", "shapes-sd", "--source", str(prompts), "--target", str(prompts), "--out", str(tmp_path)]
+    code, err = _fails([*argv, *option], capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "dsas_diffusion.cli", "--debug", "generate", "--model", "shapes-sd", "--steering",
+         str(tmp_path / "none"), "--prompt", "a", "--out", str(tmp_path / "x.png")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode != 0 and "Traceback" in result.stderr and "SteeringFileError" in result.stderr

@@ -94,6 +94,10 @@ def _config(**fields):
         ({"steering": "/nonexistent"}, "not a steering directory"),
         ({"concept_template": "a picture"}, "must contain '{concept}'"),
         ({"steering_cfg": "half"}, "steering_cfg must be"),
+        ({"height": "big"}, "height must be int or null, got 'big'"),
+        ({"width": 30}, "width must be a multiple of 8"),
+        ({"num_inference_steps": "ten"}, "num_inference_steps must be int"),
+        ({"guidance_scale": True}, "guidance_scale must be int or float or null"),
     ],
 )
 def test_bad_configs_fail_with_a_message_naming_the_field(fields, message):
@@ -295,8 +299,11 @@ PAIRS = [
 
 @pytest.mark.slow
 def test_an_adaptive_sweep_gives_each_method_its_own_range_and_extends_through_the_cache(first_run, tmp_path):
-    out, config_path = _copy_of(first_run, tmp_path)
+    copy, config_path = _copy_of(first_run, tmp_path)
     adaptive = {**TINY, "strengths": "auto", "sweep": {"start": 1.5, "max": 6}, "pairs_prompts": PAIRS, "bootstrap": 50}
+    # a new output folder that does not exist yet, sharing the first run's image cache
+    adaptive["cache_dir"] = str(copy / "images")
+    out = tmp_path / "adaptive" / "out"
     config_path.write_text(json.dumps(adaptive))
     run = _run(config_path, out)
     rows = json.loads((out / "rows.json").read_text())

@@ -130,7 +130,10 @@ def test_gate_threshold_deselects_layers_that_cannot_tell_source_from_control():
     source, target, _ = make_sets()
     # control drawn like the source: no gate can separate them
     control = make_sets(seed=7)[0]
-    steerer = fit_steerer(model, HOOKS, source, target, control, map="caa", progress=False)
+    with pytest.raises(InputSetError, match="no layer's DSAS gate separates source from control"):
+        fit_steerer(model, HOOKS, source, target, control, map="caa", progress=False)
+    with pytest.warns(UserWarning, match="held-out accuracy per layer"):  # kept on request, for experiments
+        steerer = fit_steerer(model, HOOKS, source, target, control, map="caa", on_no_gate="warn", progress=False)
     assert all(not layer.gate.enabled for layer in steerer.layers)
     x = source[0]
     reference = model(x)

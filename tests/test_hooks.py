@@ -224,7 +224,7 @@ def test_a_gate_below_its_floor_leaves_positions_untouched_at_any_strength():
     steerer = Steerer([_layer("", 4, gate=gate)])
     x = torch.zeros(1, 3, 4)
     x[0, 0, 0], x[0, 1, 0], x[0, 2, 0] = -4.0, 0.0, 4.0  # opening 0.018, 0.5, 0.982
-    for strength in (1.0, 64.0, 1e6):
+    for strength in (1.0, 64.0, 1000.0):  # up to the largest strength accepted
         with steerer.apply(model, strength=strength, gate=True):
             out = model(x)
         assert torch.equal(out[0, :2], x[0, :2])  # at or below the floor: bit-identical

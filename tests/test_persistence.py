@@ -100,17 +100,22 @@ def test_missing_and_corrupt_files_give_clear_errors(tmp_path, fitted):
         Steerer.from_pretrained(tmp_path)
     steerer.save_pretrained(tmp_path / "a")
     (tmp_path / "a" / CONFIG_NAME).write_text("{not json")
-    with pytest.raises(SteeringFileError, match="corrupt"):
+    with pytest.raises(SteeringFileError, match=r"steering_config\.json is corrupt"):
         Steerer.from_pretrained(tmp_path / "a")
     steerer.save_pretrained(tmp_path / "b")
     (tmp_path / "b" / WEIGHTS_NAME).write_bytes(b"\x00" * 20)
-    with pytest.raises(SteeringFileError, match="corrupt"):
+    with pytest.raises(SteeringFileError, match="checksum mismatch"):
+        Steerer.from_pretrained(tmp_path / "b")
+    config = json.loads((tmp_path / "b" / CONFIG_NAME).read_text())
+    del config["weights_sha256"]  # a file without the checksum: the tensor file's own check
+    (tmp_path / "b" / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(SteeringFileError, match=r"steering\.safetensors is corrupt"):
         Steerer.from_pretrained(tmp_path / "b")
     steerer.save_pretrained(tmp_path / "c")
     tensors = load_file(str(tmp_path / "c" / WEIGHTS_NAME))
     del tensors["layers.1.gate.weight"]
     save_file(tensors, str(tmp_path / "c" / WEIGHTS_NAME))
-    with pytest.raises(SteeringFileError, match=r"lacks tensor layers.1.gate.weight"):
+    with pytest.raises(SteeringFileError, match="checksum mismatch"):
         Steerer.from_pretrained(tmp_path / "c")
     steerer.save_pretrained(tmp_path / "d")
     (tmp_path / "d" / WEIGHTS_NAME).unlink()

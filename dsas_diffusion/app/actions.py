@@ -4,7 +4,7 @@ steering from pasted prompt lists, and find the steering a request names."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from ..names import MAP_NAMES
-from ..shapes import example_steerings
+from ..shapes import EXAMPLES_DIR, example_steerings
 from ..steering import IncompatibleSteeringError, Steerer, SteeringError
 from ..steering.persistence import CONFIG_NAME
 from .images import sweep_strip
@@ -39,12 +39,31 @@ __all__ = [
 ]
 
 
+def default_steering_roots() -> list[Path]:
+    """Where the page may open steering directories by default: the shipped examples and
+    ``./outputs`` (where ``make demo`` and ``dsas fit --out outputs/...`` write)."""
+    return [EXAMPLES_DIR, Path("outputs")]
+
+
+def _allowed(path: Path, roots: Sequence[Path]) -> bool:
+    resolved = path.resolve()
+    return any(resolved.is_relative_to(Path(root).expanduser().resolve()) for root in roots)
+
+
 def resolve_steering(
-    choice: str, directory: str | None = None, fitted: Steerer | None = None, *, model: ModelEntry | None = None
+    choice: str,
+    directory: str | None = None,
+    fitted: Steerer | None = None,
+    *,
+    model: ModelEntry | None = None,
+    roots: Sequence[Path] | None = None,
 ) -> Steerer:
     """The steerer a request asks for: a shipped example's name, ``"directory"`` (then
-    ``directory`` is read) or ``"fitted"`` (the one fitted in this session). With ``model``,
-    steering made for another model is refused with a message naming the difference."""
+    ``directory`` is read, if it lies under one of ``roots``, default
+    :func:`default_steering_roots`) or ``"fitted"`` (the one fitted in this session). With
+    ``model``, steering made for another model is refused with a message naming the
+    difference. A directory outside the roots gets the same message as a missing one, so
+    the page tells nothing about the server's files."""
     examples = example_steerings()
     if choice == "fitted":
         if fitted is None:
@@ -54,10 +73,12 @@ def resolve_steering(
         path = Path((directory or "").strip()).expanduser()
         if not str(directory or "").strip():
             raise InputError("Give the path of a steering directory (one written by `dsas fit` or save_pretrained).")
-        if not path.is_dir():
-            raise InputError(f"The steering directory {str(path)!r} does not exist.")
-        if not (path / CONFIG_NAME).is_file():
-            raise InputError(f"{str(path)!r} is not a steering directory: it has no {CONFIG_NAME}.")
+        allowed = list(roots) if roots is not None else default_steering_roots()
+        if not _allowed(path, allowed) or not (path / CONFIG_NAME).is_file():
+            raise InputError(
+                f"No steering directory {str(path)!r} under the folders this server allows "
+                f"({', '.join(str(root) for root in allowed)}); start it with --steering-root DIR to allow another."
+            )
         try:
             steerer = Steerer.from_pretrained(path)
         except SteeringError as error:
@@ -126,6 +147,19 @@ def run(pipe: Any, settings: GenerateSettings, **steering: Any) -> Any:
     return pipe(settings.prompt, generator=generator, **call_kwargs(settings), **steering)
 
 
+def size_bound(pipe: Any) -> int:
+    """The largest image side the page renders for ``pipe``: twice its native size (a model
+    trained at 64 px is not asked for 1024 px, which took minutes and memory for noise)."""
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    sample = getattr(getattr(denoiser, "config", None), "sample_size", None)
+    if isinstance(sample, (list, tuple)):
+        sample = max(sample)
+    if not isinstance(sample, int):
+        return LIMITS.max_size
+    native = sample * int(getattr(pipe, "vae_scale_factor", 8) or 8)
+    return 2 * native
+
+
 def size_multiple(pipe: Any) -> int:
     """Image sides must be multiples of this: 8 (diffusers' check) or the VAE's factor if larger."""
     return max(8, int(getattr(pipe, "vae_scale_factor", 8) or 8))
@@ -134,7 +168,12 @@ def size_multiple(pipe: Any) -> int:
 def generate(entry: ModelEntry, steerer: Steerer, settings: GenerateSettings, *, score: bool = True) -> GenerateResult:
     """Render ``settings.prompt`` unsteered, with uniform steering and with DSAS (same seed),
     score the three images with CLIP and keep the DSAS gate maps."""
-    settings = validate_settings(settings, tokenizer=entry.tokenizer, size_multiple=size_multiple(entry.pipeline))
+    settings = validate_settings(
+        settings,
+        tokenizer=entry.tokenizer,
+        size_multiple=size_multiple(entry.pipeline),
+        max_size=size_bound(entry.pipeline),
+    )
     start = time.perf_counter()
     with entry.lock.reading(), request_pipeline(entry, steerer) as pipe:
         try:
@@ -168,7 +207,12 @@ def strength_sweep(
     points = integer(points, "The number of sweep points")
     if not 2 <= points <= LIMITS.max_sweep_points:
         raise InputError(f"The sweep needs between 2 and {LIMITS.max_sweep_points} points, got {points}.")
-    settings = validate_settings(settings, tokenizer=entry.tokenizer, size_multiple=size_multiple(entry.pipeline))
+    settings = validate_settings(
+        settings,
+        tokenizer=entry.tokenizer,
+        size_multiple=size_multiple(entry.pipeline),
+        max_size=size_bound(entry.pipeline),
+    )
     strengths = np.linspace(0.0, settings.strength, points)
     rows: dict[str, list[Image.Image]] = {"uniform": [], "DSAS": []}
     with entry.lock.reading(), request_pipeline(entry, steerer) as pipe:

@@ -12,6 +12,7 @@ import functools
 import html
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -46,15 +47,24 @@ def _ui_errors(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def build_demo(
-    cache: ModelCache | None = None, *, default_model: str = DEFAULT_MODEL, concurrency: int = 4
+    cache: ModelCache | None = None,
+    *,
+    default_model: str = DEFAULT_MODEL,
+    concurrency: int = 4,
+    steering_roots: Sequence[str | Path] | None = None,
 ) -> gr.Blocks:
     """The demo's Blocks (queued: ``concurrency`` requests run at once).
 
     Args:
         cache: the model cache to use (one base pipeline per model); a new one by default.
         default_model: the model named in the model box when the page opens.
-        concurrency: how many events of one kind run at the same time.
+        concurrency: how many events of one kind run at the same time (at least 1).
+        steering_roots: folders under which steering directories may be opened (default:
+            ``actions.default_steering_roots()``).
     """
+    if not isinstance(concurrency, int) or concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, got {concurrency!r}")
+    roots = [Path(root) for root in steering_roots] if steering_roots else actions.default_steering_roots()
     cache = cache or ModelCache()
     files = ImageFiles()  # results go out as paths: see ImageFiles for why
     examples = list(example_steerings())
@@ -69,7 +79,7 @@ def build_demo(
     def generate(model, steering, directory, fitted, prompt, seed, steps, guidance, strength, size):
         """Generate the unsteered, uniform and DSAS images with CLIP scores and gate heatmaps."""
         entry = cache.get(model)
-        steerer = actions.resolve_steering(steering, directory, fitted, model=entry)
+        steerer = actions.resolve_steering(steering, directory, fitted, model=entry, roots=roots)
         result = actions.generate(entry, steerer, settings(prompt, seed, steps, guidance, strength, size))
         if not result.gate_maps:
             gr.Warning("No layer of this steering has an open gate: every layer was deselected at fit time.")
@@ -95,7 +105,7 @@ def build_demo(
     def sweep(model, steering, directory, fitted, prompt, seed, steps, guidance, strength, size, points):
         """Uniform and DSAS images at λ = 0 … the chosen strength."""
         entry = cache.get(model)
-        steerer = actions.resolve_steering(steering, directory, fitted, model=entry)
+        steerer = actions.resolve_steering(steering, directory, fitted, model=entry, roots=roots)
         strip = actions.strength_sweep(entry, steerer, settings(prompt, seed, steps, guidance, strength, size), points)
         return files.save(strip)
 
@@ -129,7 +139,7 @@ def build_demo(
             return "_Nothing fitted yet: open “Fit a steering from prompt lists”._"
         if steering == "directory" and not str(directory or "").strip():
             return "_Type the path of a steering directory._"
-        return actions.describe_steerer(actions.resolve_steering(steering, directory, fitted))
+        return actions.describe_steerer(actions.resolve_steering(steering, directory, fitted, roots=roots))
 
     with gr.Blocks(title="DSAS: dynamically scaled activation steering") as demo:
         gr.Markdown(
@@ -230,7 +240,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def serve(args: argparse.Namespace) -> None:
     """Build the demo and serve it until interrupted (options: :func:`parse_args`)."""
     configure_torch_threads(args.concurrency, args.threads)
-    demo = build_demo(default_model=args.model, concurrency=args.concurrency)
+    demo = build_demo(
+        default_model=args.model, concurrency=args.concurrency, steering_roots=getattr(args, "steering_roots", None)
+    )
     demo.launch(server_name=args.host, server_port=args.port, share=args.share)
 
 

@@ -108,10 +108,12 @@ def validate_settings(
     *,
     tokenizer: TokenCounter | None = None,
     size_multiple: int = 8,
+    max_size: int | None = None,
     limits: Limits = LIMITS,
 ) -> GenerateSettings:
     """``settings`` checked against ``limits`` (and the model's tokenizer), numbers coerced;
-    raises :class:`InputError` naming the first bad field and its bounds."""
+    raises :class:`InputError` naming the first bad field and its bounds. ``max_size``: the
+    model's own bound on the image side (see ``actions.size_bound``), if below the limits'."""
 
     def bounded(value: float, low: float, high: float, name: str) -> None:
         if not low <= value <= high:
@@ -128,7 +130,7 @@ def validate_settings(
     bounded(strength, limits.min_strength, limits.max_strength, "The strength λ")
     size = integer(settings.size, "The image size")
     if size != 0:
-        bounded(size, limits.min_size, limits.max_size, "The image size")
+        bounded(size, limits.min_size, min(limits.max_size, max_size or limits.max_size), "The image size")
         if size % size_multiple:
             raise InputError(f"The image size must be a multiple of {size_multiple} (or 0 for the model's default).")
     return GenerateSettings(prompt, seed, steps, guidance, strength, size)

@@ -10,22 +10,25 @@ call argument work as before. Steering is added by::
     out.images, out.gate_maps                    # gate maps: {steerer: {layer: (steps, B, H, W)}}
 
 Hooks live only for the duration of one call and only act on that call's thread / task
-(the core's scoped sessions), so one pipeline can serve concurrent requests with
-different steering settings; they are removed when the call ends, also on an exception.
+(the core's scoped sessions), and they are removed when the call ends, also on an
+exception. A pipeline object runs one call at a time: its scheduler and tokenizers keep
+per-call state, so a second call from another thread while one runs raises
+:class:`SteeringError`. For concurrent requests give each thread ``pipe.for_thread()``, which
+shares the weights and the loaded steerers (several threads, each with its own steering
+settings, then run at once). With steering on, a NaN or infinite denoiser output raises
+:class:`~dsas_diffusion.steering.ActivationError` instead of a black image.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers import (
     FluxPipeline,
     PixArtAlphaPipeline,
@@ -36,10 +39,15 @@ from diffusers import (
 from torch import nn
 
 from ..names import CFG_MODES
+from ..prompts import check_prompt_list
 from ..steering import HookPoint, Steerer, SteeringError, fit_steerer
+from ..steering.fit_args import check_fit_arguments
 from ..steering.hooks import SteeringSession
 from .architectures import hook_points as preset_hook_points
 from .collect import ImageStreamCheck, check_image_stream, record_denoiser_calls, run_denoiser_call
+from .gatemaps import image_size as _image_size
+from .gatemaps import spatial as _spatial
+from .guards import FiniteOutputCheck, OneCallAtATime, check_collection_arguments, thread_copies
 from .steps import StepWindow, check_step_window
 
 __all__ = [
@@ -189,13 +197,21 @@ class DSASPipelineMixin:
             fit_kwargs: passed to :func:`dsas_diffusion.fit_steerer` (``gate_threshold``,
                 ``incremental``, ``lineas=LinEASConfig(...)``...).
         """
+        # every name and number is checked before the first collection run
+        source_prompts = check_prompt_list(source_prompts, "source_prompts")
+        target_prompts = check_prompt_list(target_prompts, "target_prompts")
+        if gate != "none" and not control_prompts:
+            raise SteeringError(f"gate={gate!r} needs control prompts (prompts without the concept)")
+        if control_prompts is not None:
+            control_prompts = check_prompt_list(control_prompts, "control_prompts")
+        check_fit_arguments(map=map, gate=gate, gate_calibration=gate_calibration, gate_floor=gate_floor,
+                            max_strength=max_strength, n_components=n_components, **fit_kwargs)  # fmt: skip
+        check_collection_arguments(collect_steps, num_inference_steps, batch_size)
         denoiser = self.denoiser
         if hook_points is not None:
             points = [HookPoint.coerce(p) for p in hook_points]
         else:
             points = preset_hook_points(denoiser, preset)
-        if gate != "none" and not control_prompts:
-            raise SteeringError(f"gate={gate!r} needs control prompts (prompts without the concept)")
         record = dict(
             steps=collect_steps,
             num_inference_steps=num_inference_steps,
@@ -292,6 +308,34 @@ class DSASPipelineMixin:
                 with one ``(steps, images, H, W)`` float tensor per layer (the conditional
                 half's gates, upsampled to the image size).
         """
+        with OneCallAtATime(self):
+            return self._dsas_call(
+                args, kwargs, steering_strength, steering_gate, steering_cfg, steering_steps, return_gate_maps
+            )
+
+    def for_thread(self) -> Any:
+        """A pipeline for another thread: the same models (no weight copy) and steerers, its own
+        scheduler and tokenizers, which keep per-call state. One pipeline object runs one call at
+        a time; a second concurrent call raises :class:`SteeringError`.
+
+        Example:
+            >>> worker = pipe.for_thread()  # doctest: +SKIP
+        """
+        pipe = type(self).from_pipe(self, **thread_copies(self))
+        for name, steerer in self.steerers.items():
+            pipe.load_steering(steerer, name=name)
+        return pipe
+
+    def _dsas_call(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        steering_strength: float | Mapping[str, float] | None,
+        steering_gate: bool,
+        steering_cfg: str,
+        steering_steps: tuple[float, float] | None,
+        return_gate_maps: bool,
+    ) -> Any:
         if steering_cfg not in CFG_MODES:
             raise SteeringError(f"steering_cfg must be one of {CFG_MODES}, got {steering_cfg!r}")
         steerers = self._steerer_table()
@@ -332,7 +376,9 @@ class DSASPipelineMixin:
                         denoiser, list(sessions.values()), window=window, total=total, first_call_only=separate_cond
                     )
                 )
+            finite = stack.enter_context(FiniteOutputCheck(denoiser))
             output = super().__call__(*args, **kwargs)  # type: ignore[misc]
+        finite.raise_if_not_finite(active, strengths)
         for steerer, check in checks:
             check.raise_if_wrong()
             checked.add(steerer)
@@ -373,31 +419,6 @@ class DSASPipelineMixin:
                 frames.append(_spatial(gates, size))
             maps[layer] = torch.stack(frames)
         return maps
-
-
-def _image_size(output: Any) -> tuple[int, int] | None:
-    images = output[0] if isinstance(output, tuple) else output.images
-    if isinstance(images, list) and images and hasattr(images[0], "size"):
-        width, height = images[0].size
-        return height, width
-    if hasattr(images, "shape") and len(images.shape) == 4:
-        shape = tuple(images.shape)
-        return (shape[1], shape[2]) if shape[-1] in (1, 3, 4) else (shape[2], shape[3])
-    return None
-
-
-def _spatial(gates: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
-    """``(B, H, W)`` or ``(B, tokens)`` gates -> ``(B, H', W')`` at the image size."""
-    if gates.ndim == 2:
-        tokens = gates.shape[1]
-        aspect = 1.0 if size is None else size[0] / size[1]
-        height = round(math.sqrt(tokens * aspect))
-        if height == 0 or tokens % height:
-            raise SteeringError(f"cannot lay {tokens} gate tokens out as an image grid")
-        gates = gates.reshape(gates.shape[0], height, tokens // height)
-    if size is None:
-        return gates
-    return F.interpolate(gates.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
 
 
 class DSASStableDiffusionPipeline(DSASPipelineMixin, StableDiffusionPipeline):

@@ -226,6 +226,7 @@ class EvalConfig:
 
     def validate(self) -> EvalConfig:
         """Raise :class:`ConfigError` naming the first problem."""
+        self._validate_types()
         if not self.concept or not str(self.concept).strip():
             raise ConfigError("concept is empty: name the concept to remove (e.g. concept: banana)")
         for name in ("concept_prompts", "control_prompts"):
@@ -263,6 +264,40 @@ class EvalConfig:
         if not isinstance(self.bootstrap, int) or isinstance(self.bootstrap, bool) or self.bootstrap < 0:
             raise ConfigError(f"bootstrap must be a number of replicates >= 0, got {self.bootstrap!r}")
         return self
+
+    def _validate_types(self) -> None:
+        """Each scalar field of the right type (a YAML ``height: big`` is an error, not ignored)."""
+        kinds: dict[str, tuple[type, ...]] = {
+            "model": (str,),
+            "concept": (str,),
+            "steering": (str, type(None)),
+            "clip_model": (str, type(None)),
+            "clip_pretrained": (str, type(None)),
+            "concept_template": (str,),
+            "neutral_caption": (str,),
+            "num_inference_steps": (int,),
+            "guidance_scale": (int, float, type(None)),
+            "height": (int, type(None)),
+            "width": (int, type(None)),
+            "steering_cfg": (str,),
+            "batch_size": (int,),
+            "score_batch_size": (int,),
+            "grid_prompts": (int,),
+            "detector": (str,),
+            "out": (str,),
+            "cache_dir": (str, type(None)),
+            "device": (str, type(None)),
+            "bootstrap": (int,),
+        }
+        for name, allowed in kinds.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, allowed):
+                names = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
+                raise ConfigError(f"{name} must be {names}, got {value!r}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (value < 8 or value % 8):
+                raise ConfigError(f"{name} must be a multiple of 8 (at least 8), got {value}")
 
     def _validate_strengths(self) -> None:
         if isinstance(self.strengths, str):

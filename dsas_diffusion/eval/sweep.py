@@ -103,7 +103,7 @@ def run_evaluation(config: EvalConfig, *, progress: bool = True) -> EvalResult:
     shard_dir = out / "shards"
     if state.is_main_process:
         images_dir.mkdir(parents=True, exist_ok=True)
-        shard_dir.mkdir(exist_ok=True)
+        shard_dir.mkdir(parents=True, exist_ok=True)
         for stale in shard_dir.glob("rows-*.json"):
             stale.unlink()
     state.wait_for_everyone()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..names import CLOSED_FORM_MAPS, FIT_GATES, GATE_ACTIVATIONS, GATE_CALIBRATIONS, GATE_FIT_ON, MAP_NAMES
+from ..names import CLOSED_FORM_MAPS, MAP_NAMES
 from .collect import (
     Activations,
     ContrastPositions,
@@ -22,6 +22,7 @@ from .collect import (
     default_mask,
 )
 from .errors import InputSetError
+from .fit_args import check_fit_arguments
 from .gate_fit import calibrate_layers, fit_layer_gate, select_layers
 from .hookpoints import HookPoint, resolve_module
 from .hooks import SteeringSession
@@ -131,6 +132,7 @@ def fit_steerer(
     strength: float = 1.0,
     max_strength: float | None = None,
     max_imbalance: float = 4.0,
+    on_no_gate: str = "raise",
     provenance: Mapping[str, Any] | None = None,
     progress: bool = True,
     seed: int = 0,
@@ -174,30 +176,30 @@ def fit_steerer(
         max_strength: the largest |λ| the steerer will accept (``None``: no bound); applying it
             with a larger strength raises :class:`SteeringError`.
         max_imbalance: refuse sets whose sizes differ by more than this factor.
+        on_no_gate: ``"raise"`` (default) when no layer's gate reaches ``gate_threshold`` (the
+            steerer would change nothing with gating on), or ``"warn"`` to return it anyway.
         provenance: recorded in the saved file (base model, revision, prompts...).
     """
-    if map not in MAP_NAMES:
-        raise ValueError(f"map must be one of {MAP_NAMES}, got {map!r}")
-    if gate not in FIT_GATES:
-        raise ValueError(f"gate must be one of {FIT_GATES}, got {gate!r}")
-    if gate == "e2e" and map != "lineas":
-        raise ValueError("gate='e2e' trains gates jointly with LinEAS maps: use map='lineas'")
-    if gate_fit_on not in GATE_FIT_ON:
-        raise ValueError(f"gate_fit_on must be one of {GATE_FIT_ON}, got {gate_fit_on!r}")
-    if gate_calibration not in GATE_CALIBRATIONS:
-        raise ValueError(f"gate_calibration must be one of {GATE_CALIBRATIONS}, got {gate_calibration!r}")
-    if gate_activation not in GATE_ACTIVATIONS:
-        raise ValueError(f"gate_activation must be one of {GATE_ACTIVATIONS}, got {gate_activation!r}")
-    if max_strength is not None and not (math.isfinite(max_strength) and max_strength > 0):
-        raise ValueError(f"max_strength must be a positive number or None, got {max_strength!r}")
-    if not 0.0 <= gate_floor < 1.0:
-        raise ValueError(f"gate_floor must lie in [0, 1), got {gate_floor!r}")
+    check_fit_arguments(
+        map=map,
+        gate=gate,
+        gate_fit_on=gate_fit_on,
+        gate_calibration=gate_calibration,
+        gate_activation=gate_activation,
+        max_strength=max_strength,
+        gate_floor=gate_floor,
+        n_components=n_components,
+        cv_folds=cv_folds,
+        gate_threshold=gate_threshold,
+        calibration_quantile=calibration_quantile,
+        concept_level=concept_level,
+        contrast_level=contrast_level,
+        positions_per_sample=positions_per_sample,
+        max_imbalance=max_imbalance,
+        on_no_gate=on_no_gate,
+        incremental_gates=incremental_gates,
+    )
     uses_contrast = gate == "dsas" and (gate_fit_on == "contrast" or gate_calibration == "two-sided")
-    if uses_contrast and incremental_gates:
-        raise ValueError(
-            "incremental_gates refits gates on upstream-steered activations; it does not combine with "
-            "gate_fit_on='contrast' or gate_calibration='two-sided'"
-        )
     points = [HookPoint.coerce(point) for point in hook_points]
     if not points:
         raise ValueError("give at least one hook point")
@@ -311,6 +313,8 @@ def fit_steerer(
         select_layers(layers, threshold=gate_threshold, accuracy_scaling=accuracy_scaling)
         for layer in layers:
             layer.gate.floor = float(gate_floor)
+        if not any(layer.gate.enabled for layer in layers):
+            _no_gate(layers, gate_threshold, on_no_gate)
 
     config = {
         "map": map,
@@ -335,6 +339,19 @@ def fit_steerer(
     return Steerer(
         layers, strength=strength, config=config, provenance={**model_provenance(model), **(provenance or {})}
     )
+
+
+def _no_gate(layers: Sequence[SteeringLayer], threshold: float | None, on_no_gate: str) -> None:
+    accuracies = ", ".join(f"{layer.name} {layer.gate.accuracy:.2f}" for layer in layers)
+    message = (
+        f"no layer's DSAS gate separates source from control inputs (held-out accuracy per layer: {accuracies}; "
+        f"threshold {threshold}), so with gating on this steerer changes nothing. Give source inputs that show "
+        "the concept and control inputs that lack it (they may be too alike, or the same), more of each, or a "
+        "lower gate_threshold; on_no_gate='warn' returns the steerer anyway"
+    )
+    if on_no_gate == "raise":
+        raise InputSetError(message)
+    warnings.warn(message, stacklevel=3)
 
 
 def model_provenance(model: nn.Module) -> dict[str, Any]:

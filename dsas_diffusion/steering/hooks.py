@@ -25,7 +25,7 @@ from .hookpoints import get_output, replace_output, resolve_module
 if TYPE_CHECKING:
     from .layer import SteeringLayer
 
-__all__ = ["HOOK_PREFIX", "SteeringSession", "active_hook_names", "check_strength"]
+__all__ = ["HOOK_PREFIX", "STRENGTH_LIMIT", "SteeringSession", "active_hook_names", "check_strength"]
 
 HOOK_PREFIX = "dsas"
 _ACTIVE: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("dsas_active_sessions", default=frozenset())
@@ -33,13 +33,25 @@ _COUNTER = itertools.count()
 Observer = Callable[[str, torch.Tensor, torch.Tensor | None], None]
 
 
+#: no steering strength beyond this is accepted anywhere: on shapes-sd outputs with the concept
+#: are destroyed from λ = 16 on, and far larger values only overflow to NaN or infinity
+STRENGTH_LIMIT = 1000.0
+
+
 def check_strength(strength: float) -> float:
+    """``strength`` as a float, or :class:`SteeringError` if it is not a finite number with
+    ``|strength| <= STRENGTH_LIMIT``."""
     try:
         value = float(strength)
     except (TypeError, ValueError):
         raise SteeringError(f"steering strength must be a number, got {strength!r}") from None
     if not math.isfinite(value):
         raise SteeringError(f"steering strength must be finite, got {strength!r}; use e.g. 0.0 to 2.0")
+    if abs(value) > STRENGTH_LIMIT:
+        raise SteeringError(
+            f"steering strength {value:g} is beyond any useful value (at most {STRENGTH_LIMIT:g} is accepted; "
+            "outputs are destroyed long before); use e.g. 0.0 to 2.0"
+        )
     return value
 
 

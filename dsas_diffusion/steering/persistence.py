@@ -1,8 +1,15 @@
 """Saving and loading steerers: ``steering_config.json`` (what every layer is, how it was
-fitted, where it came from) plus ``steering.safetensors`` (the tensors). Never pickle."""
+fitted, where it came from) plus ``steering.safetensors`` (the tensors). Never pickle.
+
+Saves are atomic per file and checked as a pair: both files are written under temporary
+names and renamed into place (other files in the directory are never touched), and the
+config records the SHA-256 of the tensor file, which loading verifies, so a save that
+failed half way can never be loaded as a mix of two steerers. Loading validates the config
+against one schema and every tensor (:mod:`.schema`)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -14,13 +21,14 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 
 from .errors import SteeringFileError
 from .gate import LinearGate
 from .hookpoints import HookPoint
 from .layer import SteeringLayer
 from .maps import SteeringMap
+from .schema import MAX_CONFIG_BYTES, check_config, check_tensors
 
 __all__ = ["CONFIG_NAME", "FORMAT_NAME", "FORMAT_VERSION", "WEIGHTS_NAME", "read_steering", "write_steering"]
 
@@ -95,6 +103,17 @@ def steering_config(
     }
 
 
+def _write_atomically(path: Path, data: bytes) -> Path:
+    """Write ``data`` beside ``path`` under a temporary name; return that name (renamed into
+    place by the caller once every file of the save is written)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return temporary
+
+
 def write_steering(
     directory: str | os.PathLike[str],
     layers: Sequence[SteeringLayer],
@@ -103,12 +122,24 @@ def write_steering(
     config: Mapping[str, Any],
     provenance: Mapping[str, Any],
 ) -> Path:
-    """Write ``steering_config.json`` and ``steering.safetensors`` into ``directory``."""
+    """Write ``steering_config.json`` and ``steering.safetensors`` into ``directory``: both
+    under temporary names first, then renamed into place, tensors before config; the config
+    records the tensor file's SHA-256."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     content = steering_config(layers, strength=strength, config=config, provenance=provenance)
-    save_file(_layer_tensors(layers), str(directory / WEIGHTS_NAME), metadata={"format": FORMAT_NAME})
-    (directory / CONFIG_NAME).write_text(json.dumps(content, indent=2, default=_json_default) + "\n")
+    weights = save(_layer_tensors(layers), metadata={"format": FORMAT_NAME})
+    content["weights_sha256"] = hashlib.sha256(weights).hexdigest()
+    text = json.dumps(content, indent=2, default=_json_default, allow_nan=False) + "\n"
+    written: list[Path] = []
+    try:
+        written.append(_write_atomically(directory / WEIGHTS_NAME, weights))
+        written.append(_write_atomically(directory / CONFIG_NAME, text.encode()))
+        os.replace(written[0], directory / WEIGHTS_NAME)
+        os.replace(written[1], directory / CONFIG_NAME)
+    finally:
+        for temporary in written:
+            temporary.unlink(missing_ok=True)
     return directory
 
 
@@ -116,11 +147,26 @@ def read_steering(
     path: str | os.PathLike[str], revision: str | None = None
 ) -> tuple[list[SteeringLayer], dict[str, Any]]:
     """The layers of a saved steering and its config (``strength``, ``config``, ``provenance``...),
-    from a directory or a hub repo id."""
+    from a directory or a hub repo id; :class:`SteeringFileError` naming the field for a file
+    that breaks the schema, a tensor that is missing, misshapen or not finite, or a tensor
+    file that is not the one its config was saved with."""
     directory = _resolve_directory(path, revision)
     config = _read_config(directory)
-    tensors = _read_tensors(directory)
-    layers = [_layer_from_entry(index, entry, tensors, directory) for index, entry in enumerate(config["layers"])]
+    data = _read_weights(directory)
+    recorded = config.get("weights_sha256")
+    if recorded is not None and hashlib.sha256(data).hexdigest() != recorded:
+        raise SteeringFileError(
+            f"{directory / WEIGHTS_NAME} is not the tensor file {CONFIG_NAME} was saved with (checksum mismatch): "
+            "the directory mixes two saves or a file was altered; save the steering again"
+        )
+    try:
+        tensors = load(data)
+    except (SafetensorError, ValueError) as error:
+        raise SteeringFileError(
+            f"{directory / WEIGHTS_NAME} is corrupt ({error}); re-save the steering with save_pretrained"
+        ) from error
+    check_tensors(config, tensors, str(directory / WEIGHTS_NAME))
+    layers = [_layer_from_entry(index, entry, tensors) for index, entry in enumerate(config["layers"])]
     return layers, config
 
 
@@ -153,87 +199,73 @@ def _resolve_directory(path: str | os.PathLike[str], revision: str | None) -> Pa
     raise SteeringFileError(f"no steering directory at {text!r}; give a directory saved with save_pretrained")
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number a steering file may hold")
+
+
 def _read_config(directory: Path) -> dict[str, Any]:
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise SteeringFileError(
             f"{directory} has no {CONFIG_NAME}: it is not a steering directory saved with save_pretrained"
         )
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    size = config_path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
         raise SteeringFileError(
-            f"{config_path} is corrupt ({error}); re-save the steering with save_pretrained"
-        ) from error
+            f"{config_path} is {size} bytes, above the {MAX_CONFIG_BYTES} a steering config may have; "
+            "it is not a steering saved with save_pretrained"
+        )
+    try:
+        config = json.loads(config_path.read_bytes().decode("utf-8"), parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        problem = "nested too deeply" if isinstance(error, RecursionError) else str(error)
+        raise SteeringFileError(
+            f"{config_path} is corrupt ({problem}); re-save the steering with save_pretrained"
+        ) from None
     if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
         raise SteeringFileError(
             f"{config_path} is not a {FORMAT_NAME} file; give a directory saved with Steerer.save_pretrained"
         )
-    if int(config.get("format_version", 0)) > FORMAT_VERSION:
+    version = config.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
         raise SteeringFileError(
-            f"{config_path} has format version {config['format_version']}, newer than this library reads "
+            f"{config_path} has format version {version}, newer than this library reads "
             f"({FORMAT_VERSION}); upgrade dsas-diffusion"
         )
-    if not isinstance(config.get("layers"), list) or not config["layers"]:
-        raise SteeringFileError(f"{config_path} lists no layers; re-save the steering with save_pretrained")
+    check_config(config, str(config_path))
     return config
 
 
-def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+def _read_weights(directory: Path) -> bytes:
     weights_path = directory / WEIGHTS_NAME
     if not weights_path.is_file():
         raise SteeringFileError(
             f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}; the save was interrupted, save it again"
         )
-    try:
-        return load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise SteeringFileError(
-            f"{weights_path} is corrupt ({error}); re-save the steering with save_pretrained"
-        ) from error
+    return weights_path.read_bytes()
 
 
-def _layer_from_entry(
-    index: int, entry: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], directory: Path
-) -> SteeringLayer:
+def _layer_from_entry(index: int, entry: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> SteeringLayer:
+    """A layer from a config entry and tensors already checked by :mod:`.schema`."""
     prefix = f"layers.{index}"
-
-    def tensor(key: str) -> torch.Tensor:
-        if f"{prefix}.{key}" not in tensors:
-            raise SteeringFileError(
-                f"{directory / WEIGHTS_NAME} lacks tensor {prefix}.{key} of layer {entry.get('module')!r}; "
-                "the file is corrupt, save it again"
-            )
-        value = tensors[f"{prefix}.{key}"]
-        if key != "gate.bias" and value.shape != (entry["width"],):
-            raise SteeringFileError(
-                f"{prefix}.{key} has shape {tuple(value.shape)}, expected ({entry['width']},); the file is corrupt"
-            )
-        return value
-
-    try:
-        point = HookPoint(entry["module"], entry.get("output_index"), entry["layout"])
-        support = (tensor("map.support_lo"), tensor("map.support_hi")) if entry.get("support") else None
-        weight = tensor("map.weight") if entry["map_kind"] == "affine" else None
-        steering_map = SteeringMap(tensor("map.bias"), weight=weight, support=support)
-        gate = None
-        if entry.get("gate") is not None:
-            meta = entry["gate"]
-            accuracy = meta.get("accuracy")
-            gate = LinearGate(
-                tensor("gate.weight"),
-                tensor("gate.bias").reshape(()),
-                accuracy=float("nan") if accuracy is None else accuracy,
-                scale=meta.get("scale", 1.0),
-                enabled=meta.get("enabled", True),
-                activation=meta.get("activation", "sigmoid"),
-                n_components=meta.get("n_components"),
-                floor=meta.get("floor", 0.0),
-            )
-        return SteeringLayer(point, steering_map, gate, signature=entry.get("signature"))
-    except (KeyError, TypeError, ValueError) as error:
-        if isinstance(error, SteeringFileError):
-            raise
-        raise SteeringFileError(
-            f"layer {index} of {directory / CONFIG_NAME} is malformed ({error!r}); the file is corrupt"
-        ) from error
+    point = HookPoint(entry["module"], entry.get("output_index"), entry["layout"])
+    support = (
+        (tensors[f"{prefix}.map.support_lo"], tensors[f"{prefix}.map.support_hi"]) if entry.get("support") else None
+    )
+    weight = tensors[f"{prefix}.map.weight"] if entry["map_kind"] == "affine" else None
+    steering_map = SteeringMap(tensors[f"{prefix}.map.bias"], weight=weight, support=support)
+    gate = None
+    if entry.get("gate") is not None:
+        meta = entry["gate"]
+        accuracy = meta.get("accuracy")
+        gate = LinearGate(
+            tensors[f"{prefix}.gate.weight"],
+            tensors[f"{prefix}.gate.bias"].reshape(()),
+            accuracy=float("nan") if accuracy is None else accuracy,
+            scale=meta.get("scale", 1.0),
+            enabled=meta.get("enabled", True),
+            activation=meta.get("activation", "sigmoid"),
+            n_components=meta.get("n_components"),
+            floor=meta.get("floor", 0.0),
+        )
+    return SteeringLayer(point, steering_map, gate, signature=entry.get("signature"))
