@@ -12,16 +12,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
 from .config import SweepSettings
+from .operating import mean_of
 
 __all__ = ["AdaptiveSweep"]
-
-
-def _mean(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
-    values = [float(r[key]) for r in rows if r.get(key) is not None]
-    return float(np.mean(values)) if values else None
 
 
 class AdaptiveSweep:
@@ -73,12 +67,12 @@ class AdaptiveSweep:
     def _curve(self, rows: Sequence[Mapping[str, Any]], method: str) -> tuple[list[float], list[float]]:
         """Concept presence at 0 and at each strength so far, and control similarity."""
         unsteered = [r for r in rows if r["method"] == "unsteered" and r["group"] == "concept"]
-        presence = [_mean(unsteered, self.presence_key)]
+        presence = [mean_of(unsteered, self.presence_key)]
         similarity = [1.0]
         for strength in self.strengths[method]:
             chosen = [r for r in rows if r["method"] == method and float(r["strength"]) == strength]
-            presence.append(_mean([r for r in chosen if r["group"] == "concept"], self.presence_key))
-            similarity.append(_mean([r for r in chosen if r["group"] == "control"], "clip_similarity"))
+            presence.append(mean_of([r for r in chosen if r["group"] == "concept"], self.presence_key))
+            similarity.append(mean_of([r for r in chosen if r["group"] == "control"], "clip_similarity"))
         if any(v is None for v in presence + similarity):
             raise ValueError(f"{method}: some strengths have no scored rows yet; score every round before update()")
         return presence, similarity  # type: ignore[return-value]

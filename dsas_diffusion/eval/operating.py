@@ -16,6 +16,7 @@ percentile over the replicates.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,7 @@ __all__ = [
     "SweepTable",
     "bootstrap_intervals",
     "hypervolume",
+    "mean_of",
     "method_figures",
     "operating_point",
     "spatial_rows",
@@ -48,6 +50,18 @@ def hypervolume(points: Sequence[tuple[float, float]]) -> float:
         following = cleaned[index + 1][0] if index + 1 < len(cleaned) else 0.0
         area += (utility - following) * best
     return round(area, 6)
+
+
+def mean_of(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
+    """The mean of ``key`` over the rows that have it (``None`` and NaN mark rows that do not
+    count), or ``None`` when none does.
+
+    Example:
+        >>> mean_of([{"p": 1.0}, {"p": None}, {"p": float("nan")}, {"p": 0.0}], "p")
+        0.5
+    """
+    values = [float(row[key]) for row in rows if row.get(key) is not None and not math.isnan(row[key])]
+    return float(np.mean(values)) if values else None
 
 
 def operating_point(

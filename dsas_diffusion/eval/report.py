@@ -32,21 +32,11 @@ from PIL import Image
 
 from ..diffusion.visual import image_grid
 from .config import EvalConfig
-from .operating import hypervolume, method_figures, spatial_rows
+from .operating import hypervolume, mean_of, method_figures, spatial_rows
 
 __all__ = ["hypervolume", "strength_grid", "summarise", "write_report"]
 
 MAP_COLOURS = {"caa": "tab:blue", "iti": "tab:orange", "linear-act": "tab:green", "lineas": "tab:red"}
-
-
-def _mean(rows: list[Mapping[str, Any]], key: str) -> float | None:
-    values = [row[key] for row in rows if row.get(key) is not None]
-    return float(np.mean(values)) if values else None
-
-
-def _nanmean(rows: list[Mapping[str, Any]], key: str) -> float | None:
-    values = [row[key] for row in rows if row.get(key) is not None and not np.isnan(row[key])]
-    return float(np.mean(values)) if values else None
 
 
 def summarise(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> list[dict[str, Any]]:
@@ -68,20 +58,20 @@ def summarise(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> list
             line = {
                 "method": method,
                 "strength": strength,
-                "concept_presence": _mean(concept, "concept_presence"),
-                "concept_clip_score": _mean(concept, "clip_score"),
-                "control_clip_score": _mean(control, "clip_score"),
-                "control_similarity": _mean(control, "clip_similarity"),
-                "control_pixel_change": _mean(control, "pixel_change"),
+                "concept_presence": mean_of(concept, "concept_presence"),
+                "concept_clip_score": mean_of(concept, "clip_score"),
+                "control_clip_score": mean_of(control, "clip_score"),
+                "control_similarity": mean_of(control, "clip_similarity"),
+                "control_pixel_change": mean_of(control, "pixel_change"),
             }
             if any("concept_drawn" in r for r in chosen):
-                line["concept_drawn"] = _mean(concept, "concept_drawn")
-                line["control_as_prompted"] = _mean(control, "objects_as_prompted")
+                line["concept_drawn"] = mean_of(concept, "concept_drawn")
+                line["control_as_prompted"] = mean_of(control, "objects_as_prompted")
             pairs = [r for r in spatial if r["method"] == ("unsteered" if strength == 0.0 else method)]
             pairs = [r for r in pairs if strength == 0.0 or r["strength"] == strength]
             if pairs:
-                line["spatial_removed"] = _nanmean(pairs, "removed")
-                line["spatial_kept"] = _nanmean(pairs, "kept")
+                line["spatial_removed"] = mean_of(pairs, "removed")
+                line["spatial_kept"] = mean_of(pairs, "kept")
             lines.append(line)
     return lines
 

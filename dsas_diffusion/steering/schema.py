@@ -56,7 +56,9 @@ def check_config(config: Any, where: str) -> None:
         raise _fail(where, "format_version", f"must be a positive integer, got {version!r}")
     strength = config.get("strength", 1.0)
     if not _number(strength) or abs(strength) > STRENGTH_LIMIT:
-        raise _fail(where, "strength", f"must be a finite number of at most {STRENGTH_LIMIT:g} in size, got {strength!r}")
+        raise _fail(
+            where, "strength", f"must be a finite number of at most {STRENGTH_LIMIT:g} in size, got {strength!r}"
+        )
     for name in ("config", "provenance"):
         if not isinstance(config.get(name, {}), dict):
             raise _fail(where, name, f"must be a JSON object, got {type(config.get(name)).__name__}")
