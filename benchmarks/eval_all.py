@@ -1,0 +1,74 @@
+"""The evaluation protocol over the five Shapes concepts: tuning concepts first, held-out last.
+
+    python benchmarks/eval_all.py                       # banana, red, star, then green, triangle
+    python benchmarks/eval_all.py --concepts banana     # one concept (resumes through the cache)
+    python benchmarks/eval_all.py --set '{"seeds": [0], "bootstrap": 100}' --out-root outputs/try
+
+Each concept runs ``dsas eval --config benchmarks/eval_<concept>.yaml`` (images cached in one
+shared folder, so an interrupted run resumes where it stopped), then this prints every
+method's operating points with their intervals, one table per concept, and the run's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+
+from dsas_diffusion.eval import load_config, run_evaluation
+from dsas_diffusion.shapes import HELD_OUT_CONCEPTS, TUNING_CONCEPTS
+
+HERE = Path(__file__).resolve().parent
+
+
+def _cell(row: dict[str, str], key: str) -> str:
+    if not row.get(key) or row[key] == "nan":  # nan: no unit counted (e.g. no pair showed both objects)
+        return "-"
+    low, high = row.get(f"{key}_low"), row.get(f"{key}_high")
+    if not low or low == "nan":
+        return f"{float(row[key]):.2f}"
+    return f"{float(row[key]):.2f} [{float(low):.2f}, {float(high):.2f}]"
+
+
+def table(out: Path) -> str:
+    """Markdown: the operating points of one concept's run (``operating.csv``)."""
+    with (out / "operating.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    lines = [
+        "| method | control similarity | λ | concept drawn | CLIP presence | spatial: removed | spatial: kept |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        strength = f"{float(row['strength']):.2f}" + ("" if row["reached"] == "True" else " (end of sweep)")
+        cells = [_cell(row, key) for key in ("concept_drawn", "concept_presence", "spatial_removed", "spatial_kept")]
+        lines.append(f"| {row['method']} | ≥ {row['similarity']} | {strength} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concepts", nargs="+", default=[*TUNING_CONCEPTS, *HELD_OUT_CONCEPTS])
+    parser.add_argument("--set", default="{}", help="config fields to override, as JSON (e.g. fewer seeds)")
+    parser.add_argument("--out-root", type=Path, default=None, help="write each concept to OUT_ROOT/eval-<concept>")
+    args = parser.parse_args(argv)
+    overrides = json.loads(args.set)
+    for concept in args.concepts:
+        fields = dict(overrides)
+        if args.out_root is not None:
+            fields["out"] = str(args.out_root / f"eval-{concept}")
+            fields.setdefault("cache_dir", str(args.out_root / "eval-images"))
+        config = load_config(HERE / f"eval_{concept}.yaml", fields)
+        start = time.time()
+        result = run_evaluation(config, progress=False)
+        held_out = " (held out)" if concept in HELD_OUT_CONCEPTS else ""
+        print(
+            f"\n### {concept}{held_out}: {result.generated} images rendered, {result.reused} from the cache, "
+            f"{(time.time() - start) / 60:.1f} min\n"
+        )
+        print(table(Path(config.out)))
+
+
+if __name__ == "__main__":
+    main()
