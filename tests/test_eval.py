@@ -301,6 +301,7 @@ PAIRS = [
 def test_an_adaptive_sweep_gives_each_method_its_own_range_and_extends_through_the_cache(first_run, tmp_path):
     copy, config_path = _copy_of(first_run, tmp_path)
     adaptive = {**TINY, "strengths": "auto", "sweep": {"start": 1.5, "max": 6}, "pairs_prompts": PAIRS, "bootstrap": 50}
+    adaptive["pairs_screen_seeds"] = 4
     # a new output folder that does not exist yet, sharing the first run's image cache
     adaptive["cache_dir"] = str(copy / "images")
     out = tmp_path / "adaptive" / "out"
@@ -311,13 +312,27 @@ def test_an_adaptive_sweep_gives_each_method_its_own_range_and_extends_through_t
         strengths = sorted({r["strength"] for r in rows if r["method"] == method})
         assert strengths == [1.5, 3.0, 6.0][: len(strengths)] and strengths, (method, strengths)
         assert run["sweep_stopped"][method], method  # every sweep says why it stopped
+        # 4-step images rarely draw both objects of a pair: no unit may pass the screening,
+        # and then the spatial test is left out rather than counted on ineligible images
         groups = {r["group"] for r in rows if r["method"] == method}
-        assert groups == {"concept", "control", "pairs"}
+        assert groups == {"concept", "control"} | ({"pairs"} if run["pair_units"] else set())
+    # the pairs were screened over four seeds; the test runs on the first seed per prompt
+    # whose unsteered image shows both objects, and only there
+    from dsas_diffusion.eval.sweep import screen_pairs
+
+    screened = [dict(zip(("prompt", "seed", "concept_drawn", "others_drawn"), r)) for r in run["pairs_screened"]]
+    assert sorted((r["prompt"], r["seed"]) for r in screened) == sorted((p, s) for p in PAIRS for s in range(4))
+    units = {tuple(unit) for unit in run["pair_units"]}
+    assert units == set(screen_pairs(screened, PAIRS, 1))
+    pair_rows = [r for r in rows if r["group"] == "pairs"]
+    assert {(r["prompt"], r["seed"]) for r in pair_rows} == units
+    assert all(r["concept_drawn"] == r["others_drawn"] == 1.0 for r in pair_rows if r["method"] == "unsteered")
     # the fixed sweep's unsteered images were found in the cache
-    assert run["reused"] >= 4 and run["generated"] + run["reused"] == run["images"] == len(rows)
+    assert run["reused"] >= 4 and run["generated"] + run["reused"] == run["images"]
+    assert run["images"] == len(rows) + len(screened) - len(units)
     operating = (out / "operating.csv").read_text().splitlines()
-    assert operating[0].startswith("method,similarity,strength,reached,concept_drawn,concept_drawn_low")
-    assert len(operating) == 1 + 2 * 2  # two methods x two thresholds
+    assert operating[0].startswith("method,similarity,rule,strength,reached,concept_drawn,concept_drawn_low")
+    assert len(operating) == 1 + 2 * 2 * 2  # two methods x two thresholds x two rules
     assert "spatial_removed" in operating[0] and "Operating points" in (out / "summary.md").read_text()
     # a higher maximum renders only the strengths the first sweep did not reach
     config_path.write_text(json.dumps({**adaptive, "sweep": {"start": 1.5, "max": 12}}))

@@ -10,6 +10,7 @@ from dsas_diffusion.eval.adaptive import AdaptiveSweep
 from dsas_diffusion.eval.config import ConfigError, SweepSettings, load_config
 from dsas_diffusion.eval.operating import (
     SweepTable,
+    best_point,
     bootstrap_intervals,
     method_figures,
     operating_point,
@@ -28,6 +29,21 @@ def test_the_operating_point_is_where_the_similarity_first_crosses_the_threshold
     # a sweep that never falls below the threshold operates at its strongest setting
     end = operating_point([0, 1, 2], [1.0, 0.995, 0.99], 0.98, presence=[0.9, 0.6, 0.3])
     assert end == {"strength": 2.0, "similarity": 0.99, "reached": 0.0, "presence": 0.3}
+
+
+def test_the_best_point_is_the_least_presence_within_the_threshold():
+    # removal turns back at large strengths while control similarity stays above 0.98
+    strengths, similarity = [0, 1, 2, 4, 8], [1.0, 1.0, 0.995, 0.99, 0.985]
+    presence = [0.8, 0.4, 0.1, 0.3, 0.5]
+    assert operating_point(strengths, similarity, 0.98, p=presence)["strength"] == 8  # the strongest
+    best = best_point(strengths, similarity, 0.98, "p", p=presence)
+    assert (best["strength"], best["p"]) == (2.0, 0.1)
+    # the similarity crosses the threshold: the interpolated crossing is a candidate, the
+    # strengths past it are not
+    crossing = best_point([0, 1, 2, 4], [1.0, 0.99, 0.97, 0.99], 0.98, "p", p=[0.9, 0.5, 0.1, 0.0])
+    assert crossing["strength"] == pytest.approx(1.5) and crossing["p"] == pytest.approx(0.3)
+    # ties go to the weaker strength
+    assert best_point([0, 1, 2], [1.0, 1.0, 1.0], 0.98, "p", p=[0.5, 0.2, 0.2])["strength"] == 1.0
 
 
 def test_bootstrap_intervals_cover_the_estimate_and_narrow_with_more_units():
@@ -71,13 +87,23 @@ def test_method_figures_read_presence_and_the_spatial_test_at_the_operating_poin
         rows += [_row("m/dsas", 2.0, "control", prompt, clip_similarity=0.96)]
     rows += [_row("unsteered", 0.0, "pairs", "p", concept_drawn=1.0, others_drawn=1.0)]
     rows += [_row("m/dsas", 2.0, "pairs", "p", concept_drawn=0.0, others_drawn=1.0)]
-    line98, line95 = method_figures(rows, "m/dsas", [0.98, 0.95], replicates=50)
+    lines = method_figures(rows, "m/dsas", [0.98, 0.95], replicates=50)
+    assert [(line["similarity"], line["rule"]) for line in lines] == [
+        (0.98, "strongest"),
+        (0.98, "best"),
+        (0.95, "strongest"),
+        (0.95, "best"),
+    ]
+    line98, best98, line95, best95 = lines
     # similarity 1.0 -> 0.96 over λ 0 -> 2: 0.98 is crossed half way, 0.95 never
     assert line98["strength"] == pytest.approx(1.0) and line98["reached"]
     assert line98["concept_drawn"][0] == pytest.approx(0.5) and line98["spatial_removed"][0] == pytest.approx(0.5)
     assert line98["spatial_kept"][0] == pytest.approx(1.0)
     assert line95["strength"] == 2.0 and not line95["reached"] and line95["concept_drawn"][0] == 0.0
     assert line98["hypervolume"][0] == pytest.approx(0.96)
+    # presence falls all the way, so the best points are the operating points here
+    assert best98["strength"] == pytest.approx(1.0) and best98["concept_drawn"][0] == pytest.approx(0.5)
+    assert best95["strength"] == 2.0 and best95["concept_drawn"][0] == 0.0
 
 
 def _sweep_rows(method, strengths, presence, similarity):
@@ -124,6 +150,9 @@ def test_an_unmoved_presence_does_not_stop_the_sweep_before_it_starts():
         ({"sweep": {"starts": {"caa/dsas": -1}}}, "sweep.starts"),
         ({"thresholds": [1.5]}, "thresholds"),
         ({"bootstrap": -1}, "bootstrap"),
+        ({"pairs_screen_seeds": 8}, "needs pairs_prompts"),
+        ({"pairs_screen_seeds": 1, "pairs_prompts": ["p"], "seeds": [0, 1]}, "at least the number of seeds"),
+        ({"pairs_screen_seeds": "8", "pairs_prompts": ["p"]}, "pairs_screen_seeds must be int"),
     ],
 )
 def test_bad_sweep_settings_fail_with_a_message_naming_the_field(fields, message):
@@ -131,3 +160,23 @@ def test_bad_sweep_settings_fail_with_a_message_naming_the_field(fields, message
     base.update({"source": ["a"], "target": ["b"], "control": ["c"]})
     with pytest.raises(ConfigError, match=message):
         load_config(None, {**base, **fields})
+
+
+def test_screened_pairs_take_the_first_seeds_showing_both_objects_and_list_only_those_units():
+    from dsas_diffusion.eval.cache import list_jobs
+    from dsas_diffusion.eval.sweep import screen_pairs
+
+    shown = {("p", 2), ("p", 5), ("p", 7), ("q", 0)}
+    rows = [
+        _row("unsteered", 0.0, "pairs", prompt, seed, concept_drawn=1.0, others_drawn=float((prompt, seed) in shown))
+        for prompt in ("p", "q", "r")
+        for seed in range(8)
+    ]
+    units = screen_pairs(rows, ["p", "q", "r"], 2)
+    assert units == [("p", 2), ("p", 5), ("q", 0)]  # r never shows both objects
+    base = {"concept": "banana", "concept_prompts": ["a"], "control_prompts": ["b"], "pairs_prompts": ["p", "q", "r"]}
+    config = load_config(None, {**base, "source": ["a"], "target": ["b"], "control": ["c"], "seeds": [0, 1]})
+    jobs = list_jobs(config, config.method_list[:1], {"caa/uniform": [1.0]}, units)
+    pairs = [(job.method, job.prompt, job.seed) for job in jobs if job.group == "pairs"]
+    assert pairs == [(method, p, s) for method in ("unsteered", "caa/uniform") for p, s in units]
+    assert len(jobs) == 2 * (2 * 2 + len(units))  # two runs x (two seeds x concept + control, the units)

@@ -42,13 +42,18 @@ class Job:
 
 
 def list_jobs(
-    config: EvalConfig, methods: Sequence[Method], strengths: Mapping[str, Sequence[float]] | None = None
+    config: EvalConfig,
+    methods: Sequence[Method],
+    strengths: Mapping[str, Sequence[float]] | None = None,
+    pair_units: Sequence[tuple[str, int]] | None = None,
 ) -> list[Job]:
     """Every image of the run, unsteered first, in a fixed order: each method at its
     ``strengths`` (default: the config's fixed strengths), every seed, every group (concept,
-    control and, when the config has them, the spatial test's pairs)."""
+    control and, when the config has them, the spatial test's pairs). ``pair_units``: the
+    (prompt, seed) units of the pairs when they were screened (default: every pair prompt
+    with every seed)."""
     groups = [("concept", config.concept_prompts), ("control", config.control_prompts)]
-    if config.pairs_prompts:
+    if config.pairs_prompts and pair_units is None:
         groups.append(("pairs", config.pairs_prompts))
     runs = [(UNSTEERED, 0.0)] + [
         (m.name, float(s))
@@ -56,13 +61,16 @@ def list_jobs(
         for s in (config.strength_list if strengths is None else strengths.get(m.name, ()))
         if s != 0.0
     ]
-    return [
-        Job(method, strength, group, prompt, seed)
-        for method, strength in runs
-        for seed in config.seeds
-        for group, prompts in groups
-        for prompt in prompts
-    ]
+    jobs = []
+    for method, strength in runs:
+        jobs += [
+            Job(method, strength, group, prompt, seed)
+            for seed in config.seeds
+            for group, prompts in groups
+            for prompt in prompts
+        ]
+        jobs += [Job(method, strength, "pairs", prompt, seed) for prompt, seed in pair_units or ()]
+    return jobs
 
 
 def digest(payload: Any) -> str:

@@ -124,6 +124,11 @@ class EvalConfig:
         concept_prompts / control_prompts: evaluation prompts, separate from the fitting ones.
         pairs_prompts: optional two-object prompts, one object carrying the concept, for the
             spatial test (is the concept object removed and the other one kept?).
+        pairs_screen_seeds: with the Shapes detector, screen each pair prompt's unsteered
+            image over seeds ``0 .. pairs_screen_seeds - 1`` and run the spatial test on the
+            first ``len(seeds)`` seeds whose unsteered image shows both objects (the test
+            only counts such images; screening puts every rendered pair to use). ``None``
+            (default): the pairs use ``seeds`` like the other groups.
         seeds, strengths: every prompt is rendered with every seed at every strength
             (strength 0, the unsteered image, is always included). ``strengths: auto`` (the
             default) sweeps each method over its own range (``sweep``).
@@ -160,6 +165,7 @@ class EvalConfig:
     concept_prompts: list[str] = field(default_factory=list)
     control_prompts: list[str] = field(default_factory=list)
     pairs_prompts: list[str] = field(default_factory=list)
+    pairs_screen_seeds: int | None = None
     seeds: list[int] = field(default_factory=lambda: [0])
     strengths: list[float] | str = "auto"
     sweep: dict[str, Any] = field(default_factory=dict)
@@ -244,6 +250,17 @@ class EvalConfig:
         if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
             raise ConfigError(f"seeds must be a non-empty list of integers, got {self.seeds!r}")
         self._validate_strengths()
+        if self.pairs_screen_seeds is not None:
+            if not self.pairs_prompts or not self.use_shapes_detector():
+                raise ConfigError(
+                    "pairs_screen_seeds needs pairs_prompts and the Shapes detector (it reads which unsteered "
+                    "pair images show both objects); remove it or add them"
+                )
+            if self.pairs_screen_seeds < len(self.seeds):
+                raise ConfigError(
+                    f"pairs_screen_seeds ({self.pairs_screen_seeds}) must be at least the number of seeds "
+                    f"({len(self.seeds)})"
+                )
         methods = self.method_list
         if not methods:
             raise ConfigError("methods is empty: give 'all' or a list like ['linear-act/uniform', 'linear-act/dsas']")
@@ -288,6 +305,7 @@ class EvalConfig:
             "cache_dir": (str, type(None)),
             "device": (str, type(None)),
             "bootstrap": (int,),
+            "pairs_screen_seeds": (int, type(None)),
         }
         for name, allowed in kinds.items():
             value = getattr(self, name)

@@ -8,6 +8,14 @@ strongest setting whose control similarity stays at least ``t``: walking up the 
 between the two strengths around it (every other measure is interpolated with the same
 weight). A sweep whose similarity never falls below ``t`` operates at its strongest λ.
 
+A conditional method can keep its control images at every strength while its removal turns
+back at large λ (an over-steered object reads as the concept again), so the strongest
+setting is not always the one a user would choose. The *best point within ``t``* is the
+setting with the least concept presence among those whose control similarity stays at
+least ``t`` (the sweep's strengths and the interpolated crossing). It is chosen on the
+evaluation prompts themselves, so it is optimistic by the choice among a handful of
+strengths; the bootstrap repeats the choice in every replicate, so its interval carries it.
+
 Intervals: the units of an evaluation are (prompt, seed) pairs. A bootstrap replicate draws
 the concept, control and pair units with replacement (the same draw at every strength, so
 the sweep stays paired) and recomputes the figure; the interval is the 2.5th and 97.5th
@@ -26,6 +34,7 @@ import numpy as np
 __all__ = [
     "MEASURES",
     "SweepTable",
+    "best_point",
     "bootstrap_intervals",
     "hypervolume",
     "mean_of",
@@ -103,6 +112,38 @@ def operating_point(
     point = {"strength": at(lam), "similarity": float(threshold), "reached": 1.0}
     point.update({name: at(v) for name, v in values.items()})
     return point
+
+
+def best_point(
+    strengths: Sequence[float],
+    similarity: Sequence[float],
+    threshold: float,
+    presence: str,
+    **measures: Sequence[float],
+) -> dict[str, float]:
+    """The best point of one sweep within control similarity ``threshold``: the least
+    ``measures[presence]`` among the strengths below the first one whose similarity falls
+    under ``threshold``, and the interpolated operating point (ties: the weaker strength).
+
+    Example:
+        >>> point = best_point([0, 1, 2, 4], [1.0, 1.0, 0.99, 0.99], 0.98, "p", p=[0.8, 0.1, 0.3, 0.5])
+        >>> point["strength"], point["p"], point["reached"]
+        (1.0, 0.1, 0.0)
+    """
+    candidates = [operating_point(strengths, similarity, threshold, **measures)]
+    order = sorted(range(len(strengths)), key=lambda i: float(strengths[i]))
+    for index in order:
+        if similarity[index] < threshold:  # the similarity fell below: no stronger setting counts
+            break
+        point = {"strength": float(strengths[index]), "similarity": float(similarity[index]), "reached": 0.0}
+        point.update({name: float(v[index]) for name, v in measures.items()})
+        candidates.append(point)
+
+    def key(point: dict[str, float]) -> tuple[float, float]:
+        value = point[presence]
+        return (math.inf if math.isnan(value) else value, point["strength"])
+
+    return min(candidates, key=key)
 
 
 @dataclass
@@ -235,7 +276,8 @@ def method_figures(
     replicates: int = 1000,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """One line per operating point of ``method`` (one per threshold): its strength and, with
+    """Two lines per threshold for ``method``, its operating point (``rule: "strongest"``)
+    and its best point within the threshold (``rule: "best"``): the strength and, with
     bootstrap intervals, concept presence (detector and CLIP), the spatial test's removal
     and keep rates, and the method's hypervolume (control similarity vs 1 - presence)."""
     table = sweep_table([*[r for r in rows if r["group"] != "pairs"], *spatial_rows(rows)], method, MEASURES)
@@ -247,27 +289,33 @@ def method_figures(
         similarity = means["control_clip_similarity"]
         figures = {"hypervolume": hypervolume(list(zip(similarity, 1.0 - means[presence], strict=True)))}
         for threshold in thresholds:
-            point = operating_point(t.strengths, similarity, threshold, **means)
-            for name in ("strength", "reached", *means):
-                figures[f"{threshold}:{name}"] = point[name]
+            points = {
+                "strongest": operating_point(t.strengths, similarity, threshold, **means),
+                "best": best_point(t.strengths, similarity, threshold, presence, **means),
+            }
+            for rule, point in points.items():
+                for name in ("strength", "reached", *means):
+                    figures[f"{threshold}:{rule}:{name}"] = point[name]
         return figures
 
     figures = bootstrap_intervals(table, statistic, replicates=replicates, seed=seed)
     spatial = table.pairs["removed"].shape[1] > 0
     lines = []
     for threshold in thresholds:
-        key = f"{threshold}:"
-        lines.append(
-            {
-                "method": method,
-                "similarity": threshold,
-                "strength": figures[key + "strength"][0],
-                "reached": bool(figures[key + "reached"][0]),
-                "concept_drawn": figures[key + "concept_concept_drawn"] if detector else None,
-                "concept_presence": figures[key + "concept_concept_presence"],
-                "spatial_removed": figures[key + "pairs_removed"] if spatial else None,
-                "spatial_kept": figures[key + "pairs_kept"] if spatial else None,
-                "hypervolume": figures["hypervolume"],
-            }
-        )
+        for rule in ("strongest", "best"):
+            key = f"{threshold}:{rule}:"
+            lines.append(
+                {
+                    "method": method,
+                    "similarity": threshold,
+                    "rule": rule,
+                    "strength": figures[key + "strength"][0],
+                    "reached": bool(figures[key + "reached"][0]),
+                    "concept_drawn": figures[key + "concept_concept_drawn"] if detector else None,
+                    "concept_presence": figures[key + "concept_concept_presence"],
+                    "spatial_removed": figures[key + "pairs_removed"] if spatial else None,
+                    "spatial_kept": figures[key + "pairs_kept"] if spatial else None,
+                    "hypervolume": figures["hypervolume"],
+                }
+            )
     return lines

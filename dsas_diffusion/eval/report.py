@@ -142,6 +142,7 @@ def operating_table(lines: Sequence[Mapping[str, Any]]) -> str:
     fields = [
         "method",
         "similarity",
+        "rule",
         "strength",
         "concept_drawn",
         "concept_presence",
@@ -155,12 +156,40 @@ def operating_table(lines: Sequence[Mapping[str, Any]]) -> str:
         for field in fields:
             value = line.get(field)
             if field == "strength":
-                cells.append(f"{value:.2f}" + ("" if line["reached"] else " (end of sweep)"))
+                end = line.get("rule", "strongest") == "strongest" and not line["reached"]
+                cells.append(f"{value:.2f}" + (" (end of sweep)" if end else ""))
             elif isinstance(value, tuple) or value is None:
                 cells.append(_interval(value))
             else:
                 cells.append(_fmt(value))
         out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def target_table(lines: Sequence[Mapping[str, Any]], unsteered: float | None, threshold: float) -> str:
+    """Markdown: per steering map with both a uniform and a DSAS row, the issue's targets at
+    control similarity ``threshold`` (best points within it): DSAS's presence against half
+    the unsteered presence and against uniform steering's, and DSAS's spatial test."""
+    chosen = {
+        line["method"]: line for line in lines if line["similarity"] == threshold and line.get("rule", "best") == "best"
+    }
+    out = [
+        "| map | unsteered | DSAS | uniform | DSAS <= half | DSAS - uniform | spatial removed | spatial kept |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in dict.fromkeys(method.split("/")[0] for method in chosen):
+        dsas, uniform = chosen.get(f"{name}/dsas"), chosen.get(f"{name}/uniform")
+        if dsas is None or uniform is None or unsteered is None:
+            continue
+        key = "concept_drawn" if dsas.get("concept_drawn") is not None else "concept_presence"
+        d, u = dsas[key][0], uniform[key][0]
+        removed, kept = dsas.get("spatial_removed"), dsas.get("spatial_kept")
+        ratio = f" ({d / unsteered:.2f})" if unsteered > 0 else ""
+        out.append(
+            f"| {name} | {unsteered:.3f} | {_interval(dsas[key])} | {_interval(uniform[key])} | "
+            f"{'yes' if d <= unsteered / 2 else 'no'}{ratio} | {d - u:+.3f} | "
+            f"{_interval(removed)} | {_interval(kept)} |"
+        )
     return "\n".join(out)
 
 
@@ -228,6 +257,14 @@ def strength_grid(
     )
 
 
+def _unsteered_presence(summary: Sequence[Mapping[str, Any]]) -> float | None:
+    zero = [line for line in summary if line["strength"] == 0.0]
+    if not zero:
+        return None
+    value = zero[0].get("concept_drawn")
+    return zero[0].get("concept_presence") if value is None else value
+
+
 def write_report(
     config: EvalConfig,
     methods: Sequence[str],
@@ -262,10 +299,14 @@ def write_report(
         f"{config.model}, concept {config.concept!r}: {len(config.concept_prompts)} concept / "
         f"{len(config.control_prompts)} control / {pairs} pair prompts x {len(config.seeds)} seed(s)\n\n"
         + markdown_table(summary)
-        + "\n\nOperating points: each method at the strongest setting whose control similarity stays at "
-        f"least the threshold (interpolated; 95% bootstrap intervals over prompts x seeds, "
-        f"{config.bootstrap} replicates):\n\n"
+        + "\n\nOperating points: per threshold, each method at the strongest setting whose control "
+        "similarity stays at least the threshold (rule 'strongest', interpolated) and at its best setting "
+        "within it (rule 'best', the least concept presence); 95% bootstrap intervals over prompts x seeds, "
+        f"{config.bootstrap} replicates:\n\n"
         + operating_table(operating)
+        + f"\n\nTargets at control similarity {max(config.thresholds):g} (best points; presence by "
+        "the Shapes detector where it applies, else CLIP):\n\n"
+        + target_table(operating, _unsteered_presence(summary), max(config.thresholds))
         + "\n\nHypervolume (area dominated in the (control similarity, 1 - concept presence) plane, "
         "reference (0, 0); higher is better):\n\n" + markdown_table(scores) + "\n"
     )

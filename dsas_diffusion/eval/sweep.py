@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..steering.persistence import CONFIG_NAME
 from .adaptive import AdaptiveSweep
-from .cache import ImageCache, Job, list_jobs, model_id, steering_id
+from .cache import UNSTEERED, ImageCache, Job, list_jobs, model_id, steering_id
 from .config import EvalConfig, Method
 from .render import batches, render
 from .scoring import make_scorer, score_jobs
@@ -76,6 +76,27 @@ def _steerer_bounds(methods: list[Method], dirs: dict[str, Path]) -> dict[str, f
     return bounds
 
 
+def screen_pairs(rows: list[dict[str, Any]], prompts: list[str], per_prompt: int) -> list[tuple[str, int]]:
+    """The spatial test's (prompt, seed) units: per pair prompt, the first ``per_prompt``
+    seeds whose unsteered image shows both the concept object and the others.
+
+    Example:
+        >>> rows = [{"prompt": "p", "seed": s, "concept_drawn": 1.0, "others_drawn": float(s % 2)}
+        ...         for s in range(6)]
+        >>> screen_pairs(rows, ["p", "q"], 2)
+        [('p', 1), ('p', 3)]
+    """
+    units = []
+    for prompt in prompts:
+        seeds = sorted(
+            r["seed"]
+            for r in rows
+            if r["prompt"] == prompt and r.get("concept_drawn") == 1.0 and r.get("others_drawn") == 1.0
+        )
+        units += [(prompt, seed) for seed in seeds[:per_prompt]]
+    return units
+
+
 def run_evaluation(config: EvalConfig, *, progress: bool = True) -> EvalResult:
     """Run ``config`` (on every process of an ``accelerate launch``, or on one).
 
@@ -125,12 +146,10 @@ def run_evaluation(config: EvalConfig, *, progress: bool = True) -> EvalResult:
         sweep = AdaptiveSweep(
             config.sweep_settings, [m.name for m in methods], _steerer_bounds(methods, dirs), presence_key
         )
-    rows: list[dict[str, Any]] = []
-    scored: set[Job] = set()
-    generated = 0
-    for round_index in itertools.count():
-        jobs = list_jobs(config, methods, None if sweep is None else sweep.strengths)
-        new = [job for job in jobs if job not in scored]
+
+    def run_round(new: list[Job], prefix: str) -> list[dict[str, Any]]:
+        """Render what ``new`` misses from the cache, score it, return its rows (in order)."""
+        nonlocal generated
         # every process lists what is missing before anyone renders, so all see the same list
         missing = [batch for batch in batches(new, config.batch_size) if not cache.has(batch)]
         generated += sum(len(batch) for batch in missing)
@@ -148,17 +167,40 @@ def run_evaluation(config: EvalConfig, *, progress: bool = True) -> EvalResult:
             chunks[state.process_index :: state.num_processes], desc="score", disable=not progress, leave=False
         ):
             mine += score_jobs(scorer, config, chunk, cache, out, device)
-        prefix = f"rows-{round_index}"
         (shard_dir / f"{prefix}-{state.process_index}.json").write_text(json.dumps(mine))
         state.wait_for_everyone()
-        rows += _merge_shards(shard_dir, prefix, state.num_processes, new)
+        return _merge_shards(shard_dir, prefix, state.num_processes, new)
+
+    rows: list[dict[str, Any]] = []
+    scored: set[Job] = set()
+    generated = 0
+    pair_units = None
+    screened: list[list[Any]] = []
+    if config.pairs_screen_seeds is not None:
+        screening = [
+            Job(UNSTEERED, 0.0, "pairs", prompt, seed)
+            for seed in range(config.pairs_screen_seeds)
+            for prompt in config.pairs_prompts
+        ]
+        screen_rows = run_round(screening, "rows-screen")
+        screened = [[r["prompt"], r["seed"], r.get("concept_drawn"), r.get("others_drawn")] for r in screen_rows]
+        pair_units = screen_pairs(screen_rows, config.pairs_prompts, len(config.seeds))
+        chosen = set(pair_units)
+        rows += [r for r in screen_rows if (r["prompt"], r["seed"]) in chosen]
+        scored.update(Job(UNSTEERED, 0.0, "pairs", prompt, seed) for prompt, seed in pair_units)
+    for round_index in itertools.count():
+        jobs = list_jobs(config, methods, None if sweep is None else sweep.strengths, pair_units)
+        new = [job for job in jobs if job not in scored]
+        rows += run_round(new, f"rows-{round_index}")
         scored.update(new)
         if sweep is None or not sweep.update(rows):
             break
     order = {job: position for position, job in enumerate(jobs)}
     rows.sort(key=lambda r: order[Job(r["method"], r["strength"], r["group"], r["prompt"], r["seed"])])
 
-    result = EvalResult(rows=[], generated=generated, reused=len(jobs) - generated, out=out)
+    # the images the report rests on: the sweep's, plus the screened pair images not chosen
+    total = len(jobs) + len(screened) - (len(pair_units) if pair_units is not None else 0)
+    result = EvalResult(rows=[], generated=generated, reused=total - generated, out=out)
     if state.is_main_process:
         result.rows = rows
         result.summary, result.methods = write_report(
@@ -168,11 +210,14 @@ def run_evaluation(config: EvalConfig, *, progress: bool = True) -> EvalResult:
             out,
             run={
                 "config": asdict(config),
-                "images": len(jobs),
+                "images": total,
                 "generated": generated,
-                "reused": len(jobs) - generated,
+                "reused": total - generated,
                 "processes": state.num_processes,
                 "rounds": round_index + 1,
+                # per screened pair image: prompt, seed, concept drawn, others drawn
+                "pairs_screened": screened,
+                "pair_units": pair_units,
                 "sweep_stopped": None if sweep is None else sweep.stopped,
                 "steering": {name: str(directory) for name, directory in dirs.items()},
             },
