@@ -33,17 +33,21 @@ def _cell(row: dict[str, str], key: str) -> str:
 
 
 def table(out: Path) -> str:
-    """Markdown: the operating points of one concept's run (``operating.csv``)."""
+    """Markdown: the operating points of one concept's run (``operating.csv``): per
+    threshold the strongest setting within it and the best one (least concept presence)."""
     with (out / "operating.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     lines = [
-        "| method | control similarity | λ | concept drawn | CLIP presence | spatial: removed | spatial: kept |",
-        "|---|---|---|---|---|---|---|",
+        "| method | control similarity | point | λ | concept drawn | CLIP presence | spatial: removed | spatial: kept |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        strength = f"{float(row['strength']):.2f}" + ("" if row["reached"] == "True" else " (end of sweep)")
+        end = row["rule"] == "strongest" and row["reached"] != "True"
+        strength = f"{float(row['strength']):.2f}" + (" (end of sweep)" if end else "")
         cells = [_cell(row, key) for key in ("concept_drawn", "concept_presence", "spatial_removed", "spatial_kept")]
-        lines.append(f"| {row['method']} | ≥ {row['similarity']} | {strength} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {row['method']} | ≥ {row['similarity']} | {row['rule']} | {strength} | " + " | ".join(cells) + " |"
+        )
     return "\n".join(lines)
 
 

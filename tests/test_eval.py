@@ -320,7 +320,9 @@ def test_an_adaptive_sweep_gives_each_method_its_own_range_and_extends_through_t
     # whose unsteered image shows both objects, and only there
     from dsas_diffusion.eval.sweep import screen_pairs
 
-    screened = [dict(zip(("prompt", "seed", "concept_drawn", "others_drawn"), r)) for r in run["pairs_screened"]]
+    screened = [
+        dict(zip(("prompt", "seed", "concept_drawn", "others_drawn"), r, strict=True)) for r in run["pairs_screened"]
+    ]
     assert sorted((r["prompt"], r["seed"]) for r in screened) == sorted((p, s) for p in PAIRS for s in range(4))
     units = {tuple(unit) for unit in run["pair_units"]}
     assert units == set(screen_pairs(screened, PAIRS, 1))
