@@ -6,15 +6,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline
-from tiny_pipelines import FAMILIES, build
+from tiny_pipelines import CONTROL, FAMILIES, SOURCE, TARGET, build, fit
 
 import dsas_diffusion
 from dsas_diffusion.diffusion import architecture_of, hook_points, record_denoiser_calls
 from dsas_diffusion.steering import Steerer, SteeringError, active_hook_names
 
-SOURCE = [f"a {c} banana on a {b} background" for c in ("red", "yellow", "green") for b in ("white", "black")]
-TARGET = [f"a {c} circle on a {b} background" for c in ("red", "yellow", "green") for b in ("white", "black")]
-CONTROL = [f"a {c} square on a {b} background" for c in ("red", "yellow", "green") for b in ("white", "black")]
 PROMPTS = ["a purple banana on a gray background", "a blue star on a white background"]
 
 
@@ -31,23 +28,7 @@ def tiny(request, tokenizer_dir):
 @pytest.fixture(scope="module")
 def fitted(tiny):
     """A DSAS pipeline of the family with a Linear-AcT + DSAS steerer fitted through pipeline runs."""
-    pipe = tiny.dsas()
-    pipe.set_progress_bar_config(disable=True)
-    extra = {k: v for k, v in tiny.call_kwargs.items() if k not in ("height", "width", "num_inference_steps")}
-    steerer = pipe.fit_steering(
-        SOURCE,
-        TARGET,
-        CONTROL,
-        map="linear-act",
-        gate="dsas",
-        num_inference_steps=4,
-        collect_steps=(0, 2),
-        batch_size=3,
-        gate_threshold=None,  # random weights: keep every layer whatever its gate accuracy
-        progress=False,
-        pipeline_kwargs={"height": 32, "width": 32, **extra},
-    )
-    return pipe, steerer
+    return fit(tiny)
 
 
 def _run(pipe, prompts, seed=0, **kwargs):

@@ -210,3 +210,30 @@ def build(family: str, tokenizer_dir) -> Tiny:
         kwargs = {**common, "max_sequence_length": 16, "use_resolution_binning": False, "clean_caption": False}
         return Tiny(family, PixArtAlphaPipeline, dsas_diffusion.DSASPixArtAlphaPipeline, components, kwargs)
     raise ValueError(family)
+
+
+SOURCE = [f"a {c} banana on a {b} background" for c in ("red", "yellow", "green") for b in ("white", "black")]
+TARGET = [f"a {c} circle on a {b} background" for c in ("red", "yellow", "green") for b in ("white", "black")]
+CONTROL = [f"a {c} square on a {b} background" for c in ("red", "yellow", "green") for b in ("white", "black")]
+
+
+def fit(tiny: Tiny):
+    """A DSAS pipeline of the family with a Linear-AcT + DSAS steerer fitted through pipeline
+    runs: ``(pipe, steerer)``."""
+    pipe = tiny.dsas()
+    pipe.set_progress_bar_config(disable=True)
+    extra = {k: v for k, v in tiny.call_kwargs.items() if k not in ("height", "width", "num_inference_steps")}
+    steerer = pipe.fit_steering(
+        SOURCE,
+        TARGET,
+        CONTROL,
+        map="linear-act",
+        gate="dsas",
+        num_inference_steps=4,
+        collect_steps=(0, 2),
+        batch_size=3,
+        gate_threshold=None,  # random weights: keep every layer whatever its gate accuracy
+        progress=False,
+        pipeline_kwargs={"height": 32, "width": 32, **extra},
+    )
+    return pipe, steerer

@@ -4,14 +4,16 @@ and upsampled to the output's size."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..steering import SteeringError
+from ..steering.hooks import SteeringSession
 
-__all__ = ["image_size", "spatial"]
+__all__ = ["image_size", "map_size", "session_gate_maps", "spatial"]
 
 
 def image_size(output: Any) -> tuple[int, int] | None:
@@ -38,3 +40,36 @@ def spatial(gates: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
     if size is None:
         return gates
     return F.interpolate(gates.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+
+
+def map_size(pipe: Any, call: Mapping[str, Any], output: Any) -> tuple[int, int] | None:
+    """The size gate maps are drawn at: the output images' size, or for ``output_type="latent"``
+    the size the call would have decoded to (its ``height`` / ``width``, else the pipeline's
+    default sample size times its VAE scale factor)."""
+    if call.get("output_type") != "latent":
+        return image_size(output)
+    height, width = call.get("height"), call.get("width")
+    default = getattr(pipe, "default_sample_size", None) or getattr(pipe.denoiser.config, "sample_size", None)
+    scale = getattr(pipe, "vae_scale_factor", None)
+    if isinstance(default, int) and isinstance(scale, int):
+        height, width = height or default * scale, width or default * scale
+    return (height, width) if height and width else None
+
+
+def session_gate_maps(
+    session: SteeringSession, *, halves: bool, size: tuple[int, int] | None
+) -> dict[str, torch.Tensor]:
+    """One ``(steps, images, H, W)`` tensor per layer from a session's recorded gates (the
+    second half of each batch only, when ``halves``: the conditional rows)."""
+    maps = {}
+    for layer, records in session.gate_maps.items():
+        if not records:
+            continue
+        frames = []
+        for record in records:
+            gates = record.float()
+            if halves:
+                gates = gates[gates.shape[0] // 2 :]
+            frames.append(spatial(gates, size))
+        maps[layer] = torch.stack(frames)
+    return maps

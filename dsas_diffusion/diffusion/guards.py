@@ -25,7 +25,45 @@ from torch import nn
 
 from ..steering import ActivationError, Steerer, SteeringError
 
-__all__ = ["FiniteOutputCheck", "OneCallAtATime", "check_collection_arguments", "thread_copies"]
+__all__ = [
+    "COMPOSING_HOOKS",
+    "FiniteOutputCheck",
+    "OneCallAtATime",
+    "check_collection_arguments",
+    "check_diffusers_hooks",
+    "thread_copies",
+]
+
+#: diffusers' model hooks that steering composes with (tested): they move or cast weights
+#: and leave every block's computation as it is
+COMPOSING_HOOKS = frozenset(
+    {
+        "group_offloading",
+        "lazy_prefetch_group_offloading",
+        "layer_execution_tracker",
+        "layerwise_casting",
+        "peft_autocast_disable",
+    }
+)
+
+
+def check_diffusers_hooks(denoiser: nn.Module) -> None:
+    """Refuse steering on a denoiser with diffusers hooks that skip or reuse blocks (caches
+    such as the first-block cache, layer skipping): steering hooks on a skipped block do
+    not run, and a cached residual replays an earlier step's steering, so the images would
+    be steered on some steps and not others. Group offloading and layerwise casting
+    compose and pass."""
+    found = set()
+    for module in denoiser.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is not None:
+            found |= set(getattr(registry, "hooks", {})) - COMPOSING_HOOKS
+    if found:
+        raise SteeringError(
+            f"the denoiser has diffusers hooks that skip or reuse blocks ({', '.join(sorted(found))}); "
+            "steering hooks would act on some steps and not on others. Disable them for steered calls "
+            "(e.g. pipe.transformer.disable_cache()) or call with steering_strength=0."
+        )
 
 
 class OneCallAtATime:

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from diffusers import (
     FluxPipeline,
     PixArtAlphaPipeline,
@@ -45,9 +45,15 @@ from ..steering.fit_args import check_fit_arguments
 from ..steering.hooks import SteeringSession
 from .architectures import hook_points as preset_hook_points
 from .collect import ImageStreamCheck, check_image_stream, record_denoiser_calls, run_denoiser_call
-from .gatemaps import image_size as _image_size
-from .gatemaps import spatial as _spatial
-from .guards import FiniteOutputCheck, OneCallAtATime, check_collection_arguments, thread_copies
+from .gatemaps import map_size, session_gate_maps
+from .guards import (
+    FiniteOutputCheck,
+    OneCallAtATime,
+    check_collection_arguments,
+    check_diffusers_hooks,
+    thread_copies,
+)
+from .signature import steered_call, stock_call, stock_class
 from .steps import StepWindow, check_step_window
 
 __all__ = [
@@ -277,37 +283,37 @@ class DSASPipelineMixin:
             return true_scale is not None and true_scale > 1 and kwargs.get("negative_prompt") is not None
         return scale is not None and scale > 1
 
-    def __call__(
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Give each pipeline class a ``__call__`` with its stock signature and docstring plus
+        the steering arguments (:mod:`.signature`); a subclass that defines its own keeps it."""
+        super().__init_subclass__(**kwargs)
+        stock = stock_call(cls, DSASPipelineMixin)
+        if stock is not None and "__call__" not in vars(cls):
+            cls.__call__ = steered_call(stock, cls)  # type: ignore[method-assign]
+
+    def to_json_string(self) -> str:
+        """The pipeline's ``model_index.json``, naming the stock class: a saved DSAS pipeline
+        is a stock pipeline folder that any diffusers loader opens (steerers are not
+        pipeline components and are not saved with it; save them with
+        ``steerer.save_pretrained``)."""
+        config = json.loads(super().to_json_string())  # type: ignore[misc]
+        stock = stock_class(type(self), DSASPipelineMixin)
+        if stock is not None and config.get("_class_name") == type(self).__name__:
+            config["_class_name"] = stock.__name__
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+    def _steered_call(
         self,
-        *args: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
         steering_strength: float | Mapping[str, float] | None = None,
         steering_gate: bool = True,
         steering_cfg: str = "cond",
         steering_steps: tuple[float, float] | None = None,
         return_gate_maps: bool = False,
-        **kwargs: Any,
     ) -> Any:
-        """The stock pipeline call, plus steering.
-
-        Args:
-            steering_strength: λ for every loaded steerer, a ``{name: λ}`` mapping, or
-                ``None`` for each steerer's saved default. ``0`` leaves the images
-                bit-identical to the stock pipeline's.
-            steering_gate: ``True`` scales the steering by the DSAS gates per position;
-                ``False`` steers every position uniformly.
-            steering_cfg: ``"cond"`` (default) steers the conditional half of the guidance batch
-                only (in pipelines that run the guidance branches as separate denoiser calls,
-                such as FLUX with ``true_cfg_scale``, the conditional call); ``"both"`` steers
-                the unconditional half too, each gated by its own activations. Measured on
-                ``shapes-sd`` (docs/removal.md): with ``"both"`` DSAS changed control images by
-                up to 98 of 255 over λ up to 64; with ``"cond"`` by at most 0.6.
-            steering_steps: ``(start, end)`` fractions of the schedule during which steering
-                acts, e.g. ``(0, 0.5)`` for the first half of the denoising steps; ``None``
-                steers every step.
-            return_gate_maps: add ``gate_maps`` to the output: ``{steerer: {layer: tensor}}``
-                with one ``(steps, images, H, W)`` float tensor per layer (the conditional
-                half's gates, upsampled to the image size).
-        """
+        """The stock pipeline call (``args``, ``kwargs``) with steering; the arguments are
+        documented in :data:`.signature.STEERING_DOC`."""
         with OneCallAtATime(self):
             return self._dsas_call(
                 args, kwargs, steering_strength, steering_gate, steering_cfg, steering_steps, return_gate_maps
@@ -349,6 +355,7 @@ class DSASPipelineMixin:
             raise SteeringError("gate maps come from the DSAS gates: use steering_gate=True with return_gate_maps")
         if not active:
             return super().__call__(*args, **kwargs)  # type: ignore[misc]
+        check_diffusers_hooks(self.denoiser)
         guidance = self._guidance_on(kwargs)
         window = check_step_window(steering_steps)
         separate_cond = steering_cfg == "cond" and guidance and self.dsas_cfg_layout != "batched"
@@ -383,8 +390,9 @@ class DSASPipelineMixin:
             check.raise_if_wrong()
             checked.add(steerer)
         if return_gate_maps:
+            size = map_size(self, kwargs, output)
             maps = {
-                name: self._gate_maps(session, halves=guidance and steering_cfg == "both", output=output)
+                name: session_gate_maps(session, halves=guidance and steering_cfg == "both", size=size)
                 for name, session in sessions.items()
             }
             if isinstance(output, tuple):
@@ -404,21 +412,6 @@ class DSASPipelineMixin:
                 )
             return {name: float(value.get(name, s.strength)) for name, s in steerers.items()}
         return {name: float(value) for name in steerers}
-
-    def _gate_maps(self, session: SteeringSession, *, halves: bool, output: Any) -> dict[str, torch.Tensor]:
-        size = _image_size(output)
-        maps = {}
-        for layer, records in session.gate_maps.items():
-            if not records:
-                continue
-            frames = []
-            for record in records:
-                gates = record.float()
-                if halves:
-                    gates = gates[gates.shape[0] // 2 :]
-                frames.append(_spatial(gates, size))
-            maps[layer] = torch.stack(frames)
-        return maps
 
 
 class DSASStableDiffusionPipeline(DSASPipelineMixin, StableDiffusionPipeline):

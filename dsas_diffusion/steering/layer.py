@@ -15,11 +15,27 @@ from .maps import SteeringMap
 __all__ = ["SteeringLayer", "module_signature"]
 
 
+def _adapter_wrapper(module: nn.Module) -> bool:
+    """Whether ``module`` is an adapter layer (peft's LoRA and kin, as loaded by
+    ``load_lora_weights``) wrapping the original module as ``base_layer``."""
+    return callable(getattr(module, "get_base_layer", None)) and isinstance(
+        getattr(module, "base_layer", None), nn.Module
+    )
+
+
 def module_signature(module: nn.Module) -> dict[str, Any]:
-    """What a steering file records of a hooked module to refuse foreign models."""
+    """What a steering file records of a hooked module to refuse foreign models: its class
+    and parameter count, both as without adapters (a LoRA-wrapped module is the module it
+    wraps: steering fitted on a model applies to it with a LoRA loaded, and vice versa)."""
+    base = module.get_base_layer() if _adapter_wrapper(module) else module
+    adapter: set[int] = set()
+    for sub in base.modules():
+        if _adapter_wrapper(sub):
+            kept = {id(p) for p in sub.get_base_layer().parameters()}
+            adapter |= {id(p) for p in sub.parameters() if id(p) not in kept}
     return {
-        "module_class": type(module).__name__,
-        "n_parameters": int(sum(p.numel() for p in module.parameters())),
+        "module_class": type(base).__name__,
+        "n_parameters": int(sum(p.numel() for p in base.parameters() if id(p) not in adapter)),
     }
 
 
