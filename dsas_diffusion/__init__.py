@@ -36,6 +36,7 @@ _EXPORTS = {
         ),
         ".diffusion",
     ),
+    **dict.fromkeys(("DSASLanguageModel", "render_gates"), ".text"),
 }
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -40,7 +40,7 @@ from torch import nn
 
 from ..names import CFG_MODES
 from ..prompts import check_prompt_list
-from ..steering import HookPoint, Steerer, SteeringError, fit_steerer
+from ..steering import HookPoint, IncompatibleSteeringError, Steerer, SteeringError, fit_steerer
 from ..steering.fit_args import check_fit_arguments
 from ..steering.hooks import SteeringSession
 from .architectures import hook_points as preset_hook_points
@@ -119,6 +119,11 @@ class DSASPipelineMixin:
         gates; loading an existing name replaces it.
         """
         steerer = steering if isinstance(steering, Steerer) else Steerer.from_pretrained(steering)
+        if steerer.provenance.get("modality") == "text":
+            raise IncompatibleSteeringError(
+                f"this steering was fitted on a language model ({steerer.provenance.get('base_model')!r}); a "
+                "diffusion pipeline cannot use it. Fit one with pipe.fit_steering."
+            )
         steerer.check_compatible(self.denoiser)
         self._steerer_table()[name] = steerer
         return steerer
@@ -236,6 +241,7 @@ class DSASPipelineMixin:
         }
         check_image_stream(denoiser, points, calls["source"][0])
         provenance = {
+            "modality": "image",
             "base_model": getattr(self, "name_or_path", None) or getattr(self.config, "_name_or_path", None),
             "pipeline_class": type(self).__name__,
             "denoiser_class": type(denoiser).__name__,

@@ -1,0 +1,411 @@
+"""DSAS for transformers causal language models, with the pipelines' API.
+
+    lm = DSASLanguageModel.from_pretrained("Qwen/Qwen2.5-1.5B")      # or DSASLanguageModel(model, tokenizer)
+    lm.fit_steering(toxic_texts, non_toxic_texts, neutral_texts)      # Linear-AcT + DSAS on the residual stream
+    out = lm.generate(["The weather today"], steering_strength=1.0, max_new_tokens=32, return_gate_maps=True)
+    out.texts, out.gate_maps                                          # {steerer: {layer: (batch, tokens)}}
+
+The steerers are the core's :class:`~dsas_diffusion.steering.Steerer` files, the same as the
+pipelines'; hooks are context-scoped (they act only in the calling thread / task, and in
+contexts copied from it) and removed after every call, also after an exception.
+
+Gates are per token and stateless: prefill gates each prompt token once and each decoding
+step gates its new token, so cached and uncached steered generation agree token for token.
+Teacher-forced passes (:meth:`DSASLanguageModel.perplexity`, :meth:`DSASLanguageModel.gates`)
+pad on the right; generation pads on the left, and replays pass the position ids generation
+used, so a replay sees what generation saw.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..prompts import check_prompt_list
+from ..steering import HookPoint, IncompatibleSteeringError, Steerer, SteeringError, fit_steerer
+from ..steering.hooks import SteeringSession
+from .architectures import check_token_stream
+from .architectures import hook_points as preset_hook_points
+
+__all__ = ["DSASLanguageModel", "TextGeneration"]
+
+DEFAULT_STEERER = "default"
+
+
+@dataclass
+class TextGeneration:
+    """What :meth:`DSASLanguageModel.generate` returns.
+
+    ``sequences``: prompt and continuation ids, ``(batch, length)`` (prompts left-padded);
+    ``prompt_length``: the padded prompt width; ``texts``: the decoded continuations;
+    ``gate_maps``: with ``return_gate_maps``, ``{steerer: {layer: (batch, length) float}}``,
+    the gate of each token as it was forwarded, NaN at padding, after the first end-of-text
+    token and at the last token (never forwarded).
+    """
+
+    texts: list[str]
+    sequences: torch.Tensor
+    prompt_length: int
+    gate_maps: dict[str, dict[str, torch.Tensor]] | None = None
+    tokens: list[list[str]] = field(default_factory=list)
+
+
+def _position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """The position ids generation uses with left padding (0 at each row's first real token)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class DSASLanguageModel:
+    """A causal language model with DSAS steering: fit, load, generate, score, inspect.
+
+    Example:
+        >>> from transformers import AutoModelForCausalLM, AutoTokenizer  # doctest: +SKIP
+        >>> lm = DSASLanguageModel(AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path))  # doctest: +SKIP
+        >>> lm.fit_steering(source_texts, target_texts, control_texts)  # doctest: +SKIP
+        >>> lm.generate(["Once upon a time"], steering_strength=1.0, max_new_tokens=20).texts  # doctest: +SKIP
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token_id is None:
+            if tokenizer.eos_token_id is None:
+                raise SteeringError("the tokenizer has neither a pad nor an end-of-text token; set tokenizer.pad_token")
+            tokenizer.pad_token = tokenizer.eos_token
+        self._steerers: dict[str, Steerer] = {}
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, **kwargs: Any) -> DSASLanguageModel:
+        """Any ``AutoModelForCausalLM`` checkpoint and its tokenizer (``kwargs`` such as
+        ``dtype`` and ``device_map`` go to the model)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs).eval()
+        return cls(model, AutoTokenizer.from_pretrained(name_or_path))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- the steerers ------------------------------------------------------------------------
+    @property
+    def steerers(self) -> dict[str, Steerer]:
+        """The loaded steerers by name (a copy)."""
+        return dict(self._steerers)
+
+    def load_steering(self, steering: Steerer | str | Path, name: str = DEFAULT_STEERER) -> Steerer:
+        """Load a steering directory (or take a :class:`Steerer`) under ``name``; steering fitted
+        on an image pipeline or on another model is refused."""
+        steerer = steering if isinstance(steering, Steerer) else Steerer.from_pretrained(steering)
+        provenance = steerer.provenance
+        if provenance.get("modality") == "image" or "pipeline_class" in provenance:
+            raise IncompatibleSteeringError(
+                f"this steering was fitted on an image pipeline's denoiser ({provenance.get('pipeline_class')}, base "
+                f"model {provenance.get('base_model')!r}); a language model cannot use it. Fit one with fit_steering."
+            )
+        steerer.check_compatible(self.model)
+        self._steerers[name] = steerer
+        return steerer
+
+    def unload_steering(self, name: str | None = None) -> None:
+        """Remove the steerer ``name``, or all of them."""
+        if name is None:
+            self._steerers.clear()
+        elif name not in self._steerers:
+            raise SteeringError(f"no steering named {name!r} is loaded; loaded: {sorted(self._steerers) or 'none'}")
+        else:
+            del self._steerers[name]
+
+    # -- text to batches ---------------------------------------------------------------------
+    def _format(self, texts: Sequence[str], chat_template: bool, generation: bool = False) -> list[str]:
+        if not chat_template:
+            return list(texts)
+        return [
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=generation
+            )
+            for text in texts
+        ]
+
+    def _batches(
+        self, texts: Sequence[str], batch_size: int, max_length: int | None, side: str = "right"
+    ) -> list[dict[str, torch.Tensor]]:
+        previous = self.tokenizer.padding_side
+        self.tokenizer.padding_side = side
+        try:
+            batches = []
+            for start in range(0, len(texts), batch_size):
+                encoded = self.tokenizer(
+                    list(texts[start : start + batch_size]),
+                    return_tensors="pt",
+                    padding=True,
+                    truncation=max_length is not None,
+                    max_length=max_length,
+                )
+                mask = encoded["attention_mask"]
+                if int(mask.sum(-1).min()) == 0:
+                    raise SteeringError("a text is empty after tokenization; remove empty texts")
+                batch = {"input_ids": encoded["input_ids"], "attention_mask": mask, "position_ids": _position_ids(mask)}
+                batches.append({k: v.to(self.device) for k, v in batch.items()})
+            return batches
+        finally:
+            self.tokenizer.padding_side = previous
+
+    # -- fitting -----------------------------------------------------------------------------
+    def fit_steering(
+        self,
+        source_texts: Sequence[str],
+        target_texts: Sequence[str],
+        control_texts: Sequence[str] | None = None,
+        *,
+        map: str = "linear-act",
+        gate: str = "dsas",
+        preset: str = "residual",
+        layers: Sequence[int] | None = None,
+        hook_points: Sequence[HookPoint | str] | None = None,
+        max_length: int | None = 256,
+        batch_size: int = 8,
+        chat_template: bool = False,
+        name: str = DEFAULT_STEERER,
+        progress: bool = True,
+        **fit_kwargs: Any,
+    ) -> Steerer:
+        """Fit a steerer from three text sets and load it under ``name``.
+
+        ``source_texts`` show the concept, ``target_texts`` are the desired version (paired
+        or not), ``control_texts`` must be left alone (needed by the gates). Activations are
+        pooled over real tokens only (the attention mask); the gates then act per token.
+        ``preset`` / ``layers`` pick the hook points (:mod:`.architectures`), or name them
+        with ``hook_points``; ``fit_kwargs`` go to :func:`~dsas_diffusion.steering.fit_steerer`.
+        """
+        sets = {"source": source_texts, "target": target_texts}
+        if gate != "none":
+            if not control_texts:
+                raise SteeringError("control_texts are needed to fit DSAS gates (texts steering must leave alone)")
+            sets["control"] = control_texts
+        for label, texts in sets.items():
+            check_prompt_list(texts, f"{label}_texts")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise SteeringError(f"batch_size must be a positive integer, got {batch_size!r}")
+        points = (
+            [HookPoint.coerce(p) for p in hook_points]
+            if hook_points is not None
+            else preset_hook_points(self.model, preset, layers)
+        )
+        batches = {
+            label: self._batches(self._format(texts, chat_template), batch_size, max_length)
+            for label, texts in sets.items()
+        }
+        check_token_stream(self.model, points, batches["source"][0])
+        provenance = {
+            "modality": "text",
+            "base_model": getattr(self.model, "name_or_path", None)
+            or getattr(self.model.config, "_name_or_path", None),
+            "model_type": getattr(self.model.config, "model_type", None),
+            "preset": None if hook_points is not None else preset,
+            "chat_template": chat_template,
+            "texts": {label: list(texts) for label, texts in sets.items()},
+        }
+        steerer = fit_steerer(
+            self.model,
+            points,
+            batches["source"],
+            batches["target"],
+            batches.get("control"),
+            map=map,
+            gate=gate,
+            forward=lambda batch: self.model(**batch),
+            provenance=provenance,
+            progress=progress,
+            **fit_kwargs,
+        )
+        self._steerers[name] = steerer
+        return steerer
+
+    # -- applying ----------------------------------------------------------------------------
+    def _strengths(self, value: float | Mapping[str, float] | None) -> dict[str, float]:
+        if value is None:
+            return {name: float(s.strength) for name, s in self._steerers.items()}
+        if isinstance(value, Mapping):
+            unknown = sorted(set(value) - set(self._steerers))
+            if unknown:
+                raise SteeringError(
+                    f"steering_strength names {unknown}, which are not loaded; loaded: {sorted(self._steerers)}"
+                )
+            return {name: float(value.get(name, s.strength)) for name, s in self._steerers.items()}
+        return {name: float(value) for name in self._steerers}
+
+    @contextlib.contextmanager
+    def steering(
+        self, strength: float | Mapping[str, float] | None = None, *, gate: bool = True, record_gates: bool = False
+    ) -> Iterator[dict[str, SteeringSession]]:
+        """Steer the bare ``self.model`` inside the block, for other tools (evaluation
+        harnesses, transformers pipelines, streamers). The hooks act in this thread / task
+        and in contexts copied from it: to steer ``generate`` in another thread (e.g. with a
+        ``TextIteratorStreamer``), start the thread on ``contextvars.copy_context().run``.
+
+        Example:
+            >>> with lm.steering(1.0):  # doctest: +SKIP
+            ...     ids = lm.model.generate(**inputs, max_new_tokens=20)
+        """
+        strengths = self._strengths(strength)
+        if not self._steerers and strength not in (None, 0, 0.0):
+            raise SteeringError("no steering is loaded: call fit_steering(...) or load_steering(dir) first")
+        with contextlib.ExitStack() as stack:
+            sessions = {
+                name: stack.enter_context(
+                    steerer.apply(self.model, strength=strengths[name], gate=gate, record_gates=record_gates)
+                )
+                for name, steerer in self._steerers.items()
+                if strengths[name] != 0.0 or record_gates
+            }
+            yield sessions
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        steering_strength: float | Mapping[str, float] | None = None,
+        steering_gate: bool = True,
+        return_gate_maps: bool = False,
+        chat_template: bool = False,
+        **generate_kwargs: Any,
+    ) -> TextGeneration:
+        """``model.generate`` on ``prompts`` (left-padded), steered; greedy, sampling and beam
+        search alike. With ``return_gate_maps`` the gates of every forwarded token come from
+        the generation itself when each output row is one prompt's single sequence, and from
+        a steered replay of the final sequences otherwise (beam search, several sequences)."""
+        check_prompt_list(prompts, "prompts")
+        if return_gate_maps and not steering_gate:
+            raise SteeringError("gate maps come from the DSAS gates: use steering_gate=True with return_gate_maps")
+        batch = self._batches(self._format(prompts, chat_template, generation=True), len(prompts), None, "left")[0]
+        batch.pop("position_ids")
+        generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        expanded = generate_kwargs.get("num_beams", 1) > 1 or generate_kwargs.get("num_return_sequences", 1) > 1
+        record = return_gate_maps and not expanded
+        with torch.no_grad(), self.steering(steering_strength, gate=steering_gate, record_gates=record) as sessions:
+            sequences = self.model.generate(**batch, **generate_kwargs)
+        if isinstance(sequences, Mapping) or hasattr(sequences, "sequences"):
+            sequences = sequences.sequences
+        width = batch["input_ids"].shape[1]
+        eos = generate_kwargs.get("eos_token_id", self.model.generation_config.eos_token_id)
+        mask = self._sequence_mask(sequences, width, batch["attention_mask"], eos)
+        maps = None
+        if return_gate_maps:
+            if record:
+                maps = {name: self._generation_maps(session, mask) for name, session in sessions.items()}
+            else:
+                maps = self._replay(sequences, mask, steering_strength, steering_gate)
+        continuation = [ids[width:][mask[i, width:]] for i, ids in enumerate(sequences)]
+        texts = self.tokenizer.batch_decode(continuation, skip_special_tokens=True)
+        tokens = [self.tokenizer.convert_ids_to_tokens(ids[mask[i]]) for i, ids in enumerate(sequences)]
+        return TextGeneration(texts, sequences, width, maps, tokens)
+
+    def _sequence_mask(
+        self, sequences: torch.Tensor, width: int, prompt_mask: torch.Tensor, eos: int | Sequence[int] | None
+    ) -> torch.Tensor:
+        """Real tokens of each generated row: the prompt's (no left padding) and the continuation
+        up to and including its first end-of-text token (``eos``, or the tokenizer's)."""
+        rows = sequences.shape[0]
+        repeat = rows // prompt_mask.shape[0]
+        mask = torch.ones_like(sequences, dtype=torch.bool)
+        mask[:, :width] = prompt_mask.repeat_interleave(repeat, 0).bool()
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        ends = {eos} if isinstance(eos, int) else set(eos or [])
+        ends.discard(None)
+        new = sequences[:, width:]
+        is_end = torch.zeros_like(new, dtype=torch.bool)
+        for token in ends:
+            is_end |= new == token
+        after = (is_end.long().cumsum(-1) - is_end.long()) > 0  # strictly after the first end
+        mask[:, width:] = ~after
+        return mask
+
+    @staticmethod
+    def _generation_maps(session: SteeringSession, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        maps = {}
+        for layer, records in session.gate_maps.items():
+            if not records:
+                continue
+            gates = torch.cat([record.float() for record in records], dim=1)  # prefill, then one token a step
+            full = torch.full(mask.shape, float("nan"))
+            full[:, : gates.shape[1]] = gates
+            maps[layer] = full.masked_fill(~mask.cpu(), float("nan"))
+        return maps
+
+    def _replay(
+        self,
+        sequences: torch.Tensor,
+        mask: torch.Tensor,
+        strength: float | Mapping[str, float] | None,
+        gate: bool = True,
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """Steered teacher-forced pass over finished sequences: each token's gate, NaN where
+        ``mask`` is off and at the last token (generation never forwards it)."""
+        attention = mask.clone()
+        batch = {"input_ids": sequences, "attention_mask": attention.long(), "position_ids": _position_ids(attention)}
+        with torch.no_grad(), self.steering(strength, gate=gate, record_gates=True) as sessions:
+            self.model(**batch)
+        last = torch.zeros_like(mask)
+        last[:, -1] = True
+        keep = (mask & ~last).cpu()
+        return {
+            name: {
+                layer: records[0].float().masked_fill(~keep, float("nan"))
+                for layer, records in session.gate_maps.items()
+                if records
+            }
+            for name, session in sessions.items()
+        }
+
+    def gates(
+        self, texts: Sequence[str], *, steering_strength: float | Mapping[str, float] | None = None, batch_size: int = 8
+    ) -> list[dict[str, Any]]:
+        """Per text: its ``tokens`` and ``gate_maps`` (``{steerer: {layer: (tokens,) float}}``),
+        from a steered teacher-forced pass; exact for text from any decoding mode."""
+        check_prompt_list(texts, "texts")
+        out = []
+        for batch in self._batches(texts, batch_size, None):
+            with torch.no_grad(), self.steering(steering_strength, record_gates=True) as sessions:
+                self.model(**batch)
+            for row in range(batch["input_ids"].shape[0]):
+                real = batch["attention_mask"][row].bool().cpu()
+                out.append(
+                    {
+                        "tokens": self.tokenizer.convert_ids_to_tokens(batch["input_ids"][row][real.to(self.device)]),
+                        "gate_maps": {
+                            name: {layer: rec[0][row].float()[real] for layer, rec in s.gate_maps.items() if rec}
+                            for name, s in sessions.items()
+                        },
+                    }
+                )
+        return out
+
+    def perplexity(
+        self,
+        texts: Sequence[str],
+        *,
+        steering_strength: float | Mapping[str, float] | None = None,
+        steering_gate: bool = True,
+        batch_size: int = 8,
+    ) -> list[float]:
+        """Each text's perplexity under the (steered) model: ``exp`` of its mean next-token
+        negative log-likelihood, one teacher-forced pass per batch."""
+        check_prompt_list(texts, "texts")
+        values = []
+        for batch in self._batches(texts, batch_size, None):
+            with torch.no_grad(), self.steering(steering_strength, gate=steering_gate):
+                logits = self.model(**batch).logits.float()
+            targets = batch["input_ids"][:, 1:]
+            real = batch["attention_mask"][:, 1:].bool()
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
+            counts = real.sum(-1).clamp(min=1)
+            values += torch.exp((nll * real).sum(-1) / counts).tolist()
+        return values

@@ -1,0 +1,47 @@
+"""Tiny causal language models of every family with a text preset, built from configs (random
+weights, nothing downloaded), and a word-level tokenizer over the Shapes words."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+FAMILIES = ("gpt2", "llama", "qwen2", "qwen3", "gemma2", "gemma3", "mistral", "phi3")
+WORDS = (
+    "a an the and on of is next to lies with red green blue yellow purple orange white black gray "
+    "banana circle square star triangle diamond background picture small large dirty broken ugly clean "
+    "shiny left right top bottom there one two three"
+).split()
+SPECIAL = ["<pad>", "<eos>", "<unk>"]
+
+
+def tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {token: index for index, token in enumerate(SPECIAL + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def build(family: str, seed: int = 0):
+    """``(model, tokenizer)`` of ``family``: 2 layers, hidden 32."""
+    vocab = len(SPECIAL) + len(WORDS)
+    common = {"vocab_size": vocab, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": None}
+    llama_like = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, **common)  # fmt: skip
+    configs = {
+        "gpt2": lambda: transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, **common),
+        "llama": lambda: transformers.LlamaConfig(**llama_like),
+        "qwen2": lambda: transformers.Qwen2Config(**llama_like),
+        "qwen3": lambda: transformers.Qwen3Config(**llama_like, head_dim=8),
+        "gemma2": lambda: transformers.Gemma2Config(**llama_like, head_dim=8),
+        "gemma3": lambda: transformers.Gemma3TextConfig(**llama_like, head_dim=8),
+        "mistral": lambda: transformers.MistralConfig(**llama_like),
+        "phi3": lambda: transformers.Phi3Config(**llama_like),
+    }
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(configs[family]()).eval()
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = 1
+    return model, tokenizer()
