@@ -83,6 +83,9 @@ def test_gate_maps_are_per_token_masked_and_equal_the_replay(lm):
     assert set(maps) == set(lm.steerers["default"].module_names)
     width = out.prompt_length
     short = len(lm.tokenizer(PROMPTS[0])["input_ids"])
+    middle = list(maps)[len(maps) // 2]
+    gated = int((~torch.isnan(maps[middle][1][out.mask[1]])).sum())
+    assert out.render(1, format="html").count("<span title=") == gated and gated >= len(out.tokens[1]) - 1
     for gates in maps.values():
         assert tuple(gates.shape) == tuple(out.sequences.shape)
         assert torch.isnan(gates[0, : width - short]).all() and not torch.isnan(gates[0, width - short]).any()

@@ -54,6 +54,19 @@ class TextGeneration:
     prompt_length: int
     gate_maps: dict[str, dict[str, torch.Tensor]] | None = None
     tokens: list[list[str]] = field(default_factory=list)
+    mask: torch.Tensor | None = None  # (batch, length): real tokens (what ``tokens`` lists)
+
+    def render(self, row: int = 0, layer: str | None = None, steerer: str | None = None, format: str = "ansi") -> str:
+        """Row ``row``'s tokens coloured by their gates at ``layer`` (default: the middle
+        hooked layer) of ``steerer`` (default: the first), as ANSI or HTML."""
+        from .render import render_gates
+
+        if not self.gate_maps or self.mask is None:
+            raise SteeringError("no gate maps: generate with return_gate_maps=True")
+        maps = self.gate_maps[steerer or next(iter(self.gate_maps))]
+        names = list(maps)
+        gates = maps[layer or names[len(names) // 2]][row][self.mask[row].cpu()]
+        return render_gates(self.tokens[row], gates.tolist(), format=format)
 
 
 def _position_ids(mask: torch.Tensor) -> torch.Tensor:
@@ -305,7 +318,7 @@ class DSASLanguageModel:
         continuation = [ids[width:][mask[i, width:]] for i, ids in enumerate(sequences)]
         texts = self.tokenizer.batch_decode(continuation, skip_special_tokens=True)
         tokens = [self.tokenizer.convert_ids_to_tokens(ids[mask[i]]) for i, ids in enumerate(sequences)]
-        return TextGeneration(texts, sequences, width, maps, tokens)
+        return TextGeneration(texts, sequences, width, maps, tokens, mask)
 
     def _sequence_mask(
         self, sequences: torch.Tensor, width: int, prompt_mask: torch.Tensor, eos: int | Sequence[int] | None
