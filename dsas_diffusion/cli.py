@@ -3,11 +3,15 @@
     dsas fit --model shapes-sd --source S.txt --target T.txt --control C.txt --map linear-act --out DIR
     dsas generate --model shapes-sd --steering DIR --prompt "a yellow banana on a white background" \\
         --strength 1.0 --seed 0 --compare --out grid.png
+    dsas fit --model ./my-qwen --source toxic.txt --target polite.txt --control neutral.txt --out DIR
+    dsas generate --model ./my-qwen --steering DIR --prompt "You are" --compare --show-gates
     dsas eval --config benchmarks/eval_banana.yaml
     dsas demo
     dsas examples
 
-Prompt files hold one prompt per line (blank lines and lines starting with ``#`` are skipped).
+``--model`` is a diffusers pipeline or a transformers causal language model (a folder with a
+``config.json`` and no ``model_index.json``); the text flags (``--max-new-tokens``,
+``--layers``, ``--show-gates``...) apply to the latter. Prompt files hold one prompt per line (blank lines and lines starting with ``#`` are skipped).
 Building the parser imports no torch, diffusers or gradio: ``dsas --help`` is instant. A user
 error ends in one line on stderr and exit status 2 (``--debug`` shows the traceback);
 output paths are checked before any model is loaded.
@@ -22,7 +26,7 @@ from pathlib import Path
 
 from .app.options import add_server_arguments, at_least_one
 from .eval.command import add_arguments as add_eval_arguments
-from .names import CFG_MODES, DIFFUSION_PRESETS, MAP_NAMES
+from .names import CFG_MODES, DIFFUSION_PRESETS, MAP_NAMES, TEXT_PRESETS
 
 __all__ = ["build_parser", "main"]
 
@@ -37,6 +41,13 @@ def _steps_list(text: str) -> str | list[int]:
     if not steps or min(steps) < 0:
         raise argparse.ArgumentTypeError(f"expected 'all' or step indices >= 0 like 0,1,2, got {text!r}")
     return steps
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _writable_directory(path: str) -> Path:
@@ -92,6 +103,15 @@ def _fit(args: argparse.Namespace) -> None:
         raise SteeringError("--gate dsas needs --control (prompts without the concept)")
     out = _writable_directory(args.out)
     _check_device(args.device)
+    from .text.command import fit_text, is_language_model
+
+    if is_language_model(args.model):
+        fit_text(args, out)
+        return
+    if args.preset in TEXT_PRESETS and args.preset not in DIFFUSION_PRESETS:
+        raise SteeringError(
+            f"--preset {args.preset!r} is a language-model preset; for a pipeline use {DIFFUSION_PRESETS}"
+        )
     source, target = read_prompts(args.source), read_prompts(args.target)
     control = read_prompts(args.control) if args.control else None
     pipe = load_pipeline(args.model, device=args.device)
@@ -124,8 +144,15 @@ def _generate(args: argparse.Namespace) -> None:
     prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
     if not prompts:
         raise SteeringError("give --prompt (repeatable) or --prompts FILE")
-    out = _writable_image(args.out)
     _check_device(args.device)
+    from .text.command import generate_text, is_language_model
+
+    if is_language_model(args.model):
+        generate_text(args, prompts)
+        return
+    if args.out is None:
+        raise SteeringError("--out is needed for images (an image path, a grid with --compare)")
+    out = _writable_image(args.out)
     steerer = Steerer.from_pretrained(args.steering)  # a bad steering fails before the model loads
     pipe = load_pipeline(args.model, device=args.device)
     pipe.set_progress_bar_config(disable=True)
@@ -187,7 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--control", help="prompts steering must leave alone (needed by --gate dsas)")
     fit.add_argument("--map", choices=MAP_NAMES, help="steering map (default: fit_steering's, caa)")
     fit.add_argument("--gate", choices=("dsas", "none"), default="dsas")
-    fit.add_argument("--preset", choices=DIFFUSION_PRESETS, help="hook points (default: cross-attention)")
+    fit.add_argument(
+        "--preset",
+        choices=tuple(dict.fromkeys(DIFFUSION_PRESETS + TEXT_PRESETS)),
+        help="hook points (default: cross-attention for pipelines, residual for language models)",
+    )
+    fit.add_argument(
+        "--layers", type=_int_list, help="language models: decoder layers to hook, e.g. 4,5,6 (default: all)"
+    )
+    fit.add_argument("--max-length", type=at_least_one, default=256, help="language models: tokens per text")
     fit.add_argument("--steps", type=at_least_one, default=10, help="denoising steps of the collection runs")
     fit.add_argument(
         "--collect-steps", type=_steps_list, default="all", help="'all' or comma-separated step indices, e.g. 0,1,2"
@@ -211,8 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=float, default=None)
     gen.add_argument("--steering-cfg", choices=CFG_MODES, help="steer the conditional CFG half (default) or both")
     gen.add_argument("--device", default=None)
-    gen.add_argument("--compare", action="store_true", help="one grid: unsteered | uniform | DSAS | gate heatmap")
-    gen.add_argument("--out", required=True, help="image path (a grid with --compare)")
+    gen.add_argument(
+        "--compare",
+        action="store_true",
+        help="unsteered | uniform | DSAS: one image grid, or continuations side by side",
+    )
+    gen.add_argument("--out", help="image path (a grid with --compare); not used for language models")
+    gen.add_argument("--max-new-tokens", type=at_least_one, default=32, help="language models: tokens to generate")
+    gen.add_argument("--show-gates", action="store_true", help="language models: print tokens coloured by their gates")
     gen.set_defaults(run=_generate)
 
     demo = commands.add_parser("demo", help="serve the Gradio demo (unsteered | uniform | DSAS, CLIP scores, gates)")

@@ -18,6 +18,7 @@ __all__ = [
     "GATINGS",
     "MAP_NAMES",
     "RENDER_MODES",
+    "TEXT_PRESETS",
 ]
 
 #: steering maps (how to steer): mean shift, ITI, Linear-AcT, LinEAS
@@ -43,3 +44,6 @@ CFG_MODES = ("both", "cond")
 DIFFUSION_PRESETS = ("cross-attention", "blocks", "norms")
 #: the three renderings compared everywhere: unsteered, uniform steering, DSAS
 RENDER_MODES = ("unsteered", "uniform", "dsas")
+
+#: where to hook a causal language model (see dsas_diffusion.text.architectures)
+TEXT_PRESETS = ("residual", "attention", "mlp", "norms")

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from tiny_lms import build as build_lm
 
 from dsas_diffusion.cli import main
 from dsas_diffusion.diffusion.loading import load_pipeline
 from dsas_diffusion.prompts import PromptFileError, read_prompts
+from dsas_diffusion.steering import Steerer
 
 
 def _write(path, prompts):
@@ -117,3 +119,29 @@ def test_debug_shows_the_traceback(tmp_path):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode != 0 and "Traceback" in result.stderr and "SteeringFileError" in result.stderr
+
+
+def test_fit_then_generate_with_a_language_model(tmp_path, capsys):
+    model, tokenizer = build_lm("qwen2")
+    folder = tmp_path / "tiny-qwen2"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    colours = ("red", "green", "blue", "yellow", "purple", "white")
+    source = _write(tmp_path / "s.txt", [f"a {c} banana lies on a black background" for c in colours])
+    target = _write(tmp_path / "t.txt", [f"a {c} circle lies on a black background" for c in colours])
+    control = _write(tmp_path / "c.txt", [f"the {c} square is next to a star" for c in colours])
+    out = tmp_path / "steering"
+    main(["fit", "--model", str(folder), "--source", str(source), "--target", str(target), "--control", str(control),
+          "--preset", "mlp", "--layers", "1", "--out", str(out)])  # fmt: skip
+    assert Steerer.from_pretrained(out).module_names == ["model.layers.1.mlp"]
+    capsys.readouterr()
+    main(["generate", "--model", str(folder), "--steering", str(out), "--prompt", "a yellow banana",
+          "--strength", "8", "--max-new-tokens", "4", "--compare", "--show-gates"])  # fmt: skip
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "a yellow banana"
+    assert [line.split("|")[0].strip() for line in printed[1:]] == ["unsteered", "uniform", "DSAS", "gates"]
+    assert "\x1b[48;2;255;" in printed[4]  # tokens coloured by their gates
+    with pytest.raises(SystemExit):
+        main(["fit", "--model", str(folder), "--source", str(source), "--target", str(target), "--control",
+              str(control), "--preset", "cross-attention", "--out", str(tmp_path / "x")])  # fmt: skip
+    assert "image preset" in capsys.readouterr().err

@@ -35,11 +35,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..names import TEXT_PRESETS
 from ..steering import HookPoint, SteeringError
 
 __all__ = ["TEXT_ARCHITECTURES", "TEXT_PRESETS", "TextArchitecture", "check_token_stream", "hook_points"]
-
-TEXT_PRESETS = ("residual", "attention", "mlp", "norms")
 
 
 @dataclass(frozen=True)
