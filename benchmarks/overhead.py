@@ -5,6 +5,9 @@
 - ``shapes-sd`` on the CPU: one UNet call on a CFG batch of 2 x 8 latents, with a steerer
   fitted on the banana prompt sets with ``fit_steering``'s defaults (CAA on the
   ``cross-attention`` preset) and with Linear-AcT on the ``blocks`` and ``norms`` presets.
+- A language model: tokens per second of steered vs unsteered ``DSASLanguageModel.generate``
+  on a Qwen2 config of about 20M parameters (hidden 512, 8 layers, random weights), the
+  ``residual`` preset on all layers, batch 8, 64 new tokens (greedy, no early stop).
 - When a GPU is present, also an SDXL-size random UNet (``UNet2DConditionModel`` with
   SDXL's config, random weights) at 1024 x 1024 (128 x 128 latents) in float16, batch 2,
   with steerers fitted on random activations (only the cost matters here).
@@ -163,13 +166,58 @@ def sdxl_gpu(repeats: int) -> list[dict]:
     return rows
 
 
+def text_generate(repeats: int) -> list[dict]:
+    """Steered vs unsteered ``generate`` of a ~20M-parameter Qwen2 (random weights)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    from dsas_diffusion.text import DSASLanguageModel
+
+    vocab = 4096
+    torch.manual_seed(0)
+    config = Qwen2Config(hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
+                         num_key_value_heads=2, vocab_size=vocab, pad_token_id=0, eos_token_id=1)  # fmt: skip
+    model = Qwen2ForCausalLM(config).eval()
+    words = [f"w{i}" for i in range(vocab - 2)]
+    backend = Tokenizer(models.WordLevel({"<pad>": 0, "<eos>": 1, **{w: i + 2 for i, w in enumerate(words)}}, "<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
+    lm = DSASLanguageModel(model, tokenizer)
+    generator = torch.Generator().manual_seed(0)
+
+    def texts(count: int, low: int, high: int) -> list[str]:
+        ids = torch.randint(low, high, (count, 24), generator=generator)
+        return [" ".join(words[i] for i in row) for row in ids.tolist()]
+
+    lm.fit_steering(texts(32, 0, 2000), texts(32, 2000, 4000), texts(32, 1000, 3000), gate_threshold=None,
+                    progress=False)  # fmt: skip
+    prompts = texts(8, 0, 4000)
+    call = {"max_new_tokens": 64, "min_new_tokens": 64, "do_sample": False}
+    variants = {"unsteered": {"steering_strength": 0.0}, "uniform": {"steering_gate": False}, "dsas": {}}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    lm.generate(prompts, **call)  # warm-up
+    while min(len(values) for values in times.values()) < repeats:
+        for name, steering in variants.items():
+            start = time.perf_counter()
+            lm.generate(prompts, **steering, **call)
+            times[name].append(time.perf_counter() - start)
+    timing = {name: statistics.median(values) for name, values in times.items()}
+    return [{"model": "Qwen2 ~20M (CPU, generate, batch 8, 64 new tokens)", "preset": "residual",
+             "layers": len(lm.steerers["default"].layers), **timing}]  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--only", choices=("images", "text"), default=None, help="run one part only")
     args = parser.parse_args()
-    rows = shapes_sd(args.repeats)
-    if torch.cuda.is_available():
+    rows = shapes_sd(args.repeats) if args.only != "text" else []
+    if args.only != "images":
+        rows += text_generate(max(3, args.repeats // 6))
+    if args.only == "text":
+        pass
+    elif torch.cuda.is_available():
         rows += sdxl_gpu(args.repeats)
     else:
         print("no GPU here: the SDXL-size fp16 measurement needs CUDA\n")

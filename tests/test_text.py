@@ -70,6 +70,14 @@ def test_cached_and_uncached_steered_generation_agree(lm):
         assert torch.equal(cached, uncached.sequences)
 
 
+def test_a_static_cache_steers_like_the_dynamic_one(lm):
+    dynamic = lm.generate(PROMPTS, steering_strength=4.0, steering_gate=False, **GREEDY).sequences
+    static = lm.generate(PROMPTS, steering_strength=4.0, steering_gate=False, cache_implementation="static", **GREEDY)
+    assert torch.equal(static.sequences, dynamic)
+    with pytest.raises(SteeringError, match="automatic compilation"):
+        lm.generate(PROMPTS, steering_strength=1.0, disable_compile=False, **GREEDY)
+
+
 def test_a_left_padded_batch_gives_each_prompt_what_it_gives_alone(lm):
     batch = lm.generate(PROMPTS, steering_strength=4.0, steering_gate=False, **GREEDY)
     for index, prompt in enumerate(PROMPTS):

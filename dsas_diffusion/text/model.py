@@ -291,7 +291,8 @@ class DSASLanguageModel:
         **generate_kwargs: Any,
     ) -> TextGeneration:
         """``model.generate`` on ``prompts`` (left-padded), steered; greedy, sampling and beam
-        search alike. With ``return_gate_maps`` the gates of every forwarded token come from
+        search alike; steered calls turn off ``generate``'s automatic compilation (static
+        caches still work, eagerly). With ``return_gate_maps`` the gates of every forwarded token come from
         the generation itself when each output row is one prompt's single sequence, and from
         a steered replay of the final sequences otherwise (beam search, several sequences)."""
         check_prompt_list(prompts, "prompts")
@@ -300,6 +301,16 @@ class DSASLanguageModel:
         batch = self._batches(self._format(prompts, chat_template, generation=True), len(prompts), None, "left")[0]
         batch.pop("position_ids")
         generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        steered = any(v != 0.0 for v in self._strengths(steering_strength).values()) or return_gate_maps
+        if steered:
+            # generate compiles the forward by itself with a static cache on a GPU; a compiled
+            # forward would not run the steering hooks as they are, so steered calls run eager
+            if generate_kwargs.get("disable_compile") is False:
+                raise SteeringError(
+                    "disable_compile=False: generate's automatic compilation is not supported with steering; "
+                    "leave it out (steered calls run eager) or steer with strength 0"
+                )
+            generate_kwargs["disable_compile"] = True
         expanded = generate_kwargs.get("num_beams", 1) > 1 or generate_kwargs.get("num_return_sequences", 1) > 1
         record = return_gate_maps and not expanded
         with torch.no_grad(), self.steering(steering_strength, gate=steering_gate, record_gates=record) as sessions:
