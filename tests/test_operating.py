@@ -134,6 +134,17 @@ def test_the_adaptive_sweep_doubles_until_a_stopping_rule_holds(presence, simila
     assert sweep.strengths["m/dsas"] == strengths
 
 
+def test_a_presence_that_only_crept_does_not_count_as_a_plateau():
+    # the banana's Linear-AcT uniform sweep: 0.77 -> 0.72 -> 0.71 is a creep, not a plateau
+    sweep = AdaptiveSweep(SweepSettings(start=1.0), ["m/uniform"], {"m/uniform": None})
+    assert sweep.update(_sweep_rows("m/uniform", [1.0], [0.77, 0.72], [0.99]))
+    assert sweep.update(_sweep_rows("m/uniform", [1.0, 2.0], [0.77, 0.72, 0.71], [0.99, 0.97]))
+    assert sweep.strengths["m/uniform"] == [1.0, 2.0, 4.0]
+    # once it has moved by `moved`, a flat step stops it
+    assert not sweep.update(_sweep_rows("m/uniform", [1.0, 2.0, 4.0], [0.77, 0.72, 0.5, 0.49], [0.99, 0.97, 0.9]))
+    assert "changed by less than 0.02 at strength 4" in sweep.stopped["m/uniform"]
+
+
 def test_an_unmoved_presence_does_not_stop_the_sweep_before_it_starts():
     sweep = AdaptiveSweep(SweepSettings(start=1.0), ["m/uniform"], {"m/uniform": None})
     assert sweep.update(_sweep_rows("m/uniform", [1.0], [0.9, 0.9], [0.999]))

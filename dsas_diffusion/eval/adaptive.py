@@ -84,7 +84,7 @@ class AdaptiveSweep:
         for method in self.active:
             presence, similarity = self._curve(rows, method)
             last = self.strengths[method][-1]
-            moved = abs(presence[-1] - presence[0]) >= settings.plateau
+            moved = abs(presence[-1] - presence[0]) >= max(settings.moved, settings.plateau)
             if similarity[-1] < settings.min_similarity:
                 self.stopped[method] = (
                     f"control similarity {similarity[-1]:.2f} < {settings.min_similarity:g} at strength {last:g}"

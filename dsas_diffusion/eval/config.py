@@ -92,7 +92,9 @@ class SweepSettings:
 
     * the concept presence (the Shapes detector where it applies, else CLIP presence) changed
       by less than ``plateau`` between the last two strengths, once it has moved at least
-      ``plateau`` away from the unsteered images (so a sweep does not stop before it starts);
+      ``moved`` away from the unsteered images (so a sweep does not stop before it starts:
+      with 64 concept images one image is 1.6 points, and at small strengths presence
+      creeps by a point or two a step, which would pass for a plateau);
     * the control similarity fell below ``min_similarity``;
     * the next strength would pass ``max`` or the steerer's own ``max_strength`` (it would be
       refused).
@@ -104,6 +106,7 @@ class SweepSettings:
     factor: float = 2.0
     max: float = 64.0
     plateau: float = 0.02
+    moved: float = 0.1
     min_similarity: float = 0.5
     starts: Mapping[str, float] = field(default_factory=dict)
 
@@ -327,7 +330,14 @@ class EvalConfig:
                 settings = self.sweep_settings
             except TypeError as error:
                 raise ConfigError(f"sweep: {error}; known keys: {list(SweepSettings.__dataclass_fields__)}") from None
-            numbers = [settings.start, settings.factor, settings.max, settings.plateau, settings.min_similarity]
+            numbers = [
+                settings.start,
+                settings.factor,
+                settings.max,
+                settings.plateau,
+                settings.moved,
+                settings.min_similarity,
+            ]
             if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in numbers) or not (
                 0 < settings.start <= settings.max and settings.factor > 1 and settings.plateau >= 0
             ):
