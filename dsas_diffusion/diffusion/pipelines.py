@@ -42,7 +42,7 @@ from ..names import CFG_MODES
 from ..prompts import check_prompt_list
 from ..steering import HookPoint, IncompatibleSteeringError, Steerer, SteeringError, fit_steerer
 from ..steering.fit_args import check_fit_arguments
-from ..steering.hooks import SteeringSession
+from ..steering.hooks import SteeringSession, strengths_by_name
 from .architectures import hook_points as preset_hook_points
 from .collect import ImageStreamCheck, check_image_stream, record_denoiser_calls, run_denoiser_call
 from .gatemaps import map_size, session_gate_maps
@@ -355,7 +355,7 @@ class DSASPipelineMixin:
             if steering_strength not in (None, 0, 0.0) or return_gate_maps:
                 raise SteeringError("no steering is loaded: call fit_steering(...) or load_steering(dir) first")
             return super().__call__(*args, **kwargs)  # type: ignore[misc]
-        strengths = self._strengths(steering_strength, steerers)
+        strengths = strengths_by_name(steering_strength, steerers)
         active = {name: s for name, s in steerers.items() if strengths[name] != 0.0 or return_gate_maps}
         if return_gate_maps and not steering_gate:
             raise SteeringError("gate maps come from the DSAS gates: use steering_gate=True with return_gate_maps")
@@ -405,19 +405,6 @@ class DSASPipelineMixin:
                 return (*output, maps)
             output["gate_maps"] = maps
         return output
-
-    @staticmethod
-    def _strengths(value: float | Mapping[str, float] | None, steerers: Mapping[str, Steerer]) -> dict[str, float]:
-        if value is None:
-            return {name: float(s.strength) for name, s in steerers.items()}
-        if isinstance(value, Mapping):
-            unknown = sorted(set(value) - set(steerers))
-            if unknown:
-                raise SteeringError(
-                    f"steering_strength names {unknown}, which are not loaded; loaded: {sorted(steerers)}"
-                )
-            return {name: float(value.get(name, s.strength)) for name, s in steerers.items()}
-        return {name: float(value) for name in steerers}
 
 
 class DSASStableDiffusionPipeline(DSASPipelineMixin, StableDiffusionPipeline):

@@ -13,7 +13,7 @@ import contextvars
 import copy
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,7 +25,14 @@ from .hookpoints import get_output, replace_output, resolve_module
 if TYPE_CHECKING:
     from .layer import SteeringLayer
 
-__all__ = ["HOOK_PREFIX", "STRENGTH_LIMIT", "SteeringSession", "active_hook_names", "check_strength"]
+__all__ = [
+    "HOOK_PREFIX",
+    "STRENGTH_LIMIT",
+    "SteeringSession",
+    "active_hook_names",
+    "check_strength",
+    "strengths_by_name",
+]
 
 HOOK_PREFIX = "dsas"
 _ACTIVE: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("dsas_active_sessions", default=frozenset())
@@ -53,6 +60,27 @@ def check_strength(strength: float) -> float:
             "outputs are destroyed long before); use e.g. 0.0 to 2.0"
         )
     return value
+
+
+def strengths_by_name(value: float | Mapping[str, float] | None, steerers: Mapping[str, Any]) -> dict[str, float]:
+    """The strength of each loaded steerer for a call's ``steering_strength``: one λ for all,
+    a ``{name: λ}`` mapping (the others at their saved default), or ``None`` (every saved
+    default); a name that is not loaded raises :class:`SteeringError`.
+
+    Example:
+        >>> class Saved:
+        ...     strength = 1.0
+        >>> strengths_by_name({"a": 2.0}, {"a": Saved(), "b": Saved()})
+        {'a': 2.0, 'b': 1.0}
+    """
+    if value is None:
+        return {name: float(s.strength) for name, s in steerers.items()}
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - set(steerers))
+        if unknown:
+            raise SteeringError(f"steering_strength names {unknown}, which are not loaded; loaded: {sorted(steerers)}")
+        return {name: float(value.get(name, s.strength)) for name, s in steerers.items()}
+    return {name: float(value) for name in steerers}
 
 
 class SteeringSession:

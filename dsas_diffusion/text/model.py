@@ -29,7 +29,7 @@ from torch import nn
 
 from ..prompts import check_prompt_list
 from ..steering import HookPoint, IncompatibleSteeringError, Steerer, SteeringError, fit_steerer
-from ..steering.hooks import SteeringSession
+from ..steering.hooks import SteeringSession, strengths_by_name
 from .architectures import check_token_stream
 from .architectures import hook_points as preset_hook_points
 
@@ -243,16 +243,7 @@ class DSASLanguageModel:
 
     # -- applying ----------------------------------------------------------------------------
     def _strengths(self, value: float | Mapping[str, float] | None) -> dict[str, float]:
-        if value is None:
-            return {name: float(s.strength) for name, s in self._steerers.items()}
-        if isinstance(value, Mapping):
-            unknown = sorted(set(value) - set(self._steerers))
-            if unknown:
-                raise SteeringError(
-                    f"steering_strength names {unknown}, which are not loaded; loaded: {sorted(self._steerers)}"
-                )
-            return {name: float(value.get(name, s.strength)) for name, s in self._steerers.items()}
-        return {name: float(value) for name in self._steerers}
+        return strengths_by_name(value, self._steerers)
 
     @contextlib.contextmanager
     def steering(
