@@ -42,7 +42,7 @@ from ..names import CFG_MODES
 from ..prompts import check_prompt_list
 from ..steering import HookPoint, IncompatibleSteeringError, Steerer, SteeringError, fit_steerer
 from ..steering.fit_args import check_fit_arguments
-from ..steering.hooks import SteeringSession, strengths_by_name
+from ..steering.hooks import SteeringSession, strengths_by_name, unload_by_name
 from .architectures import hook_points as preset_hook_points
 from .collect import ImageStreamCheck, check_image_stream, record_denoiser_calls, run_denoiser_call
 from .gatemaps import map_size, session_gate_maps
@@ -130,13 +130,7 @@ class DSASPipelineMixin:
 
     def unload_steering(self, name: str | None = None) -> None:
         """Remove the steerer ``name``, or all of them."""
-        table = self._steerer_table()
-        if name is None:
-            table.clear()
-        elif name not in table:
-            raise SteeringError(f"no steering named {name!r} is loaded; loaded: {sorted(table) or 'none'}")
-        else:
-            del table[name]
+        unload_by_name(self._steerer_table(), name)
 
     # -- fitting ---------------------------------------------------------------------------
     def fit_steering(

@@ -32,6 +32,7 @@ __all__ = [
     "active_hook_names",
     "check_strength",
     "strengths_by_name",
+    "unload_by_name",
 ]
 
 HOOK_PREFIX = "dsas"
@@ -81,6 +82,17 @@ def strengths_by_name(value: float | Mapping[str, float] | None, steerers: Mappi
             raise SteeringError(f"steering_strength names {unknown}, which are not loaded; loaded: {sorted(steerers)}")
         return {name: float(value.get(name, s.strength)) for name, s in steerers.items()}
     return {name: float(value) for name in steerers}
+
+
+def unload_by_name(steerers: dict[str, Any], name: str | None) -> None:
+    """Remove the loaded steerer ``name`` from ``steerers``, or all of them (``None``); an
+    unknown name raises :class:`SteeringError` listing the loaded ones."""
+    if name is None:
+        steerers.clear()
+    elif name not in steerers:
+        raise SteeringError(f"no steering named {name!r} is loaded; loaded: {sorted(steerers) or 'none'}")
+    else:
+        del steerers[name]
 
 
 class SteeringSession:

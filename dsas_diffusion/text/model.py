@@ -29,7 +29,7 @@ from torch import nn
 
 from ..prompts import check_prompt_list
 from ..steering import HookPoint, IncompatibleSteeringError, Steerer, SteeringError, fit_steerer
-from ..steering.hooks import SteeringSession, strengths_by_name
+from ..steering.hooks import SteeringSession, strengths_by_name, unload_by_name
 from .architectures import check_token_stream
 from .architectures import hook_points as preset_hook_points
 
@@ -128,12 +128,7 @@ class DSASLanguageModel:
 
     def unload_steering(self, name: str | None = None) -> None:
         """Remove the steerer ``name``, or all of them."""
-        if name is None:
-            self._steerers.clear()
-        elif name not in self._steerers:
-            raise SteeringError(f"no steering named {name!r} is loaded; loaded: {sorted(self._steerers) or 'none'}")
-        else:
-            del self._steerers[name]
+        unload_by_name(self._steerers, name)
 
     # -- text to batches ---------------------------------------------------------------------
     def _format(self, texts: Sequence[str], chat_template: bool, generation: bool = False) -> list[str]:
