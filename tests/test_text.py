@@ -59,6 +59,9 @@ def test_strength_zero_and_no_steering_are_token_identical_to_stock_generate(lm)
     assert torch.equal(lm.generate(PROMPTS, steering_strength=0.0, **GREEDY).sequences, stock)
     bare = DSASLanguageModel(lm.model, lm.tokenizer)
     assert torch.equal(bare.generate(PROMPTS, **GREEDY).sequences, stock)
+    for asked in ({"steering_strength": 1.0}, {"return_gate_maps": True}):
+        with pytest.raises(SteeringError, match="no steering is loaded"):
+            bare.generate(PROMPTS, **asked, **GREEDY)
     steered = lm.generate(PROMPTS, steering_strength=8.0, steering_gate=False, **GREEDY).sequences
     assert not torch.equal(steered, stock)  # and the steering acts
 

@@ -284,6 +284,8 @@ class DSASLanguageModel:
         check_prompt_list(prompts, "prompts")
         if return_gate_maps and not steering_gate:
             raise SteeringError("gate maps come from the DSAS gates: use steering_gate=True with return_gate_maps")
+        if return_gate_maps and not self._steerers:
+            raise SteeringError("no steering is loaded, so there are no gates: call fit_steering or load_steering")
         batch = self._batches(self._format(prompts, chat_template, generation=True), len(prompts), None, "left")[0]
         batch.pop("position_ids")
         generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
