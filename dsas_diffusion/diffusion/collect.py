@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..steering import ActivationError, InputSetError, SteeringError
 from ..steering.hookpoints import HookPoint, get_output, resolve_module
+from ..steering.hooks import HookHandles
 from .architectures import architecture_of
 
 __all__ = ["DenoiserCall", "ImageStreamCheck", "check_image_stream", "record_denoiser_calls", "run_denoiser_call"]
@@ -206,25 +207,20 @@ class ImageStreamCheck:
         self.problems: list[str] = []
         self.tokens: int | None = None
         self.latent_size: tuple[int, ...] | None = None
-        self._handles: list[Any] = []
+        self._hooks = HookHandles()
         self._signature = inspect.signature(denoiser.forward)
         self._owner: int | None = None  # only the entering thread's calls are checked
 
     def __enter__(self) -> ImageStreamCheck:
         self._owner = threading.get_ident()
-        try:
-            self._handles.append(self.denoiser.register_forward_pre_hook(self._read_latents, with_kwargs=True))
-            for point in self.points:
-                module = resolve_module(self.denoiser, point.module)
-                self._handles.append(module.register_forward_hook(self._make_hook(point)))
-        except BaseException:
-            self.__exit__()
-            raise
+        self._hooks.add(self.denoiser.register_forward_pre_hook(self._read_latents, with_kwargs=True))
+        self._hooks.place(
+            (resolve_module(self.denoiser, point.module), self._make_hook(point)) for point in self.points
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:
-        while self._handles:
-            self._handles.pop().remove()
+        self._hooks.remove()
 
     def _read_latents(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if threading.get_ident() != self._owner:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .errors import ActivationError, InputSetError
 from .hookpoints import HookPoint, get_output, pool, position_rows, resolve_layout, resolve_module
-from .hooks import SteeringSession
+from .hooks import HookHandles, SteeringSession
 
 __all__ = [
     "ActivationCollector",
@@ -87,19 +87,13 @@ class ActivationCollector:
         self.call_order: list[str] = []
         self._pooled: dict[str, list[torch.Tensor]] = {name: [] for name in names}
         self._positions: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-        self._handles: list[Any] = []
+        self._hooks = HookHandles()
         self._owner: int | None = None  # the thread that entered: only its forward calls count
 
     # -- hook management -------------------------------------------------------------------
     def __enter__(self) -> ActivationCollector:
         self._owner = threading.get_ident()
-        try:
-            for point in self.hook_points:
-                handle = self.modules[point.module].register_forward_hook(self._make_hook(point))
-                self._handles.append(handle)
-        except BaseException:
-            self.remove()
-            raise
+        self._hooks.place((self.modules[point.module], self._make_hook(point)) for point in self.hook_points)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -107,8 +101,7 @@ class ActivationCollector:
 
     def remove(self) -> None:
         """Remove every hook this collector placed (idempotent)."""
-        while self._handles:
-            self._handles.pop().remove()
+        self._hooks.remove()
 
     @contextlib.contextmanager
     def masked(self, mask: torch.Tensor | None) -> Iterator[None]:
@@ -289,21 +282,15 @@ class _FullCapture:
         self.points = list(hook_points)
         self.modules = {point.module: resolve_module(model, point.module) for point in self.points}
         self.rows: dict[str, torch.Tensor] = {}
-        self._handles: list[Any] = []
+        self._hooks = HookHandles()
         self._owner = threading.get_ident()
 
     def __enter__(self) -> _FullCapture:
-        try:
-            for point in self.points:
-                self._handles.append(self.modules[point.module].register_forward_hook(self._make_hook(point)))
-        except BaseException:
-            self.__exit__()
-            raise
+        self._hooks.place((self.modules[point.module], self._make_hook(point)) for point in self.points)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        while self._handles:
-            self._handles.pop().remove()
+        self._hooks.remove()
 
     def _make_hook(self, point: HookPoint):
         def hook(module: nn.Module, args: Any, output: Any) -> None:

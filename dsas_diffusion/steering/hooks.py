@@ -13,7 +13,7 @@ import contextvars
 import copy
 import itertools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = [
     "HOOK_PREFIX",
     "STRENGTH_LIMIT",
+    "HookHandles",
     "SteeringSession",
     "active_hook_names",
     "check_strength",
@@ -61,6 +62,40 @@ def check_strength(strength: float) -> float:
             "outputs are destroyed long before); use e.g. 0.0 to 2.0"
         )
     return value
+
+
+class HookHandles:
+    """Forward hooks placed together and removed together (newest first, idempotent).
+
+    Example:
+        >>> model = nn.Linear(2, 2)
+        >>> hooks = HookHandles().place([(model, lambda module, args, output: None)])
+        >>> len(model._forward_hooks), hooks.remove(), len(model._forward_hooks)
+        (1, None, 0)
+    """
+
+    def __init__(self) -> None:
+        self._handles: list[Any] = []
+
+    def add(self, handle: Any) -> Any:
+        """Keep a handle registered elsewhere (e.g. a pre-hook) for removal with the others."""
+        self._handles.append(handle)
+        return handle
+
+    def place(self, pairs: Iterable[tuple[nn.Module, Callable[..., Any]]]) -> HookHandles:
+        """Register each ``(module, hook)`` as a forward hook; if one fails, remove every
+        hook placed so far (those kept by :meth:`add` too) and re-raise."""
+        try:
+            for module, hook in pairs:
+                self._handles.append(module.register_forward_hook(hook))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
 
 
 def strengths_by_name(value: float | Mapping[str, float] | None, steerers: Mapping[str, Any]) -> dict[str, float]:

@@ -128,11 +128,11 @@ def check_token_stream(model: nn.Module, points: Sequence[HookPoint], batch: dic
     """Run ``batch`` once and refuse any hook point whose output is not the token stream
     ``(batch, tokens, hidden)`` (e.g. a per-head norm, a projection to another width)."""
     from ..steering.hookpoints import get_output, resolve_module
+    from ..steering.hooks import HookHandles
 
     hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", None)
     size = tuple(batch["input_ids"].shape)
     shapes: dict[str, tuple[int, ...]] = {}
-    handles = []
 
     def keep(point: HookPoint):
         def hook(module: nn.Module, args: object, output: object) -> None:
@@ -141,14 +141,12 @@ def check_token_stream(model: nn.Module, points: Sequence[HookPoint], batch: dic
 
         return hook
 
+    hooks = HookHandles().place((resolve_module(model, point.module), keep(point)) for point in points)
     try:
-        for point in points:
-            handles.append(resolve_module(model, point.module).register_forward_hook(keep(point)))
         with torch.no_grad():
             model(**batch)
     finally:
-        for handle in handles:
-            handle.remove()
+        hooks.remove()
     for point in points:
         shape = shapes.get(point.module)
         if shape is None:
