@@ -97,6 +97,9 @@ class HookHandles:
         while self._handles:
             self._handles.pop().remove()
 
+    def __len__(self) -> int:
+        return len(self._handles)
+
 
 def strengths_by_name(value: float | Mapping[str, float] | None, steerers: Mapping[str, Any]) -> dict[str, float]:
     """The strength of each loaded steerer for a call's ``steering_strength``: one λ for all,
@@ -170,22 +173,21 @@ class SteeringSession:
         self.id = next(_COUNTER)
         self.hook_names: list[str] = []
         self._hooked: list[nn.Module] = []
-        self._handles: list[Any] = []
+        self._hooks = HookHandles()
         self._scoped_on = False
         self._device_copies: dict[tuple[int, torch.device], SteeringLayer] = {}
 
     @property
     def attached(self) -> bool:
-        return bool(self._handles)
+        return bool(self._hooks)
 
     def attach(self) -> SteeringSession:
-        if self._handles:
+        if self._hooks:
             raise SteeringError("this steering session is already attached")
         try:
             for layer in self.layers:
                 module = resolve_module(self.model, layer.name)
-                handle = module.register_forward_hook(self._make_hook(layer))
-                self._handles.append(handle)
+                self._hooks.add(module.register_forward_hook(self._make_hook(layer)))
                 hook_name = f"{HOOK_PREFIX}:{self.id}:{layer.name}"
                 self.hook_names.append(hook_name)
                 self._hooked.append(module)
@@ -200,8 +202,7 @@ class SteeringSession:
 
     def detach(self) -> None:
         """Remove every hook of this session (idempotent, exception-safe)."""
-        while self._handles:
-            self._handles.pop().remove()
+        self._hooks.remove()
         for module, hook_name in zip(self._hooked, self.hook_names, strict=True):
             _unregister_name(module, hook_name)
         self._hooked.clear()
@@ -212,7 +213,7 @@ class SteeringSession:
             self._scoped_on = False
 
     def __enter__(self) -> SteeringSession:
-        if not self._handles:
+        if not self._hooks:
             self.attach()
         return self
 
