@@ -41,6 +41,20 @@ def test_linear_act_support_leaves_values_outside_the_source_range_alone():
     delta = steering_map.delta(values, (1,))
     assert torch.equal(delta[[0, 4]], torch.zeros(2, 1))
     torch.testing.assert_close(values[1:4] + delta[1:4], values[1:4] * 2.0 + 5.0)
+    nan = steering_map.delta(torch.tensor([[float("nan")]]), (1,))
+    assert torch.equal(nan, torch.zeros(1, 1))  # NaN is outside every support
+
+
+def test_affine_delta_follows_weight_changes_in_place_and_across_devices():
+    steering_map = fit_linear_act(torch.randn(16, 3), torch.randn(16, 3), support_quantiles=None)
+    values = torch.randn(4, 3)
+    expected = (steering_map.weight - 1.0) * values + steering_map.bias
+    torch.testing.assert_close(steering_map.delta(values, (3,)), expected)
+    steering_map.weight.data.mul_(3.0)  # an in-place edit must not reuse the slope of the old weight
+    expected = (steering_map.weight - 1.0) * values + steering_map.bias
+    torch.testing.assert_close(steering_map.delta(values, (3,)), expected)
+    steering_map.load_state_dict({"bias": steering_map.bias, "weight": torch.ones(3)})
+    torch.testing.assert_close(steering_map.delta(values, (3,)), steering_map.bias.expand(4, 3))
 
 
 def test_linear_act_with_unequal_counts_matches_quantiles():

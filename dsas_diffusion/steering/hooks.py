@@ -10,7 +10,6 @@ so concurrent requests sharing one model never see each other's steering.
 from __future__ import annotations
 
 import contextvars
-import copy
 import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -21,6 +20,7 @@ from torch import nn
 
 from .errors import SteeringError
 from .hookpoints import get_output, replace_output, resolve_module
+from .prepared import PreparedLayer
 
 if TYPE_CHECKING:
     from .layer import SteeringLayer
@@ -175,7 +175,7 @@ class SteeringSession:
         self._hooked: list[nn.Module] = []
         self._hooks = HookHandles()
         self._scoped_on = False
-        self._device_copies: dict[tuple[int, torch.device], SteeringLayer] = {}
+        self._prepared: dict[tuple[int, torch.device], PreparedLayer] = {}
 
     @property
     def attached(self) -> bool:
@@ -220,13 +220,20 @@ class SteeringSession:
     def __exit__(self, *exc: object) -> None:
         self.detach()
 
-    def _layer_on(self, layer: SteeringLayer, device: torch.device) -> SteeringLayer:
-        if layer.map.bias.device == device:
-            return layer
+    def _steer_function(self, layer: SteeringLayer, device: torch.device) -> Callable[..., Any]:
+        """How to steer ``layer`` on ``device``: the differentiable reference while its tensors
+        are being trained (LinEAS), else its :class:`PreparedLayer` (made once per device)."""
+        if torch.is_grad_enabled() and any(p.requires_grad for p in layer.parameters()):
+            if layer.map.bias.device != device:  # a copy would take the gradients away from the layer
+                raise SteeringError(
+                    f"layer {layer.name!r} is being trained on {layer.map.bias.device} but its module runs on "
+                    f"{device}; move the steering layers to the model's device before training them"
+                )
+            return layer.steer
         key = (id(layer), device)
-        if key not in self._device_copies:
-            self._device_copies[key] = copy.deepcopy(layer).to(device)
-        return self._device_copies[key]
+        if key not in self._prepared:
+            self._prepared[key] = PreparedLayer(layer, device)
+        return self._prepared[key]
 
     def _make_hook(self, layer: SteeringLayer):
         point = layer.hook_point
@@ -238,20 +245,20 @@ class SteeringSession:
             if gated and layer.gate is not None and not layer.gate.enabled:
                 return None  # layer deselected by its gate accuracy
             tensor = get_output(output, point.output_index, layer.name)
-            on_device = self._layer_on(layer, tensor.device)
+            steer = self._steer_function(layer, tensor.device)
             rows = self.batch_rows
             if callable(rows):
                 rows = rows(tensor.shape[0])
             if self.strength == 0.0 and self.observer is None:
                 # exactly the identity; compute the gates only if they are being recorded
                 if self.record_gates and gated and layer.gate is not None:
-                    values = on_device.gate_values(tensor if rows is None else tensor[rows])
+                    _, values = steer(tensor if rows is None else tensor[rows], 0.0, True)
                     self.gate_maps[layer.name].append(values.detach().to("cpu", torch.float16))
                 return None
             if rows is None:
-                steered, gate_values = on_device.steer(tensor, self.strength, gated)
+                steered, gate_values = steer(tensor, self.strength, gated)
             else:
-                part, gate_values = on_device.steer(tensor[rows], self.strength, gated)
+                part, gate_values = steer(tensor[rows], self.strength, gated)
                 steered = tensor.clone()
                 steered[rows] = part
             if self.observer is not None:

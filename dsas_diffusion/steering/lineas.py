@@ -100,6 +100,11 @@ def train_lineas(
         if train_gates and layer.gate is None:
             raise ValueError(f"end-to-end DSAS needs an initial gate on layer {layer.name!r}")
 
+    # train where the activations are (the fitted layers live on the CPU), then move back
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    homes = [layer.map.bias.device for layer in layers]
+    for layer in layers:
+        layer.to(device)
     parameters = []
     for layer in layers:
         parameters += [layer.map.weight, layer.map.bias]
@@ -142,6 +147,8 @@ def train_lineas(
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.4g}")
     finally:
+        for layer, home in zip(layers, homes, strict=True):
+            layer.to(home)
         for p in parameters:
             p.requires_grad_(False)
         for p, flag in frozen.items():

@@ -71,8 +71,9 @@ class SteeringMap(nn.Module):
             return bias
         delta = torch.addcmul(bias, self.weight.view(shape) - 1.0, x)  # (w - 1) * x + b in one kernel
         if self.support_lo is not None:
-            inside = (x >= self.support_lo.view(shape)) & (x <= self.support_hi.view(shape))
-            delta = torch.where(inside, delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
+            # inside the support iff clamping changes nothing (NaN is outside): two kernels, not three
+            inside = torch.clamp(x, self.support_lo.view(shape), self.support_hi.view(shape)) == x
+            delta = torch.where(inside, delta, 0.0)
         return delta
 
     def extra_repr(self) -> str:

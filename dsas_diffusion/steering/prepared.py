@@ -1,0 +1,113 @@
+"""One hooked module's steering prepared for inference: ``t + λ·s(t)·(T(t) − t)`` in as few
+kernels as the arithmetic allows.
+
+:meth:`SteeringLayer.steer` is the reference (differentiable; LinEAS trains through it). At
+inference every hook call pays a fixed cost per tensor operation, which dominates when the
+activation is small (one decoding step of a language model: a few thousand numbers per
+hook). :class:`PreparedLayer` reads the layer's tensors once per session and device, already
+shaped for broadcasting, and then steers with five kernels for a gated affine map with a
+support (three for a gated shift, one for uniform steering) instead of about twenty.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import ActivationError, IncompatibleSteeringError
+from .hookpoints import feature_dim
+
+__all__ = ["PreparedLayer"]
+
+
+class PreparedLayer:
+    """The inference form of one :class:`~dsas_diffusion.steering.layer.SteeringLayer` on one
+    device. The layer's tensors are copied when it is made: a later edit of the layer is seen
+    only by the next session (sessions are made per call by the pipelines and the language model).
+
+    Example:
+        >>> from dsas_diffusion.steering import HookPoint, LinearGate, SteeringLayer, SteeringMap
+        >>> layer = SteeringLayer(HookPoint("h", layout="channels_last"),
+        ...                       SteeringMap(torch.ones(2)), LinearGate(torch.ones(2), 0.0))
+        >>> x = torch.tensor([[0.0, 0.0], [2.0, 3.0]])
+        >>> steered, gates = PreparedLayer(layer, x.device)(x, 1.0, gated=True)
+        >>> torch.equal(steered, layer.steer(x, 1.0, True)[0])
+        True
+    """
+
+    def __init__(self, layer, device: torch.device) -> None:  # layer: SteeringLayer (import cycle)
+        self.name = layer.name
+        self.width = layer.width
+        self.layout = layer.hook_point.layout
+        self.dim = feature_dim(self.layout)
+        steering_map, gate = layer.map, layer.gate
+
+        def vector(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.detach().to(device=device, dtype=torch.float32).reshape(-1)
+
+        self.bias = vector(steering_map.bias)
+        self.slope = None if steering_map.weight is None else vector(steering_map.weight) - 1.0
+        self.support = None
+        if steering_map.support_lo is not None:
+            self.support = (vector(steering_map.support_lo), vector(steering_map.support_hi))
+        self.zero = torch.zeros((), device=device)
+        self._views: dict[int, tuple[torch.Tensor | None, ...]] = {}
+        self.gate_column = self.gate_bias = None
+        if gate is not None:
+            self.gate_column = vector(gate.weight).view(-1, 1)
+            self.gate_bias = vector(gate.bias)
+            self.sigmoid = gate.activation == "sigmoid"
+            self.floor = gate.floor
+            #: s(t) = gate_scale · max(0, g − floor) with g the opening
+            self.gate_scale = gate.scale / (1.0 - gate.floor)
+
+    def _terms(self, ndim: int) -> tuple[torch.Tensor | None, ...]:
+        """Bias, slope, support bounds viewed to broadcast over an activation with ``ndim``
+        dimensions (made once per ``ndim``)."""
+        terms = self._views.get(ndim)
+        if terms is None:
+            shape = (-1,) if self.dim == -1 else (1, self.width) + (1,) * (ndim - 2)
+            lo, hi = self.support if self.support is not None else (None, None)
+            terms = tuple(None if t is None else t.view(shape) for t in (self.bias, self.slope, lo, hi))
+            self._views[ndim] = terms
+        return terms
+
+    def _opening(self, xf: torch.Tensor) -> torch.Tensor:
+        """The gate's opening at every position, with a size-1 feature dimension."""
+        if self.dim == -1:  # one matrix-vector product per position, the bias added after
+            logits = torch.matmul(xf, self.gate_column).add_(self.gate_bias)
+        else:  # (B, C, *positions): one batched matrix-vector product, no transposed copy
+            batch = xf.shape[0]
+            weight = self.gate_column.view(1, 1, self.width).expand(batch, 1, self.width)
+            logits = torch.baddbmm(self.gate_bias.view(1, 1, 1), weight, xf.reshape(batch, self.width, -1))
+            logits = logits.view(batch, 1, *xf.shape[2:])
+        return logits.sigmoid_() if self.sigmoid else logits.clamp_(0.0, 1.0)
+
+    def __call__(self, x: torch.Tensor, strength: float, gated: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Steer ``x``; return the result (``x``'s dtype) and, when ``gated``, the gate values
+        (``x``'s shape without the feature dimension, float32), as :meth:`SteeringLayer.steer`."""
+        ndim = x.ndim
+        if ndim < 2 or x.shape[self.dim] != self.width:
+            raise IncompatibleSteeringError(
+                f"module {self.name!r} produced an activation of shape {tuple(x.shape)} but its "
+                f"steering expects {self.width} features on dimension {self.dim} ({self.layout}); "
+                "this steering was made for another model or another hook point."
+            )
+        xf = x if x.dtype == torch.float32 else x.float()
+        bias, slope, lo, hi = self._terms(ndim)
+        if slope is None:
+            delta = bias
+        else:
+            delta = torch.addcmul(bias, slope, xf)  # (w − 1)·t + b
+            if lo is not None:  # identity outside [lo, hi]; NaN is outside
+                delta = torch.where(torch.clamp(xf, lo, hi) == xf, delta, self.zero)
+        if not gated:
+            steered = torch.add(xf, delta, alpha=strength)
+            return (steered if x.dtype == torch.float32 else steered.to(x.dtype)), None
+        if self.gate_column is None:
+            raise ActivationError(f"layer {self.name!r} has no gate; steer it with gating off")
+        opening = self._opening(xf)
+        if self.floor > 0.0:
+            opening = opening.sub_(self.floor).clamp_(min=0.0)
+        steered = torch.addcmul(xf, opening, delta, value=strength * self.gate_scale)
+        gates = opening.mul_(self.gate_scale) if self.gate_scale != 1.0 else opening
+        return (steered if x.dtype == torch.float32 else steered.to(x.dtype)), gates.squeeze(self.dim)
