@@ -12,9 +12,10 @@
   SDXL's config, random weights) at 1024 x 1024 (128 x 128 latents) in float16, batch 2,
   with steerers fitted on random activations (only the cost matters here).
 
-The three variants are timed in alternating blocks of consecutive calls (unsteered, uniform,
-DSAS, unsteered, ...) so that drift in the machine's speed hits them alike; the table gives
-medians and ratios.
+The three variants take turns, the order rotating each round, so that drift in the machine's
+speed hits them alike; the table gives each variant's median time and, per steered variant,
+the median over rounds of its ratio to the same round's unsteered time with the quartiles
+of those ratios in brackets.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -52,36 +54,62 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_variants(denoiser, call: dict, steerer, repeats: int, block: int = 5) -> dict[str, float]:
-    """Median seconds of one denoiser call: unsteered, uniform steering, DSAS.
+def alternate(variants: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Run each variant once per round, the order rotating from round to round (so no variant
+    always follows the same one); each variant returns its seconds."""
+    names = list(variants)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(rounds):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(variants[name]())
+    return times
 
-    A pipeline attaches its hooks once and then runs every denoising step with them, so
-    each variant runs in blocks of ``block`` consecutive calls (one untimed call first),
-    and the blocks of the three variants alternate until each has ``repeats`` timed calls.
+
+def summary(times: dict[str, list[float]]) -> dict[str, float]:
+    """Median seconds per variant, and per steered variant the median over rounds of its
+    ratio to the unsteered time of the same round, with the quartiles of those ratios."""
+    result = {name: statistics.median(values) for name, values in times.items()}
+    for name in ("uniform", "dsas"):
+        ratios = sorted(t / base for t, base in zip(times[name], times["unsteered"], strict=True))
+        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        result[f"{name}_ratio"] = statistics.median(ratios)
+        result[f"{name}_spread"] = (quartiles[0], quartiles[2])
+    return result
+
+
+def time_variants(denoiser, call: dict, steerer, repeats: int, block: int = 5) -> dict[str, float]:
+    """Seconds of one denoiser call, unsteered, with uniform steering and with DSAS.
+
+    A pipeline attaches its hooks once and then runs every denoising step with them, so a
+    variant's turn is a block of ``block`` consecutive calls (one untimed call first) with its
+    hooks attached, timed by the block's median; turns alternate (see :func:`alternate`).
     """
     device = next(denoiser.parameters()).device
-    variants = {
+    attach = {
         "unsteered": lambda: None,
         "uniform": lambda: steerer.apply(denoiser, gate=False),
         "dsas": lambda: steerer.apply(denoiser, gate=True),
     }
-    times: dict[str, list[float]] = {name: [] for name in variants}
+
+    def turn(name: str) -> float:
+        session = attach[name]()  # hooks are attached once per pipeline call, outside the timing
+        try:
+            seconds = []
+            for index in range(block + 1):
+                _sync(device)
+                start = time.perf_counter()
+                denoiser(**call)
+                _sync(device)
+                if index > 0:
+                    seconds.append(time.perf_counter() - start)
+            return statistics.median(seconds)
+        finally:
+            if session is not None:
+                session.detach()
+
     with torch.no_grad():
-        while min(len(values) for values in times.values()) < repeats:
-            for name, make in variants.items():
-                session = make()  # hooks are attached once per pipeline call, outside the timing
-                try:
-                    for index in range(block + 1):
-                        _sync(device)
-                        start = time.perf_counter()
-                        denoiser(**call)
-                        _sync(device)
-                        if index > 0:
-                            times[name].append(time.perf_counter() - start)
-                finally:
-                    if session is not None:
-                        session.detach()
-    return {name: statistics.median(values) for name, values in times.items()}
+        return summary(alternate({name: lambda name=name: turn(name) for name in attach}, max(1, repeats // block)))
 
 
 def shapes_sd(repeats: int) -> list[dict]:
@@ -194,14 +222,14 @@ def text_generate(repeats: int) -> list[dict]:
     prompts = texts(8, 0, 4000)
     call = {"max_new_tokens": 64, "min_new_tokens": 64, "do_sample": False}
     variants = {"unsteered": {"steering_strength": 0.0}, "uniform": {"steering_gate": False}, "dsas": {}}
-    times: dict[str, list[float]] = {name: [] for name in variants}
     lm.generate(prompts, **call)  # warm-up
-    while min(len(values) for values in times.values()) < repeats:
-        for name, steering in variants.items():
-            start = time.perf_counter()
-            lm.generate(prompts, **steering, **call)
-            times[name].append(time.perf_counter() - start)
-    timing = {name: statistics.median(values) for name, values in times.items()}
+
+    def turn(steering: dict) -> float:
+        start = time.perf_counter()
+        lm.generate(prompts, **steering, **call)
+        return time.perf_counter() - start
+
+    timing = summary(alternate({name: lambda s=steering: turn(s) for name, steering in variants.items()}, repeats))
     return [{"model": "Qwen2 ~20M (CPU, generate, batch 8, 64 new tokens)", "preset": "residual",
              "layers": len(lm.steerers["default"].layers), **timing}]  # fmt: skip
 
@@ -214,22 +242,25 @@ def main() -> None:
     args = parser.parse_args()
     rows = shapes_sd(args.repeats) if args.only != "text" else []
     if args.only != "images":
-        rows += text_generate(max(3, args.repeats // 6))
-    if args.only == "text":
-        pass
-    elif torch.cuda.is_available():
+        rows += text_generate(max(3, args.repeats // 3))
+    if args.only != "text" and torch.cuda.is_available():
         rows += sdxl_gpu(args.repeats)
-    else:
+    elif args.only != "text":
         print("no GPU here: the SDXL-size fp16 measurement needs CUDA\n")
     print(
-        "| model | preset | hooked layers | unsteered ms | uniform ms | DSAS ms | uniform / unsteered | DSAS / unsteered |"
+        "| model | preset | hooked layers | unsteered ms | uniform ms | DSAS ms | uniform / unsteered | "
+        "DSAS / unsteered |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
-        base = row["unsteered"]
+
+        def ratio(name: str, row=row) -> str:
+            low, high = row[f"{name}_spread"]
+            return f"{row[f'{name}_ratio']:.3f} [{low:.3f}, {high:.3f}]"
+
         print(
-            f"| {row['model']} | {row['preset']} | {row['layers']} | {1000 * base:.1f} | {1000 * row['uniform']:.1f} | "
-            f"{1000 * row['dsas']:.1f} | {row['uniform'] / base:.3f} | {row['dsas'] / base:.3f} |"
+            f"| {row['model']} | {row['preset']} | {row['layers']} | {1000 * row['unsteered']:.1f} | "
+            f"{1000 * row['uniform']:.1f} | {1000 * row['dsas']:.1f} | {ratio('uniform')} | {ratio('dsas')} |"
         )
     if args.json:
         with open(args.json, "w") as handle:
