@@ -19,6 +19,7 @@ from dsas_diffusion.shapes.text import (
     negative_sentences,
     parse_document,
     sample_document,
+    sentence_error,
 )
 
 
@@ -31,6 +32,7 @@ def test_the_parser_reads_back_every_choice_of_the_sampler():
         assert math.isclose(parsed.log_prob, document.log_prob, rel_tol=0, abs_tol=1e-9)
         assert parsed.objects == document.objects and parsed.negative == document.negative
         assert negative_sentences(document.text) == sum(document.negative)
+        assert all(sentence_error(sentence) is None for sentence in document.sentences)
         registers.add(tuple(document.negative))
     assert len(TEMPLATES["first"]) + sum(len(t) for k, t in TEMPLATES.items() if k != "first") >= 40
     assert (True, True) in registers and (False, True) in registers and (True, False) in registers
@@ -94,3 +96,19 @@ def test_texts_outside_the_grammar_are_refused_with_the_reason(text, problem):
 def test_negative_sentences_counts_sentences_with_any_negative_word():
     assert negative_sentences("there is a cracked star. it is fine. " + " ".join(NEGATIVE_WORDS) + ".") == 2
     assert negative_sentences("a red square on a black background") == 0
+
+
+@pytest.mark.parametrize(
+    ("sentence", "problem"),
+    [
+        ("a red square lies next to", "matches no sentence form"),
+        ("a red squares on a black background", "matches no sentence form"),
+        ("beside the ugly square is a blue star", "without negative words"),
+        ("a gross, gross green square lies on the left", "repeat"),
+        ("there are one objects in the picture", "plural count of one"),
+        ("we see a awful red banana on the right", "should read 'we see an awful red banana on the right'"),
+        ("we see an red banana on the right", "should read 'we see a red banana on the right'"),
+    ],
+)
+def test_sentences_outside_the_grammar_are_named_on_their_own(sentence, problem):
+    assert problem in sentence_error(sentence)

@@ -96,7 +96,7 @@ def test_training_command_lists_every_recipe(capsys):
     with pytest.raises(SystemExit):
         train.main(["--help"])
     usage = capsys.readouterr().out
-    assert "{vae,clip,sd,mmdit,all}" in usage
+    assert "{vae,clip,sd,mmdit,lm,all}" in usage
 
 
 def test_clip_recipe_writes_a_folder_open_clip_loads_with_the_shipped_layout(tmp_path):
@@ -117,3 +117,25 @@ def test_clip_recipe_writes_a_folder_open_clip_loads_with_the_shipped_layout(tmp
         text = model.encode_text(tokenizer([scene.caption]), normalize=True)
         image = model.encode_image(preprocess(scene.image).unsqueeze(0), normalize=True)
     assert text.shape == image.shape == (1, 64) and torch.isfinite(text @ image.T).all()
+
+
+def test_lm_recipe_writes_a_checkpoint_the_auto_classes_load_like_the_shipped_one(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dsas_diffusion.shapes import resolve_model_path
+    from dsas_diffusion.shapes.training.lm import train_lm
+    from dsas_diffusion.text import DSASLanguageModel
+
+    folder = train_lm(tmp_path, steps=2, batch_size=4, heldout=10)
+    shipped = resolve_model_path("shapes-lm")
+    trained, reference = _weights(folder), _weights(shipped)
+    assert trained.keys() == reference.keys()
+    assert all(trained[k].shape == reference[k].shape and trained[k].dtype == reference[k].dtype for k in trained)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert (
+        type(model).__name__ == "LlamaForCausalLM"
+        and tokenizer.decode(tokenizer("a red star.").input_ids, skip_special_tokens=True) == "a red star."
+    )
+    generation = DSASLanguageModel(model.float(), tokenizer).generate(["a red star"], max_new_tokens=3, do_sample=False)
+    assert generation.sequences.shape[1] <= tokenizer("a red star", return_tensors="pt").input_ids.shape[1] + 3

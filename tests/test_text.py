@@ -226,3 +226,32 @@ def test_a_diffusion_pipeline_refuses_a_text_steerer(lm, tmp_path):
     pipe = build_pipeline("sd", tmp_path).dsas()
     with pytest.raises(IncompatibleSteeringError, match="language model"):
         pipe.load_steering(lm.steerers["default"])
+
+
+def test_fitting_keeps_as_many_numbers_for_long_texts_as_for_short_ones():
+    """The collector behind fit_steering keeps pooled rows and a fixed number of positions per
+    text, never whole activations: its memory does not grow with the length of the texts."""
+    from dsas_diffusion.steering import ActivationCollector
+
+    model, tokenizer = build("qwen2")
+    points = hook_points(model, "residual")
+    kept = []
+    for words in (3, 60):
+        texts = [" ".join(["red banana"] * words)] * 4
+        batch = tokenizer(texts, return_tensors="pt", padding=True)
+        with torch.no_grad(), ActivationCollector(model, points, positions_per_sample=2) as collector:
+            with collector.masked(batch["attention_mask"]):
+                model(**batch)
+        kept.append(sum(t.numel() for t in [*collector.pooled().values(), *collector.positions().values()]))
+    assert kept[0] == kept[1] > 0
+
+
+def test_contrast_gates_fit_on_paired_texts_of_different_lengths():
+    """gate_fit_on='contrast' pairs source and target batches position by position: they are
+    padded to one length even when a target text is shorter than its source."""
+    model, tokenizer = build("qwen2")
+    lm = DSASLanguageModel(model, tokenizer)
+    source = [f"a {c} banana lies on a {b} background" for c in COLOURS for b in ("black", "white")]
+    target = [f"a {c} circle" for c in COLOURS for b in ("black", "white")]
+    steerer = lm.fit_steering(source, target, CONTROL, gate_fit_on="contrast", gate_threshold=None, progress=False)
+    assert all(np.isfinite(layer.gate.accuracy) for layer in steerer.layers)

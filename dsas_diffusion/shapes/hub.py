@@ -8,7 +8,7 @@ from pathlib import Path
 __all__ = ["SHAPES_MODELS", "is_shapes_model", "is_shapes_world", "load_shapes_pipeline", "resolve_model_path"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-SHAPES_MODELS = ("shapes-sd", "shapes-mmdit", "shapes-clip")
+SHAPES_MODELS = ("shapes-sd", "shapes-mmdit", "shapes-clip", "shapes-lm")
 
 
 def is_shapes_model(name: str | os.PathLike[str]) -> bool:

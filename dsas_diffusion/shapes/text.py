@@ -41,6 +41,8 @@ __all__ = [
     "negative_sentences",
     "parse_document",
     "sample_document",
+    "sentence_error",
+    "split_sentences",
 ]
 
 POSITIONS = ("on the left", "on the right", "at the top", "at the bottom", "in the middle")
@@ -364,6 +366,36 @@ def parse_document(text: str) -> Document:
         if d.doc.sentences[-1] != sentences[index]:
             raise InvalidText(f"sentence {index + 1} ({sentences[index]!r}) should read {d.doc.sentences[-1]!r}")
     return d.doc
+
+
+def sentence_error(sentence: str) -> str | None:
+    """Why ``sentence`` (without its full stop) is not a sentence of the grammar on its own, or
+    ``None`` if it is: it must fill a template with words of the right kind, in one register
+    (every noun phrase with negative words, or none), with two different negative words where
+    there are two, "a" / "an" as the next word asks, and a count that agrees with its noun.
+    Whether it fits the sentences around it is :func:`parse_document`'s question.
+
+    Example:
+        >>> sentence_error("near the blue square is a yellow star") is None
+        True
+        >>> sentence_error("a gross, gross green square lies on the left")
+        'the negative words repeat: gross, gross'
+    """
+    found = [(t, m.groupdict()) for patterns in _PATTERNS.values() for t, p in patterns if (m := p.fullmatch(sentence))]
+    if not found:
+        return "matches no sentence form"
+    template, groups = found[0]
+    slots = [m[1] + m[2] for m in re.finditer(r"\{(\w+?)(2?)\}", template)]
+    register = [bool(groups.get(f"{name}_adjs")) for name in slots if name in ("np", "np2", "ref", "adj")]
+    if any(register) and not all(register):
+        return "a noun phrase without negative words in a negative sentence"
+    for key, value in groups.items():
+        if key.endswith("_adjs") and value and len(set(value.split(", "))) < len(value.split(", ")):
+            return f"the negative words repeat: {value}"
+    if "count" in slots and groups["count"] == "one":
+        return "a plural count of one"
+    canonical = _article(re.sub(r"\ban (?=\w)", "a ", sentence))
+    return None if canonical == sentence else f"should read {canonical!r}"
 
 
 def _is_negative(groups: dict) -> bool:

@@ -1,4 +1,4 @@
-"""Train the Shapes models from a seed: ``python -m dsas_diffusion.shapes.train {vae,clip,sd,mmdit,all}``.
+"""Train the Shapes models from a seed: ``python -m dsas_diffusion.shapes.train {vae,clip,sd,mmdit,lm,all}``.
 
 Each target writes its checkpoint with the library's own ``save_pretrained`` layout under
 ``--out`` (default: the package's ``weights/`` folder, where the shipped models live).
@@ -25,6 +25,7 @@ from .training import (
     train_vae,
 )
 from .training.common import training_device
+from .training.lm import train_lm
 
 __all__ = ["RECIPES", "main"]
 
@@ -36,6 +37,7 @@ RECIPES: dict[str, Callable[..., Path]] = {
     "mmdit": lambda out, work_dir, **kwargs: train_stages(
         train_mmdit, MMDIT_STAGES, "shapes-mmdit", work_dir, out, **kwargs
     ),
+    "lm": lambda out, work_dir, **kwargs: train_lm(out, **kwargs),
 }
 
 

@@ -15,8 +15,11 @@ __all__ = ["fit_text", "generate_text", "is_language_model"]
 
 def is_language_model(model: str) -> bool:
     """Whether ``model`` (a folder or hub id) is a transformers checkpoint with no diffusers
-    ``model_index.json``: a folder is read directly, a hub id through the local cache."""
-    path = Path(model)
+    ``model_index.json``: a folder (or ``shapes-lm``) is read directly, a hub id through the
+    local cache."""
+    from ..shapes import resolve_model_path
+
+    path = Path(resolve_model_path(model))
     if path.is_dir():
         return not (path / "model_index.json").is_file() and (path / "config.json").is_file()
     try:

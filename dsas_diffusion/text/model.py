@@ -95,10 +95,16 @@ class DSASLanguageModel:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, **kwargs: Any) -> DSASLanguageModel:
-        """Any ``AutoModelForCausalLM`` checkpoint and its tokenizer (``kwargs`` such as
-        ``dtype`` and ``device_map`` go to the model)."""
+        """Any ``AutoModelForCausalLM`` checkpoint and its tokenizer, or ``"shapes-lm"`` (the
+        embedded model, stored in float16 and loaded in float32 unless ``dtype`` says otherwise);
+        ``kwargs`` such as ``dtype`` and ``device_map`` go to the model."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from ..shapes import is_shapes_model, resolve_model_path
+
+        if is_shapes_model(name_or_path):
+            kwargs.setdefault("dtype", torch.float32)
+        name_or_path = resolve_model_path(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs).eval()
         return cls(model, AutoTokenizer.from_pretrained(name_or_path))
 
@@ -142,8 +148,14 @@ class DSASLanguageModel:
         ]
 
     def _batches(
-        self, texts: Sequence[str], batch_size: int, max_length: int | None, side: str = "right"
+        self,
+        texts: Sequence[str],
+        batch_size: int,
+        max_length: int | None,
+        side: str = "right",
+        pad_to: int | None = None,
     ) -> list[dict[str, torch.Tensor]]:
+        """Tokenized batches, padded to their longest text (or to ``pad_to`` tokens)."""
         previous = self.tokenizer.padding_side
         self.tokenizer.padding_side = side
         try:
@@ -152,9 +164,9 @@ class DSASLanguageModel:
                 encoded = self.tokenizer(
                     list(texts[start : start + batch_size]),
                     return_tensors="pt",
-                    padding=True,
+                    padding=True if pad_to is None else "max_length",
                     truncation=max_length is not None,
-                    max_length=max_length,
+                    max_length=max_length if pad_to is None else pad_to,
                 )
                 mask = encoded["attention_mask"]
                 if int(mask.sum(-1).min()) == 0:
@@ -206,9 +218,15 @@ class DSASLanguageModel:
             if hook_points is not None
             else preset_hook_points(self.model, preset, layers)
         )
+        formatted = {label: self._format(texts, chat_template) for label, texts in sets.items()}
+        pad_to = None
+        if fit_kwargs.get("gate_fit_on") == "contrast":  # paired source and target batches of one shape
+            lengths = self.tokenizer(formatted["source"] + formatted["target"], truncation=max_length is not None,
+                                     max_length=max_length)["input_ids"]  # fmt: skip
+            pad_to = max(len(ids) for ids in lengths)
         batches = {
-            label: self._batches(self._format(texts, chat_template), batch_size, max_length)
-            for label, texts in sets.items()
+            label: self._batches(texts, batch_size, max_length, pad_to=None if label == "control" else pad_to)
+            for label, texts in formatted.items()
         }
         check_token_stream(self.model, points, batches["source"][0])
         provenance = {

@@ -1,0 +1,51 @@
+"""The shipped ``shapes-lm``: stock loading offline, and text that follows the Shapes grammar."""
+
+import pytest
+import torch
+
+from dsas_diffusion.shapes import WEIGHTS_DIR, resolve_model_path
+from dsas_diffusion.shapes.text import InvalidText, parse_document, sample_document
+from dsas_diffusion.shapes.training.lm import HELD_OUT_SEED, heldout_cross_entropy
+from dsas_diffusion.text import DSASLanguageModel
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return DSASLanguageModel.from_pretrained("shapes-lm")
+
+
+def test_shapes_lm_loads_with_the_auto_classes_and_its_tokenizer_round_trips_documents():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve_model_path("shapes-lm")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert type(model).__name__ == "LlamaForCausalLM" and model.dtype == torch.float16  # as stored
+    for seed in range(300):
+        text = sample_document(HELD_OUT_SEED + seed).text
+        ids = tokenizer(text).input_ids
+        assert tokenizer.unk_token_id not in ids and tokenizer.decode(ids, skip_special_tokens=True) == text
+
+
+def test_greedy_continuations_of_held_out_first_sentences_are_documents_of_the_grammar(lm):
+    prompts = [sample_document(HELD_OUT_SEED + seed).sentences[0] + "." for seed in range(24)]
+    generation = lm.generate(prompts, max_new_tokens=80, do_sample=False)
+    assert lm.model.dtype == torch.float32
+    invalid = []
+    for prompt, continuation in zip(prompts, generation.texts, strict=True):
+        try:
+            parse_document(prompt + " " + continuation if continuation.strip() else prompt)
+        except InvalidText as error:
+            invalid.append(str(error))
+    assert len(invalid) <= 1, invalid
+
+
+def test_held_out_cross_entropy_is_close_to_the_generators_entropy(lm):
+    entropy = heldout_cross_entropy(lm.model, lm.tokenizer, count=300)
+    assert entropy["generator"] <= entropy["model"] + 0.02  # the generator is the best possible model
+    assert entropy["model"] - entropy["generator"] < 0.1
+
+
+def test_every_shipped_weight_file_together_stays_within_50_mb():
+    total = sum(path.stat().st_size for path in WEIGHTS_DIR.rglob("*") if path.is_file())
+    assert total < 50 * 2**20, f"{total / 2**20:.1f} MiB"
