@@ -5,8 +5,9 @@ kernels as the arithmetic allows.
 inference every hook call pays a fixed cost per tensor operation, which dominates when the
 activation is small (one decoding step of a language model: a few thousand numbers per
 hook). :class:`PreparedLayer` reads the layer's tensors once per session and device, already
-shaped for broadcasting, and then steers with five kernels for a gated affine map with a
-support (three for a gated shift, one for uniform steering) instead of about twenty.
+shaped for broadcasting, and then steers with eight kernels for a gated affine map with a
+support (four for a gated shift, one for a uniform shift) instead of about twenty operator
+calls.
 """
 
 from __future__ import annotations
