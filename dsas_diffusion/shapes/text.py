@@ -162,9 +162,12 @@ _SLOTS = {
 }  # fmt: skip
 
 
+_SLOT = re.compile(r"\{(\w+?)(2?)\}")  # a template's slot: its kind and an optional 2 ({np2})
+
+
 def _compile(template: str) -> re.Pattern[str]:
     pattern, last = "", 0
-    for match in re.finditer(r"\{(\w+?)(2?)\}", template):
+    for match in _SLOT.finditer(template):
         pattern += re.sub(r"\ba ", "an? ", template[last : match.start()]) + _SLOTS[match[1]](match[1] + match[2])
         last = match.end()
     return re.compile(pattern + re.sub(r"\ba ", "an? ", template[last:]))
@@ -262,7 +265,7 @@ class _Derivation:
         against ``template`` and the ``groups`` its pattern matched (parsing)."""
         allowed = [t for t in TEMPLATES[kind] if kind != "count" or (t in _SINGLE_COUNT) == (total == 1)]
         template = self.uniform(allowed, template)
-        slots = sorted((m[1] + m[2] for m in re.finditer(r"\{(\w+?)(2?)\}", template)), key=_ORDER.index)
+        slots = sorted((m[1] + m[2] for m in _SLOT.finditer(template)), key=_ORDER.index)
         values: dict[str, str] = {}
         subjects: dict[str, int] = {}
         for name in slots:
@@ -385,7 +388,7 @@ def sentence_error(sentence: str) -> str | None:
     if not found:
         return "matches no sentence form"
     template, groups = found[0]
-    slots = [m[1] + m[2] for m in re.finditer(r"\{(\w+?)(2?)\}", template)]
+    slots = [m[1] + m[2] for m in _SLOT.finditer(template)]
     register = [bool(groups.get(f"{name}_adjs")) for name in slots if name in ("np", "np2", "ref", "adj")]
     if any(register) and not all(register):
         return "a noun phrase without negative words in a negative sentence"
