@@ -41,3 +41,9 @@ def test_readme_pipeline_example_prints_what_the_readme_shows(tmp_path, monkeypa
     assert _lines(printed) == _lines(documented)
     assert (tmp_path / "banana_steered.png").is_file()
     assert (tmp_path / "steering-banana" / "steering.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_readme_language_model_example_prints_what_the_readme_shows(tmp_path, monkeypatch, capsys):
+    printed, documented = _run("## Language models", tmp_path, monkeypatch, capsys)
+    assert _lines(printed) == _lines(documented)
