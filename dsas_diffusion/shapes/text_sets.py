@@ -1,0 +1,144 @@
+"""Text concept sets of the Shapes world: what a continuation of ``shapes-lm`` mentions, and the
+prompt files of the text evaluation (``prompts/text/<concept>/``).
+
+Three text concepts: an object (``banana``), an attribute (``red``) and the negative register
+(``negative``). The banana and red steerings are fitted on the image prompt files
+(``prompts/banana``, ``prompts/red``: their captions are documents of the grammar), so one
+steering recipe serves ``shapes-sd`` and ``shapes-lm``; the negative register has its own
+fitting sets. Every concept has two evaluation files, drawn from the grammar by
+:func:`make_text_sets`:
+
+* ``eval_concept.txt``: first sentences of documents that go on after a sentence carrying the
+  concept (its continuation is sampled; the concept rate is how often it mentions the
+  concept again);
+* ``eval_control.txt``: documents without the concept whose objects are all introduced in
+  the first sentence, cut in the middle of their second sentence (its greedy continuation
+  must not change; the grammar lets it refer to the objects, not add one).
+
+Example:
+    >>> mentions("the picture has two shapes. look at the banana.", "banana")
+    True
+    >>> mentions("a small red square lies on the left.", "negative")
+    False
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ..prompts import read_prompts
+from .concepts import PROMPTS_DIR
+from .data import COLOURS, SHAPES
+from .text import NEGATIVE_WORDS, Document, _article, negative_sentences, sample_document
+
+__all__ = ["TEXT_CONCEPTS", "TEXT_DIR", "make_text_sets", "mentions", "neutral_version", "text_concept_files"]
+
+TEXT_DIR = PROMPTS_DIR / "text"
+#: the text concepts: an object, an attribute, a register
+TEXT_CONCEPTS = ("banana", "red", "negative")
+
+
+def mentions(text: str, concept: str) -> bool:
+    """Whether ``text`` mentions ``concept``: a shape or colour word of the grammar (they name
+    objects only: backgrounds are white, black or gray), or ``"negative"``: any negative word.
+    Exact on the grammar's sentences; on other text, a word-list check."""
+    if concept == "negative":
+        return negative_sentences(text) > 0
+    if concept not in SHAPES and concept not in COLOURS:
+        raise ValueError(f"{concept!r} is not a text concept: use a shape, a colour or 'negative'")
+    return concept in re.findall(r"[a-z]+", text.lower())
+
+
+def neutral_version(text: str) -> str:
+    """``text`` with its negative words taken out ("an ugly, dirty red square" -> "a red
+    square"): the same scene in the neutral register.
+
+    Example:
+        >>> neutral_version("an ugly, dirty red square lies on the left. the rotten background is white.")
+        'a red square lies on the left. the background is white.'
+    """
+    words = "|".join(NEGATIVE_WORDS)
+    plain = re.sub(rf"\b(?:{words})(?:, (?:{words}))? ", "", text)
+    return _article(re.sub(r"\ban (?=\w)", "a ", plain))
+
+
+def _first(doc: Document, concept: str) -> bool:
+    """Whether the document's first sentence carries ``concept``."""
+    if concept == "negative":
+        return doc.negative[0]
+    return mentions(doc.sentences[0], concept)
+
+
+def _introduced_first(doc: Document) -> bool:
+    """Whether every object of the document is introduced in its first sentence: the
+    sentences after it only refer to them, so no continuation can bring in a new object."""
+    named = re.findall(rf"\b(?:{'|'.join(COLOURS)}) (?:{'|'.join(SHAPES)})\b", doc.sentences[0])
+    return len(named) == len(doc.objects)
+
+
+def _fitted(prompt: str, sets: dict[str, list[str]], seen: set[str]) -> bool:
+    """Whether ``prompt`` begins a fitting text (``seen``: the image files' captions)."""
+    fitting = [t for name in ("source", "target", "control") for t in sets.get(name, [])]
+    return any(t.startswith(prompt) for t in [*fitting, *seen])
+
+
+def make_text_sets(concept: str, seed: int = 0, count: int = 32) -> dict[str, list[str]]:
+    """The prompt sets of a text concept, drawn from documents ``seed * 10**6 + i``:
+
+    * ``eval_concept``: ``count`` distinct first sentences (with their full stop) of
+      documents of two sentences or more whose first sentence carries the concept;
+    * ``eval_control``: ``count`` distinct documents of two sentences or more that never
+      mention the concept and introduce every object in their first sentence, cut after the
+      first half of their second sentence's words;
+    * for ``negative`` also fitting sets: ``source``, negative documents (every sentence
+      negative); ``target``, each one's :func:`neutral_version`; ``control``, neutral
+      documents.
+
+    No evaluation prompt begins a fitting text (for banana and red, the image prompt files).
+    """
+    if concept != "negative" and concept not in SHAPES and concept not in COLOURS:
+        raise ValueError(f"{concept!r} is not a text concept: use a shape, a colour or 'negative'")
+    sets: dict[str, list[str]] = {"eval_concept": [], "eval_control": []}
+    fitting = concept == "negative"
+    if fitting:
+        sets.update(source=[], target=[], control=[])
+    seen = set()
+    if concept != "negative" and (PROMPTS_DIR / concept / "source.txt").is_file():
+        files = [PROMPTS_DIR / concept / f"{name}.txt" for name in ("source", "target", "control")]
+        seen = {prompt + "." for file in files for prompt in read_prompts(file)}
+    index = seed * 10**6
+    while any(len(items) < count for items in sets.values()):
+        doc = sample_document(index)
+        index += 1
+        text = doc.text
+        if fitting and len(sets["source"]) < count and all(doc.negative):
+            sets["source"].append(text)
+            sets["target"].append(neutral_version(text))
+        elif fitting and len(sets["control"]) < count and not any(doc.negative):
+            sets["control"].append(text)
+        elif len(doc.sentences) < 2:
+            continue
+        elif _first(doc, concept) and len(sets["eval_concept"]) < count:
+            prompt = doc.sentences[0] + "."
+            if prompt not in sets["eval_concept"] and not _fitted(prompt, sets, seen):
+                sets["eval_concept"].append(prompt)
+        elif not mentions(text, concept) and _introduced_first(doc) and len(sets["eval_control"]) < count:
+            words = doc.sentences[1].split()
+            prompt = doc.sentences[0] + ". " + " ".join(words[: max(1, len(words) // 2)])
+            if prompt not in sets["eval_control"] and not _fitted(prompt, sets, seen):
+                sets["eval_control"].append(prompt)
+    return sets
+
+
+def text_concept_files(concept: str) -> dict[str, Path]:
+    """The prompt files of a shipped text concept: ``source`` / ``target`` / ``control`` (the
+    image files for banana and red) and ``eval_concept`` / ``eval_control``."""
+    if concept not in TEXT_CONCEPTS:
+        raise ValueError(f"no text concept {concept!r}; shipped: {', '.join(TEXT_CONCEPTS)}")
+    fitting = TEXT_DIR / concept if concept == "negative" else PROMPTS_DIR / concept
+    files = {name: fitting / f"{name}.txt" for name in ("source", "target", "control")}
+    files.update({name: TEXT_DIR / concept / f"{name}.txt" for name in ("eval_concept", "eval_control")})
+    for path in files.values():
+        read_prompts(path)  # a clear error if a file is missing or empty
+    return files
