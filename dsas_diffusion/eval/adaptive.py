@@ -27,6 +27,8 @@ class AdaptiveSweep:
         bounds: per method, the largest strength its steerer accepts (``None``: no bound).
         presence_key: the row key of concept presence that decides the plateau
             (``"concept_drawn"`` on the Shapes world, ``"concept_presence"`` otherwise).
+        similarity_key: the row key of control similarity (``"clip_similarity"`` for
+            images, ``"prefix_match"`` or ``"exact_match"`` for text).
 
     Example:
         >>> sweep = AdaptiveSweep(SweepSettings(start=1, max=4), ["caa/dsas"], {"caa/dsas": None})
@@ -45,9 +47,10 @@ class AdaptiveSweep:
         methods: Sequence[str],
         bounds: Mapping[str, float | None],
         presence_key: str = "concept_drawn",
+        similarity_key: str = "clip_similarity",
     ) -> None:
         self.settings = settings
-        self.presence_key = presence_key
+        self.presence_key, self.similarity_key = presence_key, similarity_key
         self.bounds = dict(bounds)
         self.strengths: dict[str, list[float]] = {}
         self.stopped: dict[str, str] = {}
@@ -72,7 +75,7 @@ class AdaptiveSweep:
         for strength in self.strengths[method]:
             chosen = [r for r in rows if r["method"] == method and float(r["strength"]) == strength]
             presence.append(mean_of([r for r in chosen if r["group"] == "concept"], self.presence_key))
-            similarity.append(mean_of([r for r in chosen if r["group"] == "control"], "clip_similarity"))
+            similarity.append(mean_of([r for r in chosen if r["group"] == "control"], self.similarity_key))
         if any(v is None for v in presence + similarity):
             raise ValueError(f"{method}: some strengths have no scored rows yet; score every round before update()")
         return presence, similarity  # type: ignore[return-value]

@@ -46,12 +46,15 @@ def list_jobs(
     methods: Sequence[Method],
     strengths: Mapping[str, Sequence[float]] | None = None,
     pair_units: Sequence[tuple[str, int]] | None = None,
+    *,
+    greedy_control: bool = False,
 ) -> list[Job]:
     """Every image of the run, unsteered first, in a fixed order: each method at its
     ``strengths`` (default: the config's fixed strengths), every seed, every group (concept,
     control and, when the config has them, the spatial test's pairs). ``pair_units``: the
     (prompt, seed) units of the pairs when they were screened (default: every pair prompt
-    with every seed)."""
+    with every seed). ``greedy_control``: control prompts with the first seed only (a
+    language model's greedy continuations do not depend on the seed)."""
     groups = [("concept", config.concept_prompts), ("control", config.control_prompts)]
     if config.pairs_prompts and pair_units is None:
         groups.append(("pairs", config.pairs_prompts))
@@ -68,6 +71,7 @@ def list_jobs(
             for seed in config.seeds
             for group, prompts in groups
             for prompt in prompts
+            if not (greedy_control and group == "control" and seed != config.seeds[0])
         ]
         jobs += [Job(method, strength, "pairs", prompt, seed) for prompt, seed in pair_units or ()]
     return jobs
@@ -114,12 +118,14 @@ def steering_id(directory: Path) -> str:
 
 
 class ImageCache:
-    """Where each job's image lives: ``directory/<hash>.png``, the hash taken over the
+    """Where each job's image (or continuation: ``suffix=".json"``) lives: ``directory/<hash>.png``, the hash taken over the
     generation settings, the model's identity, the method, the steerer's identity, the
     strength, the prompt and the seed."""
 
-    def __init__(self, directory: Path, settings: Mapping[str, Any], steering_ids: Mapping[str, str]) -> None:
-        self.directory = Path(directory)
+    def __init__(
+        self, directory: Path, settings: Mapping[str, Any], steering_ids: Mapping[str, str], suffix: str = ".png"
+    ) -> None:
+        self.directory, self.suffix = Path(directory), suffix
         self.settings = dict(settings)
         self.steering_ids = dict(steering_ids)
 
@@ -136,7 +142,7 @@ class ImageCache:
                 "version": CACHE_VERSION,
             }
         )
-        return self.directory / f"{key}.png"
+        return self.directory / f"{key}{self.suffix}"
 
     def has(self, jobs: Sequence[Job]) -> bool:
         """Whether every job's image is cached."""

@@ -153,6 +153,11 @@ class EvalConfig:
         grid_prompts: prompts per group shown in the image grids.
         detector: ``"auto"`` (the exact Shapes detector for Shapes models), ``"shapes"``
             or ``"none"``.
+        max_new_tokens, similarity, concept_words, classifier, classifier_label: language
+            models only (see :mod:`.text`): continuation length; the control measure
+            (``"prefix_match"``, default, or ``"exact_match"``); the word-list scorer's words
+            (default: the concept); an ``AutoModelForSequenceClassification`` folder as an
+            extra scorer (e.g. toxicity) and the label it scores (default: its last).
         out: output directory.
         cache_dir: where images are cached (default ``out/images``); runs that share it
             render each image once.
@@ -189,6 +194,11 @@ class EvalConfig:
     score_batch_size: int = 32
     grid_prompts: int = 3
     detector: str = "auto"
+    max_new_tokens: int = 40
+    similarity: str = "prefix_match"
+    concept_words: list[str] | None = None
+    classifier: str | None = None
+    classifier_label: str | None = None
     out: str = "outputs/eval"
     cache_dir: str | None = None
     device: str | None = None
@@ -309,6 +319,10 @@ class EvalConfig:
             "device": (str, type(None)),
             "bootstrap": (int,),
             "pairs_screen_seeds": (int, type(None)),
+            "max_new_tokens": (int,),
+            "similarity": (str,),
+            "classifier": (str, type(None)),
+            "classifier_label": (str, type(None)),
         }
         for name, allowed in kinds.items():
             value = getattr(self, name)

@@ -275,18 +275,21 @@ def method_figures(
     *,
     replicates: int = 1000,
     seed: int = 0,
+    similarity_key: str = "clip_similarity",
 ) -> list[dict[str, Any]]:
     """Two lines per threshold for ``method``, its operating point (``rule: "strongest"``)
     and its best point within the threshold (``rule: "best"``): the strength and, with
     bootstrap intervals, concept presence (detector and CLIP), the spatial test's removal
-    and keep rates, and the method's hypervolume (control similarity vs 1 - presence)."""
-    table = sweep_table([*[r for r in rows if r["group"] != "pairs"], *spatial_rows(rows)], method, MEASURES)
+    and keep rates, and the method's hypervolume (control similarity vs 1 - presence).
+    ``similarity_key``: the rows' control measure (``"prefix_match"`` for text)."""
+    measures = {**MEASURES, "control": (similarity_key,)}
+    table = sweep_table([*[r for r in rows if r["group"] != "pairs"], *spatial_rows(rows)], method, measures)
     detector = "concept_drawn" in table.concept and not np.all(np.isnan(table.concept["concept_drawn"]))
     presence = "concept_concept_drawn" if detector else "concept_concept_presence"
 
     def statistic(t: SweepTable, draws: Mapping[str, np.ndarray] | None) -> dict[str, float]:
         means = t.means(draws)
-        similarity = means["control_clip_similarity"]
+        similarity = means[f"control_{similarity_key}"]
         figures = {"hypervolume": hypervolume(list(zip(similarity, 1.0 - means[presence], strict=True)))}
         for threshold in thresholds:
             points = {

@@ -194,8 +194,16 @@ def target_table(lines: Sequence[Mapping[str, Any]], unsteered: float | None, th
 
 
 def pareto_plot(
-    summary: Sequence[Mapping[str, Any]], methods: Sequence[str], x: str, y: str, path: Path, title: str
+    summary: Sequence[Mapping[str, Any]],
+    methods: Sequence[str],
+    x: str,
+    y: str,
+    path: Path,
+    title: str,
+    labels: Mapping[str, str] | None = None,
 ) -> None:
+    """One curve per method over its strengths, uniform dashed and DSAS solid; ``labels``
+    names the axes' measures where the defaults (the image measures) do not."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -206,6 +214,7 @@ def pareto_plot(
         "control_clip_score": "CLIP score (control prompts)",
         "concept_presence": "concept presence, CLIP zero-shot (concept prompts)",
         "concept_drawn": "concept drawn, Shapes detector (concept prompts)",
+        **(labels or {}),
     }
     figure, axis = plt.subplots(figsize=(6.4, 4.8), dpi=100)
     for method in methods:

@@ -26,6 +26,15 @@ from .config import EvalConfig, Method
 from .render import batches, render
 from .scoring import make_scorer, score_jobs
 from .steerers import allowed_methods, fit_or_reuse
+from .text import (
+    LanguageModelLoader,
+    TextScorer,
+    check_text_config,
+    is_text_config,
+    render_text,
+    score_text_jobs,
+    text_settings,
+)
 
 __all__ = ["EvalResult", "Job", "run_evaluation"]
 
@@ -113,8 +122,12 @@ def run_evaluation(config: EvalConfig, *, progress: bool = True) -> EvalResult:
     from accelerate import PartialState
 
     from .report import write_report
+    from .text_report import write_text_report
 
     config.validate()
+    text = is_text_config(config)
+    if text:
+        check_text_config(config)
     # without a GPU, processes started by `accelerate launch --multi_gpu` / torchrun share the
     # work over gloo on the CPU
     state = PartialState(cpu=config.device == "cpu" or not torch.cuda.is_available())
@@ -129,22 +142,28 @@ def run_evaluation(config: EvalConfig, *, progress: bool = True) -> EvalResult:
             stale.unlink()
     state.wait_for_everyone()
     identity = model_id(config.model)
-    pipeline = _Pipeline(config.model, device)
+    pipeline = LanguageModelLoader(config.model, device) if text else _Pipeline(config.model, device)
 
     methods = allowed_methods(config)
     dirs = fit_or_reuse(config, methods, out, identity, pipeline, fit_here=state.is_main_process, progress=progress)
     state.wait_for_everyone()
     cache = ImageCache(
         images_dir,
-        {**config.generation_settings(), "model": identity},
+        {**(text_settings(config) if text else config.generation_settings()), "model": identity},
         {name: steering_id(directory) for name, directory in dirs.items()},
+        suffix=".json" if text else ".png",
     )
-    scorer = make_scorer(config, device)
+    scorer = TextScorer(pipeline, config, dirs) if text else make_scorer(config, device)
     sweep = None
     if config.adaptive:
         presence_key = "concept_drawn" if config.use_shapes_detector() else "concept_presence"
+        similarity_key = config.similarity if text else "clip_similarity"
         sweep = AdaptiveSweep(
-            config.sweep_settings, [m.name for m in methods], _steerer_bounds(methods, dirs), presence_key
+            config.sweep_settings,
+            [m.name for m in methods],
+            _steerer_bounds(methods, dirs),
+            presence_key,
+            similarity_key,
         )
 
     def run_round(new: list[Job], prefix: str) -> list[dict[str, Any]]:
@@ -156,7 +175,8 @@ def run_evaluation(config: EvalConfig, *, progress: bool = True) -> EvalResult:
         state.wait_for_everyone()
         share = missing[state.process_index :: state.num_processes]
         if share:
-            render(pipeline(), config, share, cache, dirs, process_index=state.process_index, progress=progress)
+            draw = render_text if text else render
+            draw(pipeline(), config, share, cache, dirs, process_index=state.process_index, progress=progress)
         state.wait_for_everyone()
         # fixed chunks of images, dealt out to the processes: a chunk is scored as one batch
         # whichever process gets it, so the rows equal a one-process run's exactly
@@ -166,7 +186,11 @@ def run_evaluation(config: EvalConfig, *, progress: bool = True) -> EvalResult:
         for chunk in tqdm(
             chunks[state.process_index :: state.num_processes], desc="score", disable=not progress, leave=False
         ):
-            mine += score_jobs(scorer, config, chunk, cache, out, device)
+            mine += (
+                score_text_jobs(scorer, config, chunk, cache)
+                if text
+                else score_jobs(scorer, config, chunk, cache, out, device)
+            )
         (shard_dir / f"{prefix}-{state.process_index}.json").write_text(json.dumps(mine))
         state.wait_for_everyone()
         return _merge_shards(shard_dir, prefix, state.num_processes, new)
@@ -189,7 +213,7 @@ def run_evaluation(config: EvalConfig, *, progress: bool = True) -> EvalResult:
         rows += [r for r in screen_rows if (r["prompt"], r["seed"]) in chosen]
         scored.update(Job(UNSTEERED, 0.0, "pairs", prompt, seed) for prompt, seed in pair_units)
     for round_index in itertools.count():
-        jobs = list_jobs(config, methods, None if sweep is None else sweep.strengths, pair_units)
+        jobs = list_jobs(config, methods, None if sweep is None else sweep.strengths, pair_units, greedy_control=text)
         new = [job for job in jobs if job not in scored]
         rows += run_round(new, f"rows-{round_index}")
         scored.update(new)
@@ -203,7 +227,7 @@ def run_evaluation(config: EvalConfig, *, progress: bool = True) -> EvalResult:
     result = EvalResult(rows=[], generated=generated, reused=total - generated, out=out)
     if state.is_main_process:
         result.rows = rows
-        result.summary, result.methods = write_report(
+        result.summary, result.methods = (write_text_report if text else write_report)(
             config,
             [m.name for m in methods],
             result.rows,

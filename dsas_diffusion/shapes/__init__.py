@@ -56,6 +56,19 @@ _EXPORTS = {
     ),
     **dict.fromkeys(("EXAMPLES_DIR", "EXAMPLE_CONCEPTS", "example_steerings", "fit_example_steering"), ".examples"),
     "load_shapes_clip": ".clip",
+    **dict.fromkeys(
+        (
+            "TEXT_CONCEPTS",
+            "concept_words",
+            "grammar_checks",
+            "is_text_concept",
+            "make_text_sets",
+            "mentions",
+            "neutral_version",
+            "text_concept_files",
+        ),
+        ".text_sets",
+    ),
 }
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -24,29 +24,60 @@ Example:
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
 from ..prompts import read_prompts
 from .concepts import PROMPTS_DIR
 from .data import COLOURS, SHAPES
-from .text import NEGATIVE_WORDS, Document, _article, negative_sentences, sample_document
+from .text import (
+    NEGATIVE_WORDS,
+    Document,
+    InvalidText,
+    _article,
+    negative_sentences,
+    parse_document,
+    sample_document,
+    sentence_error,
+    split_sentences,
+)
 
-__all__ = ["TEXT_CONCEPTS", "TEXT_DIR", "make_text_sets", "mentions", "neutral_version", "text_concept_files"]
+__all__ = [
+    "TEXT_CONCEPTS",
+    "TEXT_DIR",
+    "concept_words",
+    "grammar_checks",
+    "is_text_concept",
+    "make_text_sets",
+    "mentions",
+    "neutral_version",
+    "text_concept_files",
+]
 
 TEXT_DIR = PROMPTS_DIR / "text"
 #: the text concepts: an object, an attribute, a register
 TEXT_CONCEPTS = ("banana", "red", "negative")
 
 
+def is_text_concept(concept: str) -> bool:
+    """Whether the grammar can count ``concept``: a shape, an object colour or ``"negative"``."""
+    return concept == "negative" or concept in SHAPES or concept in COLOURS
+
+
+def concept_words(concept: str) -> list[str]:
+    """The words that carry ``concept`` (the negative register: its ten words)."""
+    return list(NEGATIVE_WORDS) if concept == "negative" else [concept]
+
+
 def mentions(text: str, concept: str) -> bool:
     """Whether ``text`` mentions ``concept``: a shape or colour word of the grammar (they name
     objects only: backgrounds are white, black or gray), or ``"negative"``: any negative word.
     Exact on the grammar's sentences; on other text, a word-list check."""
+    if not is_text_concept(concept):
+        raise ValueError(f"{concept!r} is not a text concept: use a shape, a colour or 'negative'")
     if concept == "negative":
         return negative_sentences(text) > 0
-    if concept not in SHAPES and concept not in COLOURS:
-        raise ValueError(f"{concept!r} is not a text concept: use a shape, a colour or 'negative'")
     return concept in re.findall(r"[a-z]+", text.lower())
 
 
@@ -97,7 +128,7 @@ def make_text_sets(concept: str, seed: int = 0, count: int = 32) -> dict[str, li
 
     No evaluation prompt begins a fitting text (for banana and red, the image prompt files).
     """
-    if concept != "negative" and concept not in SHAPES and concept not in COLOURS:
+    if not is_text_concept(concept):
         raise ValueError(f"{concept!r} is not a text concept: use a shape, a colour or 'negative'")
     sets: dict[str, list[str]] = {"eval_concept": [], "eval_control": []}
     fitting = concept == "negative"
@@ -142,3 +173,25 @@ def text_concept_files(concept: str) -> dict[str, Path]:
     for path in files.values():
         read_prompts(path)  # a clear error if a file is missing or empty
     return files
+
+
+def grammar_checks(text: str) -> tuple[float, float]:
+    """``(valid, consistent)`` of a Shapes text up to its last full stop: every sentence a
+    sentence of the grammar, and the whole a document of it (NaN, NaN: no full sentence).
+
+    Example:
+        >>> grammar_checks("a red star lies on the left. the square is easy to see.")
+        (1.0, 0.0)
+    """
+    complete = text[: text.rfind(".") + 1].strip()
+    if not complete:
+        return math.nan, math.nan
+    try:
+        valid = all(sentence_error(s) is None for s in split_sentences(complete))
+    except InvalidText:
+        return 0.0, 0.0
+    try:
+        parse_document(complete)
+    except InvalidText:
+        return float(valid), 0.0
+    return float(valid), 1.0
