@@ -186,6 +186,16 @@ def _demo(args: argparse.Namespace) -> None:
 
 def _examples(args: argparse.Namespace) -> None:
     """Refit the example steerings shipped with the package."""
+    if args.text:
+        from .shapes import TEXT_CONCEPTS, TEXT_EXAMPLE_MAPS, fit_text_example
+        from .text import DSASLanguageModel
+
+        lm = DSASLanguageModel.from_pretrained("shapes-lm")
+        for concept in args.concepts or TEXT_CONCEPTS:
+            for map_name in TEXT_EXAMPLE_MAPS:
+                out = None if args.out is None else Path(args.out) / f"{concept}-{map_name}"
+                print(f"fitted {concept} ({map_name}): {fit_text_example(lm, concept, map_name, out)}")
+        return
     from .diffusion.loading import load_pipeline
     from .shapes import EXAMPLE_CONCEPTS, fit_example_steering
 
@@ -269,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     examples = commands.add_parser("examples", help="refit the example steerings shipped with the package")
     examples.add_argument("concepts", nargs="*", help="Shapes concepts (default: every shipped example)")
     examples.add_argument("--out", default=None, help="parent directory (default: the package's shapes/steering/)")
+    examples.add_argument("--text", action="store_true", help="the shapes-lm examples (shapes/steering/text/)")
     examples.set_defaults(run=_examples)
     return parser
 

@@ -158,3 +158,75 @@ def test_dsas_demo_command_has_its_options():
     result = subprocess.run([str(script), "demo", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
     assert all(option in result.stdout for option in ("--model", "--host", "--port", "--share", "--concurrency"))
+
+
+# -- the Text tab --------------------------------------------------------------------------------
+TEXT_PROMPT = "a yellow banana lies on the left."
+
+
+def continue_text(c: Client, strength: float = 1.0, **changes):
+    args = dict(model="shapes-lm", concept="banana", map_name="linear-act", directory="", prompt=TEXT_PROMPT)
+    args.update(strength=strength, seed=0, samples=8, max_new_tokens=30, counted="banana")
+    args.update(changes)
+    return c.predict(*args.values(), api_name="/generate_text")
+
+
+def gate_spans(view: str) -> list[float]:
+    return [float(g) for g in re.findall(r'title="gate ([\d.]+)"', view)]
+
+
+@pytest.mark.slow
+def test_text_tab_continues_three_ways_with_per_token_gates_per_layer(url):
+    c = client(url)
+    *views, table, layer = continue_text(c, strength=0.0)
+    assert views[0] == views[1] == views[2]  # strength 0: the three continuations are the unsteered one
+    rows = [line for line in table.splitlines() if line.startswith("| unsteered") or line.startswith("| uniform")
+            or line.startswith("| DSAS")]  # fmt: skip
+    assert len(rows) == 3 and len({row.split("|", 2)[2] for row in rows}) == 1
+    assert [choice[0] for choice in layer["choices"]] == [f"model.layers.{i}" for i in range(4)]
+    assert layer["value"] == "model.layers.2"
+    *views, table, _ = continue_text(c, strength=1.0)
+    gates = gate_spans(views[2])
+    assert len(gates) > len(TEXT_PROMPT.split()) and all(0.0 <= g <= 1.0 for g in gates)
+    assert views[1] != views[0]  # uniform steering changed the continuation
+    other = c.predict("model.layers.0", api_name="/text_layer")
+    assert [re.sub(r'title="gate [\d.]+" style="[^"]*"', "", v) for v in other] == [
+        re.sub(r'title="gate [\d.]+" style="[^"]*"', "", v) for v in views
+    ]  # the same tokens, coloured by another layer's gates
+    assert any(gate_spans(a) != gate_spans(b) for a, b in zip(other, views, strict=True))
+
+
+@pytest.mark.slow
+def test_text_tab_concurrent_calls_each_return_what_they_return_alone(url):
+    strengths = [0.0, 0.5, 1.0, 2.0]
+    clients = [client(url) for _ in strengths]
+    jobs = [
+        c.submit("shapes-lm", "banana", "linear-act", "", TEXT_PROMPT, s, 0, 8, 30, "banana", api_name="/generate_text")
+        for c, s in zip(clients, strengths, strict=True)
+    ]
+    together = [list(job.result(timeout=300)[:4]) for job in jobs]
+    for strength, result in zip(strengths, together, strict=True):
+        assert result == list(continue_text(clients[0], strength)[:4]), f"λ={strength} differs from the call alone"
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"prompt": "  "}, "The prompt is empty"),
+        ({"prompt": "a" * 301}, "at most 300 are allowed"),
+        ({"directory": "/root"}, "No steering directory '/root' under"),
+        ({"model": "/no/such/model"}, "Could not load the language model"),
+    ],
+)
+def test_text_tab_bad_requests_get_a_message(url, changes, message):
+    with pytest.raises(AppError, match=re.escape(message)):
+        continue_text(client(url), **changes)
+
+
+def test_text_tab_refuses_an_image_steering(url, tmp_path):
+    from dsas_diffusion import Steerer
+    from dsas_diffusion.shapes import example_steerings
+
+    Steerer.from_pretrained(example_steerings()["banana"]).save_pretrained(tmp_path / "image-banana")
+    with pytest.raises(AppError, match=r"This steering cannot steer shapes-lm: .*image pipeline"):
+        continue_text(client(url), directory=str(tmp_path / "image-banana"))

@@ -1,7 +1,8 @@
 """The demo in a real browser: Debian's Chromium driven by Playwright (no browser download).
 
 Loads the page, types a prompt, clicks Generate and waits for the three images and the
-gate heatmaps, then runs the strength sweep; the screenshot is saved to ``outputs/test-artifacts/app.png``.
+gate heatmaps, then runs the strength sweep; then opens the Text tab and continues a prompt
+three ways. The screenshots are saved to ``outputs/test-artifacts/app.png`` and ``app_text.png``.
 """
 
 from __future__ import annotations
@@ -64,5 +65,15 @@ def test_page_generates_three_images_and_gate_heatmaps(tmp_path):
             for path in (tmp_path / "app.png", ARTIFACTS / "app.png"):
                 page.screenshot(path=str(path), full_page=True)
             assert (ARTIFACTS / "app.png").stat().st_size > 20_000
+            # the Text tab: shapes-lm continued three ways, tokens coloured by their gates
+            page.get_by_role("tab", name="Text").click()
+            page.locator("#text-generate").click()
+            for elem in ("unsteered", "uniform", "dsas"):
+                expect(page.locator(f"#text-{elem} .dsas-gates")).to_be_visible(timeout=120_000)
+            expect(page.locator("#text-scores")).to_contain_text("perplexity")
+            assert page.locator("#text-dsas .dsas-gates span[title^='gate']").count() > 5
+            assert page.locator(".toast-body.error").count() == 0
+            page.screenshot(path=str(ARTIFACTS / "app_text.png"), full_page=True)
+            assert (ARTIFACTS / "app_text.png").stat().st_size > 20_000
         finally:
             browser.close()

@@ -49,3 +49,21 @@ def test_held_out_cross_entropy_is_close_to_the_generators_entropy(lm):
 def test_every_shipped_weight_file_together_stays_within_50_mb():
     total = sum(path.stat().st_size for path in WEIGHTS_DIR.rglob("*") if path.is_file())
     assert total < 50 * 2**20, f"{total / 2**20:.1f} MiB"
+
+
+def test_shipped_text_examples_are_what_their_recipe_fits(lm, tmp_path):
+    """Every concept and map of the Text tab ships, and refitting one gives its tensors."""
+    from safetensors.torch import load_file
+
+    from dsas_diffusion.shapes import TEXT_CONCEPTS, TEXT_EXAMPLE_MAPS, fit_text_example, text_example_steerings
+
+    shipped = text_example_steerings()
+    assert set(shipped) == {(c, m) for c in TEXT_CONCEPTS for m in TEXT_EXAMPLE_MAPS}
+    wrapper = DSASLanguageModel(lm.model, lm.tokenizer)  # the fit loads its steerer here, not on the fixture
+    refitted = load_file(
+        fit_text_example(wrapper, "negative", "caa", tmp_path / "negative-caa") / "steering.safetensors"
+    )
+    original = load_file(shipped[("negative", "caa")] / "steering.safetensors")
+    assert refitted.keys() == original.keys()
+    for name, tensor in original.items():
+        torch.testing.assert_close(refitted[name], tensor, atol=1e-4, rtol=1e-4, msg=name)

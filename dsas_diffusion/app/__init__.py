@@ -2,7 +2,8 @@
 
 One job per module: :mod:`.options` (command-line options), :mod:`.serving` (model cache,
 per-request pipelines, locks), :mod:`.validation` (request checks), :mod:`.actions`
-(generate, sweep, fit), :mod:`.images` (files, overlays, strips) and :mod:`.ui` (the page).
+(generate, sweep, fit), :mod:`.images` (files, overlays, strips), :mod:`.text_tab` (the Text
+tab: language models, their continuations and per-token gates) and :mod:`.ui` (the page).
 Names are imported on first use, so ``dsas --help`` loads neither gradio nor torch.
 """
 

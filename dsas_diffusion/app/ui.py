@@ -25,6 +25,7 @@ from . import actions
 from .images import ImageFiles, gate_overlays, upscale
 from .options import DEFAULT_MODEL, add_server_arguments
 from .serving import ModelCache, configure_torch_threads
+from .text_tab import build_text_tab
 from .validation import LIMITS, GenerateSettings, InputError
 
 __all__ = ["build_demo", "main", "parse_args", "serve"]
@@ -144,65 +145,74 @@ def build_demo(
     with gr.Blocks(title="DSAS: dynamically scaled activation steering") as demo:
         gr.Markdown(
             "# DSAS for diffusers\n"
-            "The same prompt and seed rendered **unsteered**, with **uniform** steering and with **DSAS** "
-            "(steering scaled per position by a learned gate), each scored with CLIP against the prompt; "
-            "below, where the DSAS gates opened, per layer."
+            "**Images**: the same prompt and seed rendered **unsteered**, with **uniform** steering and with "
+            "**DSAS** (steering scaled per position by a learned gate), each scored with CLIP against the prompt; "
+            "below, where the DSAS gates opened, per layer. **Text**: the same for a language model's "
+            "continuations, token by token."
         )
-        fitted = gr.State(None)
-        gate_state = gr.State(None)
-        with gr.Row():
-            model = gr.Dropdown(
-                ["shapes-sd", "shapes-mmdit"],
-                value=default_model,
-                allow_custom_value=True,
-                label="Model (a Shapes name, a diffusers id or a local folder)",
-                elem_id="model",
-            )
-            steering = gr.Dropdown(
-                steering_choices, value=examples[0] if examples else "directory", label="Steering", elem_id="steering"
-            )
-            directory = gr.Textbox(
-                label="Steering directory (when 'a steering directory' is chosen)", elem_id="directory"
-            )
-        steering_info = gr.Markdown(elem_id="steering-info")
-        with gr.Accordion("Fit a steering from prompt lists", open=False):
-            gr.Markdown("One prompt per line. Prefilled with the shipped banana sets of the Shapes world.")
+        with gr.Tab("Images", id="images"):
+            fitted = gr.State(None)
+            gate_state = gr.State(None)
             with gr.Row():
-                source_box = gr.Textbox("\n".join(source), lines=8, label="Source: prompts showing the concept")
-                target_box = gr.Textbox("\n".join(target), lines=8, label="Target: the same scenes without it")
-                control_box = gr.Textbox("\n".join(control), lines=8, label="Control: prompts to leave alone")
-            with gr.Row():
-                steering_map = gr.Dropdown(list(MAP_NAMES), value="caa", label="Steering map")
-                fit_steps = gr.Slider(
-                    LIMITS.min_fit_steps, LIMITS.max_fit_steps, value=10, step=1, label="Denoising steps collected"
+                model = gr.Dropdown(
+                    ["shapes-sd", "shapes-mmdit"],
+                    value=default_model,
+                    allow_custom_value=True,
+                    label="Model (a Shapes name, a diffusers id or a local folder)",
+                    elem_id="model",
                 )
-                fit_button = gr.Button("Fit steering")
-            fit_status = gr.Markdown()
-        prompt = gr.Textbox(DEFAULT_PROMPT, label="Prompt", max_lines=2, elem_id="prompt")
-        with gr.Row():
-            seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=LIMITS.max_seed)
-            steps = gr.Slider(LIMITS.min_steps, LIMITS.max_steps, value=25, step=1, label="Steps")
-            guidance = gr.Slider(LIMITS.min_guidance, LIMITS.max_guidance, value=7.5, step=0.5, label="Guidance")
-            strength = gr.Slider(LIMITS.min_strength, LIMITS.max_strength, value=2.0, step=0.25, label="Strength λ")
-            size = gr.Number(0, label="Image size (px, 0 = model default)", precision=0)
-        with gr.Row():
-            generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
-            sweep_points = gr.Slider(2, LIMITS.max_sweep_points, value=5, step=1, label="Sweep points")
-            sweep_button = gr.Button("Strength sweep (λ = 0 … λ)", elem_id="sweep")
-        with gr.Row():
-            unsteered_image = gr.Image(
-                label="unsteered", type="filepath", format="png", elem_id="unsteered", interactive=False
+                steering = gr.Dropdown(
+                    steering_choices,
+                    value=examples[0] if examples else "directory",
+                    label="Steering",
+                    elem_id="steering",
+                )
+                directory = gr.Textbox(
+                    label="Steering directory (when 'a steering directory' is chosen)", elem_id="directory"
+                )
+            steering_info = gr.Markdown(elem_id="steering-info")
+            with gr.Accordion("Fit a steering from prompt lists", open=False):
+                gr.Markdown("One prompt per line. Prefilled with the shipped banana sets of the Shapes world.")
+                with gr.Row():
+                    source_box = gr.Textbox("\n".join(source), lines=8, label="Source: prompts showing the concept")
+                    target_box = gr.Textbox("\n".join(target), lines=8, label="Target: the same scenes without it")
+                    control_box = gr.Textbox("\n".join(control), lines=8, label="Control: prompts to leave alone")
+                with gr.Row():
+                    steering_map = gr.Dropdown(list(MAP_NAMES), value="caa", label="Steering map")
+                    fit_steps = gr.Slider(
+                        LIMITS.min_fit_steps, LIMITS.max_fit_steps, value=10, step=1, label="Denoising steps collected"
+                    )
+                    fit_button = gr.Button("Fit steering")
+                fit_status = gr.Markdown()
+            prompt = gr.Textbox(DEFAULT_PROMPT, label="Prompt", max_lines=2, elem_id="prompt")
+            with gr.Row():
+                seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=LIMITS.max_seed)
+                steps = gr.Slider(LIMITS.min_steps, LIMITS.max_steps, value=25, step=1, label="Steps")
+                guidance = gr.Slider(LIMITS.min_guidance, LIMITS.max_guidance, value=7.5, step=0.5, label="Guidance")
+                strength = gr.Slider(LIMITS.min_strength, LIMITS.max_strength, value=2.0, step=0.25, label="Strength λ")
+                size = gr.Number(0, label="Image size (px, 0 = model default)", precision=0)
+            with gr.Row():
+                generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
+                sweep_points = gr.Slider(2, LIMITS.max_sweep_points, value=5, step=1, label="Sweep points")
+                sweep_button = gr.Button("Strength sweep (λ = 0 … λ)", elem_id="sweep")
+            with gr.Row():
+                unsteered_image = gr.Image(
+                    label="unsteered", type="filepath", format="png", elem_id="unsteered", interactive=False
+                )
+                uniform_image = gr.Image(
+                    label="uniform steering", type="filepath", format="png", elem_id="uniform", interactive=False
+                )
+                dsas_image = gr.Image(label="DSAS", type="filepath", format="png", elem_id="dsas", interactive=False)
+            scores = gr.Markdown(elem_id="scores")
+            gate_step = gr.Slider(
+                0, 25, value=0, step=1, label="Gate step (0 = mean over all steps)", elem_id="gate-step"
             )
-            uniform_image = gr.Image(
-                label="uniform steering", type="filepath", format="png", elem_id="uniform", interactive=False
+            gates = gr.Gallery(label="DSAS gates per layer", columns=5, format="png", elem_id="gates", height="auto")
+            sweep_image = gr.Image(
+                label="Strength sweep", type="filepath", format="png", elem_id="sweep-strip", interactive=False
             )
-            dsas_image = gr.Image(label="DSAS", type="filepath", format="png", elem_id="dsas", interactive=False)
-        scores = gr.Markdown(elem_id="scores")
-        gate_step = gr.Slider(0, 25, value=0, step=1, label="Gate step (0 = mean over all steps)", elem_id="gate-step")
-        gates = gr.Gallery(label="DSAS gates per layer", columns=5, format="png", elem_id="gates", height="auto")
-        sweep_image = gr.Image(
-            label="Strength sweep", type="filepath", format="png", elem_id="sweep-strip", interactive=False
-        )
+        with gr.Tab("Text", id="text"):
+            build_text_tab(roots)
 
         common = [model, steering, directory, fitted, prompt, seed, steps, guidance, strength, size]
         generate_button.click(

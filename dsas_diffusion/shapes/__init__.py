@@ -54,7 +54,19 @@ _EXPORTS = {
         ),
         ".detect",
     ),
-    **dict.fromkeys(("EXAMPLES_DIR", "EXAMPLE_CONCEPTS", "example_steerings", "fit_example_steering"), ".examples"),
+    **dict.fromkeys(
+        (
+            "EXAMPLES_DIR",
+            "EXAMPLE_CONCEPTS",
+            "TEXT_EXAMPLE_FIT",
+            "TEXT_EXAMPLE_MAPS",
+            "example_steerings",
+            "fit_example_steering",
+            "fit_text_example",
+            "text_example_steerings",
+        ),
+        ".examples",
+    ),
     "load_shapes_clip": ".clip",
     **dict.fromkeys(
         (

@@ -1,8 +1,11 @@
-"""The example steerings shipped with the package (fitted on ``shapes-sd``), and their recipe.
+"""The example steerings shipped with the package, and their recipe: per concept one fitted
+on ``shapes-sd`` (``steering/<concept>``), and per text concept and map one fitted on
+``shapes-lm`` (``steering/text/<concept>-<map>``).
 
 ``dsas examples`` refits them: it loads ``shapes-sd`` as a DSAS pipeline and calls
-:func:`fit_example_steering` for each concept. This module only needs that pipeline's
-``fit_steering``; it does not import the diffusers integration.
+:func:`fit_example_steering` for each concept (``--text``: ``shapes-lm`` and
+:func:`fit_text_example`). This module only needs the models' ``fit_steering``; it does not
+import the diffusers integration.
 
 Example:
     >>> sorted(example_steerings())
@@ -20,7 +23,17 @@ import torch
 from ..steering.persistence import CONFIG_NAME
 from .concepts import concept_prompts
 
-__all__ = ["EXAMPLES_DIR", "EXAMPLE_CONCEPTS", "EXAMPLE_FIT", "example_steerings", "fit_example_steering"]
+__all__ = [
+    "EXAMPLES_DIR",
+    "EXAMPLE_CONCEPTS",
+    "EXAMPLE_FIT",
+    "TEXT_EXAMPLE_FIT",
+    "TEXT_EXAMPLE_MAPS",
+    "example_steerings",
+    "fit_example_steering",
+    "fit_text_example",
+    "text_example_steerings",
+]
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "steering"
 EXAMPLE_CONCEPTS = ("banana", "red")
@@ -45,5 +58,49 @@ def fit_example_steering(pipe: Any, concept: str = "banana", out: str | os.PathL
     steerer = pipe.fit_steering(source, target, control, progress=False, **EXAMPLE_FIT)
     steerer.provenance["base_model"] = "shapes-sd"  # not the local folder it was loaded from
     target_dir = Path(out) if out is not None else EXAMPLES_DIR / concept
+    steerer.save_pretrained(target_dir)
+    return target_dir
+
+
+TEXT_EXAMPLES_DIR = EXAMPLES_DIR / "text"
+TEXT_EXAMPLE_MAPS = ("caa", "iti", "linear-act")
+#: the settings of the text evaluation (docs/text.md): 20 gate components, Linear-AcT without
+#: the pooled support, every layer kept; seed 0
+TEXT_EXAMPLE_FIT: dict[str, Any] = {"n_components": 20, "support_quantiles": None, "gate_threshold": None}
+
+
+def text_example_steerings() -> dict[tuple[str, str], Path]:
+    """The shipped ``shapes-lm`` example steerings by ``(concept, map)``.
+
+    Example:
+        >>> sorted(text_example_steerings())[:2]
+        [('banana', 'caa'), ('banana', 'iti')]
+    """
+    if not TEXT_EXAMPLES_DIR.is_dir():
+        return {}
+    found = {}
+    for folder in sorted(TEXT_EXAMPLES_DIR.iterdir()):
+        if (folder / CONFIG_NAME).is_file():
+            concept, _, map_name = folder.name.partition("-")
+            found[(concept, map_name)] = folder
+    return found
+
+
+def fit_text_example(
+    lm: Any, concept: str = "banana", map: str = "linear-act", out: str | os.PathLike[str] | None = None
+) -> Path:
+    """Fit the ``shapes-lm`` example steering of a text concept with ``lm`` (a
+    ``DSASLanguageModel`` of ``shapes-lm``) from its prompt files and save it (to the
+    package's ``shapes/steering/text/<concept>-<map>`` unless ``out`` is given)."""
+    from ..prompts import read_prompts
+    from .text_sets import text_concept_files
+
+    files = text_concept_files(concept)
+    source, target, control = (read_prompts(files[name]) for name in ("source", "target", "control"))
+    torch.manual_seed(0)
+    steerer = lm.fit_steering(source, target, control, map=map, progress=False, **TEXT_EXAMPLE_FIT)
+    steerer.provenance["base_model"] = "shapes-lm"
+    steerer.provenance["concept"] = concept
+    target_dir = Path(out) if out is not None else TEXT_EXAMPLES_DIR / f"{concept}-{map}"
     steerer.save_pretrained(target_dir)
     return target_dir
