@@ -162,6 +162,7 @@ class SteeringSession:
     ) -> None:
         self.layers = list(layers)
         self.model = model
+        self._strengths: dict[torch.device, torch.Tensor] = {}  # λ as a tensor per device (compiled calls)
         self.strength = check_strength(strength)
         self.gated = bool(gated)
         self.record_gates = record_gates
@@ -181,12 +182,39 @@ class SteeringSession:
     def attached(self) -> bool:
         return bool(self._hooks)
 
+    @property
+    def strength(self) -> float:
+        """The global strength λ; it may be changed between calls, also under
+        ``torch.compile``: compiled code reads λ from a tensor updated in place, so a new
+        strength does not recompile."""
+        return self._strength
+
+    @strength.setter
+    def strength(self, value: float) -> None:
+        self._strength = check_strength(value)
+        for tensor in self._strengths.values():
+            tensor.fill_(self._strength)
+
+    def _strength_on(self, device: torch.device) -> torch.Tensor:
+        tensor = self._strengths.get(device)
+        if tensor is None:
+            tensor = self._strengths[device] = torch.full((), self._strength, device=device)
+        return tensor
+
     def attach(self) -> SteeringSession:
         if self._hooks:
             raise SteeringError("this steering session is already attached")
+        self.active = True
         try:
             for layer in self.layers:
                 module = resolve_module(self.model, layer.name)
+                # λ's tensor and the prepared layer for the module's device are made before any
+                # compiled call: made inside one, they would change the guarded state (a recompile)
+                weight = next(module.parameters(), None)
+                device = torch.device("cpu") if weight is None else weight.device
+                self._strength_on(device)
+                if not any(p.requires_grad for p in layer.parameters()):
+                    self._steer_function(layer, device)
                 self._hooks.add(module.register_forward_hook(self._make_hook(layer)))
                 hook_name = f"{HOOK_PREFIX}:{self.id}:{layer.name}"
                 self.hook_names.append(hook_name)
@@ -201,7 +229,10 @@ class SteeringSession:
         return self
 
     def detach(self) -> None:
-        """Remove every hook of this session (idempotent, exception-safe)."""
+        """Remove every hook of this session (idempotent, exception-safe). The session also
+        turns inactive: code compiled while it was attached (which dynamo does not re-check
+        for removed hooks) then lets activations through untouched."""
+        self.active = False
         self._hooks.remove()
         for module, hook_name in zip(self._hooked, self.hook_names, strict=True):
             _unregister_name(module, hook_name)
@@ -249,16 +280,20 @@ class SteeringSession:
             rows = self.batch_rows
             if callable(rows):
                 rows = rows(tensor.shape[0])
-            if self.strength == 0.0 and self.observer is None:
+            # compiled: λ is a tensor read in the graph (no guard on its value, no recompile
+            # when it changes); eager: a Python number, and λ = 0 skips the work exactly
+            compiling = torch.compiler.is_compiling()
+            strength = self._strength_on(tensor.device) if compiling else self._strength
+            if not compiling and self._strength == 0.0 and self.observer is None:
                 # exactly the identity; compute the gates only if they are being recorded
                 if self.record_gates and gated and layer.gate is not None:
                     _, values = steer(tensor if rows is None else tensor[rows], 0.0, True)
                     self.gate_maps[layer.name].append(values.detach().to("cpu", torch.float16))
                 return None
             if rows is None:
-                steered, gate_values = steer(tensor, self.strength, gated)
+                steered, gate_values = steer(tensor, strength, gated)
             else:
-                part, gate_values = steer(tensor[rows], self.strength, gated)
+                part, gate_values = steer(tensor[rows], strength, gated)
                 steered = tensor.clone()
                 steered[rows] = part
             if self.observer is not None:

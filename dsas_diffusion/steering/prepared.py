@@ -60,16 +60,17 @@ class PreparedLayer:
             self.floor = gate.floor
             #: s(t) = gate_scale · max(0, g − floor) with g the opening
             self.gate_scale = gate.scale / (1.0 - gate.floor)
+        # the layer's tensors viewed to broadcast over activations of 2 to 5 dimensions
+        self._views = {ndim: self._terms(ndim) for ndim in range(2, 6)}
 
     def _terms(self, ndim: int) -> tuple[torch.Tensor | None, ...]:
         """Bias, slope, support bounds viewed to broadcast over an activation with ``ndim``
-        dimensions (made once per ``ndim``)."""
+        dimensions (made at init for 2 to 5 dimensions)."""
         terms = self._views.get(ndim)
-        if terms is None:
+        if terms is None:  # never stored: compiled code guards on this dict, which must not change
             shape = (-1,) if self.dim == -1 else (1, self.width) + (1,) * (ndim - 2)
             lo, hi = self.support if self.support is not None else (None, None)
             terms = tuple(None if t is None else t.view(shape) for t in (self.bias, self.slope, lo, hi))
-            self._views[ndim] = terms
         return terms
 
     def _opening(self, xf: torch.Tensor) -> torch.Tensor:
@@ -83,9 +84,12 @@ class PreparedLayer:
             logits = logits.view(batch, 1, *xf.shape[2:])
         return logits.sigmoid_() if self.sigmoid else logits.clamp_(0.0, 1.0)
 
-    def __call__(self, x: torch.Tensor, strength: float, gated: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(
+        self, x: torch.Tensor, strength: float | torch.Tensor, gated: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Steer ``x``; return the result (``x``'s dtype) and, when ``gated``, the gate values
-        (``x``'s shape without the feature dimension, float32), as :meth:`SteeringLayer.steer`."""
+        (``x``'s shape without the feature dimension, float32), as :meth:`SteeringLayer.steer`.
+        ``strength``: a number, or a 0-dim tensor on ``x``'s device (compiled calls)."""
         ndim = x.ndim
         if ndim < 2 or x.shape[self.dim] != self.width:
             raise IncompatibleSteeringError(
@@ -102,13 +106,18 @@ class PreparedLayer:
             if lo is not None:  # identity outside [lo, hi]; NaN is outside
                 delta = torch.where(torch.clamp(xf, lo, hi) == xf, delta, self.zero)
         if not gated:
-            steered = torch.add(xf, delta, alpha=strength)
+            steered = (
+                xf + strength * delta if isinstance(strength, torch.Tensor) else torch.add(xf, delta, alpha=strength)
+            )
             return (steered if x.dtype == torch.float32 else steered.to(x.dtype)), None
         if self.gate_column is None:
             raise ActivationError(f"layer {self.name!r} has no gate; steer it with gating off")
         opening = self._opening(xf)
         if self.floor > 0.0:
             opening = opening.sub_(self.floor).clamp_(min=0.0)
-        steered = torch.addcmul(xf, opening, delta, value=strength * self.gate_scale)
+        if isinstance(strength, torch.Tensor):
+            steered = torch.addcmul(xf, opening * strength, delta, value=self.gate_scale)
+        else:
+            steered = torch.addcmul(xf, opening, delta, value=strength * self.gate_scale)
         gates = opening.mul_(self.gate_scale) if self.gate_scale != 1.0 else opening
         return (steered if x.dtype == torch.float32 else steered.to(x.dtype)), gates.squeeze(self.dim)
