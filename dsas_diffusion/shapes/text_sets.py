@@ -32,7 +32,9 @@ from ..prompts import read_prompts
 from .concepts import PROMPTS_DIR
 from .data import COLOURS, SHAPES
 from .text import (
+    _SLOT,
     NEGATIVE_WORDS,
+    TEMPLATES,
     Document,
     InvalidText,
     _article,
@@ -175,15 +177,38 @@ def text_concept_files(concept: str) -> dict[str, Path]:
     return files
 
 
+def _longest_sentence() -> int:
+    """The most words a sentence of the grammar can have (every slot at its longest)."""
+    longest = {"np": 6, "ref": 5, "pos": 3, "bg": 1, "count": 1, "adj": 2}  # "a large ugly, dirty red star"
+    return max(
+        len(_SLOT.sub("", template).split()) + sum(longest[m[1]] for m in _SLOT.finditer(template))
+        for templates in TEMPLATES.values()
+        for template in templates
+    )
+
+
+#: a fragment after the last full stop with more words than this is the start of no sentence
+LONGEST_SENTENCE = _longest_sentence()
+
+
 def grammar_checks(text: str) -> tuple[float, float]:
-    """``(valid, consistent)`` of a Shapes text up to its last full stop: every sentence a
-    sentence of the grammar, and the whole a document of it (NaN, NaN: no full sentence).
+    """``(valid, consistent)`` of a Shapes text: every sentence up to its last full stop a
+    sentence of the grammar, and those sentences a document of it. What follows the last full
+    stop (a continuation cut by its token budget) is left out unless it is longer than any
+    sentence (then neither holds). NaN, NaN: no full sentence.
 
     Example:
         >>> grammar_checks("a red star lies on the left. the square is easy to see.")
         (1.0, 0.0)
+        >>> grammar_checks("a red star lies on the left. the star is")
+        (1.0, 1.0)
+        >>> grammar_checks("a red star lies on the left. " + "on a " * 20)
+        (0.0, 0.0)
     """
-    complete = text[: text.rfind(".") + 1].strip()
+    end = text.rfind(".") + 1
+    if len(text[end:].split()) > LONGEST_SENTENCE:
+        return 0.0, 0.0
+    complete = text[:end].strip()
     if not complete:
         return math.nan, math.nan
     try:
