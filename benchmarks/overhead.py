@@ -1,10 +1,12 @@
 """Per-denoising-step cost of steering: unsteered vs uniform vs DSAS, ratios measured in one run.
 
-    python benchmarks/overhead.py [--repeats 30] [--json results.json]
+    python benchmarks/overhead.py [--repeats 30] [--models shapes-sd shapes-mmdit] [--compiled] [--json FILE]
 
-- ``shapes-sd`` on the CPU: one UNet call on a CFG batch of 2 x 8 latents, with a steerer
-  fitted on the banana prompt sets with ``fit_steering``'s defaults (CAA on the
-  ``cross-attention`` preset) and with Linear-AcT on the ``blocks`` and ``norms`` presets.
+- ``shapes-sd`` (and ``shapes-mmdit``) on the CPU: one denoiser call on a CFG batch of 2 x 8
+  latents, with a steerer fitted on the banana prompt sets with ``fit_steering``'s defaults
+  (CAA on the ``cross-attention`` preset) and with Linear-AcT on the ``blocks`` and ``norms``
+  presets; beside DSAS, the naive hooks (:class:`NaiveHooks`); with ``--compiled`` also the
+  block preset with each variant under ``torch.compile``.
 - A language model: tokens per second of steered vs unsteered ``DSASLanguageModel.generate``
   on a Qwen2 config of about 20M parameters (hidden 512, 8 layers, random weights), the
   ``residual`` preset on all layers, batch 8, 64 new tokens (greedy, no early stop).
@@ -21,6 +23,7 @@ of those ratios in brackets.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -30,6 +33,7 @@ import torch
 
 from dsas_diffusion.diffusion import hook_points
 from dsas_diffusion.steering import fit_steerer
+from dsas_diffusion.steering.hookpoints import feature_dim, get_output, replace_output, resolve_module
 
 SDXL_UNET = dict(
     sample_size=128,
@@ -70,7 +74,7 @@ def summary(times: dict[str, list[float]]) -> dict[str, float]:
     """Median seconds per variant, and per steered variant the median over rounds of its
     ratio to the unsteered time of the same round, with the quartiles of those ratios."""
     result = {name: statistics.median(values) for name, values in times.items()}
-    for name in ("uniform", "dsas"):
+    for name in [n for n in ("uniform", "dsas", "naive") if n in times]:
         ratios = sorted(t / base for t, base in zip(times[name], times["unsteered"], strict=True))
         quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
         result[f"{name}_ratio"] = statistics.median(ratios)
@@ -78,28 +82,75 @@ def summary(times: dict[str, list[float]]) -> dict[str, float]:
     return result
 
 
-def time_variants(denoiser, call: dict, steerer, repeats: int, block: int = 5) -> dict[str, float]:
-    """Seconds of one denoiser call, unsteered, with uniform steering and with DSAS.
+class NaiveHooks:
+    """The obvious implementation, for comparison: per steered module a plain forward hook
+    computing the gate ``sigmoid(a·t + c)`` (with the fitted floor and scale), the map and the
+    blend in separate operations (features moved last and back, in the activation's dtype);
+    it computes what DSAS computes."""
+
+    def __init__(self, model: torch.nn.Module, steerer, strength: float = 1.0) -> None:
+        self.handles = []
+        for layer in steerer.layers:
+            module = resolve_module(model, layer.name)
+            self.handles.append(module.register_forward_hook(self._hook(layer, strength)))
+
+    @staticmethod
+    def _hook(layer, strength: float):
+        index, dim = layer.hook_point.output_index, feature_dim(layer.hook_point.layout)
+        weight = None if layer.map.weight is None else layer.map.weight.detach()
+        bias, a, c = layer.map.bias.detach(), layer.gate.weight.detach(), layer.gate.bias.detach()
+        floor, scale = layer.gate.floor, layer.gate.scale / (1.0 - layer.gate.floor)
+
+        def hook(module, args, output):
+            t = get_output(output, index).movedim(dim, -1)
+            gate = ((torch.sigmoid(t @ a.to(t) + c.to(t)) - floor).clamp(min=0.0) * scale).unsqueeze(-1)
+            mapped = t * weight.to(t) + bias.to(t) if weight is not None else t + bias.to(t)
+            return replace_output(output, index, (t + strength * gate * (mapped - t)).movedim(-1, dim))
+
+        return hook
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def time_variants(
+    denoiser, call: dict, steerer, repeats: int, block: int = 5, compiled: bool = False
+) -> dict[str, float]:
+    """Seconds of one denoiser call, unsteered, with uniform steering, with DSAS and with the
+    naive hooks (:class:`NaiveHooks`, gated like DSAS).
 
     A pipeline attaches its hooks once and then runs every denoising step with them, so a
     variant's turn is a block of ``block`` consecutive calls (one untimed call first) with its
     hooks attached, timed by the block's median; turns alternate (see :func:`alternate`).
+    ``compiled``: each variant runs its own ``torch.compile`` of a copy of the denoiser, its
+    hooks attached before compiling (and kept: the compiled graph holds them).
     """
     device = next(denoiser.parameters()).device
     attach = {
-        "unsteered": lambda: None,
-        "uniform": lambda: steerer.apply(denoiser, gate=False),
-        "dsas": lambda: steerer.apply(denoiser, gate=True),
+        "unsteered": lambda model: None,
+        "uniform": lambda model: steerer.apply(model, gate=False),
+        "dsas": lambda model: steerer.apply(model, gate=True),
+        "naive": lambda model: NaiveHooks(model, steerer),
     }
+    models = {name: denoiser for name in attach}
+    if compiled:
+        models = {name: copy.deepcopy(denoiser) for name in attach}
+        kept = {name: attach[name](model) for name, model in models.items()}  # noqa: F841 (held while timing)
+        models = {name: torch.compile(model) for name, model in models.items()}
+        with torch.no_grad():
+            for model in models.values():  # compile outside the timing
+                model(**call)
 
     def turn(name: str) -> float:
-        session = attach[name]()  # hooks are attached once per pipeline call, outside the timing
+        # hooks are attached once per pipeline call, outside the timing
+        session = None if compiled else attach[name](denoiser)
         try:
             seconds = []
             for index in range(block + 1):
                 _sync(device)
                 start = time.perf_counter()
-                denoiser(**call)
+                models[name](**call)
                 _sync(device)
                 if index > 0:
                     seconds.append(time.perf_counter() - start)
@@ -112,35 +163,37 @@ def time_variants(denoiser, call: dict, steerer, repeats: int, block: int = 5) -
         return summary(alternate({name: lambda name=name: turn(name) for name in attach}, max(1, repeats // block)))
 
 
-def shapes_sd(repeats: int) -> list[dict]:
+def shapes_model(model: str, repeats: int, compiled: bool = False) -> list[dict]:
+    """Eager rows for the defaults and the block and norm presets of ``model`` (``shapes-sd``
+    or ``shapes-mmdit``); with ``compiled``, also the block preset under ``torch.compile``."""
     from dsas_diffusion.diffusion.collect import record_denoiser_calls
     from dsas_diffusion.diffusion.loading import load_pipeline
     from dsas_diffusion.shapes import concept_prompts
 
-    pipe = load_pipeline("shapes-sd")
+    pipe = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
-    unet = pipe.unet
+    denoiser = pipe.denoiser
     source, target, control = concept_prompts()
     prompts = [f"a yellow banana on a {b} background" for b in ("white", "black")] * 4
-    calls = record_denoiser_calls(pipe, unet, prompts, steps=(0,), num_inference_steps=25, progress=False)
+    calls = record_denoiser_calls(pipe, denoiser, prompts, steps=(0,), num_inference_steps=25, progress=False)
     cond = calls[0]
     # the CFG batch the pipeline runs: [unconditional; conditional], 2 x 8
     call = {k: torch.cat([v, v]) if torch.is_tensor(v) and v.ndim > 0 else v for k, v in cond.items()}
     rows = []
     # fit_steering's defaults (CAA on the cross-attention outputs), Linear-AcT on the block and
     # norm outputs, and with the core's min-max source support (4 more kernels a hook)
-    variants = (
-        ("cross-attention, CAA (defaults)", {}),
-        ("blocks, Linear-AcT", {"map": "linear-act", "preset": "blocks"}),
-        ("norms, Linear-AcT", {"map": "linear-act", "preset": "norms"}),
-        ("blocks, Linear-AcT with support", {"map": "linear-act", "preset": "blocks", "support_quantiles": (0.0, 1.0)}),
-    )
-    for label, settings in variants:
+    variants = [
+        ("cross-attention, CAA (defaults)", {}, False),
+        ("blocks, Linear-AcT", {"map": "linear-act", "preset": "blocks"}, False),
+        ("norms, Linear-AcT", {"map": "linear-act", "preset": "norms"}, False),
+        ("blocks, Linear-AcT with support", {"map": "linear-act", "preset": "blocks", "support_quantiles": (0.0, 1.0)}, False),
+    ]  # fmt: skip
+    if compiled:
+        variants.append(("blocks, Linear-AcT, compiled", {"map": "linear-act", "preset": "blocks"}, True))
+    for label, settings, compile_it in variants:
         steerer = pipe.fit_steering(source, target, control, gate_threshold=None, progress=False, **settings)
-        timing = time_variants(unet, call, steerer, repeats)
-        rows.append(
-            {"model": "shapes-sd (CPU, batch 2x8, 64x64)", "preset": label, "layers": len(steerer.layers), **timing}
-        )
+        timing = time_variants(denoiser, call, steerer, repeats, compiled=compile_it)
+        rows.append({"model": f"{model} (CPU, batch 2x8)", "preset": label, "layers": len(steerer.layers), **timing})
     return rows
 
 
@@ -239,8 +292,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--json", default=None)
     parser.add_argument("--only", choices=("images", "text"), default=None, help="run one part only")
+    parser.add_argument("--models", nargs="+", default=["shapes-sd"], help="shapes-sd and / or shapes-mmdit")
+    parser.add_argument("--compiled", action="store_true", help="also the block preset under torch.compile")
     args = parser.parse_args()
-    rows = shapes_sd(args.repeats) if args.only != "text" else []
+    rows = []
+    if args.only != "text":
+        for model in args.models:
+            rows += shapes_model(model, args.repeats, compiled=args.compiled)
     if args.only != "images":
         rows += text_generate(max(3, args.repeats // 3))
     if args.only != "text" and torch.cuda.is_available():
@@ -248,19 +306,23 @@ def main() -> None:
     elif args.only != "text":
         print("no GPU here: the SDXL-size fp16 measurement needs CUDA\n")
     print(
-        "| model | preset | hooked layers | unsteered ms | uniform ms | DSAS ms | uniform / unsteered | "
-        "DSAS / unsteered |"
+        "| model | preset | hooked layers | unsteered ms | uniform ms | DSAS ms | naive hooks ms | uniform / unsteered | "
+        "DSAS / unsteered | naive / unsteered |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
 
         def ratio(name: str, row=row) -> str:
+            if f"{name}_ratio" not in row:
+                return "-"
             low, high = row[f"{name}_spread"]
             return f"{row[f'{name}_ratio']:.3f} [{low:.3f}, {high:.3f}]"
 
+        naive = f"{1000 * row['naive']:.1f}" if "naive" in row else "-"
         print(
             f"| {row['model']} | {row['preset']} | {row['layers']} | {1000 * row['unsteered']:.1f} | "
-            f"{1000 * row['uniform']:.1f} | {1000 * row['dsas']:.1f} | {ratio('uniform')} | {ratio('dsas')} |"
+            f"{1000 * row['uniform']:.1f} | {1000 * row['dsas']:.1f} | {naive} | {ratio('uniform')} | "
+            f"{ratio('dsas')} | {ratio('naive')} |"
         )
     if args.json:
         with open(args.json, "w") as handle:
