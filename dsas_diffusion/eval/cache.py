@@ -19,7 +19,17 @@ from ..shapes import resolve_model_path
 from ..steering.persistence import CONFIG_NAME, WEIGHTS_NAME
 from .config import EvalConfig, Method, parse_method
 
-__all__ = ["CACHE_VERSION", "UNSTEERED", "ImageCache", "Job", "digest", "list_jobs", "model_id", "steering_id"]
+__all__ = [
+    "CACHE_VERSION",
+    "UNSTEERED",
+    "ImageCache",
+    "Job",
+    "digest",
+    "job_fields",
+    "list_jobs",
+    "model_id",
+    "steering_id",
+]
 
 UNSTEERED = "unsteered"
 CACHE_VERSION = 1
@@ -75,6 +85,22 @@ def list_jobs(
         ]
         jobs += [Job(method, strength, "pairs", prompt, seed) for prompt, seed in pair_units or ()]
     return jobs
+
+
+def job_fields(config: EvalConfig, job: Job) -> dict[str, Any]:
+    """The columns of a result row that say which job it is."""
+    method = None if job.method == UNSTEERED else parse_method(job.method)
+    return {
+        "model": config.model,
+        "concept": config.concept,
+        "method": job.method,
+        "map": method.map if method else "",
+        "gating": method.gating if method else "",
+        "strength": job.strength,
+        "group": job.group,
+        "prompt": job.prompt,
+        "seed": job.seed,
+    }
 
 
 def digest(payload: Any) -> str:

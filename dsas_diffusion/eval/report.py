@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,40 +39,47 @@ __all__ = ["hypervolume", "strength_grid", "summarise", "write_report"]
 MAP_COLOURS = {"caa": "tab:blue", "iti": "tab:orange", "linear-act": "tab:green", "lineas": "tab:red"}
 
 
-def summarise(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> list[dict[str, Any]]:
-    """One line per method and strength (strength 0 is the shared unsteered images)."""
-    unsteered = [r for r in rows if r["method"] == "unsteered" and r["group"] != "pairs"]
-    spatial = spatial_rows(rows)
-    rows = [r for r in rows if r["group"] != "pairs"]
-    lines = []
+def settings(
+    rows: Sequence[Mapping[str, Any]], methods: Sequence[str]
+) -> Iterator[tuple[str, float, list[Mapping[str, Any]]]]:
+    """``(method, strength, rows)`` per method and strength, strength 0 first with the shared
+    unsteered rows."""
+    unsteered = [r for r in rows if r["method"] == "unsteered"]
     for method in methods:
         strengths = sorted({r["strength"] for r in rows if r["method"] == method})
         for strength in [0.0, *strengths]:
-            chosen = (
-                unsteered
-                if strength == 0.0
-                else [r for r in rows if r["method"] == method and r["strength"] == strength]
-            )
-            concept = [r for r in chosen if r["group"] == "concept"]
-            control = [r for r in chosen if r["group"] == "control"]
-            line = {
-                "method": method,
-                "strength": strength,
-                "concept_presence": mean_of(concept, "concept_presence"),
-                "concept_clip_score": mean_of(concept, "clip_score"),
-                "control_clip_score": mean_of(control, "clip_score"),
-                "control_similarity": mean_of(control, "clip_similarity"),
-                "control_pixel_change": mean_of(control, "pixel_change"),
-            }
-            if any("concept_drawn" in r for r in chosen):
-                line["concept_drawn"] = mean_of(concept, "concept_drawn")
-                line["control_as_prompted"] = mean_of(control, "objects_as_prompted")
-            pairs = [r for r in spatial if r["method"] == ("unsteered" if strength == 0.0 else method)]
-            pairs = [r for r in pairs if strength == 0.0 or r["strength"] == strength]
-            if pairs:
-                line["spatial_removed"] = mean_of(pairs, "removed")
-                line["spatial_kept"] = mean_of(pairs, "kept")
-            lines.append(line)
+            if strength == 0.0:
+                yield method, strength, unsteered
+            else:
+                yield method, strength, [r for r in rows if r["method"] == method and r["strength"] == strength]
+
+
+def summarise(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> list[dict[str, Any]]:
+    """One line per method and strength (strength 0 is the shared unsteered images)."""
+    spatial = spatial_rows(rows)
+    rows = [r for r in rows if r["group"] != "pairs"]
+    lines = []
+    for method, strength, chosen in settings(rows, methods):
+        concept = [r for r in chosen if r["group"] == "concept"]
+        control = [r for r in chosen if r["group"] == "control"]
+        line = {
+            "method": method,
+            "strength": strength,
+            "concept_presence": mean_of(concept, "concept_presence"),
+            "concept_clip_score": mean_of(concept, "clip_score"),
+            "control_clip_score": mean_of(control, "clip_score"),
+            "control_similarity": mean_of(control, "clip_similarity"),
+            "control_pixel_change": mean_of(control, "pixel_change"),
+        }
+        if any("concept_drawn" in r for r in chosen):
+            line["concept_drawn"] = mean_of(concept, "concept_drawn")
+            line["control_as_prompted"] = mean_of(control, "objects_as_prompted")
+        pairs = [r for r in spatial if r["method"] == ("unsteered" if strength == 0.0 else method)]
+        pairs = [r for r in pairs if strength == 0.0 or r["strength"] == strength]
+        if pairs:
+            line["spatial_removed"] = mean_of(pairs, "removed")
+            line["spatial_kept"] = mean_of(pairs, "kept")
+        lines.append(line)
     return lines
 
 

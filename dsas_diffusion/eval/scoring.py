@@ -9,8 +9,8 @@ from typing import Any
 
 from PIL import Image
 
-from .cache import UNSTEERED, ImageCache, Job
-from .config import EvalConfig, parse_method
+from .cache import ImageCache, Job, job_fields
+from .config import EvalConfig
 from .metrics import ClipScorer, default_clip_for, pixel_change
 
 __all__ = ["make_scorer", "score_jobs"]
@@ -78,18 +78,9 @@ def score_jobs(
     )
     rows = []
     for index, job in enumerate(jobs):
-        method = None if job.method == UNSTEERED else parse_method(job.method)
         rows.append(
             {
-                "model": config.model,
-                "concept": config.concept,
-                "method": job.method,
-                "map": method.map if method else "",
-                "gating": method.gating if method else "",
-                "strength": job.strength,
-                "group": job.group,
-                "prompt": job.prompt,
-                "seed": job.seed,
+                **job_fields(config, job),
                 "clip_score": round(float(clip_scores[index]), 5),
                 "concept_presence": round(float(presence[index]), 5),
                 "clip_similarity": round(float(similarity[index]), 5),

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .cache import UNSTEERED, ImageCache, Job
+from .cache import UNSTEERED, ImageCache, Job, job_fields
 from .config import ConfigError, EvalConfig, parse_method
 
 __all__ = [
@@ -310,18 +310,9 @@ def score_text_jobs(
             change.update({i: value - base[i] for i, value in zip(chosen, steered, strict=True)})
     rows = []
     for index, (job, record) in enumerate(zip(jobs, records, strict=True)):
-        method = None if job.method == UNSTEERED else parse_method(job.method)
         continuation = record["continuation"]
         row: dict[str, Any] = {
-            "model": config.model,
-            "concept": config.concept,
-            "method": job.method,
-            "map": method.map if method else "",
-            "gating": method.gating if method else "",
-            "strength": job.strength,
-            "group": job.group,
-            "prompt": job.prompt,
-            "seed": job.seed,
+            **job_fields(config, job),
             "continuation": continuation,
             "concept_drawn": float(mentions(continuation, config.concept)) if scorer.grammar else None,
             "concept_presence": scorer.word_rate(continuation),

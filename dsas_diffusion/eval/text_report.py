@@ -20,7 +20,16 @@ from typing import Any
 
 from .config import EvalConfig
 from .operating import hypervolume, mean_of, method_figures
-from .report import _flat, _unsteered_presence, _write_csv, markdown_table, operating_table, pareto_plot, target_table
+from .report import (
+    _flat,
+    _unsteered_presence,
+    _write_csv,
+    markdown_table,
+    operating_table,
+    pareto_plot,
+    settings,
+    target_table,
+)
 
 __all__ = ["summarise_text", "write_text_report"]
 
@@ -42,23 +51,15 @@ COLUMNS = {
 def summarise_text(rows: Sequence[Mapping[str, Any]], methods: Sequence[str], similarity: str) -> list[dict[str, Any]]:
     """One line per method and strength (strength 0: the shared unsteered continuations);
     ``control_similarity`` is the mean of the rows' ``similarity`` measure."""
-    unsteered = [r for r in rows if r["method"] == "unsteered"]
     lines = []
-    for method in methods:
-        strengths = sorted({r["strength"] for r in rows if r["method"] == method})
-        for strength in [0.0, *strengths]:
-            chosen = (
-                unsteered
-                if strength == 0.0
-                else [r for r in rows if r["method"] == method and r["strength"] == strength]
-            )
-            groups = {g: [r for r in chosen if r["group"] == g] for g in ("concept", "control")}
-            line: dict[str, Any] = {"method": method, "strength": strength}
-            line["control_similarity"] = mean_of(groups["control"], similarity)
-            for column, (group, key) in COLUMNS.items():
-                if any(r.get(key) is not None for r in groups[group]):
-                    line[column] = mean_of(groups[group], key)
-            lines.append(line)
+    for method, strength, chosen in settings(rows, methods):
+        groups = {g: [r for r in chosen if r["group"] == g] for g in ("concept", "control")}
+        line: dict[str, Any] = {"method": method, "strength": strength}
+        line["control_similarity"] = mean_of(groups["control"], similarity)
+        for column, (group, key) in COLUMNS.items():
+            if any(r.get(key) is not None for r in groups[group]):
+                line[column] = mean_of(groups[group], key)
+        lines.append(line)
     return lines
 
 
