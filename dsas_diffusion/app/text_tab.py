@@ -192,7 +192,7 @@ def generate_text(entry: TextEntry, steerer: Steerer, settings: TextSettings) ->
         keep = [i for i, token in enumerate(read["tokens"]) if token not in special]
         tokens[variant] = [read["tokens"][i] for i in keep]
         gates[variant] = {
-            layer: [float(values[i]) for i in keep] for layer, values in read["gate_maps"][STEERER].items()
+            layer: [float(opening[i]) for i in keep] for layer, opening in read["gate_maps"][STEERER].items()
         }
     layers = list(gates["DSAS"])
     return TextResult(texts, tokens, gates, rates, perplexity, layers)
