@@ -144,9 +144,10 @@ def steering_id(directory: Path) -> str:
 
 
 class ImageCache:
-    """Where each job's image (or continuation: ``suffix=".json"``) lives: ``directory/<hash>.png``, the hash taken over the
-    generation settings, the model's identity, the method, the steerer's identity, the
-    strength, the prompt and the seed."""
+    """Where each job's image lives: ``directory/<hash>.png`` (a continuation's:
+    ``<hash>.json``, with ``suffix=".json"``), the hash taken over the generation settings,
+    the model's identity, the method, the steerer's identity, the strength, the prompt and
+    the seed."""
 
     def __init__(
         self, directory: Path, settings: Mapping[str, Any], steering_ids: Mapping[str, str], suffix: str = ".png"
