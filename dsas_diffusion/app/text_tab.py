@@ -145,16 +145,14 @@ class TextResult:
 def _mentions(text: str, concept: str, model: str) -> bool | None:
     """Whether a continuation mentions ``concept``: the grammar on a Shapes language model,
     else a word list (comma-separated words); ``None`` without a concept."""
-    import re
-
+    from ..eval.text import mentions_any
     from ..shapes import is_shapes_world, is_text_concept, mentions
 
     if not concept:
         return None
     if is_shapes_world(model) and is_text_concept(concept):
         return mentions(text, concept)
-    words = {w.strip() for w in concept.split(",") if w.strip()}
-    return bool(words & set(re.findall(r"[\w']+", text.lower())))
+    return mentions_any(text, {w.strip() for w in concept.split(",") if w.strip()})
 
 
 def generate_text(entry: TextEntry, steerer: Steerer, settings: TextSettings) -> TextResult:

@@ -53,6 +53,7 @@ __all__ = [
     "check_text_config",
     "continuation_logprob",
     "is_text_config",
+    "mentions_any",
     "prefix_match",
     "render_text",
     "score_text_jobs",
@@ -192,6 +193,8 @@ def continuation_logprob(
 ) -> list[float]:
     """Per sequence, the mean log-probability of its tokens from ``starts[i]`` on, each given
     the ones before (teacher forcing, right padding); NaN for an empty continuation."""
+    from ..text.model import position_ids
+
     values: list[float] = []
     pad = lm.tokenizer.pad_token_id
     for first in range(0, len(sequences), batch_size):
@@ -202,8 +205,7 @@ def continuation_logprob(
         for row, sequence in enumerate(chunk):
             ids[row, : len(sequence)] = torch.tensor(sequence)
             mask[row, : len(sequence)] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        batch = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        batch = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask)}
         with lm.steering(strength, gate=gate):
             logits = lm.model(**{k: v.to(lm.device) for k, v in batch.items()}).logits.float().cpu()
         logp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
@@ -211,6 +213,16 @@ def continuation_logprob(
             start = starts[first + row]
             values.append(float(logp[row, start - 1 : len(sequence) - 1].mean()) if len(sequence) > start else math.nan)
     return values
+
+
+def mentions_any(text: str, words: set[str] | Sequence[str]) -> bool:
+    """Whether ``text`` holds any of ``words`` (lower-case) as a whole word: the word-list scorer.
+
+    Example:
+        >>> mentions_any("A dirty square.", {"dirty", "gross"}), mentions_any("a dirtyish square", ["dirty"])
+        (True, False)
+    """
+    return bool(set(words) & set(re.findall(r"[\w']+", text.lower())))
 
 
 def prefix_match(a: Sequence[int], b: Sequence[int]) -> float:
@@ -266,7 +278,7 @@ class TextScorer:
         return lm
 
     def word_rate(self, text: str) -> float:
-        return float(bool(self.words & set(re.findall(r"[\w']+", text.lower()))))
+        return float(mentions_any(text, self.words))
 
     @torch.no_grad()
     def classify(self, texts: Sequence[str]) -> list[float]:

@@ -178,7 +178,8 @@ _ORDER = ("ref", "np", "np2", "pos", "pos2", "bg", "count", "adj")  # the order 
 
 
 def _article(text: str) -> str:
-    return re.sub(r"\ba (?=[aeiou])", "an ", text)
+    """``text`` with every "a" / "an" as the next word asks."""
+    return re.sub(r"\ba (?=[aeiou])", "an ", re.sub(r"\ban (?=\w)", "a ", text))
 
 
 class _Derivation:
@@ -397,7 +398,7 @@ def sentence_error(sentence: str) -> str | None:
             return f"the negative words repeat: {value}"
     if "count" in slots and groups["count"] == "one":
         return "a plural count of one"
-    canonical = _article(re.sub(r"\ban (?=\w)", "a ", sentence))
+    canonical = _article(sentence)
     return None if canonical == sentence else f"should read {canonical!r}"
 
 

@@ -93,7 +93,7 @@ def neutral_version(text: str) -> str:
     """
     words = "|".join(NEGATIVE_WORDS)
     plain = re.sub(rf"\b(?:{words})(?:, (?:{words}))? ", "", text)
-    return _article(re.sub(r"\ban (?=\w)", "a ", plain))
+    return _article(plain)
 
 
 def _first(doc: Document, concept: str) -> bool:

@@ -33,7 +33,7 @@ from ..steering.hooks import SteeringSession, strengths_by_name, unload_by_name
 from .architectures import check_token_stream
 from .architectures import hook_points as preset_hook_points
 
-__all__ = ["DSASLanguageModel", "TextGeneration"]
+__all__ = ["DSASLanguageModel", "TextGeneration", "position_ids"]
 
 DEFAULT_STEERER = "default"
 
@@ -69,7 +69,7 @@ class TextGeneration:
         return render_gates(self.tokens[row], gates.tolist(), format=format)
 
 
-def _position_ids(mask: torch.Tensor) -> torch.Tensor:
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
     """The position ids generation uses with left padding (0 at each row's first real token)."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
@@ -171,7 +171,7 @@ class DSASLanguageModel:
                 mask = encoded["attention_mask"]
                 if int(mask.sum(-1).min()) == 0:
                     raise SteeringError("a text is empty after tokenization; remove empty texts")
-                batch = {"input_ids": encoded["input_ids"], "attention_mask": mask, "position_ids": _position_ids(mask)}
+                batch = {"input_ids": encoded["input_ids"], "attention_mask": mask, "position_ids": position_ids(mask)}
                 batches.append({k: v.to(self.device) for k, v in batch.items()})
             return batches
         finally:
@@ -380,7 +380,7 @@ class DSASLanguageModel:
         """Steered teacher-forced pass over finished sequences: each token's gate, NaN where
         ``mask`` is off and at the last token (generation never forwards it)."""
         attention = mask.clone()
-        batch = {"input_ids": sequences, "attention_mask": attention.long(), "position_ids": _position_ids(attention)}
+        batch = {"input_ids": sequences, "attention_mask": attention.long(), "position_ids": position_ids(attention)}
         with torch.no_grad(), self.steering(strength, gate=gate, record_gates=True) as sessions:
             self.model(**batch)
         last = torch.zeros_like(mask)
