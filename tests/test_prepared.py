@@ -4,35 +4,9 @@ import itertools
 
 import pytest
 import torch
+from toys import WIDTH, layer_kinds
 
-from dsas_diffusion.steering import HookPoint, LinearGate, SteeringLayer, SteeringMap
 from dsas_diffusion.steering.prepared import PreparedLayer
-
-WIDTH = 6
-
-
-def _layers(layout: str):
-    """Every kind of layer: shift or affine map (with and without a support), sigmoid or ReLU
-    gate, with a floor and an accuracy scale or without."""
-    generator = torch.Generator().manual_seed(0)
-
-    def vector(scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
-        return torch.randn(WIDTH, generator=generator) * scale + shift
-
-    maps = {
-        "shift": lambda: SteeringMap(vector()),
-        "affine": lambda: SteeringMap(vector(), weight=vector(0.3, 1.0)),
-        "affine+support": lambda: SteeringMap(
-            vector(), weight=vector(0.3, 1.0), support=(torch.full((WIDTH,), -0.5), torch.full((WIDTH,), 0.7))
-        ),
-    }
-    gates = itertools.product(("sigmoid", "relu"), (0.0, 0.3), (1.0, 0.6))
-    for (kind, make_map), (activation, floor, scale) in itertools.product(maps.items(), gates):
-        gate = LinearGate(vector(), 0.2, activation=activation, floor=floor, scale=scale)
-        yield (
-            f"{kind}/{activation}/floor={floor}/scale={scale}",
-            SteeringLayer(HookPoint("m", layout=layout), make_map(), gate),
-        )
 
 
 @pytest.mark.parametrize(
@@ -43,7 +17,7 @@ def _layers(layout: str):
 def test_prepared_layer_equals_the_reference(layout, shape, dtype):
     x = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 2.0).to(dtype)
     x.view(-1)[3] = float("nan")  # a NaN stays confined to its position in both
-    for case, layer in _layers(layout):
+    for case, layer in layer_kinds(layout):
         prepared = PreparedLayer(layer, x.device)
         for strength, gated in itertools.product((0.0, 1.0, -2.5), (True, False)):
             expected, expected_gates = layer.steer(x, strength, gated)
@@ -60,6 +34,6 @@ def test_prepared_layer_equals_the_reference(layout, shape, dtype):
 
 
 def test_prepared_layer_reads_a_non_contiguous_activation():
-    layer = dict(_layers("channels_last"))["affine+support/sigmoid/floor=0.3/scale=0.6"]
+    layer = dict(layer_kinds("channels_last"))["affine+support/sigmoid/floor=0.3/scale=0.6"]
     x = torch.randn(5, WIDTH, 4).transpose(1, 2)  # (5, 4, WIDTH), features not contiguous
     torch.testing.assert_close(PreparedLayer(layer, x.device)(x, 1.5, True)[0], layer.steer(x, 1.5, True)[0])

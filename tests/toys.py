@@ -1,7 +1,13 @@
 """Small models and data sets shared by the tests."""
 
+import itertools
+
 import torch
 from torch import nn
+
+from dsas_diffusion.steering import HookPoint, LinearGate, SteeringLayer, SteeringMap
+
+WIDTH = 6
 
 
 class ResidualBlock(nn.Module):
@@ -42,3 +48,28 @@ def make_sets(width: int = 16, batches: int = 8, batch: int = 4, tokens: int = 6
         return [torch.randn(batch, tokens, width, generator=generator) + offset for _ in range(batches)]
 
     return draw(concept), draw(torch.zeros(width)), draw(torch.zeros(width))
+
+
+def layer_kinds(layout: str):
+    """``(name, layer)`` for every kind of steering layer of ``WIDTH`` features: shift or affine
+    map (with and without a support), sigmoid or ReLU gate, with a floor and an accuracy scale
+    or without."""
+    generator = torch.Generator().manual_seed(0)
+
+    def vector(scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
+        return torch.randn(WIDTH, generator=generator) * scale + shift
+
+    maps = {
+        "shift": lambda: SteeringMap(vector()),
+        "affine": lambda: SteeringMap(vector(), weight=vector(0.3, 1.0)),
+        "affine+support": lambda: SteeringMap(
+            vector(), weight=vector(0.3, 1.0), support=(torch.full((WIDTH,), -0.5), torch.full((WIDTH,), 0.7))
+        ),
+    }
+    gates = itertools.product(("sigmoid", "relu"), (0.0, 0.3), (1.0, 0.6))
+    for (kind, make_map), (activation, floor, scale) in itertools.product(maps.items(), gates):
+        gate = LinearGate(vector(), 0.2, activation=activation, floor=floor, scale=scale)
+        yield (
+            f"{kind}/{activation}/floor={floor}/scale={scale}",
+            SteeringLayer(HookPoint("m", layout=layout), make_map(), gate),
+        )

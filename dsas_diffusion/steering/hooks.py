@@ -283,7 +283,8 @@ class SteeringSession:
             # compiled: λ is a tensor read in the graph (no guard on its value, no recompile
             # when it changes); eager: a Python number, and λ = 0 skips the work exactly
             compiling = torch.compiler.is_compiling()
-            strength = self._strength_on(tensor.device) if compiling else self._strength
+            # (on CUDA also eager: the fused kernel reads λ from the device, no copy per call)
+            strength = self._strength_on(tensor.device) if compiling or tensor.is_cuda else self._strength
             if not compiling and self._strength == 0.0 and self.observer is None:
                 # exactly the identity; compute the gates only if they are being recorded
                 if self.record_gates and gated and layer.gate is not None:

@@ -1,0 +1,106 @@
+"""The fused gate-and-map kernel computes what the PyTorch path computes.
+
+On a CUDA machine these run on the GPU. Without one, the same tests run on the CPU under
+Triton's interpreter (``TRITON_INTERPRET=1``, which must be set before Triton is imported,
+hence a separate pytest process started by the last test).
+"""
+
+import itertools
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+from toys import WIDTH, layer_kinds, make_sets
+
+from dsas_diffusion.steering import fit_steerer
+from dsas_diffusion.steering.fused import KERNEL_AVAILABLE, uses_kernel
+from dsas_diffusion.steering.prepared import PreparedLayer
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+needs_kernel = pytest.mark.skipif(not uses_kernel(DEVICE), reason="the fused kernel needs CUDA or TRITON_INTERPRET=1")
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("layout", "shape"),
+    [("channels_last", (2, 5, WIDTH)), ("channels_last", (7, WIDTH)), ("channels_first", (2, WIDTH, 3, 4))],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_fused_kernel_equals_the_pytorch_path(layout, shape, dtype):
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 2.0).to(DEVICE, dtype)
+    x.view(-1)[3] = float("nan")  # a NaN stays confined to its position (its row when gated)
+    for case, layer in layer_kinds(layout):
+        fused, reference = PreparedLayer(layer, DEVICE), PreparedLayer(layer, DEVICE)
+        reference.kernel = False
+        assert fused.kernel
+        for strength, gated in itertools.product((0.0, 1.0, -2.5), (True, False)):
+            expected, expected_gates = reference(x, strength, gated)
+            steered, gates = fused(x, torch.tensor(strength, device=DEVICE), gated)
+            assert steered.dtype == x.dtype and steered.shape == x.shape, case
+            tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-3, "rtol": 2e-3}
+            torch.testing.assert_close(steered, expected, equal_nan=True, **tolerance, msg=case)
+            if gated:
+                torch.testing.assert_close(gates, expected_gates, equal_nan=True, atol=1e-6, rtol=1e-5, msg=case)
+            else:
+                assert gates is None
+
+
+@needs_kernel
+@torch.no_grad()
+def test_a_session_on_a_kernel_device_steers_with_it_and_matches_the_pytorch_path(monkeypatch):
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16)).eval()
+    sets = make_sets()
+    steerer = fit_steerer(model, ["0", "2"], *sets, map="linear-act", progress=False)
+    model.to(DEVICE)
+    x = sets[0][0].to(DEVICE)
+    with steerer.apply(model, strength=1.5, record_gates=True) as session:
+        steered = model(x)
+        assert all(prepared.kernel for prepared in session._prepared.values())
+        gates = session.gate_maps["2"][0]
+    monkeypatch.setenv("DSAS_FUSED_KERNEL", "0")  # the PyTorch path
+    with steerer.apply(model, strength=1.5, record_gates=True) as session:
+        expected = model(x)
+        assert not any(prepared.kernel for prepared in session._prepared.values())
+        expected_gates = session.gate_maps["2"][0]
+    assert not torch.allclose(steered, model(x))
+    torch.testing.assert_close(steered, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gates, expected_gates, atol=1e-3, rtol=0)  # recorded in float16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@torch.no_grad()
+def test_the_kernel_under_torch_compile_makes_no_graph_break_and_no_recompile():
+    from torch._dynamo.utils import counters
+
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16)).eval()
+    steerer = fit_steerer(model, ["0", "2"], *make_sets(), map="linear-act", progress=False)
+    model.to("cuda")
+    x = torch.randn(3, 6, 16, device="cuda")
+    torch._dynamo.reset()
+    with steerer.apply(model, strength=0.5) as session:
+        assert torch._dynamo.explain(model)(x).graph_break_count == 0
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(model)
+        compiled(x)
+        before = counters["stats"]["unique_graphs"]
+        for strength in (1.0, 2.5, 0.0):
+            session.strength = strength
+            torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+        assert counters["stats"]["unique_graphs"] == before
+
+
+@pytest.mark.skipif(
+    not KERNEL_AVAILABLE or torch.cuda.is_available() or uses_kernel(DEVICE),
+    reason="Triton not installed, or the kernel tests run directly (CUDA or interpreter already on)",
+)
+def test_the_kernel_tests_pass_under_the_triton_interpreter_on_the_cpu():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not interpreter"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert re.search(r"^7 passed", result.stdout, re.MULTILINE), result.stdout[-2000:]  # all seven ran
