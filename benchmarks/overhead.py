@@ -10,11 +10,9 @@
 - A language model: tokens per second of steered vs unsteered ``DSASLanguageModel.generate``
   on a Qwen2 config of about 20M parameters (hidden 512, 8 layers, random weights), the
   ``residual`` preset on all layers, batch 8, 64 new tokens (greedy, no early stop).
-- When a GPU is present, also an SDXL-size random UNet (``UNet2DConditionModel`` with
-  SDXL's config, random weights) at 1024 x 1024 (128 x 128 latents) in float16, batch 2,
-  with steerers fitted on random activations (only the cost matters here).
+- At full size on a GPU (an SDXL UNet and a PixArt transformer, float16): ``overhead_gpu.py``.
 
-The three variants take turns, the order rotating each round, so that drift in the machine's
+The variants take turns, the order rotating each round, so that drift in the machine's
 speed hits them alike; the table gives each variant's median time and, per steered variant,
 the median over rounds of its ratio to the same round's unsteered time with the quartiles
 of those ratios in brackets.
@@ -31,8 +29,6 @@ from collections.abc import Callable
 
 import torch
 
-from dsas_diffusion.diffusion import hook_points
-from dsas_diffusion.steering import fit_steerer
 from dsas_diffusion.steering.hookpoints import feature_dim, get_output, replace_output, resolve_module
 
 SDXL_UNET = dict(
@@ -115,7 +111,13 @@ class NaiveHooks:
 
 
 def time_variants(
-    denoiser, call: dict, steerer, repeats: int, block: int = 5, compiled: bool = False
+    denoiser,
+    call: dict,
+    steerer,
+    repeats: int,
+    block: int = 5,
+    compiled: bool = False,
+    variants: tuple[str, ...] = ("unsteered", "uniform", "dsas", "naive"),
 ) -> dict[str, float]:
     """Seconds of one denoiser call, unsteered, with uniform steering, with DSAS and with the
     naive hooks (:class:`NaiveHooks`, gated like DSAS).
@@ -125,6 +127,7 @@ def time_variants(
     hooks attached, timed by the block's median; turns alternate (see :func:`alternate`).
     ``compiled``: each variant runs its own ``torch.compile`` of a copy of the denoiser, its
     hooks attached before compiling (and kept: the compiled graph holds them).
+    ``variants``: which of the four to time (``unsteered`` first).
     """
     device = next(denoiser.parameters()).device
     attach = {
@@ -133,6 +136,7 @@ def time_variants(
         "dsas": lambda model: steerer.apply(model, gate=True),
         "naive": lambda model: NaiveHooks(model, steerer),
     }
+    attach = {name: attach[name] for name in variants}
     models = {name: denoiser for name in attach}
     if compiled:
         models = {name: copy.deepcopy(denoiser) for name in attach}
@@ -197,56 +201,6 @@ def shapes_model(model: str, repeats: int, compiled: bool = False) -> list[dict]
     return rows
 
 
-def sdxl_gpu(repeats: int) -> list[dict]:
-    from diffusers import UNet2DConditionModel
-
-    device = torch.device("cuda")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SDXL_UNET).to(device, torch.float16).eval()
-    batch = 2
-
-    def call(seed: int) -> dict:
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        return {
-            "sample": torch.randn(batch, 4, 128, 128, generator=g).to(device, torch.float16),
-            "timestep": torch.tensor(500, device=device),
-            "encoder_hidden_states": torch.randn(batch, 77, 2048, generator=g).to(device, torch.float16),
-            "added_cond_kwargs": {
-                "text_embeds": torch.randn(batch, 1280, generator=g).to(device, torch.float16),
-                "time_ids": torch.tensor([[1024, 1024, 0, 0, 1024, 1024]] * batch, device=device, dtype=torch.float16),
-            },
-            "return_dict": False,
-        }
-
-    rows = []
-    for preset in ("cross-attention", "blocks", "norms"):
-        points = hook_points(unet, preset)
-        sets = [[call(seed)] for seed in range(3)]
-        steerer = fit_steerer(
-            unet,
-            points,
-            sets[0] * 4,
-            sets[1] * 4,
-            sets[2] * 4,
-            map="linear-act",
-            gate_threshold=None,
-            forward=lambda c: unet(**c),
-            mask_fn=lambda c: None,
-            max_imbalance=10.0,
-            progress=False,
-        )
-        timing = time_variants(unet, call(99), steerer, repeats)
-        rows.append(
-            {
-                "model": "SDXL-size UNet (GPU fp16, batch 2, 1024x1024)",
-                "preset": preset,
-                "layers": len(points),
-                **timing,
-            }
-        )
-    return rows
-
-
 def text_generate(repeats: int) -> list[dict]:
     """Steered vs unsteered ``generate`` of a ~20M-parameter Qwen2 (random weights)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -301,10 +255,15 @@ def main() -> None:
             rows += shapes_model(model, args.repeats, compiled=args.compiled)
     if args.only != "images":
         rows += text_generate(max(3, args.repeats // 3))
-    if args.only != "text" and torch.cuda.is_available():
-        rows += sdxl_gpu(args.repeats)
-    elif args.only != "text":
-        print("no GPU here: the SDXL-size fp16 measurement needs CUDA\n")
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(rows, handle, indent=2)
+
+
+def print_table(rows: list[dict]) -> None:
+    """The rows as a markdown table: median milliseconds per variant and, per steered
+    variant, its median ratio to unsteered with the quartiles of the ratios."""
     print(
         "| model | preset | hooked layers | unsteered ms | uniform ms | DSAS ms | naive hooks ms | uniform / unsteered | "
         "DSAS / unsteered | naive / unsteered |"
@@ -318,15 +277,9 @@ def main() -> None:
             low, high = row[f"{name}_spread"]
             return f"{row[f'{name}_ratio']:.3f} [{low:.3f}, {high:.3f}]"
 
-        naive = f"{1000 * row['naive']:.1f}" if "naive" in row else "-"
-        print(
-            f"| {row['model']} | {row['preset']} | {row['layers']} | {1000 * row['unsteered']:.1f} | "
-            f"{1000 * row['uniform']:.1f} | {1000 * row['dsas']:.1f} | {naive} | {ratio('uniform')} | "
-            f"{ratio('dsas')} | {ratio('naive')} |"
-        )
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(rows, handle, indent=2)
+        ms = [f"{1000 * row[name]:.1f}" if name in row else "-" for name in ("unsteered", "uniform", "dsas", "naive")]
+        ratios = [ratio(name) for name in ("uniform", "dsas", "naive")]
+        print(f"| {row['model']} | {row['preset']} | {row['layers']} | " + " | ".join(ms + ratios) + " |")
 
 
 if __name__ == "__main__":
