@@ -130,6 +130,8 @@ if KERNEL_AVAILABLE:
         out = torch.empty_like(x)
         gated = weight is not None
         gates = torch.empty(rows if gated else 0, device=x.device, dtype=torch.float32)
+        if rows == 0:  # an empty batch: no program to launch
+            return out, gates
         block_c = triton.next_power_of_2(width)
         block_r = max(1, min(64, 4096 // block_c))
         torch.library.wrap_triton(_steer_kernel)[(triton.cdiv(rows, block_r),)](
