@@ -106,7 +106,35 @@ def test_the_kernel_under_torch_compile_makes_no_graph_break_and_no_recompile():
 )
 def test_the_kernel_tests_pass_under_the_triton_interpreter_on_the_cpu():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not interpreter"]
+    only = "not interpreter and not compiles"  # the kernel tests
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", only]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert re.search(r"^9 passed", result.stdout, re.MULTILINE), result.stdout[-2000:]  # all nine ran
+
+
+@pytest.mark.skipif(not KERNEL_AVAILABLE, reason="Triton not installed")
+def test_the_kernel_compiles_for_cuda_gpus_without_one():
+    """Triton compiles the kernel ahead of time to a cubin (its bundled ptxas) for each kind of
+    layer and dtype: the type checks and lowering the interpreter does not do."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from dsas_diffusion.steering.fused import _steer_kernel, triton
+
+    pointers = ["gates", "bias", "slope", "lo", "hi", "weight", "gate_bias", "strength"]
+    layers = [  # (HAS_SLOPE, HAS_SUPPORT, GATED, SIGMOID)
+        (False, False, True, True), (True, False, True, False), (True, True, True, True), (True, True, False, True),
+    ]  # fmt: skip
+    cases = [(kinds, "fp32", 8) for kinds in layers] + [(layers[2], "fp16", 1), (layers[2], "bf16", 8)]
+    for (slope, support, gated, sigmoid), dtype, positions in cases:
+        signature = {"x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", **{f"{p}_ptr": "*fp32" for p in pointers}}
+        signature |= {"rows": "i32", "width": "i32", "positions": "i32" if positions > 1 else "constexpr"}
+        signature |= {"floor": "fp32", "gate_scale": "fp32"}
+        flags = {"HAS_SLOPE": slope, "HAS_SUPPORT": support, "GATED": gated, "SIGMOID": sigmoid, "BLOCK_R": 4}
+        constants = {**flags, "BLOCK_C": 1024, **({"positions": 1} if positions == 1 else {})}
+        signature |= dict.fromkeys(flags, "constexpr") | {"BLOCK_C": "constexpr"}
+        source = ASTSource(fn=_steer_kernel, signature=signature, constexprs=constants)
+        for arch in (80, 90):
+            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 8})
+            assert len(compiled.asm["cubin"]) > 1000, (flags, dtype, arch)

@@ -96,12 +96,13 @@ if KERNEL_AVAILABLE:
         if GATED:
             weight = tl.load(weight_ptr + c, mask=col_ok, other=0.0)
             logit = tl.sum(x * weight[None, :], axis=1) + tl.load(gate_bias_ptr)
-            nan = tl.PropagateNan.ALL  # NaN stays NaN, as in torch.clamp
+            # NaN stays NaN, as in torch.clamp (the enum is passed inline: it is not a tensor)
             if SIGMOID:
                 opening = tl.sigmoid(logit)
             else:
-                opening = tl.minimum(tl.maximum(logit, 0.0, propagate_nan=nan), 1.0, propagate_nan=nan)
-            gate = tl.maximum(opening - floor, 0.0, propagate_nan=nan) * gate_scale
+                opening = tl.maximum(logit, 0.0, propagate_nan=tl.PropagateNan.ALL)
+                opening = tl.minimum(opening, 1.0, propagate_nan=tl.PropagateNan.ALL)
+            gate = tl.maximum(opening - floor, 0.0, propagate_nan=tl.PropagateNan.ALL) * gate_scale
             tl.store(gates_ptr + r, gate, mask=row_ok)
             steered = x + (strength * gate)[:, None] * delta
         else:
