@@ -1,6 +1,7 @@
 """Per-denoising-step cost of steering: unsteered vs uniform vs DSAS, ratios measured in one run.
 
     python benchmarks/overhead.py [--repeats 30] [--models shapes-sd shapes-mmdit] [--compiled] [--json FILE]
+    python benchmarks/overhead.py --arithmetic --models shapes-sd shapes-mmdit   # the hooks' work alone
 
 - ``shapes-sd`` (and ``shapes-mmdit``) on the CPU: one denoiser call on a CFG batch of 2 x 8
   latents, with a steerer fitted on the banana prompt sets with ``fit_steering``'s defaults
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import statistics
 import time
@@ -167,9 +169,48 @@ def time_variants(
         return summary(alternate({name: lambda name=name: turn(name) for name in attach}, max(1, repeats // block)))
 
 
-def shapes_model(model: str, repeats: int, compiled: bool = False) -> list[dict]:
+def steering_arithmetic(denoiser, call: dict, steerer, number: int = 100) -> dict[str, float]:
+    """The steering work alone, beside the call it rides on: seconds of one unsteered denoiser
+    call, and summed over the steered modules the seconds of their DSAS and uniform hook
+    functions (the whole forward hook a session places: checks, ``PreparedLayer``, output
+    replacement) applied to each module's output from the same call; each the median of 5
+    timings of ``number`` repetitions (5 for the denoiser call)."""
+
+    def seconds(function: Callable[[], object], number: int) -> float:
+        function()
+        timings = []
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(number):
+                function()
+            timings.append((time.perf_counter() - start) / number)
+        return statistics.median(timings)
+
+    modules = {layer.name: resolve_module(denoiser, layer.name) for layer in steerer.layers}
+    outputs: dict[str, object] = {}
+    handles = [
+        module.register_forward_hook(lambda module, args, output, name=name: outputs.__setitem__(name, output))
+        for name, module in modules.items()
+    ]
+    with torch.no_grad():
+        try:
+            result = {"unsteered": seconds(lambda: denoiser(**call), 5)}
+        finally:
+            for handle in handles:
+                handle.remove()
+        for variant, gate in (("dsas", True), ("uniform", False)):
+            result[variant] = 0.0
+            with steerer.apply(denoiser, strength=1.0, gate=gate):
+                for name, module in modules.items():
+                    (hook,) = module._forward_hooks.values()  # the session's hook
+                    result[variant] += seconds(functools.partial(hook, module, (), outputs[name]), number)
+    return result
+
+
+def shapes_model(model: str, repeats: int, compiled: bool = False, arithmetic: bool = False) -> list[dict]:
     """Eager rows for the defaults and the block and norm presets of ``model`` (``shapes-sd``
-    or ``shapes-mmdit``); with ``compiled``, also the block preset under ``torch.compile``."""
+    or ``shapes-mmdit``); with ``compiled``, also the block preset under ``torch.compile``;
+    with ``arithmetic``, instead of the alternating runs, :func:`steering_arithmetic`."""
     from dsas_diffusion.diffusion.collect import record_denoiser_calls
     from dsas_diffusion.diffusion.loading import load_pipeline
     from dsas_diffusion.shapes import concept_prompts
@@ -192,11 +233,14 @@ def shapes_model(model: str, repeats: int, compiled: bool = False) -> list[dict]
         ("norms, Linear-AcT", {"map": "linear-act", "preset": "norms"}, False),
         ("blocks, Linear-AcT with support", {"map": "linear-act", "preset": "blocks", "support_quantiles": (0.0, 1.0)}, False),
     ]  # fmt: skip
-    if compiled:
+    if compiled and not arithmetic:
         variants.append(("blocks, Linear-AcT, compiled", {"map": "linear-act", "preset": "blocks"}, True))
     for label, settings, compile_it in variants:
         steerer = pipe.fit_steering(source, target, control, gate_threshold=None, progress=False, **settings)
-        timing = time_variants(denoiser, call, steerer, repeats, compiled=compile_it)
+        if arithmetic:
+            timing = steering_arithmetic(denoiser, call, steerer)
+        else:
+            timing = time_variants(denoiser, call, steerer, repeats, compiled=compile_it)
         rows.append({"model": f"{model} (CPU, batch 2x8)", "preset": label, "layers": len(steerer.layers), **timing})
     return rows
 
@@ -248,8 +292,20 @@ def main() -> None:
     parser.add_argument("--only", choices=("images", "text"), default=None, help="run one part only")
     parser.add_argument("--models", nargs="+", default=["shapes-sd"], help="shapes-sd and / or shapes-mmdit")
     parser.add_argument("--compiled", action="store_true", help="also the block preset under torch.compile")
+    parser.add_argument("--arithmetic", action="store_true", help="the steering arithmetic alone, per image model")
     args = parser.parse_args()
     rows = []
+    if args.arithmetic:
+        for model in args.models:
+            rows += shapes_model(model, args.repeats, arithmetic=True)
+        print("| model | preset | hooked layers | unsteered call ms | DSAS arithmetic ms | uniform arithmetic ms |"
+              " DSAS / call | uniform / call |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|")
+        for row in rows:
+            ms = [f"{1000 * row[name]:.2f}" for name in ("unsteered", "dsas", "uniform")]
+            shares = [f"{row[name] / row['unsteered']:.4f}" for name in ("dsas", "uniform")]
+            print(f"| {row['model']} | {row['preset']} | {row['layers']} | " + " | ".join(ms + shares) + " |")
+        return
     if args.only != "text":
         for model in args.models:
             rows += shapes_model(model, args.repeats, compiled=args.compiled)
