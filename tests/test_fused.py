@@ -123,7 +123,7 @@ def test_the_kernel_compiles_for_cuda_gpus_without_one():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from dsas_diffusion.steering.fused import _steer_kernel, triton
+    from dsas_diffusion.steering.fused_kernel import steer_kernel, triton
 
     pointers = ["gates", "bias", "slope", "lo", "hi", "weight", "gate_bias", "strength"]
     layers = [  # (HAS_SLOPE, HAS_SUPPORT, GATED, SIGMOID)
@@ -137,7 +137,7 @@ def test_the_kernel_compiles_for_cuda_gpus_without_one():
         flags = {"HAS_SLOPE": slope, "HAS_SUPPORT": support, "GATED": gated, "SIGMOID": sigmoid, "BLOCK_R": 4}
         constants = {**flags, "BLOCK_C": 1024, **({"positions": 1} if positions == 1 else {})}
         signature |= dict.fromkeys(flags, "constexpr") | {"BLOCK_C": "constexpr"}
-        source = ASTSource(fn=_steer_kernel, signature=signature, constexprs=constants)
+        source = ASTSource(fn=steer_kernel, signature=signature, constexprs=constants)
         for arch in (80, 90):
             compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 8})
             assert len(compiled.asm["cubin"]) > 1000, (flags, dtype, arch)

@@ -1,0 +1,125 @@
+"""The Triton kernel behind :func:`dsas_diffusion.steering.fused.fused_steer` and its custom op
+``dsas::fused_steer``. Imported on first use only (importing Triton takes about a second), and
+only where Triton is installed.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["fused_steer_op", "steer_kernel"]
+
+
+@triton.jit
+def steer_kernel(
+    x_ptr,
+    out_ptr,
+    gates_ptr,
+    bias_ptr,
+    slope_ptr,
+    lo_ptr,
+    hi_ptr,
+    weight_ptr,
+    gate_bias_ptr,
+    strength_ptr,
+    rows,
+    width,
+    positions,
+    floor,
+    gate_scale,
+    HAS_SLOPE: tl.constexpr,
+    HAS_SUPPORT: tl.constexpr,
+    GATED: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # row r is one position: batch r // positions, position r % positions; feature c of it
+    # lies at (batch·width + c)·positions + position (channels last: positions == 1)
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.arange(0, BLOCK_C)
+    row_ok = r < rows
+    col_ok = c < width
+    ok = row_ok[:, None] & col_ok[None, :]
+    batch = (r // positions).to(tl.int64)
+    base = batch * width * positions + (r % positions)
+    offsets = base[:, None] + c[None, :].to(tl.int64) * positions
+    x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    delta = tl.load(bias_ptr + c, mask=col_ok, other=0.0)[None, :]
+    if HAS_SLOPE:  # the affine map: T(t) − t = (w − 1)·t + b
+        delta = delta + tl.load(slope_ptr + c, mask=col_ok, other=0.0)[None, :] * x
+    if HAS_SUPPORT:  # the identity outside [lo, hi]; NaN is outside
+        lo = tl.load(lo_ptr + c, mask=col_ok, other=0.0)[None, :]
+        hi = tl.load(hi_ptr + c, mask=col_ok, other=0.0)[None, :]
+        delta = tl.where((x >= lo) & (x <= hi), delta, 0.0)
+    strength = tl.load(strength_ptr)
+    if GATED:
+        weight = tl.load(weight_ptr + c, mask=col_ok, other=0.0)
+        logit = tl.sum(x * weight[None, :], axis=1) + tl.load(gate_bias_ptr)
+        # NaN stays NaN, as in torch.clamp (the enum is passed inline: it is not a tensor)
+        if SIGMOID:
+            opening = tl.sigmoid(logit)
+        else:
+            opening = tl.maximum(logit, 0.0, propagate_nan=tl.PropagateNan.ALL)
+            opening = tl.minimum(opening, 1.0, propagate_nan=tl.PropagateNan.ALL)
+        gate = tl.maximum(opening - floor, 0.0, propagate_nan=tl.PropagateNan.ALL) * gate_scale
+        tl.store(gates_ptr + r, gate, mask=row_ok)
+        steered = x + (strength * gate)[:, None] * delta
+    else:
+        steered = x + strength * delta
+    tl.store(out_ptr + offsets, steered.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@torch.library.triton_op("dsas::fused_steer", mutates_args=())
+def fused_steer_op(
+    x: torch.Tensor,
+    bias: torch.Tensor,
+    slope: torch.Tensor | None,
+    lo: torch.Tensor | None,
+    hi: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    gate_bias: torch.Tensor | None,
+    strength: torch.Tensor,
+    floor: float,
+    gate_scale: float,
+    sigmoid: bool,
+    channels_last: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.contiguous()
+    width = x.shape[-1] if channels_last else x.shape[1]
+    positions = 1 if channels_last else x.numel() // max(1, x.shape[0] * width)
+    rows = x.numel() // max(1, width)
+    out = torch.empty_like(x)
+    gated = weight is not None
+    gates = torch.empty(rows if gated else 0, device=x.device, dtype=torch.float32)
+    if rows == 0:  # an empty batch: no program to launch
+        return out, gates
+    block_c = triton.next_power_of_2(width)
+    block_r = max(1, min(64, 4096 // block_c))
+    torch.library.wrap_triton(steer_kernel)[(triton.cdiv(rows, block_r),)](
+        x,
+        out,
+        gates,
+        bias,
+        bias if slope is None else slope,  # an unused pointer must still be a tensor
+        bias if lo is None else lo,
+        bias if hi is None else hi,
+        bias if weight is None else weight,
+        bias if gate_bias is None else gate_bias,
+        strength,
+        rows,
+        width,
+        positions,
+        floor,
+        gate_scale,
+        HAS_SLOPE=slope is not None,
+        HAS_SUPPORT=lo is not None,
+        GATED=gated,
+        SIGMOID=sigmoid,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        num_warps=4 if block_c <= 1024 else 8,
+    )
+    return out, gates
