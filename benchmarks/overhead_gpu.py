@@ -84,7 +84,6 @@ def models(small: bool, device: torch.device, dtype: torch.dtype):
     where = f"{device.type}, {dtype}".replace("torch.", "")
     unet = UNet2DConditionModel(**unet_config).to(device, dtype).eval()
     yield f"SDXL-size UNet ({where}, batch 2, {size}x{size} latents)", unet, unet_call
-    del unet
     pixart = PixArtTransformer2DModel(**pixart_config).to(device, dtype).eval()
     yield f"PixArt-size transformer ({where}, batch 2, {size}x{size} latents)", pixart, pixart_call
 
