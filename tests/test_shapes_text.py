@@ -16,6 +16,7 @@ from dsas_diffusion.shapes.text import (
     SIZES,
     TEMPLATES,
     InvalidText,
+    kind_log_probs,
     negative_sentences,
     parse_document,
     sample_document,
@@ -52,6 +53,26 @@ def test_probabilities_of_all_one_sentence_neutral_documents_sum_to_their_share(
             total += math.exp(parse_document(template.format(np=np, bg=bg, pos=pos)).log_prob)
     expected = N_OBJECTS[1] * N_EXTRAS[0] * (1 - NEGATIVE_FIRST) * len(COLOURS) / (len(COLOURS) * 5)
     assert math.isclose(total, expected, rel_tol=1e-9)
+
+
+def test_the_log_probability_splits_into_sentences_and_the_plan_read_sentence_by_sentence():
+    """Each sentence's own choices plus the plan read one sentence at a time add up to the whole;
+    the plan's next-kind probabilities over every kind and the end sum to one."""
+    kinds_seen = set()
+    for seed in range(1000):
+        document = sample_document(seed)
+        parsed = parse_document(document.text)
+        assert parsed.kinds == document.kinds and len(document.kinds) == len(document.sentences)
+        assert parsed.sentence_log_probs == pytest.approx(document.sentence_log_probs, abs=1e-12)
+        whole = sum(kind_log_probs(document.kinds)) + sum(document.sentence_log_probs)
+        assert math.isclose(whole, document.log_prob, abs_tol=1e-9)
+        kinds_seen.update(document.kinds)
+        following = [kind for kind in TEMPLATES if kind_log_probs(document.kinds[:-1] + [kind])[-2] > -math.inf]
+        assert document.kinds[-1] in following
+        next_or_end = [math.exp(kind_log_probs([*document.kinds[:-1], kind])[-2]) for kind in following]
+        assert math.isclose(sum(next_or_end) + math.exp(kind_log_probs(document.kinds[:-1])[-1]), 1.0, rel_tol=1e-9)
+    assert kinds_seen == set(TEMPLATES)
+    assert kind_log_probs(["first", "first", "count"])[1:] == [-math.inf] * 3
 
 
 def test_the_image_prompt_files_are_documents_of_the_grammar():

@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import re
@@ -38,6 +39,7 @@ __all__ = [
     "TEMPLATES",
     "Document",
     "InvalidText",
+    "kind_log_probs",
     "negative_sentences",
     "parse_document",
     "sample_document",
@@ -131,10 +133,14 @@ class InvalidText(ValueError):
 
 @dataclass
 class Document:
-    """A document with its derivation: sentences, registers, objects (colour, shape) in order of
+    """A document with its derivation: sentences, their kinds (keys of :data:`TEMPLATES`),
+    registers and own log-probabilities (register, template and slots; the plan of sentence
+    kinds is drawn first and counted in ``log_prob`` only), objects (colour, shape) in order of
     introduction, their positions, the background, and the log-probability of the whole."""
 
     sentences: list[str] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
+    sentence_log_probs: list[float] = field(default_factory=list)
     negative: list[bool] = field(default_factory=list)
     objects: list[tuple[str, str]] = field(default_factory=list)
     positions: dict[int, str] = field(default_factory=dict)
@@ -287,6 +293,7 @@ class _Derivation:
                 adjs = self.adjs(negative, read.get("adjs"))
                 values[name] = adjs + " " if adjs else ""
         self.doc.sentences.append(_article(template.format(**values)))
+        self.doc.kinds.append(kind)
         self.doc.negative.append(negative)
 
 
@@ -300,9 +307,32 @@ def sample_document(seed: int) -> Document:
     plan += [d.choose(EXTRA_KINDS) for _ in range(extras)]
     negative = False
     for index, kind in enumerate(plan):
+        before = d.doc.log_prob
         negative = d.choose(_register(index, negative))
         d.sentence(kind, negative, None, {}, total)
+        d.doc.sentence_log_probs.append(d.doc.log_prob - before)
     return d.doc
+
+
+def kind_log_probs(kinds: list[str]) -> list[float]:
+    """The generator's plan read one sentence at a time: ``log p(kind i | kinds before it)`` for
+    each of ``kinds`` and, last, ``log p(the document ends | kinds)``; ``-inf`` from the first
+    kind that cannot come where it is. With
+    :attr:`Document.sentence_log_probs` they add up to the document's ``log_prob``.
+
+    Example:
+        >>> [round(math.exp(p), 3) for p in kind_log_probs(["first", "background"])]
+        [0.82, 0.088, 0.583]
+    """
+    plans: dict[tuple[str, ...], float] = {}
+    for total, pair, extras in itertools.product(N_OBJECTS, (False, True), N_EXTRAS):
+        p = N_OBJECTS[total] * N_EXTRAS[extras] * ((PAIR_FIRST if pair else 1 - PAIR_FIRST) if total > 1 else 1 - pair)
+        head = ("first_pair" if pair else "first",) + ("addition",) * (total - 1 - pair)
+        for tail in itertools.product(EXTRA_KINDS, repeat=extras):
+            plans[head + tail] = plans.get(head + tail, 0.0) + p * math.prod(EXTRA_KINDS[k] for k in tail)
+    begun = [sum(p for plan, p in plans.items() if plan[:i] == tuple(kinds[:i])) for i in range(len(kinds) + 1)]
+    ratios = [b / a if a else 0.0 for a, b in zip(begun, [*begun[1:], plans.get(tuple(kinds), 0.0)])]
+    return [math.log(r) if r > 0 else -math.inf for r in ratios]
 
 
 def _register(index: int, previous: bool) -> dict[bool, float]:
@@ -363,8 +393,10 @@ def parse_document(text: str) -> Document:
     negative = False
     for index, (kind, template, groups) in enumerate(kinds):
         try:
+            before = d.doc.log_prob
             negative = d.choose(_register(index, negative), _is_negative(groups))
             d.sentence(kind, negative, template, groups, introduced)
+            d.doc.sentence_log_probs.append(d.doc.log_prob - before)
         except InvalidText as error:
             raise InvalidText(f"sentence {index + 1} ({sentences[index]!r}): {error}") from None
         if d.doc.sentences[-1] != sentences[index]:

@@ -21,7 +21,7 @@ from ..data import BACKGROUNDS, COLOURS, SHAPES
 from ..text import COUNTS, NEGATIVE_WORDS, POSITIONS, SIZES, TEMPLATES, sample_document
 from .common import cosine_lr, training_device
 
-__all__ = ["HELD_OUT_SEED", "LM_CONFIG", "build_lm_tokenizer", "heldout_cross_entropy", "train_lm"]
+__all__ = ["HELD_OUT_SEED", "LM_CONFIG", "build_lm_tokenizer", "heldout_cross_entropy", "token_losses", "train_lm"]
 
 #: held-out documents are ``sample_document(HELD_OUT_SEED + i)``; training draws seeds below it
 HELD_OUT_SEED = 10**9
@@ -95,22 +95,31 @@ def _batch(tokenizer, texts: list[str], device: torch.device) -> dict[str, torch
 
 
 @torch.no_grad()
+def token_losses(model, tokenizer, texts: list[str], batch_size: int = 100) -> list[tuple[list[int], torch.Tensor]]:
+    """For each text, its predicted token ids (every word and punctuation mark, then ``<eos>``)
+    and the model's nats on each."""
+    device = next(model.parameters()).device
+    rows = []
+    for start in range(0, len(texts), batch_size):
+        batch = _batch(tokenizer, texts[start : start + batch_size], device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, reduction="none")
+        for row, loss in zip(labels, losses):
+            kept = row != -100
+            rows.append((row[kept].tolist(), loss[kept].cpu()))
+    return rows
+
+
 def heldout_cross_entropy(model, tokenizer, count: int = 2000, batch_size: int = 100) -> dict[str, float]:
     """Nats per predicted token on ``count`` held-out documents: the model's cross-entropy and
     the generator's own entropy (its exact ``-log p`` of the same documents), counted over the
     same tokens (every word and punctuation mark, and ``<eos>``)."""
-    device = next(model.parameters()).device
-    model_nats = generator_nats = 0.0
-    tokens = 0
-    for start in range(0, count, batch_size):
-        documents = [sample_document(HELD_OUT_SEED + i) for i in range(start, min(count, start + batch_size))]
-        batch = _batch(tokenizer, [d.text for d in documents], device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        labels = batch["labels"][:, 1:]
-        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, reduction="none")
-        model_nats += float(losses[labels != -100].sum())
-        generator_nats -= sum(d.log_prob for d in documents)
-        tokens += int((labels != -100).sum())
+    documents = [sample_document(HELD_OUT_SEED + i) for i in range(count)]
+    rows = token_losses(model, tokenizer, [d.text for d in documents], batch_size)
+    tokens = sum(len(ids) for ids, _ in rows)
+    model_nats = sum(float(losses.sum()) for _, losses in rows)
+    generator_nats = -sum(d.log_prob for d in documents)
     return {"model": model_nats / tokens, "generator": generator_nats / tokens, "tokens": tokens}
 
 
