@@ -96,11 +96,13 @@ def gap_by_kind(lm: DSASLanguageModel, documents: list) -> dict[str, list[float]
     the ``<eos>`` after the last full stop."""
     full_stop = lm.tokenizer.convert_tokens_to_ids(".")
     table: dict[str, list[float]] = {}
-    for document, (ids, losses) in zip(documents, token_losses(lm.model, lm.tokenizer, [d.text for d in documents])):
+    for document, (ids, losses) in zip(
+        documents, token_losses(lm.model, lm.tokenizer, [d.text for d in documents]), strict=True
+    ):
         ends = [i + 1 for i, token in enumerate(ids) if token == full_stop]
-        model = [float(losses[a:b].sum()) for a, b in zip([0, *ends], [*ends, len(ids)])]
+        model = [float(losses[a:b].sum()) for a, b in zip([0, *ends], [*ends, len(ids)], strict=True)]
         plan = kind_log_probs(document.kinds)
-        generator = [-(p + q) for p, q in zip(plan, document.sentence_log_probs)] + [-plan[-1]]
+        generator = [-(p + q) for p, q in zip(plan, document.sentence_log_probs, strict=False)] + [-plan[-1]]
         for kind, m, g in zip([*document.kinds, "end"], model, generator, strict=True):
             row = table.setdefault(kind, [0.0, 0.0, 0])
             row[0], row[1], row[2] = row[0] + m, row[1] + g, row[2] + 1

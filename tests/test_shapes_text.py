@@ -67,7 +67,7 @@ def test_the_log_probability_splits_into_sentences_and_the_plan_read_sentence_by
         whole = sum(kind_log_probs(document.kinds)) + sum(document.sentence_log_probs)
         assert math.isclose(whole, document.log_prob, abs_tol=1e-9)
         kinds_seen.update(document.kinds)
-        following = [kind for kind in TEMPLATES if kind_log_probs(document.kinds[:-1] + [kind])[-2] > -math.inf]
+        following = [kind for kind in TEMPLATES if kind_log_probs([*document.kinds[:-1], kind])[-2] > -math.inf]
         assert document.kinds[-1] in following
         next_or_end = [math.exp(kind_log_probs([*document.kinds[:-1], kind])[-2]) for kind in following]
         assert math.isclose(sum(next_or_end) + math.exp(kind_log_probs(document.kinds[:-1])[-1]), 1.0, rel_tol=1e-9)

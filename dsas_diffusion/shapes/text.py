@@ -331,7 +331,7 @@ def kind_log_probs(kinds: list[str]) -> list[float]:
         for tail in itertools.product(EXTRA_KINDS, repeat=extras):
             plans[head + tail] = plans.get(head + tail, 0.0) + p * math.prod(EXTRA_KINDS[k] for k in tail)
     begun = [sum(p for plan, p in plans.items() if plan[:i] == tuple(kinds[:i])) for i in range(len(kinds) + 1)]
-    ratios = [b / a if a else 0.0 for a, b in zip(begun, [*begun[1:], plans.get(tuple(kinds), 0.0)])]
+    ratios = [b / a if a else 0.0 for a, b in zip(begun, [*begun[1:], plans.get(tuple(kinds), 0.0)], strict=True)]
     return [math.log(r) if r > 0 else -math.inf for r in ratios]
 
 

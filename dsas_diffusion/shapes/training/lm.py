@@ -105,7 +105,7 @@ def token_losses(model, tokenizer, texts: list[str], batch_size: int = 100) -> l
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         labels = batch["labels"][:, 1:]
         losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, reduction="none")
-        for row, loss in zip(labels, losses):
+        for row, loss in zip(labels, losses, strict=True):
             kept = row != -100
             rows.append((row[kept].tolist(), loss[kept].cpu()))
     return rows
@@ -124,7 +124,7 @@ def heldout_cross_entropy(model, tokenizer, count: int = 2000, batch_size: int =
 
 
 def train_lm(
-    out: Path, steps: int = 5000, batch_size: int = 64, lr: float = 2e-3, seed: int = 0, heldout: int = 2000
+    out: Path, steps: int = 6000, batch_size: int = 64, lr: float = 5e-4, seed: int = 0, heldout: int = 2000
 ) -> Path:
     """Train ``shapes-lm``, print its held-out cross-entropy beside the generator's entropy
     (``heldout`` documents) and save it (float16) with its tokenizer to ``out/shapes-lm``."""
