@@ -267,9 +267,12 @@ class _Derivation:
             raise InvalidText(f"the background is {self.doc.background}, not {read}")
         return self.doc.background
 
-    def sentence(self, kind: str, negative: bool, template: str | None, groups: dict, total: int) -> None:
-        """One sentence of ``kind``: its template and slots drawn (sampling) or checked
-        against ``template`` and the ``groups`` its pattern matched (parsing)."""
+    def sentence(self, kind: str, template: str | None, groups: dict, total: int, negative: bool | None = None) -> None:
+        """The next sentence, of ``kind``: its register, template and slots drawn (sampling) or
+        checked against ``negative``, ``template`` and the ``groups`` its pattern matched
+        (parsing); their log-probability is the sentence's own."""
+        before = self.doc.log_prob
+        negative = self.choose(_register(len(self.doc.negative), self.doc.negative[-1:] == [True]), negative)
         allowed = [t for t in TEMPLATES[kind] if kind != "count" or (t in _SINGLE_COUNT) == (total == 1)]
         template = self.uniform(allowed, template)
         slots = sorted((m[1] + m[2] for m in _SLOT.finditer(template)), key=_ORDER.index)
@@ -295,6 +298,7 @@ class _Derivation:
         self.doc.sentences.append(_article(template.format(**values)))
         self.doc.kinds.append(kind)
         self.doc.negative.append(negative)
+        self.doc.sentence_log_probs.append(self.doc.log_prob - before)
 
 
 def sample_document(seed: int) -> Document:
@@ -305,12 +309,8 @@ def sample_document(seed: int) -> Document:
     extras = d.choose(N_EXTRAS)
     plan = ["first_pair" if pair else "first"] + ["addition"] * (total - 2 if pair else total - 1)
     plan += [d.choose(EXTRA_KINDS) for _ in range(extras)]
-    negative = False
-    for index, kind in enumerate(plan):
-        before = d.doc.log_prob
-        negative = d.choose(_register(index, negative))
-        d.sentence(kind, negative, None, {}, total)
-        d.doc.sentence_log_probs.append(d.doc.log_prob - before)
+    for kind in plan:
+        d.sentence(kind, None, {}, total)
     return d.doc
 
 
@@ -390,13 +390,9 @@ def parse_document(text: str) -> Document:
             d.choose(EXTRA_KINDS, kind)
     except InvalidText as error:
         raise InvalidText(f"the document's plan: {error}") from None
-    negative = False
     for index, (kind, template, groups) in enumerate(kinds):
         try:
-            before = d.doc.log_prob
-            negative = d.choose(_register(index, negative), _is_negative(groups))
-            d.sentence(kind, negative, template, groups, introduced)
-            d.doc.sentence_log_probs.append(d.doc.log_prob - before)
+            d.sentence(kind, template, groups, introduced, _is_negative(groups))
         except InvalidText as error:
             raise InvalidText(f"sentence {index + 1} ({sentences[index]!r}): {error}") from None
         if d.doc.sentences[-1] != sentences[index]:
