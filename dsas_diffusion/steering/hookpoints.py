@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .compiled import unwrap_compiled
 from .errors import ActivationError, UnknownModuleError
 
 __all__ = [
@@ -74,7 +75,9 @@ class HookPoint:
 
 
 def resolve_module(model: nn.Module, name: str) -> nn.Module:
-    """Return ``model``'s submodule ``name``; on a miss, raise with the closest names."""
+    """Return ``model``'s submodule ``name`` (of the module ``torch.compile`` wrapped, for a
+    compiled one); on a miss, raise with the closest names."""
+    model = unwrap_compiled(model)
     try:
         return model.get_submodule(name)  # walks the name's path only
     except AttributeError:

@@ -9,10 +9,11 @@ so concurrent requests sharing one model never see each other's steering.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import itertools
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,6 +32,7 @@ __all__ = [
     "HookHandles",
     "SteeringSession",
     "active_hook_names",
+    "active_in_context",
     "check_strength",
     "strengths_by_name",
     "unload_by_name",
@@ -183,6 +185,11 @@ class SteeringSession:
         return bool(self._hooks)
 
     @property
+    def in_context(self) -> bool:
+        """Whether this session acts on forward calls made here (always, when not scoped)."""
+        return not self.scoped or self.id in _ACTIVE.get()
+
+    @property
     def strength(self) -> float:
         """The global strength λ; it may be changed between calls, also under
         ``torch.compile``: compiled code reads λ from a tensor updated in place, so a new
@@ -201,7 +208,10 @@ class SteeringSession:
             tensor = self._strengths[device] = torch.full((), self._strength, device=device)
         return tensor
 
-    def attach(self) -> SteeringSession:
+    def attach(self, *, activate: bool = True) -> SteeringSession:
+        """Place the hooks. A scoped session acts from here on in the attaching context; with
+        ``activate=False`` only inside :func:`active_in_context` blocks (sessions kept attached
+        across calls)."""
         if self._hooks:
             raise SteeringError("this steering session is already attached")
         self.active = True
@@ -220,7 +230,7 @@ class SteeringSession:
                 self.hook_names.append(hook_name)
                 self._hooked.append(module)
                 _register_name(module, hook_name)
-            if self.scoped:
+            if self.scoped and activate:
                 _ACTIVE.set(_ACTIVE.get() | {self.id})
                 self._scoped_on = True
         except BaseException:
@@ -270,7 +280,7 @@ class SteeringSession:
         point = layer.hook_point
 
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            if not self.active or (self.scoped and self.id not in _ACTIVE.get()):
+            if not self.active or not self.in_context:
                 return None
             gated = self.gated
             if gated and layer.gate is not None and not layer.gate.enabled:
@@ -304,6 +314,25 @@ class SteeringSession:
             return replace_output(output, point.output_index, steered)
 
         return hook
+
+
+@contextlib.contextmanager
+def active_in_context(sessions: Iterable[SteeringSession]) -> Iterator[None]:
+    """Let scoped ``sessions`` act on forward calls made in this thread / task inside the block.
+
+    Example:
+        >>> session = SteeringSession([], nn.Linear(2, 2), strength=1.0, gated=False).attach(activate=False)
+        >>> with active_in_context([session]):
+        ...     session.in_context
+        True
+        >>> session.in_context
+        False
+    """
+    token = _ACTIVE.set(_ACTIVE.get() | {session.id for session in sessions})
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
 
 
 def _register_name(module: nn.Module, name: str) -> None:

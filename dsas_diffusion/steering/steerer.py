@@ -131,6 +131,31 @@ class Steerer(nn.Module):
                         "steering for this model instead."
                     )
 
+    def gating(self, gate: bool | None) -> bool:
+        """Whether a call with ``gate`` (``None``: whenever there are gates) steers through the
+        DSAS gates; :class:`IncompatibleSteeringError` if it asks for gates some layer lacks."""
+        gated = self.has_gates if gate is None else bool(gate)
+        if gated and not self.has_gates:
+            missing = [layer.name for layer in self.layers if layer.gate is None]
+            raise IncompatibleSteeringError(
+                f"gating requested but layers {missing} have no DSAS gate; refit with gate='dsas' "
+                "or steer uniformly with gate=False"
+            )
+        return gated
+
+    def checked_strength(self, strength: float) -> float:
+        """``strength`` as a float, or :class:`SteeringError` if it is not a usable λ or lies above
+        this steerer's ``max_strength``."""
+        value = check_strength(strength)
+        if self.max_strength is not None and abs(value) > self.max_strength:
+            raise SteeringError(
+                f"steering strength {value:g} is above this steering's bound {self.max_strength:g}: beyond it the "
+                "few unrelated positions whose gate opens are steered hard enough to change unrelated outputs, and "
+                "outputs with the concept are long destroyed. Use a strength within the bound, or fit with "
+                "max_strength=None to lift it."
+            )
+        return value
+
     def attach(
         self,
         model: nn.Module,
@@ -140,6 +165,7 @@ class Steerer(nn.Module):
         record_gates: bool = False,
         scoped: bool = False,
         layers: Sequence[str] | None = None,
+        activate: bool = True,
     ) -> SteeringSession:
         """Hook this steering into ``model`` until ``session.detach()``.
 
@@ -151,23 +177,12 @@ class Steerer(nn.Module):
             scoped: act only on forward calls in this thread / asyncio task. ``attach``
                 defaults to ``False`` (global until detached), ``apply`` to ``True``.
             layers: steer only these module names (default all).
+            activate: with ``scoped``, act from now on in this context (``True``) or only
+                inside :func:`~dsas_diffusion.steering.hooks.active_in_context` blocks.
         """
         self.check_compatible(model)
-        gated = self.has_gates if gate is None else bool(gate)
-        if gated and not self.has_gates:
-            missing = [layer.name for layer in self.layers if layer.gate is None]
-            raise IncompatibleSteeringError(
-                f"gating requested but layers {missing} have no DSAS gate; refit with gate='dsas' "
-                "or steer uniformly with gate=False"
-            )
-        value = check_strength(self.strength if strength is None else strength)
-        if self.max_strength is not None and abs(value) > self.max_strength:
-            raise SteeringError(
-                f"steering strength {value:g} is above this steering's bound {self.max_strength:g}: beyond it the "
-                "few unrelated positions whose gate opens are steered hard enough to change unrelated outputs, and "
-                "outputs with the concept are long destroyed. Use a strength within the bound, or fit with "
-                "max_strength=None to lift it."
-            )
+        gated = self.gating(gate)
+        value = self.checked_strength(self.strength if strength is None else strength)
         chosen = list(self.layers)
         if layers is not None:
             chosen = [self.layer(name) for name in layers]
@@ -179,7 +194,7 @@ class Steerer(nn.Module):
             record_gates=record_gates,
             scoped=scoped,
         )
-        return session.attach()
+        return session.attach(activate=activate)
 
     def apply(self, model: nn.Module, **kwargs: Any) -> SteeringSession:
         """Like :meth:`attach` but context-scoped by default; use it in a ``with`` block::
