@@ -44,6 +44,7 @@ from torch import nn
 
 from ..names import DIFFUSION_PRESETS
 from ..steering import HookPoint, SteeringError
+from ..steering.compiled import unwrap_compiled
 
 __all__ = ["ARCHITECTURES", "Architecture", "HookGroup", "architecture_of", "hook_points"]
 
@@ -147,7 +148,9 @@ ARCHITECTURES: dict[str, Architecture] = {
 
 
 def architecture_of(denoiser: nn.Module) -> Architecture:
-    """The mapping for ``denoiser``'s class (or the nearest base class that has one)."""
+    """The mapping for ``denoiser``'s class (or the nearest base class that has one; of the
+    module ``torch.compile`` wrapped, for a compiled one)."""
+    denoiser = unwrap_compiled(denoiser)
     for cls in type(denoiser).__mro__:
         if cls.__name__ in ARCHITECTURES:
             return ARCHITECTURES[cls.__name__]
@@ -162,6 +165,7 @@ def hook_points(denoiser: nn.Module, preset: str = "blocks") -> list[HookPoint]:
     """The hook points of ``preset`` on ``denoiser``, in ``named_modules()`` order (the fit
     reorders them into forward order)."""
     architecture = architecture_of(denoiser)
+    denoiser = unwrap_compiled(denoiser)
     if preset not in architecture.presets:
         raise SteeringError(
             f"unknown preset {preset!r} for {architecture.denoiser_class}; choose one of {sorted(architecture.presets)}"

@@ -24,11 +24,13 @@ import torch
 from torch import nn
 
 from ..steering import ActivationError, Steerer, SteeringError
+from ..steering.hooks import SteeringSession
 
 __all__ = [
     "COMPOSING_HOOKS",
     "FiniteOutputCheck",
     "OneCallAtATime",
+    "ResidentFiniteCheck",
     "check_collection_arguments",
     "check_diffusers_hooks",
     "thread_copies",
@@ -102,7 +104,12 @@ class FiniteOutputCheck:
         self.flag: torch.Tensor | None = None
         self.handle = denoiser.register_forward_hook(self._hook)
 
+    def _checks_this_call(self) -> bool:
+        return True
+
     def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not self._checks_this_call():
+            return
         tensor = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
         if torch.is_tensor(tensor):
             finite = torch.isfinite(tensor).all()
@@ -130,6 +137,31 @@ class FiniteOutputCheck:
             else "lower the strength, or check the steering was fitted on this model"
         )
         raise ActivationError(f"steering {applied} made the denoiser's output NaN or infinite; {cause}")
+
+
+class ResidentFiniteCheck(FiniteOutputCheck):
+    """The check kept attached to a compiled denoiser with its resident steering: it checks the
+    calls in which ``session`` acts, and its flag is a tensor from the start of each call
+    (:meth:`reset`), so the traced hook is the same graph at every call."""
+
+    def __init__(self, denoiser: nn.Module, session: SteeringSession) -> None:
+        super().__init__(denoiser)
+        self.session = session
+        weight = next(denoiser.parameters(), None)
+        self.device = torch.device("cpu") if weight is None else weight.device
+
+    def _checks_this_call(self) -> bool:
+        return self.session.in_context
+
+    def reset(self) -> ResidentFiniteCheck:
+        self.flag = torch.ones((), dtype=torch.bool, device=self.device)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        """Kept attached: :meth:`remove` takes it off."""
+
+    def remove(self) -> None:
+        self.handle.remove()
 
 
 def check_collection_arguments(collect_steps: Sequence[int] | str, num_inference_steps: Any, batch_size: Any) -> None:

@@ -11,7 +11,7 @@ call argument work as before. Steering is added by::
 
 Hooks live only for the duration of one call and only act on that call's thread / task
 (the core's scoped sessions), and they are removed when the call ends, also on an
-exception. A pipeline object runs one call at a time: its scheduler and tokenizers keep
+exception; on a compiled denoiser they stay attached between calls instead (:mod:`.compiled`). A pipeline object runs one call at a time: its scheduler and tokenizers keep
 per-call state, so a second call from another thread while one runs raises
 :class:`SteeringError`. For concurrent requests give each thread ``pipe.for_thread()``, which
 shares the weights and the loaded steerers (several threads, each with its own steering
@@ -41,10 +41,13 @@ from torch import nn
 from ..names import CFG_MODES
 from ..prompts import check_prompt_list
 from ..steering import HookPoint, IncompatibleSteeringError, Steerer, SteeringError, fit_steerer
+from ..steering.compiled import is_compiled, run_eagerly, unwrap_compiled
 from ..steering.fit_args import check_fit_arguments
 from ..steering.hooks import SteeringSession, strengths_by_name, unload_by_name
+from ..steering.resident import drop_resident, resident_for
 from .architectures import hook_points as preset_hook_points
 from .collect import ImageStreamCheck, check_image_stream, record_denoiser_calls, run_denoiser_call
+from .compiled import CompiledSteering, needs_eager_call, steer_compiled
 from .gatemaps import map_size, session_gate_maps
 from .guards import (
     FiniteOutputCheck,
@@ -76,6 +79,10 @@ class _RowsOfConditionalHalf:
         return slice(batch // 2, batch)
 
 
+#: one object for every call: a compiled graph guards on which object it read
+CONDITIONAL_HALF = _RowsOfConditionalHalf()
+
+
 class DSASPipelineMixin:
     """Adds DSAS steering to a diffusers pipeline class (put it first in the bases).
 
@@ -96,7 +103,11 @@ class DSASPipelineMixin:
     # -- the steerers ------------------------------------------------------------------------
     @property
     def denoiser(self) -> nn.Module:
-        """The pipeline's ``unet`` or ``transformer``."""
+        """The pipeline's ``unet`` or ``transformer`` (the module itself where it was wrapped by
+        ``torch.compile``)."""
+        return unwrap_compiled(self._denoiser_as_called())
+
+    def _denoiser_as_called(self) -> nn.Module:
         for attribute in ("unet", "transformer"):
             module = getattr(self, attribute, None)
             if isinstance(module, nn.Module):
@@ -126,11 +137,13 @@ class DSASPipelineMixin:
             )
         steerer.check_compatible(self.denoiser)
         self._steerer_table()[name] = steerer
+        drop_resident(self)
         return steerer
 
     def unload_steering(self, name: str | None = None) -> None:
         """Remove the steerer ``name``, or all of them."""
         unload_by_name(self._steerer_table(), name)
+        drop_resident(self)
 
     # -- fitting ---------------------------------------------------------------------------
     def fit_steering(
@@ -229,42 +242,44 @@ class DSASPipelineMixin:
         sets = {"source": source_prompts, "target": target_prompts}
         if gate != "none":
             sets["control"] = control_prompts
-        calls = {
-            label: record_denoiser_calls(self, denoiser, list(prompts), name=f"{label} prompts", **record)
-            for label, prompts in sets.items()
-        }
-        check_image_stream(denoiser, points, calls["source"][0])
-        provenance = {
-            "modality": "image",
-            "base_model": getattr(self, "name_or_path", None) or getattr(self.config, "_name_or_path", None),
-            "pipeline_class": type(self).__name__,
-            "denoiser_class": type(denoiser).__name__,
-            "preset": None if hook_points is not None else preset,
-            "collect_steps": collect_steps if isinstance(collect_steps, str) else list(collect_steps),
-            "num_inference_steps": num_inference_steps,
-            "prompts": {label: list(prompts) for label, prompts in sets.items()},
-        }
-        steerer = fit_steerer(
-            denoiser,
-            points,
-            calls["source"],
-            calls["target"],
-            calls.get("control"),
-            map=map,
-            gate=gate,
-            n_components=n_components,
-            gate_calibration=gate_calibration if gate == "dsas" else "none",
-            gate_floor=gate_floor if gate == "dsas" else 0.0,
-            max_strength=max_strength,
-            support_quantiles=support_quantiles,
-            forward=lambda call: run_denoiser_call(denoiser, call),
-            mask_fn=lambda call: None,
-            provenance=provenance,
-            progress=progress,
-            seed=seed,
-            **fit_kwargs,
-        )
+        with run_eagerly() if is_compiled(self._denoiser_as_called()) else contextlib.nullcontext():
+            calls = {
+                label: record_denoiser_calls(self, denoiser, list(prompts), name=f"{label} prompts", **record)
+                for label, prompts in sets.items()
+            }
+            check_image_stream(denoiser, points, calls["source"][0])
+            provenance = {
+                "modality": "image",
+                "base_model": getattr(self, "name_or_path", None) or getattr(self.config, "_name_or_path", None),
+                "pipeline_class": type(self).__name__,
+                "denoiser_class": type(denoiser).__name__,
+                "preset": None if hook_points is not None else preset,
+                "collect_steps": collect_steps if isinstance(collect_steps, str) else list(collect_steps),
+                "num_inference_steps": num_inference_steps,
+                "prompts": {label: list(prompts) for label, prompts in sets.items()},
+            }
+            steerer = fit_steerer(
+                denoiser,
+                points,
+                calls["source"],
+                calls["target"],
+                calls.get("control"),
+                map=map,
+                gate=gate,
+                n_components=n_components,
+                gate_calibration=gate_calibration if gate == "dsas" else "none",
+                gate_floor=gate_floor if gate == "dsas" else 0.0,
+                max_strength=max_strength,
+                support_quantiles=support_quantiles,
+                forward=lambda call: run_denoiser_call(denoiser, call),
+                mask_fn=lambda call: None,
+                provenance=provenance,
+                progress=progress,
+                seed=seed,
+                **fit_kwargs,
+            )
         self._steerer_table()[name] = steerer
+        drop_resident(self)
         return steerer
 
     # -- generation ------------------------------------------------------------------------
@@ -346,6 +361,7 @@ class DSASPipelineMixin:
             raise SteeringError(f"steering_cfg must be one of {CFG_MODES}, got {steering_cfg!r}")
         steerers = self._steerer_table()
         if not steerers:
+            drop_resident(self)
             if steering_strength not in (None, 0, 0.0) or return_gate_maps:
                 raise SteeringError("no steering is loaded: call fit_steering(...) or load_steering(dir) first")
             return super().__call__(*args, **kwargs)  # type: ignore[misc]
@@ -353,17 +369,28 @@ class DSASPipelineMixin:
         active = {name: s for name, s in steerers.items() if strengths[name] != 0.0 or return_gate_maps}
         if return_gate_maps and not steering_gate:
             raise SteeringError("gate maps come from the DSAS gates: use steering_gate=True with return_gate_maps")
+        compiled = is_compiled(self._denoiser_as_called())
+        denoiser = self.denoiser
+        # on a compiled denoiser the hooks stay attached, also through unsteered calls: the
+        # unsteered graph is traced with them (inactive) once and reused
+        resident = resident_for(self, denoiser, steerers, CompiledSteering) if compiled else None
         if not active:
             return super().__call__(*args, **kwargs)  # type: ignore[misc]
-        check_diffusers_hooks(self.denoiser)
+        check_diffusers_hooks(denoiser)
         guidance = self._guidance_on(kwargs)
         window = check_step_window(steering_steps)
         separate_cond = steering_cfg == "cond" and guidance and self.dsas_cfg_layout != "batched"
-        denoiser = self.denoiser
-        sessions: dict[str, SteeringSession] = {}
         checked = self.__dict__.setdefault("_dsas_checked", weakref.WeakSet())
+        eager_reason = needs_eager_call(return_gate_maps=return_gate_maps, window=window, separate_cond=separate_cond)
+        if resident is not None and eager_reason is None:
+            rows = CONDITIONAL_HALF if steering_cfg == "cond" and guidance else None
+            stock = super().__call__  # type: ignore[misc]
+            return steer_compiled(self, stock, resident, active, strengths, args, kwargs, steering_gate, rows)
+        sessions: dict[str, SteeringSession] = {}
         checks = []
         with contextlib.ExitStack() as stack:
+            if resident is not None:  # the hooks below run as Python: compiled code runs eagerly
+                stack.enter_context(run_eagerly())
             for steerer in active.values():
                 if steerer not in checked:  # first use on this pipeline: is each hook on the image stream?
                     points = [layer.hook_point for layer in steerer.layers]
@@ -374,7 +401,7 @@ class DSASPipelineMixin:
                 )
                 stack.enter_context(session)
                 if steering_cfg == "cond" and guidance and not separate_cond:
-                    session.batch_rows = _RowsOfConditionalHalf()
+                    session.batch_rows = CONDITIONAL_HALF
                 sessions[name] = session
             if window is not None or separate_cond:
                 total = kwargs.get("num_inference_steps") or self._call_default("num_inference_steps")

@@ -37,6 +37,7 @@ from torch import nn
 
 from ..names import TEXT_PRESETS
 from ..steering import HookPoint, SteeringError
+from ..steering.compiled import unwrap_compiled
 
 __all__ = ["TEXT_ARCHITECTURES", "TEXT_PRESETS", "TextArchitecture", "check_token_stream", "hook_points"]
 
@@ -95,6 +96,7 @@ def hook_points(model: nn.Module, preset: str = "residual", layers: Sequence[int
     numbered ``layers`` (default: all; negative numbers count from the end)."""
     if preset not in TEXT_PRESETS:
         raise SteeringError(f"unknown text preset {preset!r}; choose one of {TEXT_PRESETS} or pass hook_points=[...]")
+    model = unwrap_compiled(model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     architecture = TEXT_ARCHITECTURES.get(model_type)
     if architecture is None:

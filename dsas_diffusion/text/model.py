@@ -7,7 +7,8 @@
 
 The steerers are the core's :class:`~dsas_diffusion.steering.Steerer` files, the same as the
 pipelines'; hooks are context-scoped (they act only in the calling thread / task, and in
-contexts copied from it) and removed after every call, also after an exception.
+contexts copied from it) and removed after every call, also after an exception; on a compiled
+model they stay attached between calls (:mod:`dsas_diffusion.steering.resident`).
 
 Gates are per token and stateless: prefill gates each prompt token once and each decoding
 step gates its new token, so cached and uncached steered generation agree token for token.
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,49 +29,16 @@ from torch import nn
 
 from ..prompts import check_prompt_list
 from ..steering import HookPoint, IncompatibleSteeringError, Steerer, SteeringError, fit_steerer
+from ..steering.compiled import is_compiled, run_eagerly
 from ..steering.hooks import SteeringSession, strengths_by_name, unload_by_name
+from ..steering.resident import ResidentSteering, drop_resident, resident_for
 from .architectures import check_token_stream
 from .architectures import hook_points as preset_hook_points
+from .generation import TextGeneration, position_ids
 
 __all__ = ["DSASLanguageModel", "TextGeneration", "position_ids"]
 
 DEFAULT_STEERER = "default"
-
-
-@dataclass
-class TextGeneration:
-    """What :meth:`DSASLanguageModel.generate` returns.
-
-    ``sequences``: prompt and continuation ids, ``(batch, length)`` (prompts left-padded);
-    ``prompt_length``: the padded prompt width; ``texts``: the decoded continuations;
-    ``gate_maps``: with ``return_gate_maps``, ``{steerer: {layer: (batch, length) float}}``,
-    the gate of each token as it was forwarded, NaN at padding, after the first end-of-text
-    token and at the last token (never forwarded).
-    """
-
-    texts: list[str]
-    sequences: torch.Tensor
-    prompt_length: int
-    gate_maps: dict[str, dict[str, torch.Tensor]] | None = None
-    tokens: list[list[str]] = field(default_factory=list)
-    mask: torch.Tensor | None = None  # (batch, length): real tokens (what ``tokens`` lists)
-
-    def render(self, row: int = 0, layer: str | None = None, steerer: str | None = None, format: str = "ansi") -> str:
-        """Row ``row``'s tokens coloured by their gates at ``layer`` (default: the middle
-        hooked layer) of ``steerer`` (default: the first), as ANSI or HTML."""
-        from .render import render_gates
-
-        if not self.gate_maps or self.mask is None:
-            raise SteeringError("no gate maps: generate with return_gate_maps=True")
-        maps = self.gate_maps[steerer or next(iter(self.gate_maps))]
-        names = list(maps)
-        gates = maps[layer or names[len(names) // 2]][row][self.mask[row].cpu()]
-        return render_gates(self.tokens[row], gates.tolist(), format=format)
-
-
-def position_ids(mask: torch.Tensor) -> torch.Tensor:
-    """The position ids generation uses with left padding (0 at each row's first real token)."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 class DSASLanguageModel:
@@ -130,11 +97,13 @@ class DSASLanguageModel:
             )
         steerer.check_compatible(self.model)
         self._steerers[name] = steerer
+        drop_resident(self)
         return steerer
 
     def unload_steering(self, name: str | None = None) -> None:
         """Remove the steerer ``name``, or all of them."""
         unload_by_name(self._steerers, name)
+        drop_resident(self)
 
     # -- text to batches ---------------------------------------------------------------------
     def _format(self, texts: Sequence[str], chat_template: bool, generation: bool = False) -> list[str]:
@@ -228,30 +197,32 @@ class DSASLanguageModel:
             label: self._batches(texts, batch_size, max_length, pad_to=None if label == "control" else pad_to)
             for label, texts in formatted.items()
         }
-        check_token_stream(self.model, points, batches["source"][0])
-        provenance = {
-            "modality": "text",
-            "base_model": getattr(self.model, "name_or_path", None)
-            or getattr(self.model.config, "_name_or_path", None),
-            "model_type": getattr(self.model.config, "model_type", None),
-            "preset": None if hook_points is not None else preset,
-            "chat_template": chat_template,
-            "texts": {label: list(texts) for label, texts in sets.items()},
-        }
-        steerer = fit_steerer(
-            self.model,
-            points,
-            batches["source"],
-            batches["target"],
-            batches.get("control"),
-            map=map,
-            gate=gate,
-            forward=lambda batch: self.model(**batch),
-            provenance=provenance,
-            progress=progress,
-            **fit_kwargs,
-        )
+        with run_eagerly() if is_compiled(self.model) else contextlib.nullcontext():
+            check_token_stream(self.model, points, batches["source"][0])
+            provenance = {
+                "modality": "text",
+                "base_model": getattr(self.model, "name_or_path", None)
+                or getattr(self.model.config, "_name_or_path", None),
+                "model_type": getattr(self.model.config, "model_type", None),
+                "preset": None if hook_points is not None else preset,
+                "chat_template": chat_template,
+                "texts": {label: list(texts) for label, texts in sets.items()},
+            }
+            steerer = fit_steerer(
+                self.model,
+                points,
+                batches["source"],
+                batches["target"],
+                batches.get("control"),
+                map=map,
+                gate=gate,
+                forward=lambda batch: self.model(**batch),
+                provenance=provenance,
+                progress=progress,
+                **fit_kwargs,
+            )
         self._steerers[name] = steerer
+        drop_resident(self)
         return steerer
 
     # -- applying ----------------------------------------------------------------------------
@@ -274,7 +245,18 @@ class DSASLanguageModel:
         strengths = self._strengths(strength)
         if not self._steerers and strength not in (None, 0, 0.0):
             raise SteeringError("no steering is loaded: call fit_steering(...) or load_steering(dir) first")
+        # a compiled model keeps its hooks attached between calls (tensors carry each call's λ);
+        # recording gates appends to lists per call, so that runs eagerly with per-call hooks
+        resident = None
+        if self._steerers and is_compiled(self.model):
+            resident = resident_for(self, self.model, self._steerers, ResidentSteering)
         with contextlib.ExitStack() as stack:
+            if resident is not None and not record_gates:
+                steered = any(value != 0.0 for value in strengths.values())
+                yield stack.enter_context(resident.steer(strengths, gate=gate)) if steered else {}
+                return
+            if resident is not None:
+                stack.enter_context(run_eagerly())
             sessions = {
                 name: stack.enter_context(
                     steerer.apply(self.model, strength=strengths[name], gate=gate, record_gates=record_gates)

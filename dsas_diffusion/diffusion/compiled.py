@@ -1,0 +1,133 @@
+"""Steered calls of a pipeline whose denoiser runs compiled.
+
+Whatever way the denoiser was compiled (``pipe.unet.compile()``, ``pipe.unet =
+torch.compile(pipe.unet)``, ``pipe.unet.compile_repeated_blocks()``), its steering is kept
+attached between calls (:class:`~dsas_diffusion.steering.resident.ResidentSteering`, with a
+resident NaN check) and changed per call through tensors, so the compiled graph runs the
+steering hooks without recompiling for a new strength, a new call or λ = 0. Calls that need
+something a traced graph cannot do per call run eagerly instead, with the same hooks as in an
+uncompiled pipeline: recording gate maps, a ``steering_steps`` window and FLUX's separate
+conditional call (:func:`needs_eager_call`).
+
+A steerer's first compiled use on a pipeline first runs one eager denoising step of the call
+(own generator, no output) to check that each hook point is on the image stream, the check
+uncompiled calls make on the fly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..steering import Steerer
+from ..steering.compiled import run_eagerly
+from ..steering.resident import ResidentSteering, Rows
+from .collect import ImageStreamCheck
+from .guards import ResidentFiniteCheck
+
+__all__ = [
+    "CompiledSteering",
+    "needs_eager_call",
+    "probe_hook_points",
+    "steer_compiled",
+]
+
+#: call arguments the probe step leaves out (it makes no images and calls back nothing)
+_PROBE_DROPS = ("callback_on_step_end", "callback", "callback_steps", "generator", "output_type", "return_dict")
+
+
+def needs_eager_call(*, return_gate_maps: bool, window: Any, separate_cond: bool) -> str | None:
+    """Why a steered call on a compiled denoiser runs eagerly, or ``None`` if it runs compiled."""
+    if return_gate_maps:
+        return "return_gate_maps records every gate value"
+    if window is not None:
+        return "steering_steps switches steering per denoising step"
+    if separate_cond:
+        return "the conditional branch is a separate denoiser call"
+    return None
+
+
+class CompiledSteering:
+    """A pipeline's steerers kept attached to its compiled denoiser, with the NaN check."""
+
+    def __init__(self, denoiser: nn.Module, steerers: Mapping[str, Steerer]) -> None:
+        self.resident = ResidentSteering(denoiser, steerers)
+        try:
+            self.finite = ResidentFiniteCheck(self.resident.model, next(iter(self.resident.sessions.values())))
+        except BaseException:
+            self.resident.detach()
+            raise
+
+    def serves(self, denoiser: nn.Module, steerers: Mapping[str, Steerer]) -> bool:
+        return self.resident.serves(denoiser, steerers)
+
+    @contextlib.contextmanager
+    def steer(self, strengths: Mapping[str, float], *, gate: bool, batch_rows: Rows) -> Iterator[ResidentFiniteCheck]:
+        """Steer the denoiser calls inside the block; yields the call's NaN check."""
+        with self.resident.steer(strengths, gate=gate, batch_rows=batch_rows):
+            yield self.finite.reset()
+
+    def detach(self) -> None:
+        self.finite.remove()
+        self.resident.detach()
+
+
+def probe_hook_points(
+    pipe: Any,
+    stock_call: Callable[..., Any],
+    denoiser: nn.Module,
+    steerers: Sequence[Steerer],
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+) -> None:
+    """Run one eager denoising step of the call (its own generator, latents out, no callbacks,
+    no progress bar) with an :class:`ImageStreamCheck` per steerer, and raise if a hook point
+    is not on the image stream."""
+    call = {key: value for key, value in kwargs.items() if key not in _PROBE_DROPS}
+    call.update(num_inference_steps=1, output_type="latent", generator=torch.Generator().manual_seed(0))
+    had_config = "_progress_bar_config" in pipe.__dict__
+    saved = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(**{**saved, "disable": True})
+    try:
+        with run_eagerly(), contextlib.ExitStack() as stack:
+            checks = [
+                stack.enter_context(ImageStreamCheck(denoiser, [layer.hook_point for layer in steerer.layers]))
+                for steerer in steerers
+            ]
+            stock_call(*args, **call)
+    finally:
+        if had_config:
+            pipe._progress_bar_config = saved
+        else:
+            pipe.__dict__.pop("_progress_bar_config", None)
+    for check in checks:
+        check.raise_if_wrong()
+
+
+def steer_compiled(
+    pipe: Any,
+    stock_call: Callable[..., Any],
+    resident: CompiledSteering,
+    active: Mapping[str, Steerer],
+    strengths: Mapping[str, float],
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    gate: bool,
+    rows: Rows,
+) -> Any:
+    """The stock call with the ``active`` steerers at their ``strengths`` through the resident
+    hooks of the compiled denoiser (the hook points of a steerer's first use probed first)."""
+    checked = pipe.__dict__.setdefault("_dsas_checked", weakref.WeakSet())
+    unchecked = [steerer for steerer in active.values() if steerer not in checked]
+    if unchecked:
+        probe_hook_points(pipe, stock_call, resident.resident.model, unchecked, args, kwargs)
+        checked.update(unchecked)
+    with resident.steer(strengths, gate=gate, batch_rows=rows) as finite:
+        output = stock_call(*args, **kwargs)
+    finite.raise_if_not_finite(active, strengths)
+    return output
