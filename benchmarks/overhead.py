@@ -12,6 +12,9 @@
   on a Qwen2 config of about 20M parameters (hidden 512, 8 layers, random weights), the
   ``residual`` preset on all layers, batch 8, 64 new tokens (greedy, no early stop).
 - At full size on a GPU (an SDXL UNet and a PixArt transformer, float16): ``overhead_gpu.py``.
+- Through the pipelines and ``DSASLanguageModel`` under each way users compile (in place,
+  ``torch.compile`` assigned back, regional), with compile times and graph counts:
+  ``compiled.py``.
 
 The variants take turns, the order rotating each round, so that drift in the machine's
 speed hits them alike; the table gives each variant's median time and, per steered variant,
