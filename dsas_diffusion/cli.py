@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from .app.options import add_server_arguments, at_least_one
+from .config import FitConfig
 from .eval.command import add_arguments as add_eval_arguments
 from .names import CFG_MODES, DIFFUSION_PRESETS, MAP_NAMES, TEXT_PRESETS
 
@@ -125,7 +126,7 @@ def _fit(args: argparse.Namespace) -> None:
         collect_steps=steps,
         num_inference_steps=args.steps,
         seed=args.seed,
-        **{name: value for name, value in chosen.items() if value is not None},  # else fit_steering's defaults
+        **{name: value for name, value in chosen.items() if value is not None},  # else FitConfig.for_diffusion()'s
     )
     steerer.save_pretrained(out)
     print(steerer)
@@ -222,12 +223,17 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--source", required=True, help="prompts showing the concept (one per line)")
     fit.add_argument("--target", required=True, help="the same prompts without the concept")
     fit.add_argument("--control", help="prompts steering must leave alone (needed by --gate dsas)")
-    fit.add_argument("--map", choices=MAP_NAMES, help="steering map (default: fit_steering's, caa)")
+    image, text = FitConfig.for_diffusion(), FitConfig.for_text()
+
+    def default(name: str) -> str:  # the defaults of the two presets, so the help cannot drift
+        return f"default: {getattr(image, name)} for pipelines, {getattr(text, name)} for language models"
+
+    fit.add_argument("--map", choices=MAP_NAMES, help=f"steering map ({default('map')})")
     fit.add_argument("--gate", choices=("dsas", "none"), default="dsas")
     fit.add_argument(
         "--preset",
         choices=tuple(dict.fromkeys(DIFFUSION_PRESETS + TEXT_PRESETS)),
-        help="hook points (default: cross-attention for pipelines, residual for language models)",
+        help=f"hook points ({default('preset')})",
     )
     fit.add_argument(
         "--layers", type=_int_list, help="language models: decoder layers to hook, e.g. 4,5,6 (default: all)"
@@ -237,8 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--collect-steps", type=_steps_list, default="all", help="'all' or comma-separated step indices, e.g. 0,1,2"
     )
-    fit.add_argument("--components", type=at_least_one, help="PCA rank of the DSAS gates (default 20)")
-    fit.add_argument("--gate-floor", type=float, help="gates opened less than this are 0 (default 0.5)")
+    fit.add_argument("--components", type=at_least_one, help=f"PCA rank of the DSAS gates ({default('n_components')})")
+    fit.add_argument("--gate-floor", type=float, help=f"gates opened less than this are 0 ({default('gate_floor')})")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--device", default=None)
     fit.add_argument("--out", required=True, help="directory for steering_config.json + steering.safetensors")

@@ -11,6 +11,7 @@ __all__ = [
     "CFG_MODES",
     "CLOSED_FORM_MAPS",
     "DIFFUSION_PRESETS",
+    "FIT_COLLECTION_ARGUMENTS",
     "FIT_GATES",
     "GATE_ACTIVATIONS",
     "GATE_CALIBRATIONS",
@@ -40,6 +41,11 @@ GATE_FIT_ON = ("pooled", "positions", "contrast")
 GATE_CALIBRATIONS = ("none", "control-positions", "two-sided")
 #: which half of a classifier-free-guidance batch is steered
 CFG_MODES = ("both", "cond")
+#: ``fit_steering``'s arguments about the collection runs of pipelines and language models (the
+#: rest of its keywords are FitConfig fields)
+FIT_COLLECTION_ARGUMENTS = (
+    "collect_steps", "num_inference_steps", "batch_size", "pipeline_kwargs", "max_length", "chat_template"
+)  # fmt: skip
 #: named sets of hook points on a denoiser (see diffusion/architectures.py)
 DIFFUSION_PRESETS = ("cross-attention", "blocks", "norms")
 #: the three renderings compared everywhere: unsteered, uniform steering, DSAS

@@ -67,7 +67,7 @@ def check_prompt_list(prompts: object, name: str) -> list[str]:
         >>> check_prompt_list("a red star on a white background", "source_prompts")
         Traceback (most recent call last):
         ...
-        dsas_diffusion.steering.errors.InputSetError: source_prompts is a single string; pass a list of prompts, e.g. ['a red star on a white background']
+        dsas_diffusion.errors.InputSetError: source_prompts is a single string; pass a list of prompts, e.g. ['a red star on a white background']
     """
     if isinstance(prompts, str):
         raise InputSetError(f"{name} is a single string; pass a list of prompts, e.g. [{prompts!r}]")

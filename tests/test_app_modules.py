@@ -68,20 +68,18 @@ def test_prompt_lists_skip_comments_and_refuse_empty_or_long_lists():
 
 
 def test_shipped_examples_were_fitted_on_shapes_sd_with_the_shipped_prompt_sets():
-    import inspect
+    from dsas_diffusion.config import FitConfig
 
-    from dsas_diffusion.diffusion.pipelines import DSASPipelineMixin
-
-    defaults = inspect.signature(DSASPipelineMixin.fit_steering).parameters
+    defaults = FitConfig.for_diffusion()
     examples = example_steerings()
     assert {"banana", "red"} <= set(examples)
     for concept, path in examples.items():
         steerer = Steerer.from_pretrained(path)
         assert steerer.provenance["base_model"] == "shapes-sd"
         # fitted with fit_steering's current defaults (`dsas examples` refits them when those change)
-        assert steerer.config["map"] == defaults["map"].default and steerer.has_gates
-        assert steerer.provenance["preset"] == defaults["preset"].default
-        assert steerer.config["gate_floor"] == defaults["gate_floor"].default
+        assert steerer.config["map"] == defaults.map and steerer.has_gates
+        assert steerer.provenance["preset"] == defaults.preset
+        assert steerer.config["gate_floor"] == defaults.gate_floor
         source, target, control = concept_prompts(concept)
         assert steerer.provenance["prompts"] == {"source": source, "target": target, "control": control}
         assert any(row["enabled"] for row in steerer.gate_report())

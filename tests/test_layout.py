@@ -18,16 +18,18 @@ ROOT_NAME = "dsas_diffusion"
 #: top-level part of the package -> the parts its modules may import (besides themselves)
 ALLOWED = {
     "names": set(),
+    "errors": set(),
+    "config": {"names", "errors"},
     "_lazy": set(),
-    "steering": {"names"},
-    "prompts": {"steering"},
-    "shapes": {"names", "_lazy", "steering", "prompts"},
-    "diffusion": {"names", "steering", "prompts", "shapes"},
-    "text": {"names", "steering", "prompts", "shapes"},
-    "eval": {"names", "_lazy", "steering", "prompts", "shapes", "diffusion", "text"},
-    "app": {"names", "_lazy", "steering", "prompts", "shapes", "diffusion", "text", "eval"},
-    "demo": {"names", "steering", "prompts", "shapes", "diffusion", "eval"},
-    "cli": {"names", "steering", "prompts", "shapes", "diffusion", "text", "eval", "app"},
+    "steering": {"names", "errors", "config"},
+    "prompts": {"steering", "errors"},
+    "shapes": {"names", "errors", "config", "_lazy", "steering", "prompts"},
+    "diffusion": {"names", "errors", "config", "steering", "prompts", "shapes"},
+    "text": {"names", "errors", "config", "steering", "prompts", "shapes"},
+    "eval": {"names", "errors", "config", "_lazy", "steering", "prompts", "shapes", "diffusion", "text"},
+    "app": {"names", "errors", "config", "_lazy", "steering", "prompts", "shapes", "diffusion", "text", "eval"},
+    "demo": {"names", "errors", "config", "steering", "prompts", "shapes", "diffusion", "eval"},
+    "cli": {"names", "errors", "config", "steering", "prompts", "shapes", "diffusion", "text", "eval", "app"},
 }
 
 

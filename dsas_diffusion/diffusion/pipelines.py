@@ -38,11 +38,11 @@ from diffusers import (
 )
 from torch import nn
 
+from ..config import FitConfig
 from ..names import CFG_MODES
 from ..prompts import check_prompt_list
 from ..steering import HookPoint, IncompatibleSteeringError, Steerer, SteeringError, fit_steerer
 from ..steering.compiled import is_compiled, run_eagerly, unwrap_compiled
-from ..steering.fit_args import check_fit_arguments
 from ..steering.hooks import SteeringSession, strengths_by_name, unload_by_name
 from ..steering.resident import drop_resident, resident_for
 from .architectures import hook_points as preset_hook_points
@@ -151,24 +151,15 @@ class DSASPipelineMixin:
         source_prompts: Sequence[str],
         target_prompts: Sequence[str],
         control_prompts: Sequence[str] | None = None,
+        config: FitConfig | None = None,
         *,
-        map: str = "caa",
-        gate: str = "dsas",
-        preset: str = "cross-attention",
-        hook_points: Sequence[HookPoint | str] | None = None,
         collect_steps: Sequence[int] | str = "all",
         num_inference_steps: int = 10,
-        n_components: int = 20,
-        gate_calibration: str = "control-positions",
-        gate_floor: float = 0.5,
-        max_strength: float | None = 16.0,
-        support_quantiles: tuple[float, float] | None = None,
         batch_size: int = 8,
-        seed: int = 0,
         name: str = DEFAULT_STEERER,
         progress: bool = True,
         pipeline_kwargs: Mapping[str, Any] | None = None,
-        **fit_kwargs: Any,
+        **settings: Any,
     ) -> Steerer:
         """Fit a steerer from three prompt lists, make it active under ``name`` and return it.
 
@@ -176,60 +167,36 @@ class DSASPipelineMixin:
             source_prompts: prompts showing the concept to remove.
             target_prompts: the same prompts with the concept replaced (paired or not).
             control_prompts: prompts steering must leave alone (needed for ``gate="dsas"``).
-            map: ``"caa"`` (default), ``"iti"``, ``"linear-act"`` or ``"lineas"``.
-            gate: ``"dsas"``, ``"none"`` (uniform only) or ``"e2e"`` (with ``map="lineas"``).
-            preset: ``"cross-attention"`` (default: where the prompt enters the image stream),
-                ``"blocks"`` or ``"norms"`` (see :mod:`dsas_diffusion.diffusion.architectures`);
-                ignored when ``hook_points`` is given. The defaults (cross-attention, CAA, gate
-                floor 0.5, and the call's conditional-half steering) were chosen by
-                ``benchmarks/gate_diagnostic.py`` and ``benchmarks/removal.py`` on ``shapes-sd``
-                (docs/removal.md): on the block outputs the gates hardly separated concept from
-                control positions (ROC-AUC 0.62 on average over layers and three concepts) and
-                the maps removed the concept only at strengths that changed control images; on
-                the cross-attention outputs the gates separate them almost perfectly (0.99) and
-                CAA removes a banana, a colour and a shape at λ = 2 with control images changed
-                by at most 0.42 of 255.
+            config: what to fit (default :meth:`FitConfig.for_diffusion`: CAA and DSAS gates on
+                the cross-attention outputs, gates exactly 0 below an opening of 0.5, λ up to
+                16); ``settings`` override its fields, e.g. ``map="linear-act"``,
+                ``preset="blocks"``, ``hook_points=[...]``, ``gate_floor=0.0``.
             collect_steps: denoising steps whose activations are collected (``"all"`` or indices).
             num_inference_steps: the schedule used for collection.
-            n_components: PCA rank of the DSAS gates. 20 here, not the core's 5: on ``shapes-sd``
-                the top 5 principal components of pooled block outputs are colour and background,
-                and 5-component gates separated banana from control prompts at chance level
-                (cross-validated accuracy 0.45-0.71 per block) where 20 components reached 0.76-0.95.
-            gate_calibration: ``"control-positions"`` here, not the core's ``"none"``: gates fitted on
-                pooled activations open on ordinary positions when applied per position (mean gate
-                0.33 away from the concept on the demo UNet; 0.04 after calibration), so DSAS changed
-                banana and control images of ``shapes-sd`` alike without it.
-            gate_floor: gates opened less than this are exactly 0 (see
-                :class:`~dsas_diffusion.steering.LinearGate`), so control images stay unchanged at
-                any strength (without it, the sigmoid's tail times λ leaked into control images:
-                pixel change 3.8 at λ = 64 against at most 0.6 with the floor); 0 keeps the plain
-                sigmoid of the paper.
-            max_strength: the largest λ the steerer accepts (``None``: no bound). λ = 1 moves the
-                source onto the target; on ``shapes-sd`` concept images were destroyed from λ = 16
-                on, and at λ = 64 a colour steering changed control images (pixel change 2.5), so
-                larger strengths are refused with an error.
-            support_quantiles: Linear-AcT's source support; ``None`` here (the map applies at every
-                position and the gate decides where): the support is estimated on pooled samples,
-                which single positions often leave, and costs four more kernels per hook.
+            batch_size: prompts per collection run.
             pipeline_kwargs: extra pipeline call arguments during collection (e.g. ``guidance_scale``).
-            fit_kwargs: passed to :func:`dsas_diffusion.fit_steerer` (``gate_threshold``,
-                ``incremental``, ``lineas=LinEASConfig(...)``...).
+
+        Example:
+            >>> steerer = pipe.fit_steering(source, target, control, map="linear-act")  # doctest: +SKIP
         """
         # every name and number is checked before the first collection run
         source_prompts = check_prompt_list(source_prompts, "source_prompts")
         target_prompts = check_prompt_list(target_prompts, "target_prompts")
+        config = FitConfig.build(config if config is not None else FitConfig.for_diffusion(), **settings)
+        if config.gate != "dsas":  # calibration and the floor belong to DSAS gates
+            config = config.replace(gate_calibration="none", gate_floor=0.0)
+        gate = config.gate
         if gate != "none" and not control_prompts:
             raise SteeringError(f"gate={gate!r} needs control prompts (prompts without the concept)")
         if control_prompts is not None:
             control_prompts = check_prompt_list(control_prompts, "control_prompts")
-        check_fit_arguments(map=map, gate=gate, gate_calibration=gate_calibration, gate_floor=gate_floor,
-                            max_strength=max_strength, n_components=n_components, **fit_kwargs)  # fmt: skip
         check_collection_arguments(collect_steps, num_inference_steps, batch_size)
+        seed = config.seed
         denoiser = self.denoiser
-        if hook_points is not None:
-            points = [HookPoint.coerce(p) for p in hook_points]
+        if config.hook_points is not None:
+            points = [HookPoint.coerce(p) for p in config.hook_points]
         else:
-            points = preset_hook_points(denoiser, preset)
+            points = preset_hook_points(denoiser, config.preset or "cross-attention")
         record = dict(
             steps=collect_steps,
             num_inference_steps=num_inference_steps,
@@ -253,7 +220,7 @@ class DSASPipelineMixin:
                 "base_model": getattr(self, "name_or_path", None) or getattr(self.config, "_name_or_path", None),
                 "pipeline_class": type(self).__name__,
                 "denoiser_class": type(denoiser).__name__,
-                "preset": None if hook_points is not None else preset,
+                "preset": None if config.hook_points is not None else config.preset,
                 "collect_steps": collect_steps if isinstance(collect_steps, str) else list(collect_steps),
                 "num_inference_steps": num_inference_steps,
                 "prompts": {label: list(prompts) for label, prompts in sets.items()},
@@ -264,19 +231,11 @@ class DSASPipelineMixin:
                 calls["source"],
                 calls["target"],
                 calls.get("control"),
-                map=map,
-                gate=gate,
-                n_components=n_components,
-                gate_calibration=gate_calibration if gate == "dsas" else "none",
-                gate_floor=gate_floor if gate == "dsas" else 0.0,
-                max_strength=max_strength,
-                support_quantiles=support_quantiles,
+                config,
                 forward=lambda call: run_denoiser_call(denoiser, call),
                 mask_fn=lambda call: None,
                 provenance=provenance,
                 progress=progress,
-                seed=seed,
-                **fit_kwargs,
             )
         self._steerer_table()[name] = steerer
         drop_resident(self)

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..names import CFG_MODES, GATINGS, MAP_NAMES
+from ..config import FitConfig
+from ..names import CFG_MODES, FIT_COLLECTION_ARGUMENTS, GATINGS, MAP_NAMES
 from ..prompts import read_prompts
 from ..steering.errors import PromptFileError
 
@@ -287,6 +288,10 @@ class EvalConfig:
             raise ConfigError("batch_size, score_batch_size and num_inference_steps must be at least 1")
         if not isinstance(self.fit, Mapping):
             raise ConfigError(f"fit must be a mapping of fit_steering arguments, got {self.fit!r}")
+        try:
+            FitConfig.build(None, **{k: v for k, v in self.fit.items() if k not in FIT_COLLECTION_ARGUMENTS})
+        except ValueError as error:  # a SteeringError
+            raise ConfigError(f"fit: {error} (or one of {FIT_COLLECTION_ARGUMENTS})") from None
         if not isinstance(self.thresholds, Sequence) or not all(
             isinstance(v, (int, float)) and 0 < v <= 1 for v in self.thresholds
         ):

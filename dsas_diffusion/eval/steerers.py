@@ -68,6 +68,7 @@ def fit_or_reuse(
         key_file = directory / "fit_key.txt"
         if fit_here and not (key_file.is_file() and key_file.read_text().strip() == key):
             print(f"fitting {method.map} with {method.fit_gate} gates on {config.model}")
+            # the model's own preset (pipelines or language models), with the method and the config's settings
             steerer = load_pipeline().fit_steering(
                 config.source,
                 config.target,

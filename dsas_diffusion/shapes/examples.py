@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..config import FitConfig
 from ..steering.persistence import CONFIG_NAME
 from .concepts import concept_prompts
 
@@ -37,8 +38,8 @@ __all__ = [
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "steering"
 EXAMPLE_CONCEPTS = ("banana", "red")
-#: the ``fit_steering`` arguments of the shipped examples: its defaults (those of ``make demo``), seed 0
-EXAMPLE_FIT: dict[str, Any] = {"seed": 0}
+#: what the shipped examples are fitted with: the pipelines' defaults (those of ``make demo``), seed 0
+EXAMPLE_FIT = FitConfig.for_diffusion(seed=0)
 
 
 def example_steerings() -> dict[str, Path]:
@@ -55,7 +56,7 @@ def fit_example_steering(pipe: Any, concept: str = "banana", out: str | os.PathL
     versions give the same files on every run."""
     source, target, control = concept_prompts(concept)
     torch.manual_seed(0)
-    steerer = pipe.fit_steering(source, target, control, progress=False, **EXAMPLE_FIT)
+    steerer = pipe.fit_steering(source, target, control, EXAMPLE_FIT, progress=False)
     steerer.provenance["base_model"] = "shapes-sd"  # not the local folder it was loaded from
     target_dir = Path(out) if out is not None else EXAMPLES_DIR / concept
     steerer.save_pretrained(target_dir)
@@ -65,8 +66,8 @@ def fit_example_steering(pipe: Any, concept: str = "banana", out: str | os.PathL
 TEXT_EXAMPLES_DIR = EXAMPLES_DIR / "text"
 TEXT_EXAMPLE_MAPS = ("caa", "iti", "linear-act")
 #: the settings of the text evaluation (docs/text.md): 20 gate components, Linear-AcT without
-#: the pooled support, every layer kept; seed 0
-TEXT_EXAMPLE_FIT: dict[str, Any] = {"n_components": 20, "support_quantiles": None, "gate_threshold": None}
+#: the pooled support, every layer kept; seed 0 (the map is chosen per example)
+TEXT_EXAMPLE_FIT = FitConfig.for_text(n_components=20, support_quantiles=None, gate_threshold=None, seed=0)
 
 
 def text_example_steerings() -> dict[tuple[str, str], Path]:
@@ -98,7 +99,7 @@ def fit_text_example(
     files = text_concept_files(concept)
     source, target, control = (read_prompts(files[name]) for name in ("source", "target", "control"))
     torch.manual_seed(0)
-    steerer = lm.fit_steering(source, target, control, map=map, progress=False, **TEXT_EXAMPLE_FIT)
+    steerer = lm.fit_steering(source, target, control, TEXT_EXAMPLE_FIT.replace(map=map), progress=False)
     steerer.provenance["base_model"] = "shapes-lm"
     steerer.provenance["concept"] = concept
     target_dir = Path(out) if out is not None else TEXT_EXAMPLES_DIR / f"{concept}-{map}"

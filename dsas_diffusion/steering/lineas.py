@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..config import LinEASConfig
 from .errors import InputSetError
 from .hookpoints import pool
 from .hooks import SteeringSession
@@ -19,32 +19,6 @@ from .layer import SteeringLayer
 from .linear import sorted_quantiles
 
 __all__ = ["LinEASConfig", "sliced_w2", "train_lineas"]
-
-
-@dataclass
-class LinEASConfig:
-    """Training settings of LinEAS / end-to-end DSAS.
-
-    Attributes:
-        steps: optimiser steps.
-        lr: Adam learning rate (cosine-decayed to 0 over ``steps``).
-        batch_size: pooled source samples per step, at least (whole input batches are drawn).
-        l1: weight of the elementwise L1 part of the sparse group lasso on ``(w - 1, b)``.
-        group_l1: weight of the per-layer group part (selects layers).
-        control_weight: γ, weight of the control-set retention term (end-to-end DSAS only).
-        seed: seed of the batch order.
-    """
-
-    steps: int = 1000
-    lr: float = 1e-3
-    batch_size: int = 4
-    l1: float = 0.0
-    group_l1: float = 0.0
-    control_weight: float = 1.0
-    seed: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def sliced_w2(source_rows: torch.Tensor, target_sorted: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ Example:
     >>> check_config({"format": "dsas-steering", "format_version": 1, "strength": 1.0, "layers": []}, "f.json")
     Traceback (most recent call last):
     ...
-    dsas_diffusion.steering.errors.SteeringFileError: f.json: layers must be a non-empty list of layer entries; re-save the steering with save_pretrained
+    dsas_diffusion.errors.SteeringFileError: f.json: layers must be a non-empty list of layer entries; re-save the steering with save_pretrained
 """
 
 from __future__ import annotations

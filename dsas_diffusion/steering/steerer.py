@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import nn
 
+from ..config import FitConfig
 from .errors import IncompatibleSteeringError, SteeringError, UnknownModuleError
 from .hookpoints import resolve_module
 from .hooks import SteeringSession, check_strength
@@ -100,6 +101,13 @@ class Steerer(nn.Module):
                 }
             )
         return rows
+
+    @property
+    def fit_config(self) -> FitConfig:
+        """The settings this steerer was fitted with (:class:`~dsas_diffusion.config.FitConfig`),
+        read from its config; for files saved before the config was recorded, rebuilt from the
+        settings they stored."""
+        return FitConfig.from_saved_config(self.config)
 
     def __repr__(self) -> str:
         return (

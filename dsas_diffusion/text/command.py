@@ -53,17 +53,21 @@ def fit_text(args: argparse.Namespace, out: Path) -> None:
             f"--preset {args.preset!r} is an image preset; for a language model use one of {TEXT_PRESETS}"
         )
     lm = _load(args)
-    chosen = {"map": args.map, "n_components": args.components, "gate_floor": args.gate_floor}
+    chosen = {
+        "map": args.map,
+        "preset": args.preset,
+        "layers": args.layers,
+        "n_components": args.components,
+        "gate_floor": args.gate_floor,
+    }
     steerer = lm.fit_steering(
         read_prompts(args.source),
         read_prompts(args.target),
         read_prompts(args.control) if args.control else None,
         gate=args.gate,
-        preset=args.preset or "residual",
-        layers=args.layers,
         max_length=args.max_length,
         seed=args.seed,
-        **{name: value for name, value in chosen.items() if value is not None},
+        **{name: value for name, value in chosen.items() if value is not None},  # else FitConfig.for_text()'s
     )
     steerer.save_pretrained(out)
     print(steerer)

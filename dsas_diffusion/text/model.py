@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import FitConfig
 from ..prompts import check_prompt_list
 from ..steering import HookPoint, IncompatibleSteeringError, Steerer, SteeringError, fit_steerer
 from ..steering.compiled import is_compiled, run_eagerly
@@ -152,27 +153,29 @@ class DSASLanguageModel:
         source_texts: Sequence[str],
         target_texts: Sequence[str],
         control_texts: Sequence[str] | None = None,
+        config: FitConfig | None = None,
         *,
-        map: str = "linear-act",
-        gate: str = "dsas",
-        preset: str = "residual",
-        layers: Sequence[int] | None = None,
-        hook_points: Sequence[HookPoint | str] | None = None,
         max_length: int | None = 256,
         batch_size: int = 8,
         chat_template: bool = False,
         name: str = DEFAULT_STEERER,
         progress: bool = True,
-        **fit_kwargs: Any,
+        **settings: Any,
     ) -> Steerer:
         """Fit a steerer from three text sets and load it under ``name``.
 
         ``source_texts`` show the concept, ``target_texts`` are the desired version (paired
         or not), ``control_texts`` must be left alone (needed by the gates). Activations are
         pooled over real tokens only (the attention mask); the gates then act per token.
-        ``preset`` / ``layers`` pick the hook points (:mod:`.architectures`), or name them
-        with ``hook_points``; ``fit_kwargs`` go to :func:`~dsas_diffusion.steering.fit_steerer`.
+        ``config`` says what to fit (default :meth:`FitConfig.for_text`: Linear-AcT and DSAS
+        gates on the residual stream of every decoder layer); ``settings`` override its fields,
+        e.g. ``preset="mlp"``, ``layers=range(8, 20)``, ``hook_points=[...]``, ``map="iti"``.
+
+        Example:
+            >>> lm.fit_steering(toxic_texts, polite_texts, neutral_texts, layers=range(8, 20))  # doctest: +SKIP
         """
+        config = FitConfig.build(config if config is not None else FitConfig.for_text(), **settings)
+        gate = config.gate
         sets = {"source": source_texts, "target": target_texts}
         if gate != "none":
             if not control_texts:
@@ -183,13 +186,13 @@ class DSASLanguageModel:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise SteeringError(f"batch_size must be a positive integer, got {batch_size!r}")
         points = (
-            [HookPoint.coerce(p) for p in hook_points]
-            if hook_points is not None
-            else preset_hook_points(self.model, preset, layers)
+            [HookPoint.coerce(p) for p in config.hook_points]
+            if config.hook_points is not None
+            else preset_hook_points(self.model, config.preset or "residual", config.layers)
         )
         formatted = {label: self._format(texts, chat_template) for label, texts in sets.items()}
         pad_to = None
-        if fit_kwargs.get("gate_fit_on") == "contrast":  # paired source and target batches of one shape
+        if config.gate_fit_on == "contrast":  # paired source and target batches of one shape
             lengths = self.tokenizer(formatted["source"] + formatted["target"], truncation=max_length is not None,
                                      max_length=max_length)["input_ids"]  # fmt: skip
             pad_to = max(len(ids) for ids in lengths)
@@ -204,7 +207,7 @@ class DSASLanguageModel:
                 "base_model": getattr(self.model, "name_or_path", None)
                 or getattr(self.model.config, "_name_or_path", None),
                 "model_type": getattr(self.model.config, "model_type", None),
-                "preset": None if hook_points is not None else preset,
+                "preset": None if config.hook_points is not None else config.preset,
                 "chat_template": chat_template,
                 "texts": {label: list(texts) for label, texts in sets.items()},
             }
@@ -214,12 +217,10 @@ class DSASLanguageModel:
                 batches["source"],
                 batches["target"],
                 batches.get("control"),
-                map=map,
-                gate=gate,
+                config,
                 forward=lambda batch: self.model(**batch),
                 provenance=provenance,
                 progress=progress,
-                **fit_kwargs,
             )
         self._steerers[name] = steerer
         drop_resident(self)

@@ -1,0 +1,98 @@
+"""The fit configuration: one home for every setting and default, validated once, saved with
+the steerer and read back; the entry points take it and their keywords build it."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from dsas_diffusion.config import FitConfig, LinEASConfig
+from dsas_diffusion.diffusion.pipelines import DSASPipelineMixin
+from dsas_diffusion.shapes import example_steerings, text_example_steerings
+from dsas_diffusion.shapes.examples import EXAMPLE_FIT
+from dsas_diffusion.steering import Steerer, SteeringError, fit_steerer
+from dsas_diffusion.text import DSASLanguageModel
+
+
+def test_the_presets_hold_the_defaults_of_each_kind_of_model():
+    core, image, text = FitConfig(), FitConfig.for_diffusion(), FitConfig.for_text()
+    assert (core.map, core.n_components, core.gate_floor, core.max_strength) == ("linear-act", 5, 0.0, None)
+    assert (image.map, image.preset, image.n_components, image.gate_calibration) == (
+        "caa", "cross-attention", 20, "control-positions"
+    )  # fmt: skip
+    assert (image.gate_floor, image.max_strength, image.support_quantiles) == (0.5, 16.0, None)
+    assert dataclasses.replace(text, preset=None) == core
+    assert FitConfig.for_diffusion(map="iti").replace(gate_floor=0.25) == dataclasses.replace(
+        image, map="iti", gate_floor=0.25
+    )
+
+
+def test_no_entry_point_carries_a_default_of_its_own():
+    """The fitting settings are fields of FitConfig only: the entry points take a config and
+    pass their keywords on to build it."""
+    settings = set(FitConfig.field_names()) - {"hook_points"}  # fit_steerer's model-specific argument
+    for function in (fit_steerer, DSASPipelineMixin.fit_steering, DSASLanguageModel.fit_steering):
+        parameters = inspect.signature(function).parameters
+        assert not settings & set(parameters), function.__qualname__
+        assert "config" in parameters and any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    assert len(inspect.signature(fit_steerer).parameters) == 11  # 35 before the config
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"map": "linear_act"}, r"map must be one of \('caa', 'iti', 'linear-act', 'lineas'\), got 'linear_act'"),
+        ({"gate": "e2e"}, "gate='e2e' trains gates jointly with LinEAS maps: use map='lineas'"),
+        ({"gate_floor": 1.0}, r"gate_floor must lie in \[0, 1\), got 1.0"),
+        ({"n_components": 0}, "n_components must be an integer >= 1, got 0"),
+        ({"n_components": True}, "n_components must be an integer >= 1, got True"),
+        ({"max_strength": -1}, "max_strength must be a positive number or None, got -1"),
+        ({"gate_threshold": 2}, r"gate_threshold must be None or a number in \[0, 1\], got 2"),
+        ({"support_quantiles": (0.9, 0.1)}, "support_quantiles must be None or"),
+        ({"iti_probe": "mean"}, "iti_probe must be one of"),
+        ({"gate_fit_on": "contrast", "incremental_gates": True}, "incremental_gates refits gates"),
+        ({"n_component": 3}, r"unknown fit settings \['n_component'\]; the settings are map, gate"),
+    ],
+)
+def test_every_bad_setting_is_named(settings, message):
+    with pytest.raises(SteeringError, match=message):
+        FitConfig.for_diffusion(**settings)
+
+
+def test_the_config_goes_through_json_and_the_steering_file(tmp_path):
+    config = FitConfig.for_text(layers=range(2), lineas=LinEASConfig(steps=3), support_quantiles=[0.1, 0.9])
+    assert config.layers == (0, 1) and config.support_quantiles == (0.1, 0.9)
+    assert FitConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)).eval()
+    sets = [[torch.randn(4, 3, 8) + shift for _ in range(6)] for shift in (1.0, 0.0, -1.0)]
+    steerer = fit_steerer(model, ["0", "2"], *sets, FitConfig(map="caa", n_components=3), progress=False, seed=1)
+    assert steerer.fit_config.map == "caa" and steerer.fit_config.seed == 1  # keywords override the config
+    assert [p["module"] for p in steerer.config["fit_config"]["hook_points"]] == ["0", "2"]
+    steerer.save_pretrained(tmp_path / "s")
+    assert Steerer.from_pretrained(tmp_path / "s").fit_config == steerer.fit_config
+
+
+def test_files_saved_before_the_config_give_back_their_settings():
+    banana = Steerer.from_pretrained(example_steerings()["banana"])
+    assert "fit_config" not in banana.config
+    assert banana.fit_config.replace(preset=EXAMPLE_FIT.preset) == EXAMPLE_FIT
+    text = Steerer.from_pretrained(text_example_steerings()[("negative", "iti")]).fit_config
+    assert (text.map, text.n_components, text.support_quantiles, text.gate_threshold) == ("iti", 20, None, None)
+
+
+def test_the_command_line_help_shows_the_defaults_of_both_presets():
+    out = subprocess.run(
+        [sys.executable, "-m", "dsas_diffusion.cli", "fit", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    text = " ".join(out.split())
+    image, lm = FitConfig.for_diffusion(), FitConfig.for_text()
+    for name in ("map", "preset", "n_components", "gate_floor"):
+        assert f"default: {getattr(image, name)} for pipelines, {getattr(lm, name)} for language models" in text
