@@ -14,11 +14,11 @@ except _metadata.PackageNotFoundError:  # a source tree that was never installed
     __version__ = "unknown"
 
 _EXPORTS = {
+    **dict.fromkeys(("FitConfig", "LinEASConfig"), ".config"),
     **dict.fromkeys(
         (
             "ActivationCollector",
             "HookPoint",
-            "LinEASConfig",
             "Steerer",
             "SteeringError",
             "fit_steerer",

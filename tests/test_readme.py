@@ -47,3 +47,25 @@ def test_readme_pipeline_example_prints_what_the_readme_shows(tmp_path, monkeypa
 def test_readme_language_model_example_prints_what_the_readme_shows(tmp_path, monkeypatch, capsys):
     printed, documented = _run("## Language models", tmp_path, monkeypatch, capsys)
     assert _lines(printed) == _lines(documented)
+
+
+def test_the_api_table_lists_only_names_exported_where_it_says():
+    """Each row names a module (or the package) and what it exports: every name in code
+    quotes there is in that module's ``__all__`` (or is a method of a class listed beside it)."""
+    import fnmatch
+    import importlib
+
+    text = README.read_text()
+    table = text[text.index("## API at a glance") :].split("\n\n")[0]
+    rows = [line.split("|")[1:3] for line in table.splitlines()[3:]]
+    missing = []
+    for first, second in rows:
+        module_name = re.fullmatch(r"\s*`(dsas_diffusion\.\w+)`\s*", first)
+        module = importlib.import_module(module_name.group(1) if module_name else "dsas_diffusion")
+        exported = set(module.__all__)
+        if module_name:
+            names = re.findall(r"`([A-Za-z_]\w*)`", second)
+        else:  # the row's own names: classes or functions of the package (a * stands for a family)
+            names = re.findall(r"`([A-Za-z_][\w*]*)", first)
+        missing += [f"{module.__name__}.{n}" for n in names if not fnmatch.filter(exported, n)]
+    assert not missing, f"the README's API table lists names not exported there: {missing}"

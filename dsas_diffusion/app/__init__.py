@@ -7,6 +7,10 @@ tab: language models, their continuations and per-token gates) and :mod:`.ui` (t
 Names are imported on first use, so ``dsas --help`` loads neither gradio nor torch.
 """
 
+from .._extras import require
+
+require("dsas_diffusion.app", "app", "gradio")
+
 from .._lazy import lazy_exports
 
 _EXPORTS = {

@@ -1,9 +1,14 @@
 """DSAS for diffusers: where to hook each denoiser family, collection through pipeline runs,
 and the drop-in ``DSAS*Pipeline`` classes."""
 
+from .._extras import require
+
+require("dsas_diffusion.diffusion", "diffusers", "diffusers", "transformers")
+
 from ..names import CFG_MODES
 from .architectures import ARCHITECTURES, Architecture, HookGroup, architecture_of, hook_points
 from .collect import ImageStreamCheck, check_image_stream, record_denoiser_calls, run_denoiser_call
+from .loading import load_pipeline
 from .pipelines import (
     DSASFluxPipeline,
     DSASPipelineMixin,
@@ -12,6 +17,7 @@ from .pipelines import (
     DSASStableDiffusionPipeline,
     DSASStableDiffusionXLPipeline,
 )
+from .visual import compare, comparison_grid
 
 __all__ = [
     "ARCHITECTURES",
@@ -27,7 +33,10 @@ __all__ = [
     "ImageStreamCheck",
     "architecture_of",
     "check_image_stream",
+    "compare",
+    "comparison_grid",
     "hook_points",
+    "load_pipeline",
     "record_denoiser_calls",
     "run_denoiser_call",
 ]

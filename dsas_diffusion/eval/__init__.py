@@ -5,6 +5,10 @@ Run ``dsas eval --config benchmarks/eval_banana.yaml`` (or ``python -m dsas_diff
 imported on first use, so the command line can build its options without loading torch.
 """
 
+from .._extras import require
+
+require("dsas_diffusion.eval", "eval", "open_clip", "yaml", "matplotlib")
+
 from .._lazy import lazy_exports
 
 _EXPORTS = {

@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
+from .._extras import require
 from .errors import SteeringFileError
 from .gate import LinearGate
 from .hookpoints import HookPoint
@@ -187,6 +188,7 @@ def _resolve_directory(path: str | os.PathLike[str], revision: str | None) -> Pa
     text = str(path)
     if text.count("/") == 1 and not text.startswith((".", "/")):
         try:
+            require("loading a steering from the Hugging Face Hub", "diffusers", "huggingface_hub")
             from huggingface_hub import snapshot_download
 
             return Path(snapshot_download(text, revision=revision, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
