@@ -26,7 +26,6 @@ import inspect
 import json
 import weakref
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from diffusers import (
@@ -41,9 +40,10 @@ from torch import nn
 from ..config import FitConfig
 from ..names import CFG_MODES
 from ..prompts import check_prompt_list
-from ..steering import HookPoint, IncompatibleSteeringError, Steerer, SteeringError, fit_steerer
+from ..steering import HookPoint, Steerer, SteeringError, fit_steerer
 from ..steering.compiled import is_compiled, run_eagerly, unwrap_compiled
-from ..steering.hooks import SteeringSession, strengths_by_name, unload_by_name
+from ..steering.hooks import SteeringSession, strengths_by_name
+from ..steering.registry import DEFAULT_STEERER, SteererRegistry, fit_provenance
 from ..steering.resident import drop_resident, resident_for
 from .architectures import hook_points as preset_hook_points
 from .collect import ImageStreamCheck, check_image_stream, record_denoiser_calls, run_denoiser_call
@@ -69,8 +69,6 @@ __all__ = [
     "DSASStableDiffusionXLPipeline",
 ]
 
-DEFAULT_STEERER = "default"
-
 
 class _RowsOfConditionalHalf:
     """``batch_rows`` for the conditional half of a ``[unconditional; conditional]`` batch."""
@@ -83,7 +81,7 @@ class _RowsOfConditionalHalf:
 CONDITIONAL_HALF = _RowsOfConditionalHalf()
 
 
-class DSASPipelineMixin:
+class DSASPipelineMixin(SteererRegistry):
     """Adds DSAS steering to a diffusers pipeline class (put it first in the bases).
 
     Example:
@@ -114,36 +112,10 @@ class DSASPipelineMixin:
                 return module
         raise SteeringError(f"{type(self).__name__} has neither a unet nor a transformer to steer")
 
-    @property
-    def steerers(self) -> dict[str, Steerer]:
-        """The loaded steerers by name (a copy; use load / unload to change them)."""
-        return dict(self.__dict__.get("_dsas_steerers", {}))
+    steering_modality = "image"
 
-    def _steerer_table(self) -> dict[str, Steerer]:
-        return self.__dict__.setdefault("_dsas_steerers", {})
-
-    def load_steering(self, steering: Steerer | str | Path, name: str = DEFAULT_STEERER) -> Steerer:
-        """Load a steering directory (or take a :class:`Steerer`) under ``name``.
-
-        Refuses steering made for another denoiser with an error naming the first module
-        that differs. Loading a second name steers both concepts at once, each with its own
-        gates; loading an existing name replaces it.
-        """
-        steerer = steering if isinstance(steering, Steerer) else Steerer.from_pretrained(steering)
-        if steerer.provenance.get("modality") == "text":
-            raise IncompatibleSteeringError(
-                f"this steering was fitted on a language model ({steerer.provenance.get('base_model')!r}); a "
-                "diffusion pipeline cannot use it. Fit one with pipe.fit_steering."
-            )
-        steerer.check_compatible(self.denoiser)
-        self._steerer_table()[name] = steerer
-        drop_resident(self)
-        return steerer
-
-    def unload_steering(self, name: str | None = None) -> None:
-        """Remove the steerer ``name``, or all of them."""
-        unload_by_name(self._steerer_table(), name)
-        drop_resident(self)
+    def _steering_target(self) -> nn.Module:
+        return self.denoiser
 
     # -- fitting ---------------------------------------------------------------------------
     def fit_steering(
@@ -215,16 +187,17 @@ class DSASPipelineMixin:
                 for label, prompts in sets.items()
             }
             check_image_stream(denoiser, points, calls["source"][0])
-            provenance = {
-                "modality": "image",
-                "base_model": getattr(self, "name_or_path", None) or getattr(self.config, "_name_or_path", None),
-                "pipeline_class": type(self).__name__,
-                "denoiser_class": type(denoiser).__name__,
-                "preset": None if config.hook_points is not None else config.preset,
-                "collect_steps": collect_steps if isinstance(collect_steps, str) else list(collect_steps),
-                "num_inference_steps": num_inference_steps,
-                "prompts": {label: list(prompts) for label, prompts in sets.items()},
-            }
+            provenance = fit_provenance(
+                "image",
+                denoiser,
+                self,
+                pipeline_class=type(self).__name__,
+                denoiser_class=type(denoiser).__name__,
+                preset=None if config.hook_points is not None else config.preset,
+                collect_steps=collect_steps if isinstance(collect_steps, str) else list(collect_steps),
+                num_inference_steps=num_inference_steps,
+                prompts={label: list(prompts) for label, prompts in sets.items()},
+            )
             steerer = fit_steerer(
                 denoiser,
                 points,
@@ -237,9 +210,7 @@ class DSASPipelineMixin:
                 provenance=provenance,
                 progress=progress,
             )
-        self._steerer_table()[name] = steerer
-        drop_resident(self)
-        return steerer
+        return self._register(name, steerer)
 
     # -- generation ------------------------------------------------------------------------
     def _call_default(self, name: str) -> Any:

@@ -29,20 +29,19 @@ from torch import nn
 
 from ..config import FitConfig
 from ..prompts import check_prompt_list
-from ..steering import HookPoint, IncompatibleSteeringError, Steerer, SteeringError, fit_steerer
+from ..steering import HookPoint, Steerer, SteeringError, fit_steerer
 from ..steering.compiled import is_compiled, run_eagerly
-from ..steering.hooks import SteeringSession, strengths_by_name, unload_by_name
-from ..steering.resident import ResidentSteering, drop_resident, resident_for
+from ..steering.hooks import SteeringSession
+from ..steering.registry import DEFAULT_STEERER, SteererRegistry, fit_provenance
+from ..steering.resident import ResidentSteering, resident_for
 from .architectures import check_token_stream
 from .architectures import hook_points as preset_hook_points
 from .generation import TextGeneration, position_ids
 
 __all__ = ["DSASLanguageModel", "TextGeneration", "position_ids"]
 
-DEFAULT_STEERER = "default"
 
-
-class DSASLanguageModel:
+class DSASLanguageModel(SteererRegistry):
     """A causal language model with DSAS steering: fit, load, generate, score, inspect.
 
     Example:
@@ -59,7 +58,6 @@ class DSASLanguageModel:
             if tokenizer.eos_token_id is None:
                 raise SteeringError("the tokenizer has neither a pad nor an end-of-text token; set tokenizer.pad_token")
             tokenizer.pad_token = tokenizer.eos_token
-        self._steerers: dict[str, Steerer] = {}
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, **kwargs: Any) -> DSASLanguageModel:
@@ -80,31 +78,11 @@ class DSASLanguageModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    # -- the steerers ------------------------------------------------------------------------
-    @property
-    def steerers(self) -> dict[str, Steerer]:
-        """The loaded steerers by name (a copy)."""
-        return dict(self._steerers)
+    # -- the steerers (load_steering, unload_steering, steerers: SteererRegistry) -----------
+    steering_modality = "text"
 
-    def load_steering(self, steering: Steerer | str | Path, name: str = DEFAULT_STEERER) -> Steerer:
-        """Load a steering directory (or take a :class:`Steerer`) under ``name``; steering fitted
-        on an image pipeline or on another model is refused."""
-        steerer = steering if isinstance(steering, Steerer) else Steerer.from_pretrained(steering)
-        provenance = steerer.provenance
-        if provenance.get("modality") == "image" or "pipeline_class" in provenance:
-            raise IncompatibleSteeringError(
-                f"this steering was fitted on an image pipeline's denoiser ({provenance.get('pipeline_class')}, base "
-                f"model {provenance.get('base_model')!r}); a language model cannot use it. Fit one with fit_steering."
-            )
-        steerer.check_compatible(self.model)
-        self._steerers[name] = steerer
-        drop_resident(self)
-        return steerer
-
-    def unload_steering(self, name: str | None = None) -> None:
-        """Remove the steerer ``name``, or all of them."""
-        unload_by_name(self._steerers, name)
-        drop_resident(self)
+    def _steering_target(self) -> nn.Module:
+        return self.model
 
     # -- text to batches ---------------------------------------------------------------------
     def _format(self, texts: Sequence[str], chat_template: bool, generation: bool = False) -> list[str]:
@@ -202,15 +180,14 @@ class DSASLanguageModel:
         }
         with run_eagerly() if is_compiled(self.model) else contextlib.nullcontext():
             check_token_stream(self.model, points, batches["source"][0])
-            provenance = {
-                "modality": "text",
-                "base_model": getattr(self.model, "name_or_path", None)
-                or getattr(self.model.config, "_name_or_path", None),
-                "model_type": getattr(self.model.config, "model_type", None),
-                "preset": None if config.hook_points is not None else config.preset,
-                "chat_template": chat_template,
-                "texts": {label: list(texts) for label, texts in sets.items()},
-            }
+            provenance = fit_provenance(
+                "text",
+                self.model,
+                model_type=getattr(self.model.config, "model_type", None),
+                preset=None if config.hook_points is not None else config.preset,
+                chat_template=chat_template,
+                texts={label: list(texts) for label, texts in sets.items()},
+            )
             steerer = fit_steerer(
                 self.model,
                 points,
@@ -222,13 +199,9 @@ class DSASLanguageModel:
                 provenance=provenance,
                 progress=progress,
             )
-        self._steerers[name] = steerer
-        drop_resident(self)
-        return steerer
+        return self._register(name, steerer)
 
     # -- applying ----------------------------------------------------------------------------
-    def _strengths(self, value: float | Mapping[str, float] | None) -> dict[str, float]:
-        return strengths_by_name(value, self._steerers)
 
     @contextlib.contextmanager
     def steering(
@@ -244,13 +217,13 @@ class DSASLanguageModel:
             ...     ids = lm.model.generate(**inputs, max_new_tokens=20)
         """
         strengths = self._strengths(strength)
-        if not self._steerers and strength not in (None, 0, 0.0):
+        if not self._steerer_table() and strength not in (None, 0, 0.0):
             raise SteeringError("no steering is loaded: call fit_steering(...) or load_steering(dir) first")
         # a compiled model keeps its hooks attached between calls (tensors carry each call's λ);
         # recording gates appends to lists per call, so that runs eagerly with per-call hooks
         resident = None
-        if self._steerers and is_compiled(self.model):
-            resident = resident_for(self, self.model, self._steerers, ResidentSteering)
+        if self._steerer_table() and is_compiled(self.model):
+            resident = resident_for(self, self.model, self._steerer_table(), ResidentSteering)
         with contextlib.ExitStack() as stack:
             if resident is not None and not record_gates:
                 steered = any(value != 0.0 for value in strengths.values())
@@ -262,7 +235,7 @@ class DSASLanguageModel:
                 name: stack.enter_context(
                     steerer.apply(self.model, strength=strengths[name], gate=gate, record_gates=record_gates)
                 )
-                for name, steerer in self._steerers.items()
+                for name, steerer in self._steerer_table().items()
                 if strengths[name] != 0.0 or record_gates
             }
             yield sessions
@@ -285,7 +258,7 @@ class DSASLanguageModel:
         check_prompt_list(prompts, "prompts")
         if return_gate_maps and not steering_gate:
             raise SteeringError("gate maps come from the DSAS gates: use steering_gate=True with return_gate_maps")
-        if return_gate_maps and not self._steerers:
+        if return_gate_maps and not self._steerer_table():
             raise SteeringError("no steering is loaded, so there are no gates: call fit_steering or load_steering")
         batch = self._batches(self._format(prompts, chat_template, generation=True), len(prompts), None, "left")[0]
         batch.pop("position_ids")
