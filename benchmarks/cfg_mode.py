@@ -42,7 +42,7 @@ def main() -> None:
     print(f"unsteered: banana drawn {np.mean(banana_drawn(judge, base['banana'], banana)):.0%}")
     print("| steering_cfg | gating | strength | banana drawn | change, banana prompts | change, control prompts |")
     print("|---|---|---|---|---|---|")
-    for gate in (True, False):
+    for gate in ("dsas", "none"):
         for mode in ("both", "cond"):
             for strength in args.strengths:
                 kwargs = dict(steering_strength=strength, steering_cfg=mode, steering_gate=gate)
@@ -53,7 +53,7 @@ def main() -> None:
                     for group in images
                 }
                 print(
-                    f"| {mode} | {'DSAS' if gate else 'uniform'} | {strength} | {drawn:.0%} | "
+                    f"| {mode} | {'uniform' if gate == 'none' else 'DSAS'} | {strength} | {drawn:.0%} | "
                     f"{change['banana']:.2f} | {change['control']:.2f} |"
                 )
 

@@ -156,7 +156,7 @@ def image_row(model: str, idiom: str, backend: str, steps: int, rounds: int) -> 
                             session.batch_rows = CONDITIONAL_HALF
                         called(*args, **kwargs)
                 elif steered:
-                    with resident.steer({"banana": 2.0}, gate=True, batch_rows=CONDITIONAL_HALF):
+                    with resident.steer({"banana": 2.0}, gate="dsas", batch_rows=CONDITIONAL_HALF):
                         called(*args, **kwargs)
                 else:
                     called(*args, **kwargs)

@@ -94,13 +94,13 @@ def main(argv: list[str] | None = None) -> None:
                     )
             if args.removal is not None:
                 steerer = steerers[args.variants[0]]
-                for gate in (False, True):
+                for gate in ("none", "dsas"):
                     removal = single_layer_removal(
                         pipe, steerer, concept, concept_dev, strength=args.removal, seeds=args.seeds,
                         num_inference_steps=args.steps, steering_gate=gate, steering_cfg="cond",
                     )  # fmt: skip
                     print(f"\n{concept} / {preset}: concept rate, each layer alone at λ={args.removal:g} "
-                          f"({'DSAS' if gate else 'uniform'}, conditional half)")  # fmt: skip
+                          f"({'uniform' if gate == 'none' else 'DSAS'}, conditional half)")  # fmt: skip
                     for row in removal:
                         print(f"  {row['steered']:<48} {row['concept_rate']:.3f}")
                         results.append({"concept": concept, "preset": preset, "removal_gate": gate, **row})

@@ -137,8 +137,8 @@ def time_variants(
     device = next(denoiser.parameters()).device
     attach = {
         "unsteered": lambda model: None,
-        "uniform": lambda model: steerer.apply(model, gate=False),
-        "dsas": lambda model: steerer.apply(model, gate=True),
+        "uniform": lambda model: steerer.apply(model, gate="none"),
+        "dsas": lambda model: steerer.apply(model, gate="dsas"),
         "naive": lambda model: NaiveHooks(model, steerer),
     }
     attach = {name: attach[name] for name in variants}
@@ -201,7 +201,7 @@ def steering_arithmetic(denoiser, call: dict, steerer, number: int = 100) -> dic
         finally:
             for handle in handles:
                 handle.remove()
-        for variant, gate in (("dsas", True), ("uniform", False)):
+        for variant, gate in (("dsas", "dsas"), ("uniform", "none")):
             result[variant] = 0.0
             with steerer.apply(denoiser, strength=1.0, gate=gate):
                 for name, module in modules.items():

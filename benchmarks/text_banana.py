@@ -23,8 +23,8 @@ from dsas_diffusion.text import DSASLanguageModel
 TEXTS = ("a yellow banana lies on the left. the banana is easy to see.",
          "a yellow square lies on the left. the square is easy to see.")  # fmt: skip
 PROMPTS = ("a yellow banana lies on the left.", "a red square lies on the left.")
-RUNS = (("unsteered", 0.0, True), ("uniform", 1.0, False), ("DSAS", 1.0, True), ("uniform", 4.0, False),
-        ("DSAS", 4.0, True))  # fmt: skip
+RUNS = (("unsteered", 0.0, "dsas"), ("uniform", 1.0, "none"), ("DSAS", 1.0, "dsas"), ("uniform", 4.0, "none"),
+        ("DSAS", 4.0, "dsas"))  # fmt: skip
 
 
 def main() -> None:
@@ -43,9 +43,9 @@ def main() -> None:
     print("|---|" + "---|" * len(RUNS))
     for prompt in PROMPTS:
         cells = []
-        for _, strength, gated in RUNS:
+        for _, strength, gate in RUNS:
             torch.manual_seed(0)
-            out = lm.generate([prompt] * 200, steering_strength=strength, steering_gate=gated, max_new_tokens=40,
+            out = lm.generate([prompt] * 200, steering_strength=strength, steering_gate=gate, max_new_tokens=40,
                               do_sample=True, top_k=0)  # fmt: skip
             cells.append(f"{100 * sum('banana' in text for text in out.texts) / 200:.1f}%")
         print(f"| {prompt} | " + " | ".join(cells) + " |")

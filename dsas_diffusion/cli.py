@@ -168,7 +168,11 @@ def _generate(args: argparse.Namespace) -> None:
     else:
         generators = [torch.Generator().manual_seed(args.seed + i) for i in range(len(prompts))]
         images = pipe(
-            prompts, generator=generators, steering_strength=args.strength, steering_gate=not args.uniform, **call
+            prompts,
+            generator=generators,
+            steering_strength=args.strength,
+            steering_gate="none" if args.uniform else "dsas",
+            **call,
         ).images
         if len(images) == 1:
             images[0].save(out)

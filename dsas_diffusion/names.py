@@ -13,6 +13,7 @@ __all__ = [
     "DIFFUSION_PRESETS",
     "FIT_COLLECTION_ARGUMENTS",
     "FIT_GATES",
+    "GATES",
     "GATE_ACTIVATIONS",
     "GATE_CALIBRATIONS",
     "GATE_FIT_ON",
@@ -28,8 +29,11 @@ MAP_NAMES = ("caa", "iti", "linear-act", "lineas")
 CLOSED_FORM_MAPS = ("caa", "iti", "linear-act")
 #: maps that add a vector (the others are per-unit affine)
 ADDITIVE_MAPS = ("caa", "iti")
-#: how a steerer's gates are fitted: DSAS (PCA + logistic), none (uniform only), trained end to end with LinEAS
-FIT_GATES = ("dsas", "none", "e2e")
+#: the one vocabulary for gates: at fit time which gates to fit (DSAS: PCA + logistic; e2e: trained
+#: end to end with LinEAS; none: maps only), at call time whether to steer through them
+#: ("dsas" / "e2e": the steerer's gates; "none": uniform steering, every position alike)
+GATES = ("dsas", "none", "e2e")
+FIT_GATES = GATES
 #: how a method applies a steerer: every position alike, DSAS gates, end-to-end gates
 GATINGS = ("uniform", "dsas", "e2e")
 #: the gate's squashing function

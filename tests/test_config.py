@@ -96,3 +96,24 @@ def test_the_command_line_help_shows_the_defaults_of_both_presets():
     image, lm = FitConfig.for_diffusion(), FitConfig.for_text()
     for name in ("map", "preset", "n_components", "gate_floor"):
         assert f"default: {getattr(image, name)} for pipelines, {getattr(lm, name)} for language models" in text
+
+
+def test_one_gate_vocabulary_at_fit_and_call_time_with_the_boolean_spelling_deprecated():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)).eval()
+    sets = [[torch.randn(4, 3, 8) + shift for _ in range(6)] for shift in (1.0, 0.0, -1.0)]
+    steerer = fit_steerer(model, ["0", "2"], *sets, gate="dsas", n_components=3, progress=False)
+    x = torch.randn(2, 3, 8) + 1.0
+    with torch.no_grad():
+        outputs = {}
+        for word in ("dsas", "none"):
+            with steerer.apply(model, strength=1.0, gate=word):
+                outputs[word] = model(x)
+        for old, word in ((True, "dsas"), (False, "none")):
+            with pytest.warns(DeprecationWarning, match=f"gate={old} is deprecated.*use gate='{word}'"):
+                session = steerer.apply(model, strength=1.0, gate=old)
+            with session:
+                assert torch.equal(model(x), outputs[word])  # the same steering as the word
+    assert not torch.equal(outputs["dsas"], outputs["none"])
+    with pytest.raises(SteeringError, match=r"gate must be one of \('dsas', 'none', 'e2e'\)"):
+        steerer.apply(model, gate="uniform")

@@ -178,8 +178,10 @@ def generate(entry: ModelEntry, steerer: Steerer, settings: GenerateSettings, *,
     with entry.lock.reading(), request_pipeline(entry, steerer) as pipe:
         try:
             unsteered = run(pipe, settings, steering_strength=0.0).images[0]
-            uniform = run(pipe, settings, steering_strength=settings.strength, steering_gate=False).images[0]
-            gated = run(pipe, settings, steering_strength=settings.strength, steering_gate=True, return_gate_maps=True)
+            uniform = run(pipe, settings, steering_strength=settings.strength, steering_gate="none").images[0]
+            gated = run(
+                pipe, settings, steering_strength=settings.strength, steering_gate="dsas", return_gate_maps=True
+            )
         except ValueError as error:  # SteeringError, or a diffusers input check
             raise InputError(f"The pipeline refused the request: {error}") from error
     maps = {layer: tensor[:, 0].float().numpy() for layer, tensor in gated.gate_maps.get(STEERER_NAME, {}).items()}
@@ -217,7 +219,7 @@ def strength_sweep(
     rows: dict[str, list[Image.Image]] = {"uniform": [], "DSAS": []}
     with entry.lock.reading(), request_pipeline(entry, steerer) as pipe:
         for strength in strengths:
-            for label, gate in (("uniform", False), ("DSAS", True)):
+            for label, gate in (("uniform", "none"), ("DSAS", "dsas")):
                 rows[label].append(run(pipe, settings, steering_strength=float(strength), steering_gate=gate).images[0])
     return sweep_strip(rows, strengths, cell=cell)
 

@@ -168,7 +168,7 @@ def generate_text(entry: TextEntry, steerer: Steerer, settings: TextSettings) ->
     except SteeringError as error:
         raise InputError(f"This steering cannot steer {entry.name}: {error}") from error
     prompts = [settings.prompt] * settings.samples
-    runs = {"unsteered": (0.0, True), "uniform": (settings.strength, False), "DSAS": (settings.strength, True)}
+    runs = {"unsteered": (0.0, "dsas"), "uniform": (settings.strength, "none"), "DSAS": (settings.strength, "dsas")}
     outputs = {}
     with entry.lock, torch.random.fork_rng(devices=[]):
         for variant, (strength, gate) in runs.items():

@@ -67,7 +67,7 @@ class CompiledSteering:
         return self.resident.serves(denoiser, steerers)
 
     @contextlib.contextmanager
-    def steer(self, strengths: Mapping[str, float], *, gate: bool, batch_rows: Rows) -> Iterator[ResidentFiniteCheck]:
+    def steer(self, strengths: Mapping[str, float], *, gate: str, batch_rows: Rows) -> Iterator[ResidentFiniteCheck]:
         """Steer the denoiser calls inside the block; yields the call's NaN check."""
         with self.resident.steer(strengths, gate=gate, batch_rows=batch_rows):
             yield self.finite.reset()
@@ -117,7 +117,7 @@ def steer_compiled(
     strengths: Mapping[str, float],
     args: tuple[Any, ...],
     kwargs: Mapping[str, Any],
-    gate: bool,
+    gate: str,
     rows: Rows,
 ) -> Any:
     """The stock call with the ``active`` steerers at their ``strengths`` through the resident

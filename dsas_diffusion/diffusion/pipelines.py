@@ -42,7 +42,7 @@ from ..names import CFG_MODES
 from ..prompts import check_prompt_list
 from ..steering import HookPoint, Steerer, SteeringError, fit_steerer
 from ..steering.compiled import is_compiled, run_eagerly, unwrap_compiled
-from ..steering.hooks import SteeringSession, strengths_by_name
+from ..steering.hooks import SteeringSession, gate_word, strengths_by_name
 from ..steering.registry import DEFAULT_STEERER, SteererRegistry, fit_provenance
 from ..steering.resident import drop_resident, resident_for
 from .architectures import hook_points as preset_hook_points
@@ -252,7 +252,7 @@ class DSASPipelineMixin(SteererRegistry):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         steering_strength: float | Mapping[str, float] | None = None,
-        steering_gate: bool = True,
+        steering_gate: str | bool = "dsas",
         steering_cfg: str = "cond",
         steering_steps: tuple[float, float] | None = None,
         return_gate_maps: bool = False,
@@ -282,13 +282,14 @@ class DSASPipelineMixin(SteererRegistry):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         steering_strength: float | Mapping[str, float] | None,
-        steering_gate: bool,
+        steering_gate: str | bool,
         steering_cfg: str,
         steering_steps: tuple[float, float] | None,
         return_gate_maps: bool,
     ) -> Any:
         if steering_cfg not in CFG_MODES:
             raise SteeringError(f"steering_cfg must be one of {CFG_MODES}, got {steering_cfg!r}")
+        steering_gate = gate_word(steering_gate, "steering_gate") or "dsas"
         steerers = self._steerer_table()
         if not steerers:
             drop_resident(self)
@@ -297,8 +298,8 @@ class DSASPipelineMixin(SteererRegistry):
             return super().__call__(*args, **kwargs)  # type: ignore[misc]
         strengths = strengths_by_name(steering_strength, steerers)
         active = {name: s for name, s in steerers.items() if strengths[name] != 0.0 or return_gate_maps}
-        if return_gate_maps and not steering_gate:
-            raise SteeringError("gate maps come from the DSAS gates: use steering_gate=True with return_gate_maps")
+        if return_gate_maps and steering_gate == "none":
+            raise SteeringError("gate maps come from the DSAS gates: use steering_gate='dsas' with return_gate_maps")
         compiled = is_compiled(self._denoiser_as_called())
         denoiser = self.denoiser
         # on a compiled denoiser the hooks stay attached, also through unsteered calls: the

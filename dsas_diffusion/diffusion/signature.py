@@ -27,7 +27,7 @@ _KW = inspect.Parameter.KEYWORD_ONLY
 #: the steering arguments every DSAS pipeline call takes, after the stock ones
 STEERING_PARAMETERS = (
     inspect.Parameter("steering_strength", _KW, default=None, annotation=float | Mapping[str, float] | None),
-    inspect.Parameter("steering_gate", _KW, default=True, annotation=bool),
+    inspect.Parameter("steering_gate", _KW, default="dsas", annotation=str),
     inspect.Parameter("steering_cfg", _KW, default="cond", annotation=str),
     inspect.Parameter("steering_steps", _KW, default=None, annotation=tuple[float, float] | None),
     inspect.Parameter("return_gate_maps", _KW, default=False, annotation=bool),
@@ -40,9 +40,10 @@ STEERING_DOC = """
                 λ for every loaded steerer, a ``{name: λ}`` mapping, or ``None`` for each
                 steerer's saved default. ``0`` leaves the images bit-identical to the stock
                 pipeline's.
-            steering_gate (`bool`, defaults to `True`):
-                ``True`` scales the steering by the DSAS gates per position; ``False`` steers
-                every position uniformly.
+            steering_gate (`str`, defaults to `"dsas"`):
+                ``"dsas"`` (or ``"e2e"``) steers through each steerer's gates; ``"none"`` steers
+                every position alike (uniform steering, the baseline). ``True`` / ``False`` still
+                work for one release, with a deprecation warning.
             steering_cfg (`str`, defaults to `"cond"`):
                 ``"cond"`` steers the conditional half of the guidance batch only (in
                 pipelines that run the guidance branches as separate denoiser calls, such

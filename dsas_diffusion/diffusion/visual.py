@@ -139,8 +139,8 @@ def compare(
         return pipe(list(prompts), generator=generators, **call_kwargs, **steering)
 
     unsteered = run(steering_strength=0.0).images
-    uniform = run(steering_strength=strength, steering_gate=False).images
-    gated = run(steering_strength=strength, steering_gate=True, return_gate_maps=True)
+    uniform = run(steering_strength=strength, steering_gate="none").images
+    gated = run(steering_strength=strength, steering_gate="dsas", return_gate_maps=True)
     return [
         Comparison(prompt, unsteered[i], uniform[i], gated.images[i], mean_gate_map(gated.gate_maps, i))
         for i, prompt in enumerate(prompts)

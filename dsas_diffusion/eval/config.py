@@ -68,8 +68,8 @@ class Method:
         return f"{self.map}-{self.fit_gate}"
 
     @property
-    def gated(self) -> bool:
-        return self.gating != "uniform"
+    def gate(self) -> str:  # the call's steering_gate
+        return "none" if self.gating == "uniform" else self.gating
 
 
 def parse_method(text: str) -> Method:

@@ -32,7 +32,7 @@ def _steering_arguments(config: EvalConfig, method: str, strength: float, loaded
     chosen = parse_method(method)
     return {
         "steering_strength": {name: (strength if name == chosen.steerer_name else 0.0) for name in loaded},
-        "steering_gate": chosen.gated,
+        "steering_gate": chosen.gate,
         "steering_cfg": config.steering_cfg,
     }
 

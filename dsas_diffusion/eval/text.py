@@ -134,7 +134,7 @@ def _steering(job: Job, loaded: Sequence[str]) -> dict[str, Any]:
         return {"steering_strength": 0.0}
     chosen = parse_method(job.method)
     strengths = {name: (job.strength if name == chosen.steerer_name else 0.0) for name in loaded}
-    return {"steering_strength": strengths, "steering_gate": chosen.gated}
+    return {"steering_strength": strengths, "steering_gate": chosen.gate}
 
 
 def render_text(
@@ -188,7 +188,7 @@ def continuation_logprob(
     starts: Sequence[int],
     *,
     strength: float | Mapping[str, float] = 0.0,
-    gate: bool = True,
+    gate: str = "dsas",
     batch_size: int = 32,
 ) -> list[float]:
     """Per sequence, the mean log-probability of its tokens from ``starts[i]`` on, each given
@@ -317,7 +317,7 @@ def score_text_jobs(
                 [references[i]["ids"] for i in chosen],
                 [references[i]["prompt_length"] for i in chosen],
                 strength=steering["steering_strength"],
-                gate=steering.get("steering_gate", True),
+                gate=steering.get("steering_gate", "dsas"),
             )
             change.update({i: value - base[i] for i, value in zip(chosen, steered, strict=True)})
     rows = []

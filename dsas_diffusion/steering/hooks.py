@@ -13,12 +13,14 @@ import contextlib
 import contextvars
 import itertools
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from ..names import GATES
 from .errors import SteeringError
 from .hookpoints import get_output, replace_output, resolve_module
 from .prepared import PreparedLayer
@@ -34,6 +36,7 @@ __all__ = [
     "active_hook_names",
     "active_in_context",
     "check_strength",
+    "gate_word",
     "strengths_by_name",
     "unload_by_name",
 ]
@@ -47,6 +50,30 @@ Observer = Callable[[str, torch.Tensor, torch.Tensor | None], None]
 #: no steering strength beyond this is accepted anywhere: on shapes-sd outputs with the concept
 #: are destroyed from λ = 16 on, and far larger values only overflow to NaN or infinity
 STRENGTH_LIMIT = 1000.0
+
+
+def gate_word(value: str | bool | None, where: str = "gate") -> str | None:
+    """A call's gate in the one vocabulary (:data:`~dsas_diffusion.names.GATES`): ``"dsas"`` or
+    ``"e2e"`` steer through the steerers' gates, ``"none"`` steers uniformly; ``None`` stays
+    ``None``. ``True`` / ``False`` are the former spelling: accepted for one release with a
+    ``DeprecationWarning``.
+
+    Example:
+        >>> gate_word("none"), gate_word(None)
+        ('none', None)
+    """
+    if value is None or (isinstance(value, str) and value in GATES):
+        return value
+    if isinstance(value, bool):
+        word = "dsas" if value else "none"
+        warnings.warn(
+            f"{where}={value} is deprecated and goes in the next release; use {where}={word!r} "
+            "('dsas' or 'e2e': through the gates, 'none': uniform steering)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return word
+    raise SteeringError(f"{where} must be one of {GATES} ('none': uniform steering), got {value!r}")
 
 
 def check_strength(strength: float) -> float:

@@ -31,7 +31,7 @@ from torch import nn
 
 from .compiled import forget_compiled_code, is_compiled, unwrap_compiled
 from .errors import ActivationError
-from .hooks import SteeringSession, active_in_context
+from .hooks import SteeringSession, active_in_context, gate_word
 
 if TYPE_CHECKING:
     from .steerer import Steerer
@@ -52,7 +52,7 @@ class ResidentSteering:
         >>> layer = SteeringLayer(HookPoint("0", layout="channels_last"), SteeringMap(torch.ones(2)))
         >>> resident = ResidentSteering(model, {"shift": Steerer([layer])})
         >>> x = torch.zeros(1, 2)
-        >>> with resident.steer({"shift": 2.0}, gate=False):
+        >>> with resident.steer({"shift": 2.0}, gate="none"):
         ...     steered = model(x)
         >>> torch.equal(steered, model(x) + 2.0)  # outside the block the hooks let calls through
         True
@@ -95,7 +95,7 @@ class ResidentSteering:
 
     @contextlib.contextmanager
     def steer(
-        self, strengths: Mapping[str, float], *, gate: bool | None = True, batch_rows: Rows = None
+        self, strengths: Mapping[str, float], *, gate: str | bool | None = "dsas", batch_rows: Rows = None
     ) -> Iterator[dict[str, SteeringSession]]:
         """Steer the forward calls made in this thread / task inside the block: each steerer at
         its strength in ``strengths`` (missing names: 0), gated or not, on ``batch_rows``.
@@ -105,8 +105,9 @@ class ResidentSteering:
         if unknown:
             raise KeyError(f"no resident session for {unknown}; attached: {sorted(self.sessions)}")
         values = {name: self.steerers[name].checked_strength(strengths.get(name, 0.0)) for name in self.sessions}
+        word = gate_word(gate)
         gated = {
-            name: self.steerers[name].gating(gate) if values[name] != 0.0 else (bool(gate) and steerer.has_gates)
+            name: steerer.gating(word) if values[name] != 0.0 else (word != "none" and steerer.has_gates)
             for name, steerer in self.steerers.items()
         }
         with self._lock:

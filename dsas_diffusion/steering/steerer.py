@@ -12,7 +12,7 @@ from torch import nn
 from ..config import FitConfig
 from .errors import IncompatibleSteeringError, SteeringError, UnknownModuleError
 from .hookpoints import resolve_module
-from .hooks import SteeringSession, check_strength
+from .hooks import SteeringSession, check_strength, gate_word
 from .layer import SteeringLayer, module_signature
 from .persistence import read_steering, write_steering
 
@@ -139,15 +139,17 @@ class Steerer(nn.Module):
                         "steering for this model instead."
                     )
 
-    def gating(self, gate: bool | None) -> bool:
-        """Whether a call with ``gate`` (``None``: whenever there are gates) steers through the
-        DSAS gates; :class:`IncompatibleSteeringError` if it asks for gates some layer lacks."""
-        gated = self.has_gates if gate is None else bool(gate)
+    def gating(self, gate: str | bool | None) -> bool:
+        """Whether a call with ``gate`` (``"dsas"`` / ``"e2e"``: through the gates, ``"none"``:
+        uniformly, ``None``: through the gates if there are any) steers through the gates;
+        :class:`IncompatibleSteeringError` if it asks for gates some layer lacks."""
+        word = gate_word(gate)
+        gated = self.has_gates if word is None else word != "none"
         if gated and not self.has_gates:
             missing = [layer.name for layer in self.layers if layer.gate is None]
             raise IncompatibleSteeringError(
                 f"gating requested but layers {missing} have no DSAS gate; refit with gate='dsas' "
-                "or steer uniformly with gate=False"
+                "or steer uniformly with gate='none'"
             )
         return gated
 
@@ -169,7 +171,7 @@ class Steerer(nn.Module):
         model: nn.Module,
         *,
         strength: float | None = None,
-        gate: bool | None = None,
+        gate: str | bool | None = None,
         record_gates: bool = False,
         scoped: bool = False,
         layers: Sequence[str] | None = None,
@@ -179,8 +181,8 @@ class Steerer(nn.Module):
 
         Args:
             strength: λ (default: the steerer's ``strength``).
-            gate: ``True`` for DSAS gating, ``False`` for uniform steering; ``None`` gates
-                whenever the steerer has gates.
+            gate: ``"dsas"`` (or ``"e2e"``) to steer through the gates, ``"none"`` for uniform
+                steering; ``None`` gates whenever the steerer has gates.
             record_gates: keep every gate value computed, in ``session.gate_maps``.
             scoped: act only on forward calls in this thread / asyncio task. ``attach``
                 defaults to ``False`` (global until detached), ``apply`` to ``True``.

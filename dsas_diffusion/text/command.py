@@ -79,20 +79,20 @@ def generate_text(args: argparse.Namespace, prompts: list[str]) -> None:
     lm = _load(args)
     lm.load_steering(steerer)
     call = {"max_new_tokens": args.max_new_tokens, "do_sample": False}
-    runs = [("DSAS", args.strength, True)]
+    runs = [("DSAS", args.strength, "dsas")]
     if args.compare:
-        runs = [("unsteered", 0.0, True), ("uniform", args.strength, False), ("DSAS", args.strength, True)]
+        runs = [("unsteered", 0.0, "dsas"), ("uniform", args.strength, "none"), ("DSAS", args.strength, "dsas")]
     elif args.uniform:
-        runs = [("uniform", args.strength, False)]
+        runs = [("uniform", args.strength, "none")]
     outputs = {
         label: lm.generate(
             prompts,
             steering_strength=strength,
-            steering_gate=gated,
-            return_gate_maps=args.show_gates and gated and strength != 0,
+            steering_gate=gate,
+            return_gate_maps=args.show_gates and gate != "none" and strength != 0,
             **call,
         )
-        for label, strength, gated in runs
+        for label, strength, gate in runs
     }
     width = max(len(label) for label in outputs)
     for row, prompt in enumerate(prompts):

@@ -31,7 +31,7 @@ from ..config import FitConfig
 from ..prompts import check_prompt_list
 from ..steering import HookPoint, Steerer, SteeringError, fit_steerer
 from ..steering.compiled import is_compiled, run_eagerly
-from ..steering.hooks import SteeringSession
+from ..steering.hooks import SteeringSession, gate_word
 from ..steering.registry import DEFAULT_STEERER, SteererRegistry, fit_provenance
 from ..steering.resident import ResidentSteering, resident_for
 from .architectures import check_token_stream
@@ -205,7 +205,11 @@ class DSASLanguageModel(SteererRegistry):
 
     @contextlib.contextmanager
     def steering(
-        self, strength: float | Mapping[str, float] | None = None, *, gate: bool = True, record_gates: bool = False
+        self,
+        strength: float | Mapping[str, float] | None = None,
+        *,
+        gate: str | bool = "dsas",
+        record_gates: bool = False,
     ) -> Iterator[dict[str, SteeringSession]]:
         """Steer the bare ``self.model`` inside the block, for other tools (evaluation
         harnesses, transformers pipelines, streamers). The hooks act in this thread / task
@@ -217,6 +221,7 @@ class DSASLanguageModel(SteererRegistry):
             ...     ids = lm.model.generate(**inputs, max_new_tokens=20)
         """
         strengths = self._strengths(strength)
+        gate = gate_word(gate) or "dsas"
         if not self._steerer_table() and strength not in (None, 0, 0.0):
             raise SteeringError("no steering is loaded: call fit_steering(...) or load_steering(dir) first")
         # a compiled model keeps its hooks attached between calls (tensors carry each call's λ);
@@ -245,7 +250,7 @@ class DSASLanguageModel(SteererRegistry):
         prompts: Sequence[str],
         *,
         steering_strength: float | Mapping[str, float] | None = None,
-        steering_gate: bool = True,
+        steering_gate: str | bool = "dsas",
         return_gate_maps: bool = False,
         chat_template: bool = False,
         **generate_kwargs: Any,
@@ -256,8 +261,9 @@ class DSASLanguageModel(SteererRegistry):
         the generation itself when each output row is one prompt's single sequence, and from
         a steered replay of the final sequences otherwise (beam search, several sequences)."""
         check_prompt_list(prompts, "prompts")
-        if return_gate_maps and not steering_gate:
-            raise SteeringError("gate maps come from the DSAS gates: use steering_gate=True with return_gate_maps")
+        steering_gate = gate_word(steering_gate, "steering_gate") or "dsas"
+        if return_gate_maps and steering_gate == "none":
+            raise SteeringError("gate maps come from the DSAS gates: use steering_gate='dsas' with return_gate_maps")
         if return_gate_maps and not self._steerer_table():
             raise SteeringError("no steering is loaded, so there are no gates: call fit_steering or load_steering")
         batch = self._batches(self._format(prompts, chat_template, generation=True), len(prompts), None, "left")[0]
@@ -331,7 +337,7 @@ class DSASLanguageModel(SteererRegistry):
         sequences: torch.Tensor,
         mask: torch.Tensor,
         strength: float | Mapping[str, float] | None,
-        gate: bool = True,
+        gate: str = "dsas",
     ) -> dict[str, dict[str, torch.Tensor]]:
         """Steered teacher-forced pass over finished sequences: each token's gate, NaN where
         ``mask`` is off and at the last token (generation never forwards it)."""
@@ -379,12 +385,13 @@ class DSASLanguageModel(SteererRegistry):
         texts: Sequence[str],
         *,
         steering_strength: float | Mapping[str, float] | None = None,
-        steering_gate: bool = True,
+        steering_gate: str | bool = "dsas",
         batch_size: int = 8,
     ) -> list[float]:
         """Each text's perplexity under the (steered) model: ``exp`` of its mean next-token
         negative log-likelihood, one teacher-forced pass per batch."""
         check_prompt_list(texts, "texts")
+        steering_gate = gate_word(steering_gate, "steering_gate") or "dsas"
         values = []
         for batch in self._batches(texts, batch_size, None):
             with torch.no_grad(), self.steering(steering_strength, gate=steering_gate):
