@@ -3,7 +3,7 @@ that the configuration and the command line can raise them without loading torch
 
 from __future__ import annotations
 
-from ..errors import (
+from ..errors import (  # noqa: F401 (re-exported)
     ActivationError,
     IncompatibleSteeringError,
     InputSetError,
@@ -11,14 +11,5 @@ from ..errors import (
     SteeringError,
     SteeringFileError,
     UnknownModuleError,
+    __all__,
 )
-
-__all__ = [
-    "ActivationError",
-    "IncompatibleSteeringError",
-    "InputSetError",
-    "PromptFileError",
-    "SteeringError",
-    "SteeringFileError",
-    "UnknownModuleError",
-]
