@@ -9,7 +9,7 @@ TORCH   := torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo app test test-fast lint install chromium clean
+.PHONY: demo app test test-fast lint docs install chromium clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -17,7 +17,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[all,test]"
+	$(PY) -m pip install -q -e ".[all,docs,test]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -32,7 +32,11 @@ app: $(STAMP)
 chromium:
 	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
-test: $(STAMP) chromium
+# the site from docs/ and the docstrings, in outputs/site; strict: a broken link or reference fails
+docs: $(STAMP)
+	$(PY) -m mkdocs build --strict --quiet
+
+test: $(STAMP) chromium docs
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -ra
 

@@ -12,7 +12,7 @@ def require(part: str, extra: str, *modules: str) -> None:
     """Raise ``ImportError`` naming ``extra`` if any of ``modules`` is not installed (looked up
     with ``importlib.util.find_spec``, which imports nothing).
 
-    Example:
+    Examples:
         >>> require("dsas_diffusion.steering", "core", "torch")
         >>> require("dsas_diffusion.example", "example", "no_such_module")
         Traceback (most recent call last):

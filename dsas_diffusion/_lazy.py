@@ -14,7 +14,7 @@ def lazy_exports(package: str, exports: Mapping[str, str]) -> tuple[Callable[[st
     """``__getattr__`` and ``__dir__`` for ``package`` whose name ``n`` lives in module
     ``exports[n]`` (relative to the package, e.g. ``".sweep"``).
 
-    Example:
+    Examples:
         >>> getattr_, dir_ = lazy_exports("dsas_diffusion", {"read_prompts": ".prompts"})
         >>> getattr_("read_prompts").__name__
         'read_prompts'

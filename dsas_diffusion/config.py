@@ -8,7 +8,7 @@ holds the diffusion pipelines' defaults and :meth:`FitConfig.for_text` the langu
 This module imports neither torch nor any other heavy package, so the command line can print
 its help from it.
 
-Example:
+Examples:
     >>> config = FitConfig.for_diffusion(map="linear-act")
     >>> config.map, config.preset, config.gate_floor
     ('linear-act', 'cross-attention', 0.5)

@@ -17,7 +17,7 @@ __all__ = ["PromptFileError", "check_prompt_list", "prompt_lines", "read_prompts
 def prompt_lines(text: str) -> list[str]:
     r"""The prompts of a text, one per line; blank lines and ``#`` comment lines are skipped.
 
-    Example:
+    Examples:
         >>> prompt_lines("# bananas\n a yellow banana on a white background \n\n")
         ['a yellow banana on a white background']
     """
@@ -31,7 +31,7 @@ def read_prompts(path: str | os.PathLike[str]) -> list[str]:
     Raises :class:`PromptFileError` when the file is missing, is not UTF-8 text, or holds
     no prompt.
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> file = pathlib.Path(tempfile.mkdtemp()) / "source.txt"
         >>> _ = file.write_text("a yellow banana on a white background\n")
@@ -63,7 +63,7 @@ def check_prompt_list(prompts: object, name: str) -> list[str]:
     """``prompts`` as a list of non-empty strings, or :class:`InputSetError` naming ``name``
     and the fix (a bare string is refused: it would be read as a list of characters).
 
-    Example:
+    Examples:
         >>> check_prompt_list("a red star on a white background", "source_prompts")
         Traceback (most recent call last):
         ...

@@ -235,11 +235,9 @@ def request_pipeline(entry: ModelEntry, steerer: Steerer | None = None) -> Itera
 def configure_torch_threads(concurrency: int, threads: int | None = None) -> int:
     """Set torch's CPU threads per request so that ``concurrency`` requests fit the cores.
 
-    Each request thread runs its own intra-op thread team; with 2 threads per request and
-    several requests (or another busy process) on 2 cores the teams spin against each other:
-    measured here, a 10-step shapes-sd request took 15-96 s with 2 threads and 0.8 s with 1
-    while another process kept one core busy. ``threads`` overrides the choice. Returns the
-    number set (process-wide: ``torch.set_num_threads``).
+    Each request thread runs its own intra-op thread team, and teams that share the cores spin
+    against each other (measured in docs/design.md, "The app"). ``threads`` overrides the
+    choice. Returns the number set (process-wide: ``torch.set_num_threads``).
     """
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // max(1, int(concurrency)))

@@ -24,7 +24,7 @@ Presets:
   tokens. FLUX's single-stream blocks attend over text and image tokens together and are
   left out.
 
-Example:
+Examples:
     >>> from diffusers import UNet2DConditionModel
     >>> unet = UNet2DConditionModel(block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=16,
     ...     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),

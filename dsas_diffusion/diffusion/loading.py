@@ -26,7 +26,7 @@ def load_pipeline(model: str | os.PathLike[str], *, device: str | None = None, *
     saved without T5 (as ``shapes-mmdit``) loads with ``text_encoder_3=None``. ``kwargs`` go
     to ``from_pretrained`` (``dtype``, ``variant``...); the Shapes models default to float32.
 
-    Example:
+    Examples:
         >>> pipe = load_pipeline("shapes-sd")
         >>> type(pipe).__name__
         'DSASStableDiffusionPipeline'

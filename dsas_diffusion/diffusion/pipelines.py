@@ -84,7 +84,7 @@ CONDITIONAL_HALF = _RowsOfConditionalHalf()
 class DSASPipelineMixin(SteererRegistry):
     """Adds DSAS steering to a diffusers pipeline class (put it first in the bases).
 
-    Example:
+    Examples:
         >>> from dsas_diffusion import DSASStableDiffusionPipeline
         >>> from dsas_diffusion.shapes import resolve_model_path
         >>> pipe = DSASStableDiffusionPipeline.from_pretrained(resolve_model_path("shapes-sd"))  # doctest: +SKIP
@@ -148,7 +148,7 @@ class DSASPipelineMixin(SteererRegistry):
             batch_size: prompts per collection run.
             pipeline_kwargs: extra pipeline call arguments during collection (e.g. ``guidance_scale``).
 
-        Example:
+        Examples:
             >>> steerer = pipe.fit_steering(source, target, control, map="linear-act")  # doctest: +SKIP
         """
         # every name and number is checked before the first collection run
@@ -269,7 +269,7 @@ class DSASPipelineMixin(SteererRegistry):
         scheduler and tokenizers, which keep per-call state. One pipeline object runs one call at
         a time; a second concurrent call raises :class:`SteeringError`.
 
-        Example:
+        Examples:
             >>> worker = pipe.for_thread()  # doctest: +SKIP
         """
         pipe = type(self).from_pipe(self, **thread_copies(self))

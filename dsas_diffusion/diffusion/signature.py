@@ -84,7 +84,7 @@ def steered_signature(stock: Callable[..., Any]) -> inspect.Signature:
     """``stock``'s signature with the steering arguments added as keyword-only parameters
     (before a ``**kwargs``, if the stock call has one).
 
-    Example:
+    Examples:
         >>> def call(self, prompt=None, num_inference_steps=50, **kwargs): ...
         >>> list(steered_signature(call).parameters)  # doctest: +NORMALIZE_WHITESPACE
         ['self', 'prompt', 'num_inference_steps', 'steering_strength', 'steering_gate', 'steering_cfg',

@@ -20,7 +20,7 @@ __all__ = ["StepWindow", "check_step_window"]
 def check_step_window(window: Sequence[float] | None) -> tuple[float, float] | None:
     """``(start, end)`` fractions of the schedule with ``0 <= start < end <= 1``, or ``None``.
 
-    Example:
+    Examples:
         >>> check_step_window((0, 0.5))
         (0.0, 0.5)
     """

@@ -25,7 +25,7 @@ __all__ = [
 def rows_of(items: Sequence[Any], columns: int) -> list[list[Any]]:
     """``items`` in rows of ``columns`` (the last row may be shorter).
 
-    Example:
+    Examples:
         >>> rows_of([1, 2, 3, 4, 5], 2)
         [[1, 2], [3, 4], [5]]
     """
@@ -59,7 +59,7 @@ def image_grid(
         cell_notes: text drawn right of each cell, in a ``note_width`` margin.
         gap: pixels between columns.
 
-    Example:
+    Examples:
         >>> cells = [[Image.new("RGB", (8, 8), "red"), Image.new("RGB", (8, 8), "blue")]]
         >>> image_grid(cells, scale=2, column_titles=["a", "b"]).size
         (32, 28)

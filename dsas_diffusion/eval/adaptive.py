@@ -30,7 +30,7 @@ class AdaptiveSweep:
         similarity_key: the row key of control similarity (``"clip_similarity"`` for
             images, ``"prefix_match"`` or ``"exact_match"`` for text).
 
-    Example:
+    Examples:
         >>> sweep = AdaptiveSweep(SweepSettings(start=1, max=4), ["caa/dsas"], {"caa/dsas": None})
         >>> sweep.strengths
         {'caa/dsas': [1.0]}

@@ -121,7 +121,7 @@ def model_id(model: str | Path) -> str:
     identified by a hash of its files, so retrained weights saved under the same name
     invalidate cached fits and images; a hub id is identified by its name.
 
-    Example:
+    Examples:
         >>> model_id("shapes-sd") == model_id(resolve_model_path("shapes-sd"))
         True
     """

@@ -400,7 +400,7 @@ PROMPT_FIELDS = ("source", "target", "control", "concept_prompts", "control_prom
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> EvalConfig:
     """Read a YAML / JSON config (optional) and apply ``overrides`` (``None`` values skipped).
 
-    Example:
+    Examples:
         >>> config = load_config(None, {"concept": "banana", "concept_prompts": ["a yellow banana on a white background"],
         ...                             "control_prompts": ["a red square on a black background"],
         ...                             "steering": None, "source": ["a"], "target": ["b"], "control": ["c"]})

@@ -156,7 +156,7 @@ def concept_fractions(run: CapturedRun, concept: str) -> dict[str, torch.Tensor]
 def roc_auc(positive: torch.Tensor, negative: torch.Tensor) -> float:
     """Probability that a random positive scores above a random negative (ties count half).
 
-    Example:
+    Examples:
         >>> roc_auc(torch.tensor([0.9, 0.8]), torch.tensor([0.1, 0.85]))
         0.75
     """

@@ -21,7 +21,7 @@ DEFAULT_NEUTRAL_CAPTION = "a picture of something"
 def pixel_change(image: Image.Image, reference: Image.Image) -> float:
     """Mean absolute difference of two images' RGB values, on the 0-255 scale.
 
-    Example:
+    Examples:
         >>> pixel_change(Image.new("RGB", (4, 4), (0, 0, 0)), Image.new("RGB", (4, 4), (30, 0, 0)))
         10.0
     """
@@ -50,7 +50,7 @@ class ClipScorer:
         device: where the model runs.
         batch_size: images encoded per forward pass.
 
-    Example:
+    Examples:
         >>> from dsas_diffusion.shapes.data import parse_caption, render_scene
         >>> scorer = ClipScorer("shapes-clip")
         >>> image = render_scene(parse_caption("a red star on a white background")).image

@@ -48,7 +48,7 @@ __all__ = [
 def hypervolume(points: Sequence[tuple[float, float]]) -> float:
     """Area dominated by ``points`` (both coordinates larger is better) above (0, 0).
 
-    Example:
+    Examples:
         >>> hypervolume([(1.0, 0.2), (0.5, 0.8)])  # 1 x 0.2 + 0.5 x (0.8 - 0.2)
         0.5
     """
@@ -65,7 +65,7 @@ def mean_of(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
     """The mean of ``key`` over the rows that have it (``None`` and NaN mark rows that do not
     count), or ``None`` when none does.
 
-    Example:
+    Examples:
         >>> mean_of([{"p": 1.0}, {"p": None}, {"p": float("nan")}, {"p": 0.0}], "p")
         0.5
     """
@@ -82,7 +82,7 @@ def operating_point(
     ``reached`` (1.0 when the similarity fell below the threshold within the sweep, 0.0 when
     the sweep ends first and the point is its strongest setting).
 
-    Example:
+    Examples:
         >>> point = operating_point([0, 1, 2], [1.0, 0.99, 0.97], 0.98, presence=[0.8, 0.4, 0.2])
         >>> round(point["strength"], 3), round(point["presence"], 3), point["reached"]
         (1.5, 0.3, 1.0)
@@ -125,7 +125,7 @@ def best_point(
     ``measures[presence]`` among the strengths below the first one whose similarity falls
     under ``threshold``, and the interpolated operating point (ties: the weaker strength).
 
-    Example:
+    Examples:
         >>> point = best_point([0, 1, 2, 4], [1.0, 1.0, 0.99, 0.99], 0.98, "p", p=[0.8, 0.1, 0.3, 0.5])
         >>> point["strength"], point["p"], point["reached"]
         (1.0, 0.1, 0.0)
@@ -209,7 +209,7 @@ def bootstrap_intervals(
     the figure on all units and its 95% percentile interval over bootstrap replicates of the
     units (each group drawn with replacement). ``replicates=0`` gives NaN intervals.
 
-    Example:
+    Examples:
         >>> table = SweepTable([0.0], {"p": np.array([[0.0, 1.0, 1.0, 0.0]])}, {}, {})
         >>> figures = bootstrap_intervals(table, lambda t, d: {"p": t.means(d)["concept_p"][0]})
         >>> estimate, low, high = figures["p"]

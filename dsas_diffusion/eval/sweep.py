@@ -89,7 +89,7 @@ def screen_pairs(rows: list[dict[str, Any]], prompts: list[str], per_prompt: int
     """The spatial test's (prompt, seed) units: per pair prompt, the first ``per_prompt``
     seeds whose unsteered image shows both the concept object and the others.
 
-    Example:
+    Examples:
         >>> rows = [{"prompt": "p", "seed": s, "concept_drawn": 1.0, "others_drawn": float(s % 2)}
         ...         for s in range(6)]
         >>> screen_pairs(rows, ["p", "q"], 2)
@@ -113,7 +113,7 @@ def run_evaluation(config: EvalConfig, *, progress: bool = True) -> EvalResult:
     strength of every method still sweeping (:class:`~.adaptive.AdaptiveSweep`); otherwise
     one round renders the fixed strengths.
 
-    Example:
+    Examples:
         >>> from dsas_diffusion.eval import load_config, run_evaluation
         >>> config = load_config("benchmarks/eval_banana.yaml", {"out": "outputs/eval-banana"})  # doctest: +SKIP
         >>> result = run_evaluation(config)  # doctest: +SKIP

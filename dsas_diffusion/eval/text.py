@@ -218,7 +218,7 @@ def continuation_logprob(
 def mentions_any(text: str, words: set[str] | Sequence[str]) -> bool:
     """Whether ``text`` holds any of ``words`` (lower-case) as a whole word: the word-list scorer.
 
-    Example:
+    Examples:
         >>> mentions_any("A dirty square.", {"dirty", "gross"}), mentions_any("a dirtyish square", ["dirty"])
         (True, False)
     """
@@ -228,7 +228,7 @@ def mentions_any(text: str, words: set[str] | Sequence[str]) -> bool:
 def prefix_match(a: Sequence[int], b: Sequence[int]) -> float:
     """The common first tokens of ``a`` and ``b`` over the longer one's length (1 when equal).
 
-    Example:
+    Examples:
         >>> prefix_match([1, 2, 3, 4], [1, 2, 9]), prefix_match([5], [5])
         (0.5, 1.0)
     """

@@ -7,7 +7,7 @@ names and folders, concept sets, the detector, the judge's CLIP model, the examp
 steerings); nothing here imports the diffusers integration, the evaluation, the app or the
 command line.
 
-Example:
+Examples:
     >>> from dsas_diffusion.shapes import is_shapes_world, resolve_model_path
     >>> is_shapes_world("shapes-sd"), resolve_model_path("shapes-sd").name
     (True, 'shapes-sd')

@@ -29,7 +29,7 @@ def load_shapes_clip(device: str = "cpu", path: str | Path | None = None):
     ``path``, e.g. one written by ``python -m dsas_diffusion.shapes.train clip --out DIR``), via
     open_clip's ``local-dir:`` loading (the same call works for any open_clip model folder).
 
-    Example:
+    Examples:
         >>> model, preprocess, tokenizer = load_shapes_clip()
         >>> tokenizer(["a red circle on a white background"]).shape
         torch.Size([1, 24])

@@ -8,7 +8,7 @@ carrying the concept and one not, for the spatial test). The ``star``, ``green``
 ``triangle`` sets are :func:`make_concept_sets` with seed 0; the evaluation sets of ``banana``
 and ``red`` extend hand-made fitting sets with prompts drawn by it (seeds 1-5).
 
-Example:
+Examples:
     >>> source, target, control = concept_prompts("banana")
     >>> source[0], target[0]
     ('a red banana on a white background', 'a red circle on a white background')

@@ -6,7 +6,7 @@ exactly one of two forms::
     a {colour} {shape} on a {background} background
     a {colour} {shape} and a {colour} {shape} on a {background} background
 
-Example:
+Examples:
     >>> scene = render_scene(sample_spec(seed=3))
     >>> scene.image.size, scene.caption == caption_for(scene.spec)
     ((64, 64), True)

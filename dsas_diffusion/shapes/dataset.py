@@ -20,7 +20,7 @@ def images_to_tensor(images) -> torch.Tensor:
 class SceneStream:
     """An endless, deterministic stream of random scenes from one split.
 
-    Example:
+    Examples:
         >>> images, captions = SceneStream(seed=0).next_batch(4)
         >>> tuple(images.shape), len(captions)
         ((4, 3, 64, 64), 4)
@@ -51,7 +51,7 @@ def distort(images: torch.Tensor, generator: torch.Generator, fraction: float = 
     to the judge), the other half are blurred (0.3-1 pixel) and get faint pixel noise. The rest
     stay as drawn.
 
-    Example:
+    Examples:
         >>> images, _ = SceneStream(seed=0).next_batch(4)
         >>> distort(images, torch.Generator().manual_seed(0), fraction=1.0).shape
         torch.Size([4, 3, 64, 64])

@@ -209,7 +209,7 @@ def concept_mask(image: Image.Image, prompt: str, concept: str) -> np.ndarray:
     or a colour) that ``prompt`` asks for, found by colour in ``image``; all ``False`` when
     the prompt has no such object.
 
-    Example:
+    Examples:
         >>> from dsas_diffusion.shapes.data import parse_caption, render_scene
         >>> prompt = "a yellow banana and a red square on a black background"
         >>> scene = render_scene(parse_caption(prompt))

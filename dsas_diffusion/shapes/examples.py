@@ -7,7 +7,7 @@ on ``shapes-sd`` (``steering/<concept>``), and per text concept and map one fitt
 :func:`fit_text_example`). This module only needs the models' ``fit_steering``; it does not
 import the diffusers integration.
 
-Example:
+Examples:
     >>> sorted(example_steerings())
     ['banana', 'red']
 """
@@ -73,7 +73,7 @@ TEXT_EXAMPLE_FIT = FitConfig.for_text(n_components=20, support_quantiles=None, g
 def text_example_steerings() -> dict[tuple[str, str], Path]:
     """The shipped ``shapes-lm`` example steerings by ``(concept, map)``.
 
-    Example:
+    Examples:
         >>> sorted(text_example_steerings())[:2]
         [('banana', 'caa'), ('banana', 'iti')]
     """

@@ -21,7 +21,7 @@ def is_shapes_world(model: str | os.PathLike[str]) -> bool:
     as the ones ``python -m dsas_diffusion.shapes.train`` writes (``--out DIR`` gives ``DIR/shapes-sd``).
     Such models are scored with ``shapes-clip`` and the Shapes detectors, and load in float32.
 
-    Example:
+    Examples:
         >>> is_shapes_world("shapes-sd"), is_shapes_world("stabilityai/stable-diffusion-2-1")
         (True, False)
     """
@@ -31,7 +31,7 @@ def is_shapes_world(model: str | os.PathLike[str]) -> bool:
 def resolve_model_path(name: str | os.PathLike[str]) -> Path | str:
     """The local folder of a Shapes model name; any other id or path is returned unchanged.
 
-    Example:
+    Examples:
         >>> resolve_model_path("shapes-sd").name
         'shapes-sd'
         >>> resolve_model_path("stabilityai/stable-diffusion-3-medium-diffusers")
@@ -56,7 +56,7 @@ def load_shapes_pipeline(name: str | os.PathLike[str] = "shapes-sd", **kwargs):
     T5 (``text_encoder_3=None, tokenizer_3=None``, the stock way to drop T5). Weights are
     stored in float16 and loaded as float32 (``dtype=torch.float32``) unless you pass ``dtype``.
 
-    Example:
+    Examples:
         >>> pipe = load_shapes_pipeline("shapes-sd")
         >>> type(pipe).__name__
         'StableDiffusionPipeline'

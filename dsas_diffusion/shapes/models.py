@@ -67,7 +67,7 @@ def make_sd_unet(cross_attention_dim: int = 64):
         out_channels=4,
         layers_per_block=1,
         block_out_channels=(32, 64, 128),
-        # attention at 8x8 and 4x4 only: at 16x16 it tripled the step time on CPU
+        # attention at 8x8 and 4x4 only (docs/shapes-world.md, Models)
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=cross_attention_dim,
@@ -113,9 +113,8 @@ def make_mmdit_transformer(text_hidden: int = 64, pooled_dim: int = 64):
     )
 
 
-# open_clip custom model: a small ModifiedResNet on 64 px images and a small text transformer.
-# ViTs learned shapes slowly here (patch 8 at 64 px: 55% shape accuracy after 600 steps; patch 4
-# at 32 px: 63% after 800), while colours and backgrounds were at 100%: convolutions fit shapes.
+# open_clip custom model: a small ModifiedResNet on 64 px images and a small text transformer
+# (why not a ViT: docs/shapes-world.md, Models).
 CLIP_MODEL_CONFIG: dict[str, Any] = {
     "embed_dim": 64,
     "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16},

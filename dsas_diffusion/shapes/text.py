@@ -15,7 +15,7 @@ forms ``a {colour} {shape} on a {background} background`` and ``a {colour} {shap
 {colour} {shape} on a {background} background`` are first sentences of the grammar, so the
 image prompt files are valid documents (the final full stop may be left out).
 
-Example:
+Examples:
     >>> document = sample_document(3)
     >>> parse_document(document.text).log_prob == document.log_prob
     True
@@ -320,7 +320,7 @@ def kind_log_probs(kinds: list[str]) -> list[float]:
     kind that cannot come where it is. With
     :attr:`Document.sentence_log_probs` they add up to the document's ``log_prob``.
 
-    Example:
+    Examples:
         >>> [round(math.exp(p), 3) for p in kind_log_probs(["first", "background"])]
         [0.82, 0.088, 0.583]
     """
@@ -357,7 +357,7 @@ def parse_document(text: str) -> Document:
     """The derivation of ``text`` and its exact log-probability; :class:`InvalidText` if it is
     not a document of the grammar (the message names the first sentence that is not).
 
-    Example:
+    Examples:
         >>> parse_document("a rotten, awful blue star on a black background. the background is white.")
         Traceback (most recent call last):
         ...
@@ -407,7 +407,7 @@ def sentence_error(sentence: str) -> str | None:
     there are two, "a" / "an" as the next word asks, and a count that agrees with its noun.
     Whether it fits the sentences around it is :func:`parse_document`'s question.
 
-    Example:
+    Examples:
         >>> sentence_error("near the blue square is a yellow star") is None
         True
         >>> sentence_error("a gross, gross green square lies on the left")
@@ -437,7 +437,7 @@ def _is_negative(groups: dict) -> bool:
 def negative_sentences(text: str) -> int:
     """How many sentences of ``text`` hold a word of :data:`NEGATIVE_WORDS` (any text).
 
-    Example:
+    Examples:
         >>> negative_sentences("a red square on a black background. an ugly blue star is on the left.")
         1
     """

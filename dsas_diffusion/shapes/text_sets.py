@@ -15,7 +15,7 @@ fitting sets. Every concept has two evaluation files, drawn from the grammar by
   the first sentence, cut in the middle of their second sentence (its greedy continuation
   must not change; the grammar lets it refer to the objects, not add one).
 
-Example:
+Examples:
     >>> mentions("the picture has two shapes. look at the banana.", "banana")
     True
     >>> mentions("a small red square lies on the left.", "negative")
@@ -87,7 +87,7 @@ def neutral_version(text: str) -> str:
     """``text`` with its negative words taken out ("an ugly, dirty red square" -> "a red
     square"): the same scene in the neutral register.
 
-    Example:
+    Examples:
         >>> neutral_version("an ugly, dirty red square lies on the left. the rotten background is white.")
         'a red square lies on the left. the background is white.'
     """
@@ -197,7 +197,7 @@ def grammar_checks(text: str) -> tuple[float, float]:
     stop (a continuation cut by its token budget) is left out unless it is longer than any
     sentence (then neither holds). NaN, NaN: no full sentence.
 
-    Example:
+    Examples:
         >>> grammar_checks("a red star lies on the left. the square is easy to see.")
         (1.0, 0.0)
         >>> grammar_checks("a red star lies on the left. the star is")

@@ -49,7 +49,7 @@ class ActivationCollector:
         ``batch_slice``: keep only these batch rows (e.g. the conditional half of a CFG batch).
         ``enabled``: ``False`` skips recording (e.g. denoising steps you do not collect from).
 
-    Example:
+    Examples:
         >>> import torch
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
         >>> with ActivationCollector(model, ["0", "2"]) as collector:
@@ -332,10 +332,11 @@ def collect_contrast_positions(
     Source and target must be paired batch by batch with activations of the same shape
     (diffusion: the same seeds and steps; text of different lengths cannot be paired).
 
-    Example:
+    Examples:
         >>> model = torch.nn.Linear(4, 4)
-        >>> source = [torch.zeros(2, 5, 4)]
-        >>> source[0][:, 3] = 5.0                      # the concept at position 3
+        >>> concept = torch.zeros(2, 5, 4)
+        >>> concept[:, 3] = 5.0                        # the concept at position 3
+        >>> source = [concept]
         >>> found = collect_contrast_positions(model, ["" ], source, [torch.zeros(2, 5, 4)], progress=False)
         >>> found.concept[""].shape, found.background[""].shape
         (torch.Size([2, 4]), torch.Size([8, 4]))

@@ -28,7 +28,7 @@ def _optimized_module_class() -> type | None:
 def unwrap_compiled(module: nn.Module) -> nn.Module:
     """The module that ``torch.compile(module)`` wrapped (``module`` itself if not wrapped).
 
-    Example:
+    Examples:
         >>> layer = nn.Linear(2, 2)
         >>> unwrap_compiled(torch.compile(layer)) is layer, unwrap_compiled(layer) is layer
         (True, True)
@@ -44,7 +44,7 @@ def compiled_kind(module: nn.Module) -> str | None:
     (``module.compile()``), ``"regional"`` (some submodules compiled, e.g. by diffusers'
     ``compile_repeated_blocks()``), or ``None``.
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Linear(2, 2), nn.Tanh())
         >>> compiled_kind(model)
         >>> model[0].compile()

@@ -113,9 +113,9 @@ def fit_steerer(
     Args:
         model: any ``nn.Module``; only its hooked submodules are read.
         hook_points: module names or :class:`HookPoint` objects, in forward order.
-        source_inputs / target_inputs / control_inputs: sequences of batches, each passed
-            to ``forward``. Source shows the concept, target is the desired version,
-            control holds inputs steering must leave alone (needed when ``gate`` is on).
+        source_inputs: a sequence of batches, each passed to ``forward``, showing the concept.
+        target_inputs: batches of the desired version.
+        control_inputs: batches steering must leave alone (needed when ``gate`` is on).
         config: what to fit (:class:`~dsas_diffusion.config.FitConfig`; default its core
             defaults); ``settings`` (e.g. ``map="caa"``, ``n_components=20``) override its fields.
         hook_points: ``None`` takes ``config.hook_points``.

@@ -36,7 +36,7 @@ def uses_kernel(device: torch.device) -> bool:
     installed, unless the environment sets ``DSAS_FUSED_KERNEL=0`` (CPU tensors too under
     ``TRITON_INTERPRET=1``, for testing).
 
-    Example:
+    Examples:
         >>> uses_kernel(torch.device("cpu")) == (KERNEL_AVAILABLE and _INTERPRETED)
         True
     """

@@ -27,7 +27,7 @@ class LinearGate(nn.Module):
     held-out accuracy measured when it was fitted; ``enabled=False`` switches the layer off
     when gating is on (layer selection).
 
-    Example:
+    Examples:
         >>> gate = LinearGate(torch.tensor([1.0, 0.0]), 0.0, floor=0.5)
         >>> gate(torch.tensor([[-3.0, 5.0], [0.0, 5.0], [3.0, 5.0]])).squeeze(-1)
         tensor([0.0000, 0.0000, 0.9051])
@@ -129,7 +129,7 @@ def fit_gate(
     gate costs one dot product per position. Held-out accuracy is the mean over
     ``cv_folds`` stratified folds (each fold refits PCA and classifier).
 
-    Example:
+    Examples:
         >>> import torch
         >>> source, control = torch.randn(32, 16) + 2.0, torch.randn(32, 16)
         >>> gate = fit_gate(source, control)

@@ -42,7 +42,7 @@ LAYOUTS = ("auto", "channels_last", "channels_first")
 class HookPoint:
     """Where to read and steer an activation.
 
-    Example:
+    Examples:
         >>> HookPoint("transformer.h.3")                       # a decoder block's output
         HookPoint(module='transformer.h.3', output_index=None, layout='auto')
         >>> HookPoint("down_blocks.1.resnets.0", layout="channels_first")

@@ -58,7 +58,7 @@ def gate_word(value: str | bool | None, where: str = "gate") -> str | None:
     ``None``. ``True`` / ``False`` are the former spelling: accepted for one release with a
     ``DeprecationWarning``.
 
-    Example:
+    Examples:
         >>> gate_word("none"), gate_word(None)
         ('none', None)
     """
@@ -96,7 +96,7 @@ def check_strength(strength: float) -> float:
 class HookHandles:
     """Forward hooks placed together and removed together (newest first, idempotent).
 
-    Example:
+    Examples:
         >>> model = nn.Linear(2, 2)
         >>> hooks = HookHandles().place([(model, lambda module, args, output: None)])
         >>> len(model._forward_hooks), hooks.remove(), len(model._forward_hooks)
@@ -135,7 +135,7 @@ def strengths_by_name(value: float | Mapping[str, float] | None, steerers: Mappi
     a ``{name: λ}`` mapping (the others at their saved default), or ``None`` (every saved
     default); a name that is not loaded raises :class:`SteeringError`.
 
-    Example:
+    Examples:
         >>> class Saved:
         ...     strength = 1.0
         >>> strengths_by_name({"a": 2.0}, {"a": Saved(), "b": Saved()})
@@ -347,7 +347,7 @@ class SteeringSession:
 def active_in_context(sessions: Iterable[SteeringSession]) -> Iterator[None]:
     """Let scoped ``sessions`` act on forward calls made in this thread / task inside the block.
 
-    Example:
+    Examples:
         >>> session = SteeringSession([], nn.Linear(2, 2), strength=1.0, gated=False).attach(activate=False)
         >>> with active_in_context([session]):
         ...     session.in_context
@@ -378,7 +378,7 @@ def _unregister_name(module: nn.Module, name: str) -> None:
 def active_hook_names(model: nn.Module) -> list[str]:
     """Names of the steering hooks currently attached anywhere in ``model``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> active_hook_names(torch.nn.Linear(2, 2))
         []

@@ -26,7 +26,7 @@ class PreparedLayer:
     device. The layer's tensors are copied when it is made: a later edit of the layer is seen
     only by the next session (sessions are made per call by the pipelines and the language model).
 
-    Example:
+    Examples:
         >>> from dsas_diffusion.steering import HookPoint, LinearGate, SteeringLayer, SteeringMap
         >>> layer = SteeringLayer(HookPoint("h", layout="channels_last"),
         ...                       SteeringMap(torch.ones(2)), LinearGate(torch.ones(2), 0.0))

@@ -36,7 +36,7 @@ def _fitted_on(steerer: Steerer) -> str | None:
 def check_modality(steerer: Steerer, modality: str) -> None:
     """Refuse a steerer fitted on the other kind of model (image pipelines vs language models).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from dsas_diffusion.steering import HookPoint, SteeringLayer, SteeringMap
         >>> layer = SteeringLayer(HookPoint("0", layout="channels_last"), SteeringMap(torch.ones(2)))

@@ -5,7 +5,7 @@ steering file is data: loading one never executes code (JSON and safetensors onl
 switches a layer on because of a string (booleans are JSON booleans), and never accepts a
 non-finite number or a tensor of the wrong width.
 
-Example:
+Examples:
     >>> check_config({"format": "dsas-steering", "format_version": 1, "strength": 1.0, "layers": []}, "f.json")
     Traceback (most recent call last):
     ...

@@ -32,7 +32,7 @@ class Steerer(nn.Module):
         config: how it was fitted (map name, gate mode, thresholds...); saved as is.
         provenance: where it came from (base model, revision, prompts...); saved as is.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from dsas_diffusion.steering import fit_steerer
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8))

@@ -17,7 +17,7 @@ Every hooked output is ``(batch, tokens, hidden)``; :func:`check_token_stream` r
 other at fit time. A model type not listed here gets the generic fallback: the unique
 ``ModuleList`` of decoder layers, residual preset only.
 
-Example:
+Examples:
     >>> from transformers import LlamaConfig, LlamaForCausalLM
     >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
     ...     num_attention_heads=4, num_key_value_heads=2, vocab_size=64))

@@ -44,7 +44,7 @@ __all__ = ["DSASLanguageModel", "TextGeneration", "position_ids"]
 class DSASLanguageModel(SteererRegistry):
     """A causal language model with DSAS steering: fit, load, generate, score, inspect.
 
-    Example:
+    Examples:
         >>> from transformers import AutoModelForCausalLM, AutoTokenizer  # doctest: +SKIP
         >>> lm = DSASLanguageModel(AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path))  # doctest: +SKIP
         >>> lm.fit_steering(source_texts, target_texts, control_texts)  # doctest: +SKIP
@@ -149,7 +149,7 @@ class DSASLanguageModel(SteererRegistry):
         gates on the residual stream of every decoder layer); ``settings`` override its fields,
         e.g. ``preset="mlp"``, ``layers=range(8, 20)``, ``hook_points=[...]``, ``map="iti"``.
 
-        Example:
+        Examples:
             >>> lm.fit_steering(toxic_texts, polite_texts, neutral_texts, layers=range(8, 20))  # doctest: +SKIP
         """
         config = FitConfig.build(config if config is not None else FitConfig.for_text(), **settings)
@@ -216,7 +216,7 @@ class DSASLanguageModel(SteererRegistry):
         and in contexts copied from it: to steer ``generate`` in another thread (e.g. with a
         ``TextIteratorStreamer``), start the thread on ``contextvars.copy_context().run``.
 
-        Example:
+        Examples:
             >>> with lm.steering(1.0):  # doctest: +SKIP
             ...     ids = lm.model.generate(**inputs, max_new_tokens=20)
         """

@@ -25,7 +25,7 @@ def _level(gate: float) -> float | None:
 def render_gates(tokens: Sequence[str], gates: Sequence[float], format: str = "html") -> str:
     """``tokens`` coloured by ``gates`` (one value per token, NaN for none).
 
-    Example:
+    Examples:
         >>> render_gates(["a", "Ġbanana"], [0.0, 1.0], format="html")
         '<span class="dsas-gates"><span title="gate 0.00" style="background: rgba(220, 60, 40, 0.00)">a</span><span title="gate 1.00" style="background: rgba(220, 60, 40, 1.00)"> banana</span></span>'
         >>> render_gates(["a", "Ġbanana"], [0.0, float("nan")], format="ansi")

@@ -51,7 +51,7 @@ def build_lm_tokenizer():
     prepended to every text, words become ``▁word`` tokens and punctuation its own tokens, and
     decoding restores the text exactly.
 
-    Example:
+    Examples:
         >>> tokenizer = build_lm_tokenizer()
         >>> ids = tokenizer("an ugly red square.")["input_ids"]
         >>> tokenizer.convert_ids_to_tokens(ids)
