@@ -9,7 +9,7 @@ TORCH   := torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo app test test-fast lint docs install chromium clean
+.PHONY: demo app test test-fast lint docs pictures install chromium clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -31,6 +31,11 @@ app: $(STAMP)
 # Debian's Chromium for the browser test (Playwright drives it; never `playwright install`)
 chromium:
 	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+# every picture the README and docs/ show, from what produces it (benchmarks/pictures.py; the
+# evaluations' Pareto plots rerun through their caches: hours the first time)
+pictures: $(STAMP) chromium
+	$(PY) benchmarks/pictures.py
 
 # the site from docs/ and the docstrings, in outputs/site; strict: a broken link or reference fails
 docs: $(STAMP)
