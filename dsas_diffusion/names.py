@@ -17,7 +17,6 @@ __all__ = [
     "GATE_ACTIVATIONS",
     "GATE_CALIBRATIONS",
     "GATE_FIT_ON",
-    "GATINGS",
     "MAP_NAMES",
     "RENDER_MODES",
     "TEXT_PRESETS",
@@ -34,8 +33,6 @@ ADDITIVE_MAPS = ("caa", "iti")
 #: ("dsas" / "e2e": the steerer's gates; "none": uniform steering, every position alike)
 GATES = ("dsas", "none", "e2e")
 FIT_GATES = GATES
-#: how a method applies a steerer: every position alike, DSAS gates, end-to-end gates
-GATINGS = ("uniform", "dsas", "e2e")
 #: the gate's squashing function
 GATE_ACTIVATIONS = ("sigmoid", "relu")
 #: what the gate's classifier is fitted on: per-sample means, sampled positions, or the

@@ -117,3 +117,14 @@ def test_one_gate_vocabulary_at_fit_and_call_time_with_the_boolean_spelling_depr
     assert not torch.equal(outputs["dsas"], outputs["none"])
     with pytest.raises(SteeringError, match=r"gate must be one of \('dsas', 'none', 'e2e'\)"):
         steerer.apply(model, gate="uniform")
+
+
+def test_evaluation_methods_use_the_gate_vocabulary_and_the_former_spelling_warns():
+    from dsas_diffusion.eval.config import ALL_METHODS, parse_method
+
+    assert parse_method("caa/none").gate == "none" and parse_method("lineas/e2e").fit_gate == "e2e"
+    assert "caa/none" in ALL_METHODS and not any(m.endswith("/uniform") for m in ALL_METHODS)
+    with pytest.warns(DeprecationWarning, match="write 'caa/none'"):
+        assert parse_method("caa/uniform") == parse_method("caa/none")
+    with pytest.raises(ValueError, match="gate one of dsas, none, e2e"):
+        parse_method("caa/gated")

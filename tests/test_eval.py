@@ -155,7 +155,7 @@ TINY = {
     "control_prompts": ["a green star on a black background", "a red square on a gray background"],
     "seeds": [0],
     "strengths": [0, 3],
-    "methods": ["caa/uniform", "caa/dsas"],
+    "methods": ["caa/none", "caa/dsas"],
     "num_inference_steps": 4,
     "batch_size": 4,
     "score_batch_size": 5,  # three chunks of images to score, dealt to two processes
@@ -198,7 +198,7 @@ def _copy_of(first_run, tmp_path) -> tuple[Path, Path]:
 def test_a_run_renders_every_image_and_writes_the_report(first_run):
     out, run, rows = first_run
     assert (run["images"], run["generated"], run["reused"]) == (12, 12, 0)
-    assert len(rows) == 12 and {r["method"] for r in rows} == {"unsteered", "caa/uniform", "caa/dsas"}
+    assert len(rows) == 12 and {r["method"] for r in rows} == {"unsteered", "caa/none", "caa/dsas"}
     for name in (
         "summary.csv",
         "methods.csv",
@@ -206,7 +206,7 @@ def test_a_run_renders_every_image_and_writes_the_report(first_run):
         "pareto_clip_score.png",
         "pareto_detector.png",
         "grids/caa_dsas.png",
-        "grids/caa_uniform.png",
+        "grids/caa_none.png",
     ):
         assert (out / name).is_file(), name
     assert len(list((out / "images").glob("*.png"))) == 12
@@ -308,7 +308,7 @@ def test_an_adaptive_sweep_gives_each_method_its_own_range_and_extends_through_t
     config_path.write_text(json.dumps(adaptive))
     run = _run(config_path, out)
     rows = json.loads((out / "rows.json").read_text())
-    for method in ("caa/uniform", "caa/dsas"):
+    for method in ("caa/none", "caa/dsas"):
         strengths = sorted({r["strength"] for r in rows if r["method"] == method})
         assert strengths == [1.5, 3.0, 6.0][: len(strengths)] and strengths, (method, strengths)
         assert run["sweep_stopped"][method], method  # every sweep says why it stopped

@@ -38,7 +38,7 @@ TINY = {
     "control_prompts": ["a green star on a black background. the", "a red square lies on the right. look at"],
     "seeds": [0, 1],
     "strengths": [2],
-    "methods": ["caa/uniform", "caa/dsas"],
+    "methods": ["caa/none", "caa/dsas"],
     "fit": {"n_components": 20, "gate_threshold": None},
     "max_new_tokens": 12,
     "bootstrap": 20,

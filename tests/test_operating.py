@@ -187,7 +187,7 @@ def test_screened_pairs_take_the_first_seeds_showing_both_objects_and_list_only_
     assert units == [("p", 2), ("p", 5), ("q", 0)]  # r never shows both objects
     base = {"concept": "banana", "concept_prompts": ["a"], "control_prompts": ["b"], "pairs_prompts": ["p", "q", "r"]}
     config = load_config(None, {**base, "source": ["a"], "target": ["b"], "control": ["c"], "seeds": [0, 1]})
-    jobs = list_jobs(config, config.method_list[:1], {"caa/uniform": [1.0]}, units)
+    jobs = list_jobs(config, config.method_list[:1], {"caa/none": [1.0]}, units)
     pairs = [(job.method, job.prompt, job.seed) for job in jobs if job.group == "pairs"]
-    assert pairs == [(method, p, s) for method in ("unsteered", "caa/uniform") for p, s in units]
+    assert pairs == [(method, p, s) for method in ("unsteered", "caa/none") for p, s in units]
     assert len(jobs) == 2 * (2 * 2 + len(units))  # two runs x (two seeds x concept + control, the units)

@@ -161,7 +161,9 @@ class ImageCache:
         key = digest(
             {
                 "settings": self.settings,
-                "method": job.method,
+                # the spelling images were cached under before the one gate vocabulary ('uniform' for
+                # 'none'), so that existing caches stay valid
+                "method": job.method.replace("/none", "/uniform"),
                 "steering": steering,
                 "strength": job.strength,
                 "prompt": job.prompt,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..names import CFG_MODES, GATINGS, MAP_NAMES
+from ..names import CFG_MODES, GATES, MAP_NAMES
 
 __all__ = ["add_arguments", "main"]
 
@@ -38,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--methods",
         type=lambda t: "all" if t == "all" else t.replace(",", " ").split(),
-        help=f"'all' or a comma list of <map>/<gating>: map one of {', '.join(MAP_NAMES)}, gating one of "
-        f"{', '.join(GATINGS)} (e.g. linear-act/dsas)",
+        help=f"'all' or a comma list of <map>/<gate>: map one of {', '.join(MAP_NAMES)}, gate one of "
+        f"{', '.join(GATES)} ('none': uniform; e.g. linear-act/dsas)",
     )
     parser.add_argument("--clip-model", dest="clip_model", help="open_clip model name (default: by model)")
     parser.add_argument("--clip-pretrained", dest="clip_pretrained", help="open_clip pretrained tag or file")

@@ -14,7 +14,7 @@ to the config file. Example (``benchmarks/eval_banana.yaml``)::
     pairs_prompts: ../dsas_diffusion/shapes/prompts/banana/eval_pairs.txt
     seeds: [0, 1]
     strengths: auto        # each method its own range: doubling from sweep.start (see SweepSettings)
-    methods: [caa/uniform, caa/dsas, linear-act/uniform, linear-act/dsas, lineas/uniform, lineas/dsas]
+    methods: [caa/none, caa/dsas, linear-act/none, linear-act/dsas, lineas/none, lineas/dsas]
 """
 
 from __future__ import annotations
@@ -28,62 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from ..config import FitConfig
-from ..names import CFG_MODES, FIT_COLLECTION_ARGUMENTS, GATINGS, MAP_NAMES
+from ..names import CFG_MODES, FIT_COLLECTION_ARGUMENTS
 from ..prompts import read_prompts
 from ..steering.errors import PromptFileError
+from .methods import ALL_METHODS, ConfigError, Method, parse_method
 
 __all__ = ["ALL_METHODS", "ConfigError", "EvalConfig", "Method", "SweepSettings", "load_config", "parse_method"]
-
-#: every map uniform and with DSAS, plus end-to-end DSAS + LinEAS
-ALL_METHODS = (*(f"{m}/{g}" for m in MAP_NAMES for g in GATINGS[:2]), "lineas/e2e")
-
-
-class ConfigError(ValueError):
-    """An evaluation config that cannot run; the message names the field and the fix."""
-
-
-@dataclass(frozen=True)
-class Method:
-    """One steering method: a map and how it is gated.
-
-    ``gating``: ``"uniform"`` (every position), ``"dsas"`` (the fitted DSAS gates) or
-    ``"e2e"`` (LinEAS map and gates trained end to end).
-    """
-
-    map: str
-    gating: str
-
-    @property
-    def name(self) -> str:
-        return f"{self.map}/{self.gating}"
-
-    @property
-    def fit_gate(self) -> str:
-        """The ``gate`` argument of ``fit_steering`` that fits this method's steerer; the
-        uniform and DSAS methods of one map share a steerer (uniform ignores its gates)."""
-        return "e2e" if self.gating == "e2e" else "dsas"
-
-    @property
-    def steerer_name(self) -> str:
-        return f"{self.map}-{self.fit_gate}"
-
-    @property
-    def gate(self) -> str:  # the call's steering_gate
-        return "none" if self.gating == "uniform" else self.gating
-
-
-def parse_method(text: str) -> Method:
-    """``"linear-act/dsas"`` -> :class:`Method`."""
-    parts = str(text).strip().lower().split("/")
-    if len(parts) != 2 or parts[0] not in MAP_NAMES or parts[1] not in GATINGS:
-        raise ConfigError(
-            f"unknown method {text!r}: write <map>/<gating> with map one of {', '.join(MAP_NAMES)} and "
-            f"gating one of {', '.join(GATINGS)} (e.g. 'linear-act/dsas'), or 'all'"
-        )
-    method = Method(*parts)
-    if method.gating == "e2e" and method.map != "lineas":
-        raise ConfigError(f"{text!r}: end-to-end gates are trained with the LinEAS map only; use 'lineas/e2e'")
-    return method
 
 
 @dataclass(frozen=True)
@@ -140,7 +90,7 @@ class EvalConfig:
         thresholds: control similarities at which the report reads each method's operating
             point (see :mod:`.operating`).
         bootstrap: bootstrap replicates for the intervals (0: none).
-        methods: ``"all"`` or a list such as ``["caa/uniform", "caa/dsas", "lineas/e2e"]``.
+        methods: ``"all"`` or a list such as ``["caa/none", "caa/dsas", "lineas/e2e"]``.
         clip_model / clip_pretrained: the open_clip scorer (default: ``shapes-clip`` for
             Shapes models, ``ViT-B-32`` / ``openai`` otherwise).
         concept_template / neutral_caption: zero-shot concept presence captions.
@@ -277,7 +227,7 @@ class EvalConfig:
                 )
         methods = self.method_list
         if not methods:
-            raise ConfigError("methods is empty: give 'all' or a list like ['linear-act/uniform', 'linear-act/dsas']")
+            raise ConfigError("methods is empty: give 'all' or a list like ['linear-act/none', 'linear-act/dsas']")
         if self.steering_cfg not in CFG_MODES:
             raise ConfigError(f"steering_cfg must be one of {CFG_MODES}, got {self.steering_cfg!r}")
         if self.detector not in ("auto", "shapes", "none"):
@@ -405,7 +355,7 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
         ...                             "control_prompts": ["a red square on a black background"],
         ...                             "steering": None, "source": ["a"], "target": ["b"], "control": ["c"]})
         >>> [m.name for m in config.method_list][:2]
-        ['caa/uniform', 'caa/dsas']
+        ['caa/none', 'caa/dsas']
     """
     raw: dict[str, Any] = {}
     base = Path.cwd()

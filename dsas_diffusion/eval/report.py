@@ -185,7 +185,7 @@ def target_table(lines: Sequence[Mapping[str, Any]], unsteered: float | None, th
         "|---|---|---|---|---|---|---|---|",
     ]
     for name in dict.fromkeys(method.split("/")[0] for method in chosen):
-        dsas, uniform = chosen.get(f"{name}/dsas"), chosen.get(f"{name}/uniform")
+        dsas, uniform = chosen.get(f"{name}/dsas"), chosen.get(f"{name}/none")
         if dsas is None or uniform is None or unsteered is None:
             continue
         key = "concept_drawn" if dsas.get("concept_drawn") is not None else "concept_presence"
@@ -227,12 +227,12 @@ def pareto_plot(
     for method in methods:
         lines = [line for line in summary if line["method"] == method and line[x] is not None and line[y] is not None]
         map_name, gating = method.split("/")
-        style = "--" if gating == "uniform" else (":" if gating == "e2e" else "-")
+        style = "--" if gating == "none" else (":" if gating == "e2e" else "-")
         axis.plot(
             [line[x] for line in lines],
             [line[y] for line in lines],
             style,
-            marker="o" if gating != "uniform" else "s",
+            marker="o" if gating != "none" else "s",
             markersize=4,
             color=MAP_COLOURS.get(map_name, "black") if gating != "e2e" else "tab:purple",
             label=method,

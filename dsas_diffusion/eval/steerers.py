@@ -22,7 +22,7 @@ def allowed_methods(config: EvalConfig) -> list[Method]:
         return methods
     steerer = Steerer.from_pretrained(config.steering)
     fitted, gate = steerer.config.get("map"), steerer.config.get("gate")
-    gatings = {"e2e": ("uniform", "e2e"), "none": ("uniform",)}.get(gate, ("uniform", "dsas"))
+    gatings = {"e2e": ("none", "e2e"), "none": ("none",)}.get(gate, ("none", "dsas"))
     allowed = [parse_method(f"{fitted}/{g}") for g in gatings]
     if config.methods == "all":
         return allowed
