@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import warnings
 
 import pytest
 import torch
@@ -80,7 +81,9 @@ def test_resident_steering_is_seen_by_a_graph_traced_before_it_and_never_recompi
         model[2].compile(backend="eager")
     assert compiled_kind(called) == idiom and unwrap_compiled(called) is model
     assert torch.equal(called(x), stock)  # traced without hooks
-    resident = ResidentSteering(called, {"toy": steerer})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the library itself uses no deprecated spelling
+        resident = ResidentSteering(called, {"toy": steerer})
     assert torch.equal(called(x), stock)  # attached, not active in this context: untouched
     with resident.steer({"toy": 2.0}):
         torch.testing.assert_close(called(x), eager[2.0], atol=1e-6, rtol=0)

@@ -75,9 +75,7 @@ class ResidentSteering:
         self._lock = threading.Lock()
         try:
             for name, steerer in self.steerers.items():
-                self.sessions[name] = steerer.attach(
-                    self.model, strength=0.0, gate=steerer.has_gates, scoped=True, activate=False
-                )
+                self.sessions[name] = steerer.attach(self.model, strength=0.0, gate=None, scoped=True, activate=False)
         except BaseException:
             self.detach()
             raise
