@@ -32,6 +32,7 @@ from .guards import ResidentFiniteCheck
 
 __all__ = [
     "CompiledSteering",
+    "checked_steerers",
     "needs_eager_call",
     "probe_hook_points",
     "steer_compiled",
@@ -41,15 +42,16 @@ __all__ = [
 _PROBE_DROPS = ("callback_on_step_end", "callback", "callback_steps", "generator", "output_type", "return_dict")
 
 
-def needs_eager_call(*, return_gate_maps: bool, window: Any, separate_cond: bool) -> str | None:
-    """Why a steered call on a compiled denoiser runs eagerly, or ``None`` if it runs compiled."""
-    if return_gate_maps:
-        return "return_gate_maps records every gate value"
-    if window is not None:
-        return "steering_steps switches steering per denoising step"
-    if separate_cond:
-        return "the conditional branch is a separate denoiser call"
-    return None
+def needs_eager_call(*, return_gate_maps: bool, window: Any, separate_cond: bool) -> bool:
+    """Whether a steered call on a compiled denoiser runs eagerly: gate maps record every gate
+    value, a ``steering_steps`` window switches steering per denoising step, and a separate
+    conditional call is told from the unconditional one per call; none of these is traced."""
+    return return_gate_maps or window is not None or separate_cond
+
+
+def checked_steerers(pipe: Any) -> weakref.WeakSet:
+    """The steerers whose hook points were checked on this pipeline (on their first use)."""
+    return pipe.__dict__.setdefault("_dsas_checked", weakref.WeakSet())
 
 
 class CompiledSteering:
@@ -122,7 +124,7 @@ def steer_compiled(
 ) -> Any:
     """The stock call with the ``active`` steerers at their ``strengths`` through the resident
     hooks of the compiled denoiser (the hook points of a steerer's first use probed first)."""
-    checked = pipe.__dict__.setdefault("_dsas_checked", weakref.WeakSet())
+    checked = checked_steerers(pipe)
     unchecked = [steerer for steerer in active.values() if steerer not in checked]
     if unchecked:
         probe_hook_points(pipe, stock_call, resident.resident.model, unchecked, args, kwargs)

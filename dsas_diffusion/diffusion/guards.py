@@ -124,12 +124,7 @@ class FiniteOutputCheck:
     def raise_if_not_finite(self, steerers: Mapping[str, Steerer], strengths: Mapping[str, float]) -> None:
         if self.flag is None or bool(self.flag):
             return
-        bad_layers = [
-            f"{name}:{layer.name}"
-            for name, steerer in steerers.items()
-            for layer in steerer.layers
-            if not all(bool(torch.isfinite(t).all()) for t in layer.state_dict().values() if t.is_floating_point())
-        ]
+        bad_layers = [f"{name}:{layer}" for name, steerer in steerers.items() for layer in steerer.non_finite_layers()]
         applied = ", ".join(f"{name!r} at strength {strengths[name]:g}" for name in steerers)
         cause = (
             f"layers {bad_layers} hold NaN or infinite values: refit or reload the steering"

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
-import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -47,7 +46,7 @@ from ..steering.registry import DEFAULT_STEERER, SteererRegistry, fit_provenance
 from ..steering.resident import drop_resident, resident_for
 from .architectures import hook_points as preset_hook_points
 from .collect import ImageStreamCheck, check_image_stream, record_denoiser_calls, run_denoiser_call
-from .compiled import CompiledSteering, needs_eager_call, steer_compiled
+from .compiled import CompiledSteering, checked_steerers, needs_eager_call, steer_compiled
 from .gatemaps import map_size, session_gate_maps
 from .guards import (
     FiniteOutputCheck,
@@ -311,9 +310,9 @@ class DSASPipelineMixin(SteererRegistry):
         guidance = self._guidance_on(kwargs)
         window = check_step_window(steering_steps)
         separate_cond = steering_cfg == "cond" and guidance and self.dsas_cfg_layout != "batched"
-        checked = self.__dict__.setdefault("_dsas_checked", weakref.WeakSet())
-        eager_reason = needs_eager_call(return_gate_maps=return_gate_maps, window=window, separate_cond=separate_cond)
-        if resident is not None and eager_reason is None:
+        checked = checked_steerers(self)
+        eager = needs_eager_call(return_gate_maps=return_gate_maps, window=window, separate_cond=separate_cond)
+        if resident is not None and not eager:
             rows = CONDITIONAL_HALF if steering_cfg == "cond" and guidance else None
             stock = super().__call__  # type: ignore[misc]
             return steer_compiled(self, stock, resident, active, strengths, args, kwargs, steering_gate, rows)

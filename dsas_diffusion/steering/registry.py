@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from .errors import IncompatibleSteeringError
+from .fit import model_provenance
 from .hooks import strengths_by_name, unload_by_name
 from .resident import drop_resident
 from .steerer import Steerer
@@ -58,15 +59,11 @@ def check_modality(steerer: Steerer, modality: str) -> None:
 def fit_provenance(modality: str, model: nn.Module, owner: Any = None, **fields: Any) -> dict[str, Any]:
     """What a fitted steerer records of where it came from: the kind of model, its name or
     path (the ``owner``'s, e.g. a pipeline's, else the model's), its class, and ``fields``."""
-    config = getattr(model, "config", None)
     base = (
         getattr(owner, "name_or_path", None)
         or getattr(getattr(owner, "config", None), "_name_or_path", None)
-        or getattr(model, "name_or_path", None)
-        or getattr(config, "_name_or_path", None)
+        or model_provenance(model)["base_model"]
     )
-    if not base and isinstance(config, Mapping):
-        base = config.get("_name_or_path")
     return {"modality": modality, "base_model": base or None, **fields}
 
 

@@ -64,12 +64,7 @@ class ResidentSteering:
         self.steerers = dict(steerers)
         self.sessions: dict[str, SteeringSession] = {}
         # every steerer runs at every call (λ = 0 when off), and 0 times NaN is NaN
-        broken = [
-            f"{name}:{layer.name}"
-            for name, steerer in self.steerers.items()
-            for layer in steerer.layers
-            if not all(bool(torch.isfinite(t).all()) for t in layer.state_dict().values() if t.is_floating_point())
-        ]
+        broken = [f"{name}:{layer}" for name, steerer in self.steerers.items() for layer in steerer.non_finite_layers()]
         if broken:
             raise ActivationError(f"layers {broken} hold NaN or infinite values: refit or reload the steering")
         self._lock = threading.Lock()

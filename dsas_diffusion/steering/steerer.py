@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..config import FitConfig
@@ -78,6 +79,14 @@ class Steerer(nn.Module):
     @property
     def has_gates(self) -> bool:
         return all(layer.gate is not None for layer in self.layers)
+
+    def non_finite_layers(self) -> list[str]:
+        """Names of the layers holding a NaN or infinite value in any of their tensors."""
+        return [
+            layer.name
+            for layer in self.layers
+            if not all(bool(torch.isfinite(t).all()) for t in layer.state_dict().values() if t.is_floating_point())
+        ]
 
     def layer(self, name: str) -> SteeringLayer:
         for layer in self.layers:
