@@ -25,7 +25,15 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 from .errors import SteeringError
-from .names import FIT_GATES, GATE_ACTIVATIONS, GATE_CALIBRATIONS, GATE_FIT_ON, MAP_NAMES
+from .names import (
+    DEFAULT_DIFFUSION_PRESET,
+    DEFAULT_TEXT_PRESET,
+    FIT_GATES,
+    GATE_ACTIVATIONS,
+    GATE_CALIBRATIONS,
+    GATE_FIT_ON,
+    MAP_NAMES,
+)
 
 __all__ = ["FitConfig", "LinEASConfig"]
 
@@ -93,7 +101,8 @@ class FitConfig:
             steering only) or ``"e2e"`` (gates trained jointly with LinEAS maps).
         preset: named hook points of the model family (diffusion: ``"cross-attention"``,
             ``"blocks"``, ``"norms"``; text: ``"residual"``, ``"attention"``, ``"mlp"``,
-            ``"norms"``), used when ``hook_points`` is ``None``.
+            ``"norms"``), used when ``hook_points`` is ``None`` (``None``: the family's default,
+            ``"cross-attention"`` or ``"residual"``).
         hook_points: module names (or ``HookPoint`` objects) to hook instead of a preset.
         layers: text models: the decoder layers the preset covers (default all).
         n_components, gate_l2, cv_folds, gate_activation: the gate's PCA rank, L2 weight,
@@ -157,7 +166,7 @@ class FitConfig:
         positions and exactly 0 below an opening of 0.5, no Linear-AcT support, λ up to 16."""
         settings: dict[str, Any] = dict(
             map="caa",
-            preset="cross-attention",
+            preset=DEFAULT_DIFFUSION_PRESET,
             n_components=20,
             gate_calibration="control-positions",
             gate_floor=0.5,
@@ -170,7 +179,7 @@ class FitConfig:
     def for_text(cls, **overrides: Any) -> FitConfig:
         """The language models' defaults: Linear-AcT with DSAS gates on the residual stream of
         every decoder layer, the core's gate settings."""
-        return cls.build(None, **{"preset": "residual", **overrides})
+        return cls.build(None, **{"preset": DEFAULT_TEXT_PRESET, **overrides})
 
     @classmethod
     def build(cls, config: FitConfig | None = None, **overrides: Any) -> FitConfig:

@@ -49,8 +49,12 @@ FIT_COLLECTION_ARGUMENTS = (
 )  # fmt: skip
 #: named sets of hook points on a denoiser (see diffusion/architectures.py)
 DIFFUSION_PRESETS = ("cross-attention", "blocks", "norms")
+#: where a pipeline steers unless told otherwise
+DEFAULT_DIFFUSION_PRESET = "cross-attention"
 #: the three renderings compared everywhere: unsteered, uniform steering, DSAS
 RENDER_MODES = ("unsteered", "uniform", "dsas")
 
 #: where to hook a causal language model (see dsas_diffusion.text.architectures)
 TEXT_PRESETS = ("residual", "attention", "mlp", "norms")
+#: where a language model steers unless told otherwise
+DEFAULT_TEXT_PRESET = "residual"

@@ -43,7 +43,7 @@ def test_presets_name_existing_modules_and_the_image_stream(tiny):
         points = hook_points(denoiser, preset)
         assert points and all(p.module in names for p in points)
     if tiny.family == "flux":  # both block kinds, image stream = output 1
-        modules = [p.module for p in hook_points(denoiser)]
+        modules = [p.module for p in hook_points(denoiser, "blocks")]
         assert "transformer_blocks.0" in modules and "single_transformer_blocks.0" in modules
     assert architecture_of(denoiser).denoiser_class == type(denoiser).__name__
 

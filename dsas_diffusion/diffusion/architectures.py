@@ -9,7 +9,7 @@ image stream (``output_index``) and its layout. Adding a family is adding one en
 
 Presets:
 
-* ``"blocks"`` (default): block outputs. UNets: every down block (its hidden states,
+* ``"blocks"``: block outputs. UNets: every down block (its hidden states,
   output 0; the skip connections it also returns stay unsteered), the mid block and every
   up block, as ``B x C x H x W`` maps. DiT / MMDiT / FLUX: every transformer block's
   image-token stream (``B x N x C``); joint blocks return ``(text, image)``, so output 1.
@@ -17,7 +17,7 @@ Presets:
   layout (``B x N x C``; adaptive norms return a tuple whose element 0 is the normed
   stream). FLUX's single-stream blocks normalise text and image tokens together, so
   only its double-stream blocks' norms are in this preset.
-* ``"cross-attention"``: where the prompt enters the image stream, per position
+* ``"cross-attention"`` (default): where the prompt enters the image stream, per position
   (``B x N x C``). UNets and PixArt: the output of every cross-attention (``attn2``).
   SD3 / FLUX joint blocks have no cross-attention; their joint attention returns
   ``(image, text)``, and its image part (output 0) is where the text reaches the image
@@ -29,7 +29,9 @@ Examples:
     >>> unet = UNet2DConditionModel(block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=16,
     ...     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
     ...     layers_per_block=1, sample_size=8)
-    >>> [p.module for p in hook_points(unet)]
+    >>> [p.module.removesuffix(".transformer_blocks.0.attn2") for p in hook_points(unet)]
+    ['down_blocks.1.attentions.0', 'up_blocks.0.attentions.0', 'up_blocks.0.attentions.1', 'mid_block.attentions.0']
+    >>> [p.module for p in hook_points(unet, "blocks")]
     ['down_blocks.0', 'down_blocks.1', 'up_blocks.0', 'up_blocks.1', 'mid_block']
     >>> [p.module for p in hook_points(unet, "norms")][:3]
     ['down_blocks.1.attentions.0.transformer_blocks.0.norm1', 'down_blocks.1.attentions.0.transformer_blocks.0.norm2', 'down_blocks.1.attentions.0.transformer_blocks.0.norm3']
@@ -42,7 +44,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..names import DIFFUSION_PRESETS
+from ..names import DEFAULT_DIFFUSION_PRESET, DIFFUSION_PRESETS
 from ..steering import HookPoint, SteeringError
 from ..steering.compiled import unwrap_compiled
 
@@ -161,7 +163,7 @@ def architecture_of(denoiser: nn.Module) -> Architecture:
     )
 
 
-def hook_points(denoiser: nn.Module, preset: str = "blocks") -> list[HookPoint]:
+def hook_points(denoiser: nn.Module, preset: str = DEFAULT_DIFFUSION_PRESET) -> list[HookPoint]:
     """The hook points of ``preset`` on ``denoiser``, in ``named_modules()`` order (the fit
     reorders them into forward order)."""
     architecture = architecture_of(denoiser)

@@ -37,7 +37,7 @@ from diffusers import (
 from torch import nn
 
 from ..config import FitConfig
-from ..names import CFG_MODES
+from ..names import CFG_MODES, DEFAULT_DIFFUSION_PRESET
 from ..prompts import check_prompt_list
 from ..steering import HookPoint, Steerer, SteeringError, fit_steerer
 from ..steering.compiled import is_compiled, run_eagerly, unwrap_compiled
@@ -167,7 +167,7 @@ class DSASPipelineMixin(SteererRegistry):
         if config.hook_points is not None:
             points = [HookPoint.coerce(p) for p in config.hook_points]
         else:
-            points = preset_hook_points(denoiser, config.preset or "cross-attention")
+            points = preset_hook_points(denoiser, config.preset or DEFAULT_DIFFUSION_PRESET)
         record = dict(
             steps=collect_steps,
             num_inference_steps=num_inference_steps,

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..names import TEXT_PRESETS
+from ..names import DEFAULT_TEXT_PRESET, TEXT_PRESETS
 from ..steering import HookPoint, SteeringError
 from ..steering.compiled import unwrap_compiled
 
@@ -91,7 +91,7 @@ def _decoder_layers(model: nn.Module) -> str:
     return outer[0]
 
 
-def hook_points(model: nn.Module, preset: str = "residual", layers: Sequence[int] | None = None) -> list[HookPoint]:
+def hook_points(model: nn.Module, preset: str = DEFAULT_TEXT_PRESET, layers: Sequence[int] | None = None) -> list[HookPoint]:
     """The hook points of ``preset`` on ``model`` (in forward order), on the decoder layers
     numbered ``layers`` (default: all; negative numbers count from the end)."""
     if preset not in TEXT_PRESETS:

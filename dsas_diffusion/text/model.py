@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..config import FitConfig
+from ..names import DEFAULT_TEXT_PRESET
 from ..prompts import check_prompt_list
 from ..steering import HookPoint, Steerer, SteeringError, fit_steerer
 from ..steering.compiled import is_compiled, run_eagerly
@@ -166,7 +167,7 @@ class DSASLanguageModel(SteererRegistry):
         points = (
             [HookPoint.coerce(p) for p in config.hook_points]
             if config.hook_points is not None
-            else preset_hook_points(self.model, config.preset or "residual", config.layers)
+            else preset_hook_points(self.model, config.preset or DEFAULT_TEXT_PRESET, config.layers)
         )
         formatted = {label: self._format(texts, chat_template) for label, texts in sets.items()}
         pad_to = None
