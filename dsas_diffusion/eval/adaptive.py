@@ -55,6 +55,10 @@ class AdaptiveSweep:
         self.strengths: dict[str, list[float]] = {}
         self.stopped: dict[str, str] = {}
         for method in methods:
+            if method in settings.grids:  # a baseline's fixed settings, rendered in the first round
+                self.strengths[method] = sorted(float(v) for v in settings.grids[method])
+                self.stopped[method] = "a fixed grid of settings"
+                continue
             start = settings.start_for(method)
             bound = self.bounds.get(method)
             if bound is not None and start > bound:

@@ -41,7 +41,7 @@ class Job:
 
     method: str
     strength: float
-    group: str  # "concept", "control" or "pairs"
+    group: str  # "concept", "control", "pairs" or "empty" (the empty prompt)
     prompt: str
     seed: int
 
@@ -64,7 +64,8 @@ def list_jobs(
     control and, when the config has them, the spatial test's pairs). ``pair_units``: the
     (prompt, seed) units of the pairs when they were screened (default: every pair prompt
     with every seed). ``greedy_control``: control prompts with the first seed only (a
-    language model's greedy continuations do not depend on the seed)."""
+    language model's greedy continuations do not depend on the seed). With
+    ``config.empty_seeds``, the empty prompt with seeds ``0 .. empty_seeds - 1`` as well."""
     groups = [("concept", config.concept_prompts), ("control", config.control_prompts)]
     if config.pairs_prompts and pair_units is None:
         groups.append(("pairs", config.pairs_prompts))
@@ -84,6 +85,7 @@ def list_jobs(
             if not (greedy_control and group == "control" and seed != config.seeds[0])
         ]
         jobs += [Job(method, strength, "pairs", prompt, seed) for prompt, seed in pair_units or ()]
+        jobs += [Job(method, strength, "empty", "", seed) for seed in range(config.empty_seeds or 0)]
     return jobs
 
 
@@ -147,17 +149,45 @@ class ImageCache:
     """Where each job's image lives: ``directory/<hash>.png`` (a continuation's:
     ``<hash>.json``, with ``suffix=".json"``), the hash taken over the generation settings,
     the model's identity, the method, the steerer's identity, the strength, the prompt and
-    the seed."""
+    the seed; a baseline's also over what it is given (``baselines``: per baseline, e.g.
+    ``{"negative-prompt": {"negative_prompt": "banana"}}``).
+
+    A prompt-gated job has no image of its own (:meth:`resolve`): ``prompt_gates`` says per
+    prompt whether the prompt-level gate opens."""
 
     def __init__(
-        self, directory: Path, settings: Mapping[str, Any], steering_ids: Mapping[str, str], suffix: str = ".png"
+        self,
+        directory: Path,
+        settings: Mapping[str, Any],
+        steering_ids: Mapping[str, str],
+        suffix: str = ".png",
+        *,
+        baselines: Mapping[str, Any] | None = None,
+        prompt_gates: Mapping[str, bool] | None = None,
     ) -> None:
         self.directory, self.suffix = Path(directory), suffix
         self.settings = dict(settings)
         self.steering_ids = dict(steering_ids)
+        self.baselines = dict(baselines or {})
+        self.prompt_gates = dict(prompt_gates or {})
+
+    def resolve(self, job: Job) -> Job:
+        """The job whose image stands for ``job``: for a prompt-gated method, the uniform
+        method's job where the prompt-level gate opens and the unsteered image where it stays
+        shut (the call is then the stock one); any other job itself."""
+        if job.method == UNSTEERED or not parse_method(job.method).prompt_gated:
+            return job
+        if job.prompt not in self.prompt_gates:
+            raise KeyError(f"the prompt-level gate was not read for {job.prompt!r}")
+        if not self.prompt_gates[job.prompt]:
+            return job.reference
+        return Job(parse_method(job.method).uniform.name, job.strength, job.group, job.prompt, job.seed)
 
     def path(self, job: Job) -> Path:
-        steering = None if job.method == UNSTEERED else self.steering_ids[parse_method(job.method).steerer_name]
+        job = self.resolve(job)
+        method = None if job.method == UNSTEERED else parse_method(job.method)
+        steering = None if method is None or method.is_baseline else self.steering_ids[method.steerer_name]
+        extra = {"baseline": self.baselines[method.name]} if method is not None and method.is_baseline else {}
         key = digest(
             {
                 "settings": self.settings,
@@ -169,6 +199,7 @@ class ImageCache:
                 "prompt": job.prompt,
                 "seed": job.seed,
                 "version": CACHE_VERSION,
+                **extra,
             }
         )
         return self.directory / f"{key}{self.suffix}"

@@ -50,7 +50,8 @@ class SweepSettings:
     * the next strength would pass ``max`` or the steerer's own ``max_strength`` (it would be
       refused).
 
-    ``starts`` gives a method its own start (``{"lineas/dsas": 0.25}``).
+    ``starts`` gives a method its own start (``{"lineas/dsas": 0.25}``); ``grids`` gives a
+    method a fixed list of settings instead (the baselines: ``{"negative-prompt": [5, 7.5]}``).
     """
 
     start: float = 0.5
@@ -60,6 +61,7 @@ class SweepSettings:
     moved: float = 0.1
     min_similarity: float = 0.5
     starts: Mapping[str, float] = field(default_factory=dict)
+    grids: Mapping[str, Sequence[float]] = field(default_factory=dict)
 
     def start_for(self, method: str) -> float:
         return float(self.starts.get(method, self.start))
@@ -83,6 +85,8 @@ class EvalConfig:
             first ``len(seeds)`` seeds whose unsteered image shows both objects (the test
             only counts such images; screening puts every rendered pair to use). ``None``
             (default): the pairs use ``seeds`` like the other groups.
+        empty_seeds: render the empty prompt ``""`` with seeds ``0 .. empty_seeds - 1`` at every
+            setting: the concept nobody asked for (``None``: no such group).
         seeds, strengths: every prompt is rendered with every seed at every strength
             (strength 0, the unsteered image, is always included). ``strengths: auto`` (the
             default) sweeps each method over its own range (``sweep``).
@@ -125,6 +129,7 @@ class EvalConfig:
     control_prompts: list[str] = field(default_factory=list)
     pairs_prompts: list[str] = field(default_factory=list)
     pairs_screen_seeds: int | None = None
+    empty_seeds: int | None = None
     seeds: list[int] = field(default_factory=lambda: [0])
     strengths: list[float] | str = "auto"
     sweep: dict[str, Any] = field(default_factory=dict)
@@ -228,6 +233,17 @@ class EvalConfig:
         methods = self.method_list
         if not methods:
             raise ConfigError("methods is empty: give 'all' or a list like ['linear-act/none', 'linear-act/dsas']")
+        grids = self.sweep_settings.grids if self.adaptive else {}
+        for method in methods:
+            if method.is_baseline and not grids.get(method.name):
+                raise ConfigError(
+                    f"method {method.name!r} is swept over its own settings: use strengths: auto and give "
+                    f"sweep.grids.{method.name} (e.g. [5, 7.5, 10])"
+                )
+        if self.empty_seeds is not None and not (self.empty_seeds >= 1 and self.use_shapes_detector()):
+            raise ConfigError(
+                "empty_seeds needs a number >= 1 and the Shapes detector (it reads what is drawn unasked)"
+            )
         if self.steering_cfg not in CFG_MODES:
             raise ConfigError(f"steering_cfg must be one of {CFG_MODES}, got {self.steering_cfg!r}")
         if self.detector not in ("auto", "shapes", "none"):
@@ -274,6 +290,7 @@ class EvalConfig:
             "device": (str, type(None)),
             "bootstrap": (int,),
             "pairs_screen_seeds": (int, type(None)),
+            "empty_seeds": (int, type(None)),
             "max_new_tokens": (int,),
             "similarity": (str,),
             "classifier": (str, type(None)),
@@ -317,6 +334,18 @@ class EvalConfig:
                 parse_method(name)
                 if not isinstance(value, (int, float)) or not 0 < value <= settings.max:
                     raise ConfigError(f"sweep.starts[{name!r}] must be a number in (0, max], got {value!r}")
+            for name, grid in dict(settings.grids).items():
+                parse_method(name)
+                if (
+                    isinstance(grid, (str, bytes))
+                    or not isinstance(grid, Sequence)
+                    or not grid
+                    or not all(
+                        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                        for v in grid
+                    )
+                ):
+                    raise ConfigError(f"sweep.grids[{name!r}] must be a non-empty list of numbers > 0, got {grid!r}")
             return
         try:
             values = [float(s) for s in self.strengths]

@@ -12,7 +12,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["DEFAULT_CONCEPT_TEMPLATE", "DEFAULT_NEUTRAL_CAPTION", "ClipScorer", "default_clip_for", "pixel_change"]
+__all__ = [
+    "DEFAULT_CONCEPT_TEMPLATE",
+    "DEFAULT_NEUTRAL_CAPTION",
+    "ClipScorer",
+    "default_clip_for",
+    "dilate",
+    "pixel_change",
+    "pixel_change_by_region",
+]
 
 DEFAULT_CONCEPT_TEMPLATE = "a picture of a {concept}"
 DEFAULT_NEUTRAL_CAPTION = "a picture of something"
@@ -30,6 +38,39 @@ def pixel_change(image: Image.Image, reference: Image.Image) -> float:
     if a.shape != b.shape:
         raise ValueError(f"images of sizes {a.shape[:2]} and {b.shape[:2]} cannot be compared pixel by pixel")
     return float(np.abs(a - b).mean())
+
+
+def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """``mask`` grown by ``radius`` pixels in every direction (a square structuring element).
+
+    Examples:
+        >>> mask = np.zeros((5, 5), dtype=bool); mask[2, 2] = True
+        >>> int(dilate(mask, 1).sum())
+        9
+    """
+    if radius <= 0:
+        return mask.copy()
+    tensor = torch.from_numpy(mask.astype(np.float32))[None, None]
+    return torch.nn.functional.max_pool2d(tensor, 2 * radius + 1, stride=1, padding=radius)[0, 0].numpy() > 0
+
+
+def pixel_change_by_region(image: Image.Image, reference: Image.Image, mask: np.ndarray) -> tuple[float, float]:
+    """``(inside, outside)``: the mean absolute RGB difference (0-255) of two images over the
+    pixels of ``mask`` and over the rest (NaN for an empty region).
+
+    Examples:
+        >>> mask = np.zeros((4, 4), dtype=bool); mask[:2] = True
+        >>> pixel_change_by_region(Image.new("RGB", (4, 4), (30, 30, 30)), Image.new("RGB", (4, 4)), mask)
+        (30.0, 30.0)
+    """
+    a = np.asarray(image.convert("RGB"), dtype=np.float32)
+    b = np.asarray(reference.convert("RGB"), dtype=np.float32)
+    if a.shape[:2] != mask.shape or b.shape != a.shape:
+        raise ValueError(f"images of sizes {a.shape[:2]} and {b.shape[:2]} and a mask of {mask.shape} do not match")
+    difference = np.abs(a - b).mean(-1)
+    inside = float(difference[mask].mean()) if mask.any() else float("nan")
+    outside = float(difference[~mask].mean()) if (~mask).any() else float("nan")
+    return inside, outside
 
 
 def default_clip_for(model: str) -> tuple[str, str | None]:

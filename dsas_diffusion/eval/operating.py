@@ -16,6 +16,12 @@ least ``t`` (the sweep's strengths and the interpolated crossing). It is chosen 
 evaluation prompts themselves, so it is optimistic by the choice among a handful of
 strengths; the bootstrap repeats the choice in every replicate, so its interval carries it.
 
+The baselines (a negative prompt, Safe Latent Diffusion) are swept over a fixed grid whose
+order says nothing about their effect (a lower guidance scale changes control images too).
+Their *best point within ``t``* is the grid setting (or the unsteered images) with the least
+concept presence among those whose control similarity stays at least ``t``, without
+interpolation; their *default point* is the setting a user gets by default.
+
 Intervals: the units of an evaluation are (prompt, seed) pairs. A bootstrap replicate draws
 the concept, control and pair units with replacement (the same draw at every strength, so
 the sweep stays paired) and recomputes the figure; the interval is the 2.5th and 97.5th
@@ -26,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,6 +42,8 @@ __all__ = [
     "SweepTable",
     "best_point",
     "bootstrap_intervals",
+    "discrete_point",
+    "empty_rows",
     "hypervolume",
     "mean_of",
     "method_figures",
@@ -146,23 +154,54 @@ def best_point(
     return min(candidates, key=key)
 
 
+def discrete_point(
+    strengths: Sequence[float],
+    similarity: Sequence[float],
+    threshold: float,
+    presence: str,
+    **measures: Sequence[float],
+) -> dict[str, float]:
+    """The best setting of a grid (no interpolation): the least ``measures[presence]`` among the
+    settings whose control similarity is at least ``threshold`` (ties: the higher similarity).
+
+    Examples:
+        >>> point = discrete_point([0, 2.5, 7.5], [1.0, 0.9, 0.99], 0.98, "p", p=[0.8, 0.0, 0.5])
+        >>> point["strength"], point["p"]
+        (7.5, 0.5)
+    """
+    chosen = [i for i in range(len(strengths)) if similarity[i] >= threshold] or [int(np.argmax(similarity))]
+
+    def key(i: int) -> tuple[float, float]:
+        value = float(measures[presence][i])
+        return (math.inf if math.isnan(value) else value, -float(similarity[i]))
+
+    index = min(chosen, key=key)
+    point = {"strength": float(strengths[index]), "similarity": float(similarity[index]), "reached": 0.0}
+    point.update({name: float(v[index]) for name, v in measures.items()})
+    return point
+
+
+GROUPS = ("concept", "control", "pairs", "empty")
+
+
 @dataclass
 class SweepTable:
     """One method's per-image measures as matrices ``(strengths, units)``, strength 0 (the
     unsteered images) first. ``concept`` / ``control`` / ``pairs`` map a measure name to its
     matrix; a unit is a (prompt, seed) pair; NaN marks a unit that does not count (e.g. a
-    pair whose unsteered image lacks one of its objects)."""
+    pair whose unsteered image lacks one of its objects). ``empty``: the empty prompt's seeds."""
 
     strengths: list[float]
     concept: dict[str, np.ndarray]
     control: dict[str, np.ndarray]
     pairs: dict[str, np.ndarray]
+    empty: dict[str, np.ndarray] = field(default_factory=dict)
 
     def means(self, draws: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Per strength, the mean of every measure (over the drawn units, if given), named
         ``<group>_<measure>``."""
         out = {}
-        for group in ("concept", "control", "pairs"):
+        for group in GROUPS:
             for name, matrix in getattr(self, group).items():
                 chosen = matrix if draws is None else matrix[:, draws[group]]
                 with np.errstate(invalid="ignore"):
@@ -183,7 +222,7 @@ def sweep_table(
     strengths = sorted({0.0, *(float(r["strength"]) for r in rows if r["method"] == method)})
     index = {s: i for i, s in enumerate(strengths)}
     groups: dict[str, dict[str, np.ndarray]] = {}
-    for group in ("concept", "control", "pairs"):
+    for group in GROUPS:
         chosen = [r for r in rows if r["group"] == group and r["method"] in (method, "unsteered")]
         units = sorted({(r["prompt"], r["seed"]) for r in chosen})
         column = {u: j for j, u in enumerate(units)}
@@ -195,7 +234,7 @@ def sweep_table(
                 if value is not None:
                     matrix[index[strength], column[(r["prompt"], r["seed"])]] = float(value)
         groups[group] = matrices
-    return SweepTable(strengths, groups["concept"], groups["control"], groups["pairs"])
+    return SweepTable(strengths, groups["concept"], groups["control"], groups["pairs"], groups["empty"])
 
 
 def bootstrap_intervals(
@@ -218,8 +257,7 @@ def bootstrap_intervals(
     """
     generator = np.random.default_rng(seed)
     sizes = {
-        group: next(iter(getattr(table, group).values())).shape[1] if getattr(table, group) else 0
-        for group in ("concept", "control", "pairs")
+        group: next(iter(getattr(table, group).values())).shape[1] if getattr(table, group) else 0 for group in GROUPS
     }
     estimates = {name: float(value) for name, value in statistic(table, None).items()}
     samples: dict[str, list[float]] = {name: [] for name in estimates}
@@ -261,10 +299,33 @@ def spatial_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def empty_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The empty prompt's rows with ``unasked_drawn`` (the concept drawn, for the seeds whose
+    unsteered image shows it) and ``unasked_similarity`` / ``unasked_change`` (CLIP similarity
+    and pixel change to the unsteered image, for the other seeds); NaN where a seed does not
+    count."""
+    shown = {
+        r["seed"]
+        for r in rows
+        if r["group"] == "empty" and r["method"] == "unsteered" and r.get("concept_drawn") == 1.0
+    }
+    out = []
+    nan = float("nan")
+    for r in rows:
+        if r["group"] != "empty":
+            continue
+        has = r["seed"] in shown
+        out.append({**r, "unasked_drawn": float(r.get("concept_drawn") or 0.0) if has else nan,
+                    "unasked_similarity": nan if has else r.get("clip_similarity", nan),
+                    "unasked_change": nan if has else r.get("pixel_change", nan)})  # fmt: skip
+    return out
+
+
 MEASURES = {
     "concept": ("concept_drawn", "concept_presence"),
     "control": ("clip_similarity",),
-    "pairs": ("removed", "kept", "removed_and_kept"),
+    "pairs": ("removed", "kept", "removed_and_kept", "outside_change", "inside_change"),
+    "empty": ("unasked_drawn", "unasked_similarity", "unasked_change"),
 }
 
 
@@ -276,48 +337,79 @@ def method_figures(
     replicates: int = 1000,
     seed: int = 0,
     similarity_key: str = "clip_similarity",
+    default: float | None = None,
 ) -> list[dict[str, Any]]:
     """Two lines per threshold for ``method``, its operating point (``rule: "strongest"``)
     and its best point within the threshold (``rule: "best"``): the strength and, with
     bootstrap intervals, concept presence (detector and CLIP), the spatial test's removal
-    and keep rates, and the method's hypervolume (control similarity vs 1 - presence).
-    ``similarity_key``: the rows' control measure (``"prefix_match"`` for text)."""
+    and keep rates and pixel change outside and inside the concept's mask (0-255), the
+    concept nobody asked for (drawn; similarity and pixel change of the rest, 0-255), and the
+    method's hypervolume (control similarity vs 1 - presence). ``similarity_key``: the rows'
+    control measure (``"prefix_match"`` for text).
+
+    A baseline swept over a grid (``default``: its default setting) gets ``rule: "best"`` by
+    :func:`discrete_point` per threshold and one ``rule: "default"`` line instead."""
     measures = {**MEASURES, "control": (similarity_key,)}
-    table = sweep_table([*[r for r in rows if r["group"] != "pairs"], *spatial_rows(rows)], method, measures)
+    plain = [r for r in rows if r["group"] not in ("pairs", "empty")]
+    table = sweep_table([*plain, *spatial_rows(rows), *empty_rows(rows)], method, measures)
     detector = "concept_drawn" in table.concept and not np.all(np.isnan(table.concept["concept_drawn"]))
     presence = "concept_concept_drawn" if detector else "concept_concept_presence"
+    grid = default is not None
+    if grid and default not in table.strengths:
+        raise ValueError(f"{method}: its default setting {default:g} is not among its settings {table.strengths}")
 
     def statistic(t: SweepTable, draws: Mapping[str, np.ndarray] | None) -> dict[str, float]:
         means = t.means(draws)
         similarity = means[f"control_{similarity_key}"]
         figures = {"hypervolume": hypervolume(list(zip(similarity, 1.0 - means[presence], strict=True)))}
         for threshold in thresholds:
-            points = {
-                "strongest": operating_point(t.strengths, similarity, threshold, **means),
-                "best": best_point(t.strengths, similarity, threshold, presence, **means),
-            }
+            if grid:
+                at = t.strengths.index(default)
+                points = {
+                    "best": discrete_point(t.strengths, similarity, threshold, presence, **means),
+                    "default": {"strength": default, "similarity": float(similarity[at]), "reached": 0.0,
+                                **{name: float(v[at]) for name, v in means.items()}},
+                }  # fmt: skip
+            else:
+                points = {
+                    "strongest": operating_point(t.strengths, similarity, threshold, **means),
+                    "best": best_point(t.strengths, similarity, threshold, presence, **means),
+                }
             for rule, point in points.items():
-                for name in ("strength", "reached", *means):
+                for name in ("strength", "reached", "similarity", *means):
                     figures[f"{threshold}:{rule}:{name}"] = point[name]
         return figures
 
     figures = bootstrap_intervals(table, statistic, replicates=replicates, seed=seed)
     spatial = table.pairs["removed"].shape[1] > 0
+    unasked = table.empty["unasked_drawn"].shape[1] > 0
+
+    def scaled(value: tuple[float, float, float]) -> tuple[float, float, float]:
+        return tuple(255.0 * v for v in value)  # type: ignore[return-value]
+
     lines = []
     for threshold in thresholds:
-        for rule in ("strongest", "best"):
+        for rule in ("best", "default") if grid else ("strongest", "best"):
+            if rule == "default" and threshold != thresholds[0]:
+                continue
             key = f"{threshold}:{rule}:"
             lines.append(
                 {
                     "method": method,
-                    "similarity": threshold,
+                    "similarity": threshold if rule != "default" else None,
                     "rule": rule,
                     "strength": figures[key + "strength"][0],
                     "reached": bool(figures[key + "reached"][0]),
                     "concept_drawn": figures[key + "concept_concept_drawn"] if detector else None,
                     "concept_presence": figures[key + "concept_concept_presence"],
+                    "control_similarity": figures[key + "similarity"],
+                    "unasked_drawn": figures[key + "empty_unasked_drawn"] if unasked else None,
+                    "unasked_similarity": figures[key + "empty_unasked_similarity"] if unasked else None,
+                    "unasked_change": scaled(figures[key + "empty_unasked_change"]) if unasked else None,
                     "spatial_removed": figures[key + "pairs_removed"] if spatial else None,
                     "spatial_kept": figures[key + "pairs_kept"] if spatial else None,
+                    "outside_change": scaled(figures[key + "pairs_outside_change"]) if spatial else None,
+                    "inside_change": scaled(figures[key + "pairs_inside_change"]) if spatial else None,
                     "hypervolume": figures["hypervolume"],
                 }
             )

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .baselines import baseline_images, safe_latent_diffusion
 from .cache import UNSTEERED, ImageCache, Job
 from .config import EvalConfig, parse_method
 
@@ -61,12 +62,21 @@ def render(
         if getattr(config, key) is not None:
             call[key] = getattr(config, key)
     count = 0
+    safe = None  # Safe Latent Diffusion on pipe's components, built on first use
     bar = tqdm(work, desc=f"render (process {process_index})", disable=not progress, position=process_index)
     for batch in bar:
-        steering = _steering_arguments(config, batch[0].method, batch[0].strength, list(pipe.steerers))
+        method, strength = batch[0].method, batch[0].strength
+        prompts = [job.prompt for job in batch]
         generators = [torch.Generator().manual_seed(job.seed) for job in batch]
+        chosen = None if method == UNSTEERED else parse_method(method)
         with torch.no_grad():
-            images = pipe([job.prompt for job in batch], generator=generators, **call, **steering).images
+            if chosen is not None and chosen.is_baseline:
+                if chosen.name == "sld" and safe is None:
+                    safe = safe_latent_diffusion(pipe, config.concept)
+                images = baseline_images(pipe, chosen, strength, config.concept, prompts, generators, call, safe)
+            else:
+                steering = _steering_arguments(config, method, strength, list(pipe.steerers))
+                images = pipe(prompts, generator=generators, **call, **steering).images
         for job, image in zip(batch, images, strict=True):
             path = cache.path(job)
             temporary = path.with_suffix(f".{process_index}.tmp.png")

@@ -32,7 +32,7 @@ from PIL import Image
 
 from ..diffusion.visual import image_grid
 from .config import EvalConfig
-from .operating import hypervolume, mean_of, method_figures, spatial_rows
+from .operating import empty_rows, hypervolume, mean_of, method_figures, spatial_rows
 
 __all__ = ["hypervolume", "strength_grid", "summarise", "write_report"]
 
@@ -56,8 +56,9 @@ def settings(
 
 def summarise(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> list[dict[str, Any]]:
     """One line per method and strength (strength 0 is the shared unsteered images)."""
-    spatial = spatial_rows(rows)
-    rows = [r for r in rows if r["group"] != "pairs"]
+    spatial = [r for r in spatial_rows(rows) if not np.isnan(r["removed"])]  # the units that count
+    unasked = empty_rows(rows)
+    rows = [r for r in rows if r["group"] not in ("pairs", "empty")]
     lines = []
     for method, strength, chosen in settings(rows, methods):
         concept = [r for r in chosen if r["group"] == "concept"]
@@ -79,6 +80,16 @@ def summarise(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> list
         if pairs:
             line["spatial_removed"] = mean_of(pairs, "removed")
             line["spatial_kept"] = mean_of(pairs, "kept")
+            for name in ("outside_change", "inside_change"):  # 0-255
+                value = mean_of(pairs, name)
+                line[name] = None if value is None else 255.0 * value
+        empty = [r for r in unasked if r["method"] == ("unsteered" if strength == 0.0 else method)]
+        empty = [r for r in empty if strength == 0.0 or r["strength"] == strength]
+        if empty:
+            line["unasked_drawn"] = mean_of(empty, "unasked_drawn")
+            line["unasked_similarity"] = mean_of(empty, "unasked_similarity")
+            change = mean_of(empty, "unasked_change")
+            line["unasked_change"] = None if change is None else 255.0 * change
         lines.append(line)
     return lines
 
@@ -151,10 +162,16 @@ def operating_table(lines: Sequence[Mapping[str, Any]]) -> str:
         "similarity",
         "rule",
         "strength",
+        "control_similarity",
         "concept_drawn",
         "concept_presence",
+        "unasked_drawn",
+        "unasked_similarity",
+        "unasked_change",
         "spatial_removed",
         "spatial_kept",
+        "outside_change",
+        "inside_change",
     ]
     fields = [f for f in fields if any(line.get(f) is not None for line in lines)]
     out = ["| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
@@ -226,13 +243,20 @@ def pareto_plot(
     figure, axis = plt.subplots(figsize=(6.4, 4.8), dpi=100)
     for method in methods:
         lines = [line for line in summary if line["method"] == method and line[x] is not None and line[y] is not None]
-        map_name, gating = method.split("/")
-        style = "--" if gating == "none" else (":" if gating == "e2e" else "-")
+        map_name, _, gating = method.rpartition("/")
+        if not map_name:  # a baseline: its grid of settings as points, no curve
+            marker = "^" if method == "negative-prompt" else "v"
+            axis.plot([line[x] for line in lines], [line[y] for line in lines], marker, markersize=6,
+                      color="tab:gray" if method == "negative-prompt" else "black", label=method)  # fmt: skip
+            for line in lines[1:]:
+                axis.annotate(f"{line['strength']:g}", (line[x], line[y]), fontsize=6, alpha=0.7)
+            continue
+        style = {"none": "--", "e2e": ":", "prompt": "-."}.get(gating, "-")
         axis.plot(
             [line[x] for line in lines],
             [line[y] for line in lines],
             style,
-            marker="o" if gating != "none" else "s",
+            marker={"none": "s", "prompt": "x"}.get(gating, "o"),
             markersize=4,
             color=MAP_COLOURS.get(map_name, "black") if gating != "e2e" else "tab:purple",
             label=method,
@@ -288,10 +312,12 @@ def write_report(
     out: Path,
     run: Mapping[str, Any] | None = None,
     stopped: Mapping[str, str] | None = None,
+    defaults: Mapping[str, float] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Write every table, plot and grid; return ``(summary, method scores)``.
 
-    ``stopped``: why each method's adaptive sweep stopped (``methods.csv`` and the text)."""
+    ``stopped``: why each method's adaptive sweep stopped (``methods.csv`` and the text);
+    ``defaults``: each baseline's default setting (its ``default`` operating line)."""
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(out / "rows.csv", rows)
     (out / "rows.json").write_text(json.dumps(list(rows), indent=1))
@@ -300,7 +326,9 @@ def write_report(
     operating = [
         line
         for method in methods
-        for line in method_figures(rows, method, config.thresholds, replicates=config.bootstrap)
+        for line in method_figures(
+            rows, method, config.thresholds, replicates=config.bootstrap, default=(defaults or {}).get(method)
+        )
     ]
     for score in scores:
         figures = next(line for line in operating if line["method"] == score["method"])
@@ -317,8 +345,11 @@ def write_report(
         + markdown_table(summary)
         + "\n\nOperating points: per threshold, each method at the strongest setting whose control "
         "similarity stays at least the threshold (rule 'strongest', interpolated) and at its best setting "
-        "within it (rule 'best', the least concept presence); 95% bootstrap intervals over prompts x seeds, "
-        f"{config.bootstrap} replicates:\n\n"
+        "within it (rule 'best', the least concept presence; for a baseline, the best of its grid, and its "
+        "default setting as rule 'default'); unasked: the empty prompt's images (drawn among the seeds whose "
+        "unsteered image shows the concept; similarity and change, 0-255, of the others); outside / inside: "
+        "pixel change (0-255) outside / inside the concept object's mask on the two-object images; 95% "
+        f"bootstrap intervals over prompts x seeds, {config.bootstrap} replicates:\n\n"
         + operating_table(operating)
         + f"\n\nTargets at control similarity {max(config.thresholds):g} (best points; presence by "
         "the Shapes detector where it applies, else CLIP):\n\n"

@@ -1,5 +1,7 @@
 """Scoring an evaluation's images: CLIP score, concept presence, similarity and pixel change
-against the unsteered image, and the exact Shapes detector where it applies."""
+against the unsteered image, and the exact Shapes detector where it applies (on the empty
+prompt's images, what is drawn unasked; on the two-object images, the pixel change inside
+and outside the concept object's mask)."""
 
 from __future__ import annotations
 
@@ -11,9 +13,12 @@ from PIL import Image
 
 from .cache import ImageCache, Job, job_fields
 from .config import EvalConfig
-from .metrics import ClipScorer, default_clip_for, pixel_change
+from .metrics import ClipScorer, default_clip_for, dilate, pixel_change, pixel_change_by_region
 
-__all__ = ["make_scorer", "score_jobs"]
+__all__ = ["MASK_DILATION", "make_scorer", "score_jobs"]
+
+#: pixels by which the concept object's mask is grown before the change outside it is measured
+MASK_DILATION = 3
 
 
 def make_scorer(config: EvalConfig, device: str) -> ClipScorer:
@@ -23,7 +28,10 @@ def make_scorer(config: EvalConfig, device: str) -> ClipScorer:
     if name is None:
         name, pretrained = default_clip_for(config.model)
     scorer = ClipScorer(name, pretrained, device=device, batch_size=config.score_batch_size)
-    scorer.text_features(list(dict.fromkeys(config.concept_prompts + config.control_prompts + config.pairs_prompts)))
+    empty = [""] if config.empty_seeds else []
+    scorer.text_features(
+        list(dict.fromkeys(config.concept_prompts + config.control_prompts + config.pairs_prompts + empty))
+    )
     return scorer
 
 
@@ -34,13 +42,42 @@ def _relative(path: Path, base: Path) -> str:
         return str(path.resolve())
 
 
-def _detector_rows(scorer: ClipScorer, config: EvalConfig, images: list[Image.Image], jobs: Sequence[Job], device: str):
+def _unprompted_rows(judge: Any, config: EvalConfig, images: list[Image.Image]) -> list[dict[str, Any]]:
+    """The empty prompt's images: is the concept drawn (read without a caption)?"""
+    from ..shapes.detect import read_objects, unprompted_concept
+
+    return [{"concept_drawn": float(bool(unprompted_concept(objects, config.concept)))}
+            for objects in read_objects(judge, images)]  # fmt: skip
+
+
+def _region_change(config: EvalConfig, image: Image.Image, reference: Image.Image, prompt: str) -> dict[str, float]:
+    """The pixel change inside and outside the unsteered image's concept object (dilated)."""
+    from ..shapes.detect import concept_mask
+
+    mask = dilate(concept_mask(reference, prompt, config.concept), MASK_DILATION)
+    inside, outside = pixel_change_by_region(image, reference, mask)
+    return {"inside_change": round(inside, 4), "outside_change": round(outside, 4)}
+
+
+def _detector_rows(
+    scorer: ClipScorer,
+    config: EvalConfig,
+    images: list[Image.Image],
+    references: list[Image.Image],
+    jobs: Sequence[Job],
+    device: str,
+):
     from ..shapes import ShapeJudge, concept_drawn, others_drawn, read_scenes
 
     judge = ShapeJudge(scorer.model, scorer.preprocess, scorer.tokenizer, device=device)
-    readings = read_scenes(judge, images, [job.prompt for job in jobs])
-    rows = []
-    for job, reading in zip(jobs, readings, strict=True):
+    unprompted = [i for i, job in enumerate(jobs) if job.group == "empty"]
+    prompted = [i for i, job in enumerate(jobs) if job.group != "empty"]
+    rows: list[dict[str, Any]] = [{} for _ in jobs]
+    for i, row in zip(unprompted, _unprompted_rows(judge, config, [images[i] for i in unprompted]), strict=True):
+        rows[i] = row
+    readings = read_scenes(judge, [images[i] for i in prompted], [jobs[i].prompt for i in prompted])
+    for i, reading in zip(prompted, readings, strict=True):
+        job = jobs[i]
         drawn = concept_drawn(reading, job.prompt, config.concept)
         row = {
             "concept_drawn": None if drawn is None else float(drawn),
@@ -50,7 +87,8 @@ def _detector_rows(scorer: ClipScorer, config: EvalConfig, images: list[Image.Im
         if job.group == "pairs":
             others = others_drawn(reading, job.prompt, config.concept)
             row["others_drawn"] = None if others is None else float(others)
-        rows.append(row)
+            row.update(_region_change(config, images[i], references[i], job.prompt))
+        rows[i] = row
     return rows
 
 
@@ -74,7 +112,9 @@ def score_jobs(
     )
     similarity = scorer.image_similarity(features, reference_features).clamp(max=1.0)
     detector = (
-        _detector_rows(scorer, config, images, jobs, device) if config.use_shapes_detector() else [{}] * len(jobs)
+        _detector_rows(scorer, config, images, references, jobs, device)
+        if config.use_shapes_detector()
+        else [{}] * len(jobs)
     )
     rows = []
     for index, job in enumerate(jobs):

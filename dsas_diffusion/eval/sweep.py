@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,12 @@ from tqdm.auto import tqdm
 
 from ..steering.persistence import CONFIG_NAME
 from .adaptive import AdaptiveSweep
+from .baselines import baseline_defaults
 from .cache import UNSTEERED, ImageCache, Job, list_jobs, model_id, steering_id
 from .config import EvalConfig, Method
 from .render import batches, render
 from .scoring import make_scorer, score_jobs
-from .steerers import allowed_methods, fit_or_reuse
+from .steerers import allowed_methods, fit_or_reuse, prompt_gate_openings
 from .text import (
     LanguageModelLoader,
     TextScorer,
@@ -77,8 +79,11 @@ def _merge_shards(shard_dir: Path, prefix: str, processes: int, jobs: list[Job])
 
 def _steerer_bounds(methods: list[Method], dirs: dict[str, Path]) -> dict[str, float | None]:
     """Per method, the largest strength its steerer accepts (``max_strength`` in its file)."""
-    bounds = {}
+    bounds: dict[str, float | None] = {}
     for method in methods:
+        if method.is_baseline:
+            bounds[method.name] = None
+            continue
         config = json.loads((dirs[method.steerer_name] / CONFIG_NAME).read_text()).get("config", {})
         bound = config.get("max_strength")
         bounds[method.name] = None if bound is None else float(bound)
@@ -146,12 +151,18 @@ def run_evaluation(config: EvalConfig, *, progress: bool = True) -> EvalResult:
 
     methods = allowed_methods(config)
     dirs = fit_or_reuse(config, methods, out, identity, pipeline, fit_here=state.is_main_process, progress=progress)
+    if state.is_main_process:
+        prompt_gate_openings(config, out, identity, pipeline)
     state.wait_for_everyone()
+    openings = prompt_gate_openings(config, out, identity, pipeline, fit_here=False)  # the main process's readings
+    given = {"negative-prompt": {"negative_prompt": config.concept}, "sld": {"safety_concept": config.concept}}
     cache = ImageCache(
         images_dir,
         {**(text_settings(config) if text else config.generation_settings()), "model": identity},
         {name: steering_id(directory) for name, directory in dirs.items()},
         suffix=".json" if text else ".png",
+        baselines={m.name: given[m.name] for m in methods if m.is_baseline},
+        prompt_gates=openings,
     )
     scorer = TextScorer(pipeline, config, dirs) if text else make_scorer(config, device)
     sweep = None
@@ -169,8 +180,10 @@ def run_evaluation(config: EvalConfig, *, progress: bool = True) -> EvalResult:
     def run_round(new: list[Job], prefix: str) -> list[dict[str, Any]]:
         """Render what ``new`` misses from the cache, score it, return its rows (in order)."""
         nonlocal generated
-        # every process lists what is missing before anyone renders, so all see the same list
-        missing = [batch for batch in batches(new, config.batch_size) if not cache.has(batch)]
+        # every process lists what is missing before anyone renders, so all see the same list; a
+        # prompt-gated job is rendered as the job whose image stands for it
+        drawn = list(dict.fromkeys(cache.resolve(job) for job in new))
+        missing = [batch for batch in batches(drawn, config.batch_size) if not cache.has(batch)]
         generated += sum(len(batch) for batch in missing)
         state.wait_for_everyone()
         share = missing[state.process_index :: state.num_processes]
@@ -227,7 +240,12 @@ def run_evaluation(config: EvalConfig, *, progress: bool = True) -> EvalResult:
     result = EvalResult(rows=[], generated=generated, reused=total - generated, out=out)
     if state.is_main_process:
         result.rows = rows
-        result.summary, result.methods = (write_text_report if text else write_report)(
+        report = (
+            write_text_report
+            if text
+            else partial(write_report, defaults=baseline_defaults(config.model, config.guidance_scale, methods))
+        )
+        result.summary, result.methods = report(
             config,
             [m.name for m in methods],
             result.rows,

@@ -16,13 +16,16 @@ __all__ = [
     "SceneReading",
     "ShapeJudge",
     "banana_drawn",
+    "colour_mask",
     "concept_drawn",
     "concept_mask",
     "concepts_drawn",
     "isolate_colour",
     "others_drawn",
     "read_colours",
+    "read_objects",
     "read_scenes",
+    "unprompted_concept",
 ]
 
 _NAMES = list(COLOURS) + [f"bg:{name}" for name in BACKGROUNDS]
@@ -218,7 +221,54 @@ def concept_mask(image: Image.Image, prompt: str, concept: str) -> np.ndarray:
     """
     from .data import parse_caption
 
-    colours = [o.colour for o in parse_caption(prompt).objects if concept in (o.colour, o.shape)]
+    return colour_mask(image, [o.colour for o in parse_caption(prompt).objects if concept in (o.colour, o.shape)])
+
+
+def read_objects(judge: ShapeJudge, images: list[Image.Image]) -> list[dict[str, str]]:
+    """What each image shows, read without a caption (an image of the empty prompt): per object
+    colour covering at least ``MIN_OBJECT_PIXELS`` pixels, the shape ``judge`` reads in that
+    colour's pixels alone on the background read off the border.
+
+    Examples:
+        >>> from dsas_diffusion.shapes.data import parse_caption, render_scene
+        >>> image = render_scene(parse_caption("a yellow banana and a red square on a black background")).image
+        >>> read_objects(ShapeJudge(), [image])
+        [{'red': 'square', 'yellow': 'banana'}]
+    """
+    readings = [read_colours(image) for image in images]
+    isolated, owners, colours, backgrounds = [], [], [], []
+    for index, reading in enumerate(readings):
+        for colour in COLOURS:
+            if reading.present(colour):
+                isolated.append(isolate_colour(images[index], colour, reading.background, reading))
+                owners.append(index)
+                colours.append(colour)
+                backgrounds.append(reading.background)
+    shapes = judge.shapes(isolated, colours, backgrounds) if isolated else []
+    objects: list[dict[str, str]] = [{} for _ in images]
+    for owner, colour, shape in zip(owners, colours, shapes, strict=True):
+        objects[owner][colour] = shape
+    return objects
+
+
+def unprompted_concept(objects: dict[str, str], concept: str) -> list[str]:
+    """The colours of the objects in ``objects`` (a :func:`read_objects` reading) that carry
+    ``concept``: a colour concept's own colour when present, a shape concept's objects read
+    as that shape. Empty when the concept is not drawn.
+
+    Examples:
+        >>> unprompted_concept({"red": "square", "yellow": "banana"}, "banana")
+        ['yellow']
+    """
+    if concept in COLOURS:
+        return [concept] if concept in objects else []
+    if concept not in SHAPES:
+        raise ValueError(f"{concept!r} is neither a Shapes shape ({', '.join(SHAPES)}) nor a colour")
+    return [colour for colour, shape in objects.items() if shape == concept]
+
+
+def colour_mask(image: Image.Image, colours: list[str]) -> np.ndarray:
+    """``(H, W)`` boolean mask of the pixels nearest to any of the palette ``colours``."""
     labels = read_colours(image).labels
     mask = np.zeros(labels.shape, dtype=bool)
     for colour in colours:

@@ -91,7 +91,9 @@ def _decoder_layers(model: nn.Module) -> str:
     return outer[0]
 
 
-def hook_points(model: nn.Module, preset: str = DEFAULT_TEXT_PRESET, layers: Sequence[int] | None = None) -> list[HookPoint]:
+def hook_points(
+    model: nn.Module, preset: str = DEFAULT_TEXT_PRESET, layers: Sequence[int] | None = None
+) -> list[HookPoint]:
     """The hook points of ``preset`` on ``model`` (in forward order), on the decoder layers
     numbered ``layers`` (default: all; negative numbers count from the end)."""
     if preset not in TEXT_PRESETS:
