@@ -55,8 +55,9 @@ class AdaptiveSweep:
         self.strengths: dict[str, list[float]] = {}
         self.stopped: dict[str, str] = {}
         for method in methods:
-            if method in settings.grids:  # a baseline's fixed settings, rendered in the first round
-                self.strengths[method] = sorted(float(v) for v in settings.grids[method])
+            grid = settings.grid_for(method)
+            if grid is not None:  # a baseline's fixed settings, rendered in the first round
+                self.strengths[method] = grid
                 self.stopped[method] = "a fixed grid of settings"
                 continue
             start = settings.start_for(method)

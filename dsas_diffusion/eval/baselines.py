@@ -1,5 +1,5 @@
 """What a user would pick instead of DSAS: a prompt-level gate, a negative prompt and
-diffusers' Safe Latent Diffusion, as the evaluation runs them.
+diffusers' Safe Latent Diffusion (images), banned words (text), as the evaluation runs them.
 
 * :class:`PromptGate`: the DSAS gate's classifier (:func:`~dsas_diffusion.steering.fit_gate`,
   with the pipelines' 20 PCA components) fitted on the prompt's embedding (the mean over tokens of ``pipe.encode_prompt``'s prompt
@@ -10,6 +10,9 @@ diffusers' Safe Latent Diffusion, as the evaluation runs them.
   ``negative_prompt`` at a guidance scale; ``sld`` is ``StableDiffusionPipelineSafe`` built
   ``from_pipe`` on the same components, the concept as ``safety_concept``, at a
   ``sld_guidance_scale`` (its other arguments at diffusers' defaults).
+* :func:`bad_words_ids`: ``bad-words`` bans the concept's words at decoding (``generate``'s
+  ``bad_words_ids``); on a language model the prompt-level gate reads the mean over the
+  prompt's tokens of the model's last hidden state.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from .methods import ConfigError, Method
 
 __all__ = [
     "PromptGate",
+    "bad_words_ids",
     "baseline_defaults",
     "baseline_images",
     "default_setting",
@@ -39,9 +43,25 @@ GATE_WEIGHTS, GATE_CONFIG = "prompt_gate.safetensors", "prompt_gate.json"
 
 
 @torch.no_grad()
+def _text_features(lm: Any, prompts: Sequence[str], batch_size: int) -> torch.Tensor:
+    tokenizer, rows = lm.tokenizer, []
+    for start in range(0, len(prompts), batch_size):
+        encoded = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True,
+                            padding_side="right")  # fmt: skip
+        mask = encoded["attention_mask"]
+        out = lm.model(**{k: v.to(lm.device) for k, v in encoded.items()}, output_hidden_states=True)
+        hidden = out.hidden_states[-1].float().cpu()
+        rows.append((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1))
+    return torch.cat(rows)
+
+
+@torch.no_grad()
 def prompt_features(pipe: Any, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
     """``(N, D)``: per prompt, the mean over tokens of the prompt embeddings ``pipe.encode_prompt``
-    gives the denoiser (any diffusers family: SD, SDXL, SD3, FLUX, PixArt)."""
+    gives the denoiser (any diffusers family: SD, SDXL, SD3, FLUX, PixArt); for a
+    :class:`~dsas_diffusion.text.DSASLanguageModel`, of its last hidden state over the prompt."""
+    if not hasattr(pipe, "encode_prompt"):
+        return _text_features(pipe, prompts, batch_size)
     parameters = inspect.signature(pipe.encode_prompt).parameters
     rows = []
     for start in range(0, len(prompts), batch_size):
@@ -145,6 +165,26 @@ def safe_latent_diffusion(pipe: Any, concept: str) -> Any:
     return safe
 
 
+def bad_words_ids(tokenizer: Any, words: Sequence[str]) -> list[list[int]]:
+    """The token sequences of ``words`` as written, capitalised, and after a space, for
+    ``generate(bad_words_ids=...)`` (sequences holding the unknown token are left out).
+
+    Examples:
+        >>> from transformers import AutoTokenizer  # doctest: +SKIP
+        >>> bad_words_ids(AutoTokenizer.from_pretrained("gpt2"), ["banana"])  # doctest: +SKIP
+        [[3820, 2271], [40058], [33, 36871], [...]]
+    """
+    sequences: list[list[int]] = []
+    for word in words:
+        for variant in dict.fromkeys((word, f" {word}", word.capitalize(), f" {word.capitalize()}")):
+            ids = tokenizer(variant, add_special_tokens=False).input_ids
+            if ids and tokenizer.unk_token_id not in ids and ids not in sequences:
+                sequences.append(ids)
+    if not sequences:
+        raise ConfigError(f"bad-words: none of {list(words)} is a word the tokenizer knows")
+    return sequences
+
+
 def default_setting(method: Method, pipeline_class: type) -> float | None:
     """The setting a user gets by default: the pipeline's ``guidance_scale`` for a negative
     prompt, ``StableDiffusionPipelineSafe``'s ``sld_guidance_scale`` for SLD."""
@@ -168,6 +208,8 @@ def baseline_defaults(model: str, guidance_scale: float | None, methods: Sequenc
     baselines = [m for m in methods if m.is_baseline]
     if not baselines:
         return {}
+    if all(m.name == "bad-words" for m in baselines):  # one setting: the words are banned
+        return {"bad-words": 1.0}
     pipeline_class = getattr(
         diffusers, diffusers.DiffusionPipeline.load_config(resolve_model_path(model))["_class_name"]
     )

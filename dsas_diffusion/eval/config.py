@@ -66,6 +66,11 @@ class SweepSettings:
     def start_for(self, method: str) -> float:
         return float(self.starts.get(method, self.start))
 
+    def grid_for(self, method: str) -> list[float] | None:
+        """A baseline's settings (``bad-words`` has one, 1), ``None`` for a swept method."""
+        grid = self.grids.get(method, [1.0] if method == "bad-words" else None)
+        return None if grid is None else sorted(float(v) for v in grid)
+
 
 @dataclass
 class EvalConfig:
@@ -235,7 +240,7 @@ class EvalConfig:
             raise ConfigError("methods is empty: give 'all' or a list like ['linear-act/none', 'linear-act/dsas']")
         grids = self.sweep_settings.grids if self.adaptive else {}
         for method in methods:
-            if method.is_baseline and not grids.get(method.name):
+            if method.is_baseline and not grids.get(method.name) and not (self.adaptive and method.name == "bad-words"):
                 raise ConfigError(
                     f"method {method.name!r} is swept over its own settings: use strengths: auto and give "
                     f"sweep.grids.{method.name} (e.g. [5, 7.5, 10])"

@@ -9,7 +9,8 @@ denoiser is read). Their strength is λ.
 Baselines a user would pick instead of steering: ``negative-prompt`` (the concept as the
 pipeline's ``negative_prompt``; its strength is the guidance scale) and ``sld`` (diffusers'
 Safe Latent Diffusion with the concept as ``safety_concept``; its strength is
-``sld_guidance_scale``). They fit nothing and are swept over a fixed grid
+``sld_guidance_scale``) for images, ``bad-words`` (the concept's words banned at decoding;
+one setting, 1) for text. They fit nothing and are swept over a fixed grid
 (``sweep.grids``).
 """
 
@@ -26,7 +27,9 @@ __all__ = ["ALL_METHODS", "BASELINES", "ConfigError", "Method", "parse_method"]
 #: every map uniform and with DSAS, plus end-to-end DSAS + LinEAS
 ALL_METHODS = (*(f"{m}/{g}" for m in MAP_NAMES for g in ("none", "dsas")), "lineas/e2e")
 #: the methods that steer nothing: a negative prompt and Safe Latent Diffusion
-BASELINES = ("negative-prompt", "sld")
+BASELINES = ("negative-prompt", "sld", "bad-words")
+#: the baselines for images; ``bad-words`` is for language models
+IMAGE_BASELINES = ("negative-prompt", "sld")
 #: the evaluation's gate word for a prompt-level gate (not a gate of the steerer)
 PROMPT_GATE = "prompt"
 
@@ -54,7 +57,7 @@ class Method:
 
     @property
     def is_baseline(self) -> bool:
-        """A method that fits and steers nothing (``negative-prompt``, ``sld``)."""
+        """A method that fits and steers nothing (``negative-prompt``, ``sld``, ``bad-words``)."""
         return self.map == ""
 
     @property

@@ -44,7 +44,7 @@ def _relative(path: Path, base: Path) -> str:
 
 def _unprompted_rows(judge: Any, config: EvalConfig, images: list[Image.Image]) -> list[dict[str, Any]]:
     """The empty prompt's images: is the concept drawn (read without a caption)?"""
-    from ..shapes.detect import read_objects, unprompted_concept
+    from ..shapes import read_objects, unprompted_concept
 
     return [{"concept_drawn": float(bool(unprompted_concept(objects, config.concept)))}
             for objects in read_objects(judge, images)]  # fmt: skip
@@ -52,7 +52,7 @@ def _unprompted_rows(judge: Any, config: EvalConfig, images: list[Image.Image]) 
 
 def _region_change(config: EvalConfig, image: Image.Image, reference: Image.Image, prompt: str) -> dict[str, float]:
     """The pixel change inside and outside the unsteered image's concept object (dilated)."""
-    from ..shapes.detect import concept_mask
+    from ..shapes import concept_mask
 
     mask = dilate(concept_mask(reference, prompt, config.concept), MASK_DILATION)
     inside, outside = pixel_change_by_region(image, reference, mask)

@@ -115,7 +115,10 @@ def prompt_gate_openings(
     prompts = list(dict.fromkeys(
         config.concept_prompts + config.control_prompts + config.pairs_prompts + ([""] if config.empty_seeds else [])
     ))  # fmt: skip
-    defaults = FitConfig.for_diffusion()  # the pipelines' gate settings, unless the config's fit overrides them
+    from .text import is_text_config
+
+    # the model family's gate settings, unless the config's fit overrides them
+    defaults = FitConfig.for_text() if is_text_config(config) else FitConfig.for_diffusion()
     fit_settings = {k: config.fit.get(k, getattr(defaults, k)) for k in ("n_components", "gate_l2", "seed")}
     key = digest({"model": model_identity, "sets": [config.source, config.control], "fit": fit_settings,
                   "prompts": prompts, "version": CACHE_VERSION})  # fmt: skip

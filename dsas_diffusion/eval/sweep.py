@@ -32,6 +32,7 @@ from .text import (
     LanguageModelLoader,
     TextScorer,
     check_text_config,
+    concept_words_of,
     is_text_config,
     render_text,
     score_text_jobs,
@@ -155,7 +156,11 @@ def run_evaluation(config: EvalConfig, *, progress: bool = True) -> EvalResult:
         prompt_gate_openings(config, out, identity, pipeline)
     state.wait_for_everyone()
     openings = prompt_gate_openings(config, out, identity, pipeline, fit_here=False)  # the main process's readings
-    given = {"negative-prompt": {"negative_prompt": config.concept}, "sld": {"safety_concept": config.concept}}
+    given = {
+        "negative-prompt": {"negative_prompt": config.concept},
+        "sld": {"safety_concept": config.concept},
+        "bad-words": {"bad_words": concept_words_of(config) if text else None},
+    }
     cache = ImageCache(
         images_dir,
         {**(text_settings(config) if text else config.generation_settings()), "model": identity},

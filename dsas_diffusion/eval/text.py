@@ -43,8 +43,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .baselines import bad_words_ids
 from .cache import UNSTEERED, ImageCache, Job, job_fields
 from .config import ConfigError, EvalConfig, parse_method
+from .methods import IMAGE_BASELINES
 
 __all__ = [
     "SIMILARITIES",
@@ -74,6 +76,12 @@ def check_text_config(config: EvalConfig) -> None:
     if config.pairs_prompts or config.pairs_screen_seeds is not None:
         raise ConfigError(
             "pairs_prompts / pairs_screen_seeds belong to the image spatial test; remove them for a language model"
+        )
+    images_only = [m.name for m in config.method_list if m.name in IMAGE_BASELINES]
+    if images_only or config.empty_seeds is not None:
+        raise ConfigError(
+            f"{images_only or 'empty_seeds'}: image baselines and the empty-prompt test; for a language model use "
+            "'bad-words' (the concept's words banned at decoding) and '<map>/prompt'"
         )
     if config.similarity not in SIMILARITIES:
         raise ConfigError(f"similarity must be one of {SIMILARITIES}, got {config.similarity!r}")
@@ -128,9 +136,21 @@ def load_steerers(lm: Any, steering_dirs: Mapping[str, Path]) -> None:
             lm.load_steering(directory, name=name)
 
 
+def concept_words_of(config: EvalConfig) -> list[str]:
+    """The words that carry the concept: ``concept_words``, else the grammar's (Shapes
+    language models), else the concept itself."""
+    if config.concept_words is not None:
+        return list(config.concept_words)
+    if config.use_shapes_detector():
+        from ..shapes import concept_words
+
+        return concept_words(config.concept)
+    return [config.concept]
+
+
 def _steering(job: Job, loaded: Sequence[str]) -> dict[str, Any]:
     """``steering_strength`` / ``steering_gate`` for ``job`` (every other steerer at 0)."""
-    if job.method == UNSTEERED:
+    if job.method == UNSTEERED or parse_method(job.method).is_baseline:
         return {"steering_strength": 0.0}
     chosen = parse_method(job.method)
     strengths = {name: (job.strength if name == chosen.steerer_name else 0.0) for name in loaded}
@@ -151,8 +171,11 @@ def render_text(
     each continuation is written under a temporary name and renamed into place."""
     load_steerers(lm, steering_dirs)
     count = 0
+    banned = bad_words_ids(lm.tokenizer, concept_words_of(config))
     for batch in tqdm(work, desc=f"generate (process {process_index})", disable=not progress, position=process_index):
         steering = _steering(batch[0], list(lm.steerers))
+        if batch[0].method == "bad-words":
+            steering["bad_words_ids"] = banned
         groups: dict[bool, list[Job]] = {}
         for job in batch:
             groups.setdefault(job.group == "control", []).append(job)
@@ -250,12 +273,7 @@ class TextScorer:
     def __init__(self, load: Callable[[], Any], config: EvalConfig, steering_dirs: Mapping[str, Path]) -> None:
         self.load, self.steering_dirs = load, steering_dirs
         self.grammar = config.use_shapes_detector()
-        words = config.concept_words or [config.concept]
-        if config.concept_words is None and self.grammar:
-            from ..shapes import concept_words
-
-            words = concept_words(config.concept)
-        self.words = {w.strip().lower() for w in words}
+        self.words = {w.strip().lower() for w in concept_words_of(config)}
         self.classifier = self.classifier_tokenizer = None
         self.label = None
         if config.classifier is not None:
@@ -309,9 +327,13 @@ def score_text_jobs(
         base = dict(zip(control, continuation_logprob(lm, ref_ids, ref_starts), strict=True))
         by_setting: dict[tuple[str, float], list[int]] = {}
         for i in control:
-            by_setting.setdefault((jobs[i].method, jobs[i].strength), []).append(i)
+            # a prompt-gated job is steered as the job that stands for it; banned words leave
+            # the model's probabilities as they are, so their change is not defined
+            resolved = cache.resolve(jobs[i])
+            if resolved.method == UNSTEERED or not parse_method(resolved.method).is_baseline:
+                by_setting.setdefault((resolved.method, resolved.strength), []).append(i)
         for chosen in by_setting.values():
-            steering = _steering(jobs[chosen[0]], list(lm.steerers))
+            steering = _steering(cache.resolve(jobs[chosen[0]]), list(lm.steerers))
             steered = continuation_logprob(
                 lm,
                 [references[i]["ids"] for i in chosen],
@@ -334,11 +356,11 @@ def score_text_jobs(
             row["classifier_score"] = round(classified[index], 5)
         if scorer.grammar:
             row["valid"], row["consistent"] = grammar_checks(record["text"])
-        if index in change:
+        if index in references:
             reference = references[index]
             start, ref_start = record["prompt_length"], reference["prompt_length"]
             row["exact_match"] = float(record["ids"][start:] == reference["ids"][ref_start:])
             row["prefix_match"] = round(prefix_match(record["ids"][start:], reference["ids"][ref_start:]), 5)
-            row["loglik_change"] = round(change[index], 6)
+            row["loglik_change"] = round(change[index], 6) if index in change else None
         rows.append(row)
     return rows
