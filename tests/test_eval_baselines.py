@@ -95,7 +95,7 @@ def test_sld_is_stable_diffusion_pipeline_safe_with_the_concept_as_safety_concep
     safe.safety_concept = "banana"
     expected = safe(TWO, generator=_generators(), num_inference_steps=steps, sld_guidance_scale=2000.0).images
     off = safe(TWO, generator=_generators(), num_inference_steps=steps, sld_guidance_scale=0.0).images
-    for mine, theirs, without in zip(ours, _stock(expected), _stock(off), strict=True):
+    for mine, theirs in zip(ours, _stock(expected), strict=True):
         assert np.array_equal(mine, theirs)
     assert any(not np.array_equal(m, w) for m, w in zip(ours, _stock(off), strict=True))  # SLD acted
 
@@ -103,7 +103,7 @@ def test_sld_is_stable_diffusion_pipeline_safe_with_the_concept_as_safety_concep
 def test_sld_exists_for_unet_pipelines_only():
     from dsas_diffusion.diffusion import load_pipeline
 
-    with pytest.raises(ConfigError, match="Stable Diffusion \\(UNet\\) pipelines only.*remove 'sld'"):
+    with pytest.raises(ConfigError, match=r"Stable Diffusion \(UNet\) pipelines only.*remove 'sld'"):
         safe_latent_diffusion(load_pipeline("shapes-mmdit"), "banana")
     defaults = baseline_defaults("shapes-mmdit", None, [parse_method("negative-prompt")])
     assert defaults == {"negative-prompt": 7.0}  # StableDiffusion3Pipeline's guidance scale
@@ -234,3 +234,36 @@ def test_a_run_with_every_baseline_the_empty_prompt_and_the_region_change(tmp_pa
     assert sum(line.startswith("sld,,default,1000.0") for line in operating) == 1
     summary = (out / "summary.md").read_text()
     assert "rule 'default'" in summary and (out / "pareto_detector.png").is_file()
+
+
+@pytest.mark.slow
+def test_text_baselines_ban_the_concepts_words_and_gate_on_the_prompt(tmp_path):
+    from dsas_diffusion.eval import run_evaluation
+    from dsas_diffusion.eval.baselines import bad_words_ids
+    from dsas_diffusion.text import DSASLanguageModel
+
+    lm = DSASLanguageModel.from_pretrained("shapes-lm")
+    assert bad_words_ids(lm.tokenizer, ["banana"]) == [lm.tokenizer("banana", add_special_tokens=False).input_ids]
+    with pytest.raises(ConfigError, match=r"none of .* is a word the tokenizer knows"):
+        bad_words_ids(lm.tokenizer, ["zzzqqq"])
+    config = load_config(None, {
+        "model": "shapes-lm", "concept": "banana", "source": str(PROMPTS / "source.txt"),
+        "target": str(PROMPTS / "target.txt"), "control": str(PROMPTS / "control.txt"),
+        "concept_prompts": ["a yellow banana lies on the left.", "we see a small red banana at the top."],
+        "control_prompts": ["a green star on a black background. the"],
+        "seeds": [0, 1, 2], "strengths": "auto", "sweep": {"start": 2, "max": 2},
+        "methods": ["caa/none", "caa/prompt", "bad-words"], "fit": {"n_components": 20, "gate_threshold": None},
+        "max_new_tokens": 24, "bootstrap": 0, "batch_size": 8, "out": str(tmp_path / "out"),
+    })  # fmt: skip
+    rows = run_evaluation(config, progress=False).rows
+    concept = {(r["method"], r["prompt"], r["seed"]): r for r in rows if r["group"] == "concept"}
+    assert any(r["concept_drawn"] for (m, _, _), r in concept.items() if m == UNSTEERED)
+    assert not any(r["concept_drawn"] for (m, _, _), r in concept.items() if m == "bad-words")
+    openings = json.loads((tmp_path / "out" / "steering" / "prompt-gate" / "openings.json").read_text())["openings"]
+    for (method, prompt, seed), row in concept.items():
+        if method == "caa/prompt":
+            twin = concept[("caa/none" if openings[prompt] >= 0.5 else UNSTEERED, prompt, seed)]
+            assert row["continuation"] == twin["continuation"]
+    with pytest.raises(ConfigError, match="for a language model use 'bad-words'"):
+        run_evaluation(load_config(None, {**config.__dict__, "methods": ["negative-prompt"],
+                                          "sweep": {"grids": {"negative-prompt": [5]}}}))  # fmt: skip
