@@ -16,6 +16,7 @@ _EXPORTS = {
     **dict.fromkeys(("ClipScorer", "default_clip_for", "pixel_change"), ".metrics"),
     **dict.fromkeys(("hypervolume", "method_figures", "operating_point"), ".operating"),
     "write_report": ".report",
+    **dict.fromkeys(("PromptGate", "bad_words_ids", "safe_latent_diffusion"), ".baselines"),
     **dict.fromkeys(("EvalResult", "run_evaluation"), ".sweep"),
     "Job": ".cache",
 }
