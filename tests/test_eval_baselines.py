@@ -215,7 +215,11 @@ def test_a_run_with_every_baseline_the_empty_prompt_and_the_region_change(tmp_pa
     # the pair) its image is uniform steering's, where it stays shut (controls, "") the stock one
     # unsteered, caa/none and the two baselines, each on 2 + 2 + 1 prompts and 3 empty-prompt seeds
     assert run["generated"] == 4 * (2 + 2 + 1 + 3)
-    assert all(0.0 <= r["outside_change"] <= 1.0 for r in rows if r["group"] == "pairs")
+    for r in rows:
+        if r["group"] == "pairs":  # the image's change is the two regions' changes, weighted by area
+            low, high = sorted((r["inside_change"], r["outside_change"]))
+            assert low - 1e-5 <= r["pixel_change"] <= high + 1e-5
+            assert r["method"] != UNSTEERED or r["inside_change"] == r["outside_change"] == 0.0
     for (method, group, prompt, seed), row in by.items():
         if method != "caa/prompt":
             continue

@@ -51,12 +51,13 @@ def _unprompted_rows(judge: Any, config: EvalConfig, images: list[Image.Image]) 
 
 
 def _region_change(config: EvalConfig, image: Image.Image, reference: Image.Image, prompt: str) -> dict[str, float]:
-    """The pixel change inside and outside the unsteered image's concept object (dilated)."""
+    """The pixel change inside and outside the unsteered image's concept object (dilated), on
+    the 0-1 scale of ``pixel_change``."""
     from ..shapes import concept_mask
 
     mask = dilate(concept_mask(reference, prompt, config.concept), MASK_DILATION)
     inside, outside = pixel_change_by_region(image, reference, mask)
-    return {"inside_change": round(inside, 4), "outside_change": round(outside, 4)}
+    return {"inside_change": round(inside / 255.0, 6), "outside_change": round(outside / 255.0, 6)}
 
 
 def _detector_rows(
