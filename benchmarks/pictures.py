@@ -10,6 +10,9 @@
   (``benchmarks/shapes_quality.py``; 10 minutes).
 - ``pareto``: each evaluation's Pareto plot (``dsas eval --config benchmarks/eval_<concept>.yaml``,
   through its image cache: hours on 2 CPU cores the first time, seconds when nothing changed).
+- ``baselines``: the comparison with a negative prompt, SLD and a prompt-level gate
+  (``dsas eval --config benchmarks/baselines_<concept>.yaml``, hours the first time), and its
+  empty-prompt pictures (``benchmarks/baselines_table.py --pictures``).
 
 A change of defaults refreshes them all with one command.
 """
@@ -23,7 +26,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("app", "demo", "samples", "pareto")
+PARTS = ("app", "demo", "samples", "pareto", "baselines")
+#: the image runs of docs/baselines.md whose empty-prompt pictures the docs show
+BASELINES = ("banana",)
 #: evaluation config -> (its output folder's plot, the picture's name)
 PARETO = {
     **{f"eval_{c}.yaml": (f"eval-{c}/pareto_detector.png", f"pareto_{c}.png") for c in
@@ -69,6 +74,11 @@ def main() -> None:
         for config, (plot, name) in PARETO.items():
             run(sys.executable, "-m", "dsas_diffusion.cli", "eval", "--config", f"benchmarks/{config}")
             copy(outputs / plot, out, name)
+    if "baselines" in args.only:
+        for concept in BASELINES:
+            run(sys.executable, "-m", "dsas_diffusion.cli", "eval", "--config", f"benchmarks/baselines_{concept}.yaml")
+        runs = [outputs / f"baselines-{concept}" for concept in BASELINES]
+        run(sys.executable, "benchmarks/baselines_table.py", *runs, "--pictures", out)
 
 
 if __name__ == "__main__":
