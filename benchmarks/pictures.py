@@ -1,6 +1,6 @@
 """Every picture the README and docs/ show, made again from what produces it (``make pictures``).
 
-    python benchmarks/pictures.py [--only app demo samples pareto] [--out docs/images]
+    python benchmarks/pictures.py [--only app demo samples pareto baselines] [--out docs/images]
 
 - ``app``: the Gradio app and its Text tab, screenshots through the real browser (Debian's
   Chromium driven by Playwright, as ``tests/test_browser.py`` drives it; ``make chromium``
