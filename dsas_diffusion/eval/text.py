@@ -171,10 +171,11 @@ def render_text(
     each continuation is written under a temporary name and renamed into place."""
     load_steerers(lm, steering_dirs)
     count = 0
-    banned = bad_words_ids(lm.tokenizer, concept_words_of(config))
+    banned = None  # the concept's words as token sequences, read on the first bad-words batch
     for batch in tqdm(work, desc=f"generate (process {process_index})", disable=not progress, position=process_index):
         steering = _steering(batch[0], list(lm.steerers))
         if batch[0].method == "bad-words":
+            banned = banned or bad_words_ids(lm.tokenizer, concept_words_of(config))
             steering["bad_words_ids"] = banned
         groups: dict[bool, list[Job]] = {}
         for job in batch:
