@@ -5,15 +5,14 @@ change outside the concept's mask, and a whole run with all of them on shapes-sd
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_eval import PROMPTS, TINY, _run
+from test_eval import _config as banana_config
 
 from dsas_diffusion.eval import ConfigError, load_config, parse_method
 from dsas_diffusion.eval.baselines import PromptGate, baseline_defaults, safe_latent_diffusion
@@ -21,8 +20,6 @@ from dsas_diffusion.eval.cache import UNSTEERED, ImageCache, Job
 from dsas_diffusion.eval.operating import empty_rows, method_figures
 from dsas_diffusion.eval.render import render
 
-ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = ROOT / "dsas_diffusion" / "shapes" / "prompts" / "banana"
 TWO = ["a yellow banana on a white background", ""]
 
 
@@ -36,19 +33,13 @@ def pipe():
 
 
 def _config(**fields):
-    base = {
-        "concept": "banana",
-        "source": str(PROMPTS / "source.txt"),
-        "target": str(PROMPTS / "target.txt"),
-        "control": str(PROMPTS / "control.txt"),
-        "concept_prompts": ["a yellow banana on a white background"],
-        "control_prompts": ["a green star on a black background"],
+    """test_eval's banana config with the two image baselines, each at one setting."""
+    baselines = {
         "strengths": "auto",
         "sweep": {"grids": {"negative-prompt": [7.5], "sld": [1000]}},
         "methods": ["negative-prompt", "sld"],
     }
-    base.update(fields)
-    return base
+    return banana_config(**{**baselines, **fields})
 
 
 def _rendered(pipe, config, method: str, setting: float, tmp_path: Path) -> list[np.ndarray]:
@@ -183,32 +174,18 @@ def test_a_baseline_reports_its_best_grid_setting_and_its_default():
 @pytest.mark.slow
 def test_a_run_with_every_baseline_the_empty_prompt_and_the_region_change(tmp_path):
     config = {
-        "model": "shapes-sd",
-        "concept": "banana",
-        "source": str(PROMPTS / "source.txt"),
-        "target": str(PROMPTS / "target.txt"),
-        "control": str(PROMPTS / "control.txt"),
-        "concept_prompts": ["a yellow banana on a white background", "a blue banana on a black background"],
-        "control_prompts": ["a green star on a black background", "a red square on a gray background"],
+        **TINY,
         "pairs_prompts": ["a yellow banana and a red square on a black background"],
         "empty_seeds": 3,
-        "seeds": [0],
         "strengths": "auto",
         "sweep": {"start": 2, "max": 2, "grids": {"negative-prompt": [7.5], "sld": [1000]}},
         "methods": ["caa/none", "caa/prompt", "negative-prompt", "sld"],
-        "num_inference_steps": 4,
-        "batch_size": 8,
         "bootstrap": 20,
-        "fit": {"num_inference_steps": 4},
     }
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
     out = tmp_path / "out"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "dsas_diffusion.eval", "--config", str(path), "--out", str(out), "--no-progress"]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    run = json.loads((out / "run.json").read_text())
+    run = _run(path, out)
     rows = json.loads((out / "rows.json").read_text())
     by = {(r["method"], r["group"], r["prompt"], r["seed"]): r for r in rows}
     # the prompt-level gate renders nothing of its own: where it opens (the named bananas and
