@@ -238,9 +238,8 @@ class EvalConfig:
         methods = self.method_list
         if not methods:
             raise ConfigError("methods is empty: give 'all' or a list like ['linear-act/none', 'linear-act/dsas']")
-        grids = self.sweep_settings.grids if self.adaptive else {}
         for method in methods:
-            if method.is_baseline and not grids.get(method.name) and not (self.adaptive and method.name == "bad-words"):
+            if method.is_baseline and not (self.adaptive and self.sweep_settings.grid_for(method.name)):
                 raise ConfigError(
                     f"method {method.name!r} is swept over its own settings: use strengths: auto and give "
                     f"sweep.grids.{method.name} (e.g. [5, 7.5, 10])"

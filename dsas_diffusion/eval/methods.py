@@ -26,7 +26,7 @@ __all__ = ["ALL_METHODS", "BASELINES", "ConfigError", "Method", "parse_method"]
 
 #: every map uniform and with DSAS, plus end-to-end DSAS + LinEAS
 ALL_METHODS = (*(f"{m}/{g}" for m in MAP_NAMES for g in ("none", "dsas")), "lineas/e2e")
-#: the methods that steer nothing: a negative prompt and Safe Latent Diffusion
+#: the methods that steer nothing: a negative prompt, Safe Latent Diffusion, banned words
 BASELINES = ("negative-prompt", "sld", "bad-words")
 #: the baselines for images; ``bad-words`` is for language models
 IMAGE_BASELINES = ("negative-prompt", "sld")

@@ -81,6 +81,15 @@ def mean_of(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def _setting(
+    strengths: Sequence[float], similarity: Sequence[float], index: int, reached: float, measures: Mapping[str, Any]
+) -> dict[str, float]:
+    """The sweep's figures at its ``index``-th setting, as an operating point."""
+    point = {"strength": float(strengths[index]), "similarity": float(similarity[index]), "reached": reached}
+    point.update({name: float(v[index]) for name, v in measures.items()})
+    return point
+
+
 def operating_point(
     strengths: Sequence[float], similarity: Sequence[float], threshold: float, **measures: Sequence[float]
 ) -> dict[str, float]:
@@ -102,14 +111,10 @@ def operating_point(
     below = np.flatnonzero(sim < threshold)
     if below.size == 0:
         index = len(lam) - 1
-        point = {"strength": float(lam[index]), "similarity": float(sim[index]), "reached": 0.0}
-        point.update({name: float(v[index]) for name, v in values.items()})
-        return point
+        return _setting(lam, sim, index, 0.0, values)
     upper = int(below[0])
     if upper == 0:  # already below at the weakest setting: operate there
-        point = {"strength": float(lam[0]), "similarity": float(sim[0]), "reached": 1.0}
-        point.update({name: float(v[0]) for name, v in values.items()})
-        return point
+        return _setting(lam, sim, 0, 1.0, values)
     lower = upper - 1
     span = sim[lower] - sim[upper]
     weight = float((sim[lower] - threshold) / span) if span > 0 else 0.0
@@ -143,9 +148,7 @@ def best_point(
     for index in order:
         if similarity[index] < threshold:  # the similarity fell below: no stronger setting counts
             break
-        point = {"strength": float(strengths[index]), "similarity": float(similarity[index]), "reached": 0.0}
-        point.update({name: float(v[index]) for name, v in measures.items()})
-        candidates.append(point)
+        candidates.append(_setting(strengths, similarity, index, 0.0, measures))
 
     def key(point: dict[str, float]) -> tuple[float, float]:
         value = point[presence]
@@ -175,10 +178,7 @@ def discrete_point(
         value = float(measures[presence][i])
         return (math.inf if math.isnan(value) else value, -float(similarity[i]))
 
-    index = min(chosen, key=key)
-    point = {"strength": float(strengths[index]), "similarity": float(similarity[index]), "reached": 0.0}
-    point.update({name: float(v[index]) for name, v in measures.items()})
-    return point
+    return _setting(strengths, similarity, min(chosen, key=key), 0.0, measures)
 
 
 GROUPS = ("concept", "control", "pairs", "empty")
@@ -364,12 +364,10 @@ def method_figures(
         figures = {"hypervolume": hypervolume(list(zip(similarity, 1.0 - means[presence], strict=True)))}
         for threshold in thresholds:
             if grid:
-                at = t.strengths.index(default)
                 points = {
                     "best": discrete_point(t.strengths, similarity, threshold, presence, **means),
-                    "default": {"strength": default, "similarity": float(similarity[at]), "reached": 0.0,
-                                **{name: float(v[at]) for name, v in means.items()}},
-                }  # fmt: skip
+                    "default": _setting(t.strengths, similarity, t.strengths.index(default), 0.0, means),
+                }
             else:
                 points = {
                     "strongest": operating_point(t.strengths, similarity, threshold, **means),
