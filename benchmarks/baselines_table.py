@@ -33,7 +33,9 @@ TEXT_SUMMARY = {"concept_valid": "grammatical", "concept_perplexity": "perplexit
 
 
 def is_text(out: Path) -> bool:
-    return json.loads((out / "run.json").read_text())["config"].get("similarity") == "prefix_match"
+    """Whether the run generated text (its rows hold continuations, not images)."""
+    rows = json.loads((out / "rows.json").read_text())
+    return bool(rows) and "continuation" in rows[0]
 
 
 def cell(line: dict[str, str], key: str, interval: bool = True) -> str:

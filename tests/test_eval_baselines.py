@@ -5,6 +5,8 @@ change outside the concept's mask, and a whole run with all of them on shapes-sd
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,13 @@ from dsas_diffusion.eval.operating import empty_rows, method_figures
 from dsas_diffusion.eval.render import render
 
 TWO = ["a yellow banana on a white background", ""]
+TABLES = Path(__file__).resolve().parents[1] / "benchmarks" / "baselines_table.py"
+
+
+def _tables(out: Path, *args: str) -> str:
+    """What ``benchmarks/baselines_table.py`` (docs/baselines.md's tables) prints for a run."""
+    done = subprocess.run([sys.executable, str(TABLES), str(out), *args], capture_output=True, text=True, check=True)
+    return done.stdout
 
 
 @pytest.fixture(scope="module")
@@ -215,6 +224,14 @@ def test_a_run_with_every_baseline_the_empty_prompt_and_the_region_change(tmp_pa
     assert sum(line.startswith("sld,,default,1000.0") for line in operating) == 1
     summary = (out / "summary.md").read_text()
     assert "rule 'default'" in summary and (out / "pareto_detector.png").is_file()
+    # docs/baselines.md's tables and picture come from this run's files
+    printed = _tables(out, "--similarity", "0.98", "--pictures", str(tmp_path))
+    lines = [line for line in printed.splitlines() if line.startswith("| ")]
+    assert [line.split(" | ")[0] for line in lines[1:]] == [
+        "| caa/none", "| caa/prompt", "| negative-prompt", "| negative-prompt (default)", "| sld", "| sld (default)"
+    ]  # fmt: skip
+    assert "of 3 empty-prompt images" in printed and "on the empty prompt it stays shut" in printed
+    assert Image.open(tmp_path / "baselines_shapes-sd_banana_empty.png").height > 0
 
 
 @pytest.mark.slow
@@ -245,6 +262,9 @@ def test_text_baselines_ban_the_concepts_words_and_gate_on_the_prompt(tmp_path):
         if method == "caa/prompt":
             twin = concept[("caa/none" if openings[prompt] >= 0.5 else UNSTEERED, prompt, seed)]
             assert row["continuation"] == twin["continuation"]
+    printed = _tables(tmp_path / "out", "--similarity", "0.98")
+    assert "Control prefix match ≥ 0.98" in printed and "| concept rate | grammatical | perplexity |" in printed
+    assert "| bad-words | 1 | 1.00 | 0.00 |" in printed
     with pytest.raises(ConfigError, match="for a language model use 'bad-words'"):
         run_evaluation(load_config(None, {**config.__dict__, "methods": ["negative-prompt"],
                                           "sweep": {"grids": {"negative-prompt": [5]}}}))  # fmt: skip
