@@ -116,7 +116,7 @@ def table(out: Path, similarity: float) -> str:
     for line in chosen:
         name = line["method"] + (" (default)" if line["rule"] == "default" else "")
         setting = float(line["strength"])
-        shown = f"{setting:g}" if setting else "none within (unsteered)"
+        shown = f"{setting:g}" if setting else "unsteered (nothing better within)"
         cells = [name, shown, cell(line, "control_similarity", interval=False)]
         cells += [cell(line, key) for key in columns]
         row = summary.get((line["method"], setting), {})
