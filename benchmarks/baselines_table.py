@@ -3,9 +3,10 @@
     python benchmarks/baselines_table.py outputs/baselines-banana [outputs/baselines-red ...]
         [--similarity 0.98 0.95] [--pictures docs/images]
 
-Per run and control similarity (text: the control prefix match): every method at its best setting within it (steering: the
-strongest λ or the best one, as in `operating.csv`'s rule 'best'; the baselines: their best
-grid setting and their default), with 95% bootstrap intervals. With ``--pictures``, per run
+Per run and control similarity (text: the control prefix match): every method at its best
+setting within it (steering: the strongest λ or the best one, as in `operating.csv`'s rule
+'best'; the baselines: their best grid setting and their default), with 95% bootstrap
+intervals. With ``--pictures``, per run
 ``baselines_<model>_<concept>_empty.png``: empty-prompt images (half of them showing the
 concept unsteered) under each steering method at its rendered strength nearest to its best
 point within the first similarity, and each baseline at its default setting.
@@ -170,8 +171,9 @@ def main() -> None:
                 name = f"baselines_{config['model']}_{config['concept']}_empty.png"
                 empty_picture(out, args.similarity[0], args.pictures / name)
         print(header(out) + "\n")
-        if prompt_gate(out):
-            print(prompt_gate(out) + "\n")
+        gate = prompt_gate(out)
+        if gate:
+            print(gate + "\n")
         for similarity in args.similarity:
             measure = "prefix match" if is_text(out) else "similarity"
             print(f"Control {measure} ≥ {similarity:g}:\n\n{table(out, similarity)}\n")
