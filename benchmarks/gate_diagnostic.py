@@ -31,6 +31,9 @@ VARIANTS = {
     "pooled-uncalibrated": {"gate_fit_on": "pooled", "gate_calibration": "none"},
     "contrast": {"gate_fit_on": "contrast", "gate_calibration": "control-positions"},
     "contrast-two-sided": {"gate_fit_on": "contrast", "gate_calibration": "two-sided"},
+    # gates reading each hooked module's input (a cross-attention's query input: the image stream)
+    "input-pooled": {"gate_fit_on": "pooled", "gate_calibration": "control-positions", "gate_reads": "input"},
+    "input-contrast": {"gate_fit_on": "contrast", "gate_calibration": "control-positions", "gate_reads": "input"},
 }
 DEV_SEED = 7  # development prompts: make_concept_sets(concept, seed=7), never the shipped evaluation sets
 
@@ -70,7 +73,11 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 for name in args.variants
             }  # fmt: skip
-            points = [layer.hook_point for layer in next(iter(steerers.values())).layers]
+            # where the maps steer and where every variant's gates read
+            points = list(dict.fromkeys(
+                point for steerer in steerers.values() for layer in steerer.layers
+                for point in (layer.hook_point, layer.gate_point)
+            ))  # fmt: skip
             runs = {
                 group: capture_runs(pipe, points, prompts, seeds=args.seeds, num_inference_steps=args.steps)
                 for group, prompts in (("concept", concept_dev), ("control", control_dev))

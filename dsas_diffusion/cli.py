@@ -27,7 +27,7 @@ from pathlib import Path
 from .app.options import add_server_arguments, at_least_one
 from .config import FitConfig
 from .eval.command import add_arguments as add_eval_arguments
-from .names import CFG_MODES, DIFFUSION_PRESETS, MAP_NAMES, TEXT_PRESETS
+from .names import CFG_MODES, DIFFUSION_PRESETS, GATE_READS, MAP_NAMES, TEXT_PRESETS
 
 __all__ = ["build_parser", "main"]
 
@@ -118,6 +118,7 @@ def _fit(args: argparse.Namespace) -> None:
     pipe = load_pipeline(args.model, device=args.device)
     steps = args.collect_steps
     chosen = {"map": args.map, "preset": args.preset, "n_components": args.components, "gate_floor": args.gate_floor}
+    chosen["gate_reads"] = args.gate_reads
     steerer = pipe.fit_steering(
         source,
         target,
@@ -249,6 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--components", type=at_least_one, help=f"PCA rank of the DSAS gates ({default('n_components')})")
     fit.add_argument("--gate-floor", type=float, help=f"gates opened less than this are 0 ({default('gate_floor')})")
+    fit.add_argument(
+        "--gate-reads",
+        choices=GATE_READS,
+        help="what each gate reads at its module: the output it steers, or the module's input (default: output)",
+    )
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--device", default=None)
     fit.add_argument("--out", required=True, help="directory for steering_config.json + steering.safetensors")

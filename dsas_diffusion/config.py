@@ -32,6 +32,7 @@ from .names import (
     GATE_ACTIVATIONS,
     GATE_CALIBRATIONS,
     GATE_FIT_ON,
+    GATE_READS,
     MAP_NAMES,
 )
 
@@ -40,6 +41,7 @@ __all__ = ["FitConfig", "LinEASConfig"]
 MapName = Literal["caa", "iti", "linear-act", "lineas"]
 GateKind = Literal["dsas", "none", "e2e"]
 GateFitOn = Literal["pooled", "positions", "contrast"]
+GateReads = Literal["output", "input"]
 GateCalibration = Literal["none", "control-positions", "two-sided"]
 GateActivation = Literal["sigmoid", "relu"]
 OnNoGate = Literal["raise", "warn"]
@@ -113,6 +115,9 @@ class FitConfig:
             (``positions_per_sample`` sampled positions per sample) or ``"contrast"`` (the
             source positions that differ most from the paired target; ``contrast_level`` is
             the relative threshold).
+        gate_reads: what each gate reads at its module: ``"output"``, the activation it steers
+            (as published), or ``"input"``, the module's input at the same positions (for a
+            cross-attention, its query input: the image being drawn, before the prompt enters).
         gate_calibration: ``"none"``, ``"control-positions"`` (lower each gate's bias so that
             at most ``1 - calibration_quantile`` of control positions open it past 0.05) or
             ``"two-sided"`` (also put the median concept position at ``concept_level``).
@@ -139,6 +144,7 @@ class FitConfig:
     gate_threshold: float | None = 0.75
     accuracy_scaling: bool = False
     gate_fit_on: GateFitOn = "pooled"
+    gate_reads: GateReads = "output"
     gate_calibration: GateCalibration = "none"
     calibration_quantile: float = 0.99
     concept_level: float = 0.9
@@ -213,6 +219,7 @@ class FitConfig:
             ("map", MAP_NAMES),
             ("gate", FIT_GATES),
             ("gate_fit_on", GATE_FIT_ON),
+            ("gate_reads", GATE_READS),
             ("gate_calibration", GATE_CALIBRATIONS),
             ("gate_activation", GATE_ACTIVATIONS),
             ("on_no_gate", get_args(OnNoGate)),
@@ -262,6 +269,10 @@ class FitConfig:
             f"support_quantiles must be None or (low, high) with 0 <= low < high <= 1, got {quantiles!r}",
         )
         _check(_is_number(self.strength), f"strength must be a finite number, got {self.strength!r}")
+        _check(
+            self.gate_reads == "output" or (self.gate == "dsas" and not self.incremental_gates),
+            "gate_reads='input' is fitted with gate='dsas' and without incremental_gates",
+        )
         _check(
             not (self.uses_contrast and self.incremental_gates),
             "incremental_gates refits gates on upstream-steered activations; it does not combine with "

@@ -17,6 +17,7 @@ __all__ = [
     "GATE_ACTIVATIONS",
     "GATE_CALIBRATIONS",
     "GATE_FIT_ON",
+    "GATE_READS",
     "MAP_NAMES",
     "RENDER_MODES",
     "TEXT_PRESETS",
@@ -38,6 +39,10 @@ GATE_ACTIVATIONS = ("sigmoid", "relu")
 #: what the gate's classifier is fitted on: per-sample means, sampled positions, or the
 #: concept's positions located by contrast with the paired target
 GATE_FIT_ON = ("pooled", "positions", "contrast")
+#: what a gate reads at its hooked module: the activation it steers (the module's output, as
+#: published) or the module's input (e.g. a cross-attention's query input: the image stream
+#: before the prompt enters it)
+GATE_READS = ("output", "input")
 #: how a fitted gate is recalibrated on single positions
 GATE_CALIBRATIONS = ("none", "control-positions", "two-sided")
 #: which half of a classifier-free-guidance batch is steered

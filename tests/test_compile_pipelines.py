@@ -184,3 +184,27 @@ def test_fitting_on_a_compiled_denoiser_gives_the_eager_steerer(families):
         for name, tensor in eager.state_dict().items():
             assert torch.equal(fitted.state_dict()[name], tensor), name
         assert _graphs() == 0  # nothing was compiled while fitting
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+@torch.no_grad()
+def test_gates_reading_the_attention_input_steer_a_compiled_denoiser_as_eager(families, family):
+    """The hooks of gates reading the module's input (passed positionally by UNets, as
+    hidden_states= by joint blocks) are traced without graph breaks and recompiles."""
+    tiny, _, _ = families(family)
+    pipe = tiny.dsas()
+    pipe.set_progress_bar_config(disable=True)
+    extra = {k: v for k, v in tiny.call_kwargs.items() if k not in ("height", "width", "num_inference_steps")}
+    steerer = pipe.fit_steering(
+        SOURCE, TARGET, CONTROL, gate_reads="input", num_inference_steps=2, collect_steps=(0,), batch_size=6,
+        n_components=4, gate_threshold=None, gate_floor=0.0, progress=False,
+        pipeline_kwargs={"height": 32, "width": 32, **extra},
+    )  # fmt: skip
+    references = {strength: _run(pipe, tiny, steering_strength=strength) for strength in (1.0, 3.0)}
+    close = dict(atol=1e-4, rtol=0)
+    with compiled_pipeline(tiny, steerer, "in-place") as compiled:
+        np.testing.assert_allclose(_run(compiled, tiny, steering_strength=1.0), references[1.0], **close)
+        warm = _graphs()
+        np.testing.assert_allclose(_run(compiled, tiny, steering_strength=3.0), references[3.0], **close)
+        assert _graphs() == warm and sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert np.abs(references[3.0] - references[1.0]).max() > 10 * close["atol"]

@@ -190,6 +190,28 @@ def test_fit_save_load_generate_round_trip(tiny, fitted, tmp_path):
     assert loaded.provenance["collect_steps"] == [0, 2]
 
 
+def test_gates_reading_the_cross_attention_input_fit_and_steer_every_family(tiny):
+    """The query input of each cross-attention (SD, SDXL, PixArt: passed positionally) and the
+    image-stream input of each joint attention (SD3, FLUX: passed as hidden_states=)."""
+    pipe = tiny.dsas()
+    pipe.set_progress_bar_config(disable=True)
+    extra = {k: v for k, v in tiny.call_kwargs.items() if k not in ("height", "width", "num_inference_steps")}
+    steerer = pipe.fit_steering(
+        SOURCE, TARGET, CONTROL, gate_reads="input", num_inference_steps=2, collect_steps=(0,), batch_size=6,
+        n_components=4, gate_threshold=None, gate_floor=0.0, progress=False,
+        pipeline_kwargs={"height": 32, "width": 32, **extra},
+    )  # fmt: skip
+    denoiser = pipe.denoiser
+    for layer in steerer.layers:
+        assert layer.gate.reads == "input"
+        attention = denoiser.get_submodule(layer.name)
+        assert layer.gate.width == attention.to_q.in_features  # the query input's width
+    unsteered = _run(pipe, PROMPTS, **tiny.call_kwargs)
+    steered = _run(pipe, PROMPTS, steering_strength=4.0, return_gate_maps=True, **tiny.call_kwargs)
+    assert not np.array_equal(steered.images, unsteered.images)
+    assert set(steered.gate_maps["default"]) == set(steerer.module_names)
+
+
 def test_from_pipe_reuses_the_components(tiny):
     stock = tiny.stock()
     converted = tiny.dsas_class.from_pipe(stock)

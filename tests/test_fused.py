@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from toys import WIDTH, layer_kinds, make_sets
 
-from dsas_diffusion.steering import fit_steerer
+from dsas_diffusion.steering import LinearGate, fit_steerer
 from dsas_diffusion.steering.fused import KERNEL_AVAILABLE, uses_kernel
 from dsas_diffusion.steering.prepared import PreparedLayer
 
@@ -53,6 +53,25 @@ def test_the_fused_kernel_equals_the_pytorch_path(layout, shape, dtype):
                 torch.testing.assert_close(gates, expected_gates, equal_nan=True, atol=1e-6, rtol=1e-5, msg=case)
             else:
                 assert gates is None
+
+
+@needs_kernel
+@pytest.mark.parametrize(("layout", "shape", "input_shape"), [
+    ("channels_last", (2, 5, WIDTH), (2, 5, WIDTH + 3)),
+    ("channels_first", (2, WIDTH, 3, 4), (2, WIDTH + 3, 3, 4)),
+])  # fmt: skip
+def test_a_gate_reading_the_input_steers_in_the_kernel_as_in_the_pytorch_path(layout, shape, input_shape):
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(shape, generator=generator).to(DEVICE)
+    u = (torch.randn(input_shape, generator=generator) * 3.0).to(DEVICE)
+    for case, layer in layer_kinds(layout):
+        layer.gate = LinearGate(torch.randn(WIDTH + 3, generator=generator), 0.1, floor=layer.gate.floor, reads="input")
+        fused, reference = PreparedLayer(layer, DEVICE), PreparedLayer(layer, DEVICE)
+        reference.kernel = False
+        expected, expected_gates = reference(x, 1.5, True, u)
+        steered, gates = fused(x, torch.tensor(1.5, device=DEVICE), True, u)
+        torch.testing.assert_close(steered, expected, atol=1e-5, rtol=1e-5, msg=case)
+        torch.testing.assert_close(gates, expected_gates, atol=1e-6, rtol=1e-5, msg=case)
 
 
 @needs_kernel
@@ -110,7 +129,7 @@ def test_the_kernel_tests_pass_under_the_triton_interpreter_on_the_cpu():
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", only]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert re.search(r"^9 passed", result.stdout, re.MULTILINE), result.stdout[-2000:]  # all nine ran
+    assert re.search(r"^11 passed", result.stdout, re.MULTILINE), result.stdout[-2000:]  # all eleven ran
 
 
 @pytest.mark.skipif(
@@ -126,17 +145,21 @@ def test_the_kernel_compiles_for_cuda_gpus_without_one():
     from dsas_diffusion.steering.fused_kernel import steer_kernel, triton
 
     pointers = ["gates", "bias", "slope", "lo", "hi", "weight", "gate_bias", "strength"]
-    layers = [  # (HAS_SLOPE, HAS_SUPPORT, GATED, SIGMOID)
-        (False, False, True, True), (True, False, True, False), (True, True, True, True), (True, True, False, True),
+    layers = [  # (HAS_SLOPE, HAS_SUPPORT, GATED, SIGMOID, READS_INPUT)
+        (False, False, True, True, False), (True, False, True, False, False), (True, True, True, True, False),
+        (True, True, False, True, False), (False, False, True, True, True), (True, True, True, True, True),
     ]  # fmt: skip
-    cases = [(kinds, "fp32", 8) for kinds in layers] + [(layers[2], "fp16", 1), (layers[2], "bf16", 8)]
-    for (slope, support, gated, sigmoid), dtype, positions in cases:
-        signature = {"x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", **{f"{p}_ptr": "*fp32" for p in pointers}}
-        signature |= {"rows": "i32", "width": "i32", "positions": "i32" if positions > 1 else "constexpr"}
-        signature |= {"floor": "fp32", "gate_scale": "fp32"}
-        flags = {"HAS_SLOPE": slope, "HAS_SUPPORT": support, "GATED": gated, "SIGMOID": sigmoid, "BLOCK_R": 4}
-        constants = {**flags, "BLOCK_C": 1024, **({"positions": 1} if positions == 1 else {})}
-        signature |= dict.fromkeys(flags, "constexpr") | {"BLOCK_C": "constexpr"}
+    cases = [(kinds, "fp32", 8) for kinds in layers] + [(layers[2], "fp16", 1), (layers[5], "bf16", 8)]
+    for (slope, support, gated, sigmoid, reads_input), dtype, positions in cases:
+        signature = {"x_ptr": f"*{dtype}", "u_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"}
+        signature |= {f"{p}_ptr": "*fp32" for p in pointers}
+        signature |= {"rows": "i32", "width": "i32", "gate_width": "i32"}
+        signature |= {"positions": "i32" if positions > 1 else "constexpr", "floor": "fp32", "gate_scale": "fp32"}
+        flags = {"HAS_SLOPE": slope, "HAS_SUPPORT": support, "GATED": gated, "READS_INPUT": reads_input}
+        flags |= {"SIGMOID": sigmoid, "BLOCK_R": 4}
+        constants = {**flags, "BLOCK_C": 1024, "BLOCK_G": 512 if reads_input else 1}
+        constants |= {"positions": 1} if positions == 1 else {}
+        signature |= dict.fromkeys(flags, "constexpr") | {"BLOCK_C": "constexpr", "BLOCK_G": "constexpr"}
         source = ASTSource(fn=steer_kernel, signature=signature, constexprs=constants)
         for arch in (80, 90):
             compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 8})

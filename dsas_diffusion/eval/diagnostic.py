@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..steering import HookPoint, Steerer
-from ..steering.hookpoints import get_output, position_rows, resolve_module
+from ..steering.hookpoints import position_rows, register_reader, resolve_module
 
 OPEN = 0.05  # a gate at least this open counts as open
 
@@ -84,20 +84,21 @@ def capture_runs(
     **call: Any,
 ) -> CapturedRun:
     """Render ``prompts`` with every seed (image ``i`` of a batch uses ``seed``, as the
-    evaluation does) and keep the activations at ``points``, conditional rows only."""
+    evaluation does) and keep the activations at ``points`` (keyed by :attr:`HookPoint.key`:
+    a gate reading its module's input needs ``layer.gate_point``), conditional rows only."""
     denoiser = pipe.denoiser
-    captured: dict[str, list[torch.Tensor]] = {point.module: [] for point in points}
+    captured: dict[str, list[torch.Tensor]] = {point.key: [] for point in points}
     handles = []
 
     def make_hook(point: HookPoint):
-        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
-            tensor = get_output(output, point.output_index, point.module).detach()
+        def hook(tensor: torch.Tensor) -> None:
+            tensor = tensor.detach()
             rows = tensor.shape[0]
             guided = rows == 2 * current["images"]
             if guided:
                 tensor = tensor[rows // 2 :]
             layout = "channels_first" if point.layout == "channels_first" or tensor.ndim == 4 else "channels_last"
-            captured[point.module].append(position_rows(tensor, layout).to("cpu", torch.float16))
+            captured[point.key].append(position_rows(tensor, layout).to("cpu", torch.float16))
 
         return hook
 
@@ -105,9 +106,9 @@ def capture_runs(
     images: list[Image.Image] = []
     sizes: dict[str, int] = {}
     for point in points:
-        handles.append(resolve_module(denoiser, point.module).register_forward_hook(make_hook(point)))
+        handles.append(register_reader(resolve_module(denoiser, point.module), point, make_hook(point)))
     try:
-        per_batch: dict[str, list[torch.Tensor]] = {point.module: [] for point in points}
+        per_batch: dict[str, list[torch.Tensor]] = {point.key: [] for point in points}
         for seed in seeds:
             for start in range(0, len(prompts), batch_size):
                 chunk = list(prompts[start : start + batch_size])
@@ -193,16 +194,16 @@ def gate_separation(
     fractions = concept_fractions(concept_run, concept)
     rows = []
     for layer in steerer.layers:
-        name, gate = layer.name, layer.gate
-        if gate is None or name not in concept_run.activations:
+        name, gate, reading = layer.name, layer.gate, layer.gate_point.key
+        if gate is None or reading not in concept_run.activations:
             continue
-        concept_acts = concept_run.activations[name].float()  # (images, steps, positions, C)
-        control_acts = control_run.activations[name].float()
+        concept_acts = concept_run.activations[reading].float()  # (images, steps, positions, C)
+        control_acts = control_run.activations[reading].float()
         with torch.no_grad():
             opening = {"concept": gate.opening(concept_acts, -1), "control": gate.opening(control_acts, -1)}
             applied = {"concept": gate(concept_acts, -1).squeeze(-1), "control": gate(control_acts, -1).squeeze(-1)}
         opening = {k: v.squeeze(-1) for k, v in opening.items()}
-        mask = fractions[name].unsqueeze(1).expand(-1, concept_acts.shape[1], -1)  # (images, steps, positions)
+        mask = fractions[reading].unsqueeze(1).expand(-1, concept_acts.shape[1], -1)  # (images, steps, positions)
         chosen = range(concept_acts.shape[1]) if steps is None else steps
         for step in [*chosen, "all"]:
             pick = slice(None) if step == "all" else slice(step, step + 1)

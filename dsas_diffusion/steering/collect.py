@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import ActivationError, InputSetError
-from .hookpoints import HookPoint, get_output, pool, position_rows, resolve_layout, resolve_module
+from .hookpoints import HookPoint, pool, position_rows, register_reader, resolve_layout, resolve_module
 from .hooks import HookHandles, SteeringSession
 
 __all__ = [
@@ -39,7 +39,8 @@ class ActivationCollector:
 
     Args:
         model: the module whose submodules are hooked.
-        hook_points: module names or :class:`HookPoint` objects.
+        hook_points: module names or :class:`HookPoint` objects; the results are keyed by
+            :attr:`HookPoint.key` (the module name; ``"<module>:input"`` for its input).
         positions_per_sample: if set, also keep this many randomly chosen (non-padding)
             per-position feature vectors of each sample, for fitting on positions.
         seed: seed of the position subsampling.
@@ -70,10 +71,10 @@ class ActivationCollector:
         self.hook_points = [HookPoint.coerce(point) for point in hook_points]
         if not self.hook_points:
             raise ValueError("give at least one hook point to collect from")
-        names = [point.module for point in self.hook_points]
+        names = [point.key for point in self.hook_points]
         if len(set(names)) != len(names):
             raise ValueError(f"hook points name the same module twice: {names}")
-        self.modules = {point.module: resolve_module(model, point.module) for point in self.hook_points}
+        self.modules = {point.key: resolve_module(model, point.module) for point in self.hook_points}
         if positions_per_sample is not None and positions_per_sample < 1:
             raise ValueError("positions_per_sample must be a positive integer or None")
         self.positions_per_sample = positions_per_sample
@@ -93,7 +94,7 @@ class ActivationCollector:
     # -- hook management -------------------------------------------------------------------
     def __enter__(self) -> ActivationCollector:
         self._owner = threading.get_ident()
-        self._hooks.place((self.modules[point.module], self._make_hook(point)) for point in self.hook_points)
+        _place_readers(self._hooks, self.modules, self.hook_points, self._make_hook)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -112,13 +113,13 @@ class ActivationCollector:
         finally:
             self.mask = previous
 
-    def _make_hook(self, point: HookPoint):
-        name = point.module
+    def _make_hook(self, point: HookPoint) -> Callable[[torch.Tensor], None]:
+        name = point.key
 
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
+        def hook(tensor: torch.Tensor) -> None:
             if not self.enabled or threading.get_ident() != self._owner:
                 return  # other threads may run the same model meanwhile (a server answering requests)
-            tensor = get_output(output, point.output_index, name).detach()
+            tensor = tensor.detach()
             layout = resolve_layout(tensor, point.layout)
             mask = self.mask
             if self.batch_slice is not None:
@@ -172,6 +173,22 @@ class ActivationCollector:
     def clear(self) -> None:
         for rows in (*self._pooled.values(), *self._positions.values()):
             rows.clear()
+
+
+def _place_readers(
+    hooks: HookHandles,
+    modules: Mapping[str, nn.Module],
+    points: Sequence[HookPoint],
+    make: Callable[[HookPoint], Callable[[torch.Tensor], None]],
+) -> None:
+    """Register a reader (:func:`~.hookpoints.register_reader`) per point on its module, kept
+    in ``hooks``; if one fails, remove those placed so far and re-raise."""
+    try:
+        for point in points:
+            hooks.add(register_reader(modules[point.key], point, make(point)))
+    except BaseException:
+        hooks.remove()
+        raise
 
 
 def _cat(rows: list[torch.Tensor], name: str) -> torch.Tensor:
@@ -280,24 +297,24 @@ class _FullCapture:
 
     def __init__(self, model: nn.Module, hook_points: Sequence[HookPoint]) -> None:
         self.points = list(hook_points)
-        self.modules = {point.module: resolve_module(model, point.module) for point in self.points}
+        self.modules = {point.key: resolve_module(model, point.module) for point in self.points}
         self.rows: dict[str, torch.Tensor] = {}
         self._hooks = HookHandles()
         self._owner = threading.get_ident()
 
     def __enter__(self) -> _FullCapture:
-        self._hooks.place((self.modules[point.module], self._make_hook(point)) for point in self.points)
+        _place_readers(self._hooks, self.modules, self.points, self._make_hook)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._hooks.remove()
 
-    def _make_hook(self, point: HookPoint):
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
+    def _make_hook(self, point: HookPoint) -> Callable[[torch.Tensor], None]:
+        def hook(tensor: torch.Tensor) -> None:
             if threading.get_ident() != self._owner:
                 return
-            tensor = get_output(output, point.output_index, point.module).detach()
-            self.rows[point.module] = position_rows(tensor, resolve_layout(tensor, point.layout)).float().cpu()
+            tensor = tensor.detach()
+            self.rows[point.key] = position_rows(tensor, resolve_layout(tensor, point.layout)).float().cpu()
 
         return hook
 
@@ -353,8 +370,8 @@ def collect_contrast_positions(
     forward = forward or default_forward(model)
     points = [HookPoint.coerce(point) for point in hook_points]
     generator = torch.Generator().manual_seed(seed)
-    concept: dict[str, list[torch.Tensor]] = {point.module: [] for point in points}
-    background: dict[str, list[torch.Tensor]] = {point.module: [] for point in points}
+    concept: dict[str, list[torch.Tensor]] = {point.key: [] for point in points}
+    background: dict[str, list[torch.Tensor]] = {point.key: [] for point in points}
     pairs = zip(source_inputs, target_inputs, strict=True)
     with torch.no_grad(), _FullCapture(model, points) as capture:
         for source_batch, target_batch in tqdm(pairs, total=len(source_inputs), desc="contrast", disable=not progress):
@@ -364,7 +381,7 @@ def collect_contrast_positions(
             target_rows = capture.take()
             mask = mask_fn(source_batch)
             for point in points:
-                name = point.module
+                name = point.key
                 if name not in source_rows or name not in target_rows:
                     raise ActivationError(
                         f"module {name!r} was not called by the forward pass of a source or target batch"

@@ -57,13 +57,15 @@ def fused_steer(
     gate_scale: float = 1.0,
     sigmoid: bool = True,
     channels_last: bool = True,
+    gate_input: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``x + λ·s(x)·(T(x) − x)`` in one kernel, with the tensors of a :class:`PreparedLayer`
     (float32 vectors on ``x``'s device): ``bias`` and ``slope`` (``w − 1``, ``None`` for a
     shift) of the map, its ``support`` bounds or ``None``, ``gate`` as ``(weight, bias)`` or
-    ``None`` for uniform steering, ``strength`` a 0-dim float32 tensor. Returns the steered
-    activation (``x``'s dtype) and the gate values (``x``'s shape without the feature
-    dimension), ``None`` when not gated.
+    ``None`` for uniform steering, ``strength`` a 0-dim float32 tensor; ``gate_input``: what
+    the gate reads when not ``x`` (the module's input: ``x``'s positions, the gate's width),
+    giving ``x + λ·s(u)·(T(x) − x)``. Returns the steered activation (``x``'s dtype) and the
+    gate values (``x``'s shape without the feature dimension), ``None`` when not gated.
     """
     if not KERNEL_AVAILABLE:
         raise RuntimeError("the fused steering kernel needs Triton (pip install triton); use PreparedLayer instead")
@@ -72,8 +74,9 @@ def fused_steer(
     lo, hi = support if support is not None else (None, None)
     weight, gate_bias = gate if gate is not None else (None, None)
     out, gates = fused_steer_op(
-        x, bias, slope, lo, hi, weight, gate_bias, strength, floor, gate_scale, sigmoid, channels_last
-    )
+        x, bias, slope, lo, hi, weight, gate_bias, strength, floor, gate_scale, sigmoid, channels_last,
+        gate_input if gate is not None else None,
+    )  # fmt: skip
     if gate is None:
         return out, None
     return out, gates.view(x.shape[:-1] if channels_last else x.shape[:1] + x.shape[2:])

@@ -15,6 +15,7 @@ __all__ = ["fused_steer_op", "steer_kernel"]
 @triton.jit
 def steer_kernel(
     x_ptr,
+    u_ptr,
     out_ptr,
     gates_ptr,
     bias_ptr,
@@ -26,15 +27,18 @@ def steer_kernel(
     strength_ptr,
     rows,
     width,
+    gate_width,
     positions,
     floor,
     gate_scale,
     HAS_SLOPE: tl.constexpr,
     HAS_SUPPORT: tl.constexpr,
     GATED: tl.constexpr,
+    READS_INPUT: tl.constexpr,
     SIGMOID: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    BLOCK_G: tl.constexpr,
 ):
     # row r is one position: batch r // positions, position r % positions; feature c of it
     # lies at (batch·width + c)·positions + position (channels last: positions == 1)
@@ -56,8 +60,18 @@ def steer_kernel(
         delta = tl.where((x >= lo) & (x <= hi), delta, 0.0)
     strength = tl.load(strength_ptr)
     if GATED:
-        weight = tl.load(weight_ptr + c, mask=col_ok, other=0.0)
-        logit = tl.sum(x * weight[None, :], axis=1) + tl.load(gate_bias_ptr)
+        if READS_INPUT:  # the gate reads the module's input u at the same positions
+            g = tl.arange(0, BLOCK_G)
+            g_ok = g < gate_width
+            u_offsets = (batch * gate_width * positions + (r % positions))[:, None] + g[None, :].to(
+                tl.int64
+            ) * positions
+            u = tl.load(u_ptr + u_offsets, mask=row_ok[:, None] & g_ok[None, :], other=0.0).to(tl.float32)
+            weight = tl.load(weight_ptr + g, mask=g_ok, other=0.0)
+            logit = tl.sum(u * weight[None, :], axis=1) + tl.load(gate_bias_ptr)
+        else:
+            weight = tl.load(weight_ptr + c, mask=col_ok, other=0.0)
+            logit = tl.sum(x * weight[None, :], axis=1) + tl.load(gate_bias_ptr)
         # NaN stays NaN, as in torch.clamp (the enum is passed inline: it is not a tensor)
         if SIGMOID:
             opening = tl.sigmoid(logit)
@@ -86,9 +100,12 @@ def fused_steer_op(
     gate_scale: float,
     sigmoid: bool,
     channels_last: bool,
+    gate_input: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.contiguous()
+    u = x if gate_input is None else gate_input.contiguous()
     width = x.shape[-1] if channels_last else x.shape[1]
+    gate_width = u.shape[-1] if channels_last else u.shape[1]
     positions = 1 if channels_last else x.numel() // max(1, x.shape[0] * width)
     rows = x.numel() // max(1, width)
     out = torch.empty_like(x)
@@ -97,9 +114,11 @@ def fused_steer_op(
     if rows == 0:  # an empty batch: no program to launch
         return out, gates
     block_c = triton.next_power_of_2(width)
-    block_r = max(1, min(64, 4096 // block_c))
+    block_g = triton.next_power_of_2(gate_width) if gate_input is not None else 1
+    block_r = max(1, min(64, 4096 // max(block_c, block_g)))
     torch.library.wrap_triton(steer_kernel)[(triton.cdiv(rows, block_r),)](
         x,
+        u,
         out,
         gates,
         bias,
@@ -111,15 +130,18 @@ def fused_steer_op(
         strength,
         rows,
         width,
+        gate_width,
         positions,
         floor,
         gate_scale,
         HAS_SLOPE=slope is not None,
         HAS_SUPPORT=lo is not None,
         GATED=gated,
+        READS_INPUT=gate_input is not None,
         SIGMOID=sigmoid,
         BLOCK_R=block_r,
         BLOCK_C=block_c,
-        num_warps=4 if block_c <= 1024 else 8,
+        BLOCK_G=block_g,
+        num_warps=4 if max(block_c, block_g) <= 1024 else 8,
     )
     return out, gates

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..names import GATE_ACTIVATIONS
+from ..names import GATE_ACTIVATIONS, GATE_READS
 from .errors import InputSetError
 from .linear import fit_logistic, fit_pca, stratified_folds
 
@@ -25,7 +25,10 @@ class LinearGate(nn.Module):
     ``f(o) = max(0, (o − τ) / (1 − τ))``, so a gate opened less than ``τ`` is exactly 0 and
     stays 0 whatever the strength, and a fully open gate is still 1. ``accuracy`` is the
     held-out accuracy measured when it was fitted; ``enabled=False`` switches the layer off
-    when gating is on (layer selection).
+    when gating is on (layer selection). ``reads``: what the gate reads at its layer's
+    module, ``"output"`` (the activation it steers, as published) or ``"input"`` (e.g. a
+    cross-attention's query input, the image stream before the prompt enters it); its
+    width is then the input's.
 
     Examples:
         >>> gate = LinearGate(torch.tensor([1.0, 0.0]), 0.0, floor=0.5)
@@ -44,10 +47,13 @@ class LinearGate(nn.Module):
         activation: str = "sigmoid",
         n_components: int | None = None,
         floor: float = 0.0,
+        reads: str = "output",
     ) -> None:
         super().__init__()
         if activation not in GATE_ACTIVATIONS:
             raise ValueError(f"gate activation must be one of {GATE_ACTIVATIONS}, got {activation!r}")
+        if reads not in GATE_READS:
+            raise ValueError(f"a gate reads one of {GATE_READS} of its module, got {reads!r}")
         if not 0.0 <= float(floor) < 1.0:
             raise ValueError(f"gate floor must lie in [0, 1), got {floor!r}")
         self.weight = nn.Parameter(torch.as_tensor(weight, dtype=torch.float32).flatten().clone(), requires_grad=False)
@@ -58,6 +64,7 @@ class LinearGate(nn.Module):
         self.activation = activation
         self.n_components = n_components
         self.floor = float(floor)
+        self.reads = reads
 
     @property
     def width(self) -> int:
@@ -90,7 +97,7 @@ class LinearGate(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"width={self.width}, accuracy={self.accuracy:.3f}, scale={self.scale:.3f}, "
-            f"enabled={self.enabled}, activation={self.activation}, floor={self.floor:g}"
+            f"enabled={self.enabled}, activation={self.activation}, floor={self.floor:g}, reads={self.reads}"
         )
 
 

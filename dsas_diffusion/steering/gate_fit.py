@@ -35,7 +35,8 @@ def fit_layer_gate(
     contrast: ContrastPositions | None,
     settings: Mapping[str, Any],
 ) -> LinearGate:
-    """The gate of module ``name``, fitted on what ``settings["gate_fit_on"]`` names:
+    """The gate reading ``name`` (a :attr:`HookPoint.key`), fitted on what
+    ``settings["gate_fit_on"]`` names:
 
     * ``"pooled"``: one mean row per source and control sample (the method as published);
     * ``"positions"``: sampled single positions of source and control samples;
@@ -81,14 +82,15 @@ def calibrate_layers(
     median below the control quantile)."""
     outcome = {}
     for layer in layers:
-        rows = control_positions.get(layer.name)
+        reading = layer.gate_point.key  # the activations the gate reads
+        rows = control_positions.get(reading)
         if rows is None:
-            raise InputSetError(f"gate calibration needs control positions of {layer.name!r}")
+            raise InputSetError(f"gate calibration needs control positions of {reading!r}")
         if mode == "two-sided":
             if contrast is None:
                 raise ValueError("gate_calibration='two-sided' needs the concept's positions (contrast)")
             met = calibrate_gate_two_sided(
-                layer.gate, rows, contrast.concept[layer.name], control_quantile=quantile, concept_level=concept_level
+                layer.gate, rows, contrast.concept[reading], control_quantile=quantile, concept_level=concept_level
             )
             outcome[layer.name] = "two-sided" if met else "control-only"
         else:

@@ -2,7 +2,9 @@
 
 A hook point is a module name (as in ``model.named_modules()``), which element of the
 module's output is the activation (``None`` for the output itself, an ``int`` for a
-tuple element, a ``str`` for a dict / ``ModelOutput`` key) and the activation layout:
+tuple element, a ``str`` for a dict / ``ModelOutput`` key), whether the module's output or
+its input is read (``reads``: the input is the first positional tensor argument, else the
+``hidden_states`` keyword) and the activation layout:
 
 * ``"channels_last"``: features on the last dimension, ``(B, N, C)`` tokens or ``(B, C)``;
 * ``"channels_first"``: features on dimension 1, ``(B, C, H, W)`` feature maps;
@@ -13,13 +15,14 @@ from __future__ import annotations
 
 import copy
 import difflib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..names import GATE_READS
 from .compiled import unwrap_compiled
 from .errors import ActivationError, UnknownModuleError
 
@@ -30,6 +33,8 @@ __all__ = [
     "get_output",
     "pool",
     "position_rows",
+    "read_input",
+    "register_reader",
     "replace_output",
     "resolve_layout",
     "resolve_module",
@@ -44,20 +49,36 @@ class HookPoint:
 
     Examples:
         >>> HookPoint("transformer.h.3")                       # a decoder block's output
-        HookPoint(module='transformer.h.3', output_index=None, layout='auto')
+        HookPoint(module='transformer.h.3', output_index=None, layout='auto', reads='output')
         >>> HookPoint("down_blocks.1.resnets.0", layout="channels_first")
-        HookPoint(module='down_blocks.1.resnets.0', output_index=None, layout='channels_first')
+        HookPoint(module='down_blocks.1.resnets.0', output_index=None, layout='channels_first', reads='output')
+        >>> HookPoint("mid_block.attentions.0.transformer_blocks.0.attn2", reads="input").key
+        'mid_block.attentions.0.transformer_blocks.0.attn2:input'
     """
 
     module: str
     output_index: int | str | None = None
     layout: str = "auto"
+    reads: str = "output"
 
     def __post_init__(self) -> None:
         if not isinstance(self.module, str):
             raise UnknownModuleError(f"hook point module must be a module name (str), got {self.module!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.reads not in GATE_READS:
+            raise ValueError(f"reads must be one of {GATE_READS}, got {self.reads!r}")
+        if self.reads == "input" and self.output_index is not None:
+            raise ValueError(
+                f"hook point {self.module!r} reads the module's input, which has no output_index; "
+                f"set output_index=None (it is {self.output_index!r})"
+            )
+
+    @property
+    def key(self) -> str:
+        """The name its activations are kept under: the module name, with ``":input"``
+        appended when the input is read (a module name never holds a colon)."""
+        return self.module if self.reads == "output" else f"{self.module}:input"
 
     @classmethod
     def coerce(cls, value: HookPoint | str | Mapping[str, Any]) -> HookPoint:
@@ -71,7 +92,8 @@ class HookPoint:
         raise TypeError(f"cannot make a HookPoint from {type(value).__name__}: {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"module": self.module, "output_index": self.output_index, "layout": self.layout}
+        entry = {"module": self.module, "output_index": self.output_index, "layout": self.layout}
+        return entry if self.reads == "output" else {**entry, "reads": self.reads}
 
 
 def resolve_module(model: nn.Module, name: str) -> nn.Module:
@@ -116,6 +138,42 @@ def get_output(output: Any, index: int | str | None, where: str = "") -> torch.T
             "hidden states (0 for most tuple outputs)."
         )
     return value
+
+
+def read_input(args: tuple[Any, ...], kwargs: Mapping[str, Any], where: str = "") -> torch.Tensor:
+    """A module call's input activation: its first positional argument if that is a tensor,
+    else its ``hidden_states`` keyword argument (how diffusers' blocks are called).
+
+    Examples:
+        >>> x = torch.ones(1, 2)
+        >>> read_input((x,), {}) is x, read_input((), {"hidden_states": x}) is x
+        (True, True)
+    """
+    if args and torch.is_tensor(args[0]):
+        return args[0]
+    value = kwargs.get("hidden_states")
+    if torch.is_tensor(value):
+        return value
+    raise ActivationError(
+        f"module {where!r} was called without a tensor as its first argument or as hidden_states=, so "
+        "a gate cannot read its input; read its output (reads='output') or hook another module"
+    )
+
+
+def register_reader(module: nn.Module, point: HookPoint, read: Callable[[torch.Tensor], None]) -> Any:
+    """Register a forward hook on ``module`` passing ``point``'s activation of every call to
+    ``read`` (its output element, or its input for ``reads="input"``); returns the handle."""
+    if point.reads == "input":
+
+        def input_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            read(read_input(args, kwargs, point.module))
+
+        return module.register_forward_hook(input_hook, with_kwargs=True)
+
+    def output_hook(module: nn.Module, args: tuple, output: Any) -> None:
+        read(get_output(output, point.output_index, point.module))
+
+    return module.register_forward_hook(output_hook)
 
 
 def replace_output(output: Any, index: int | str | None, value: torch.Tensor) -> Any:

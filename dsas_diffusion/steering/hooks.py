@@ -22,7 +22,7 @@ from torch import nn
 
 from ..names import GATES
 from .errors import SteeringError
-from .hookpoints import get_output, replace_output, resolve_module
+from .hookpoints import get_output, read_input, replace_output, resolve_module
 from .prepared import PreparedLayer
 
 if TYPE_CHECKING:
@@ -252,7 +252,8 @@ class SteeringSession:
                 self._strength_on(device)
                 if not any(p.requires_grad for p in layer.parameters()):
                     self._steer_function(layer, device)
-                self._hooks.add(module.register_forward_hook(self._make_hook(layer)))
+                reads_input = layer.gate_reads_input
+                self._hooks.add(module.register_forward_hook(self._make_hook(layer), with_kwargs=reads_input))
                 hook_name = f"{HOOK_PREFIX}:{self.id}:{layer.name}"
                 self.hook_names.append(hook_name)
                 self._hooked.append(module)
@@ -307,6 +308,14 @@ class SteeringSession:
         point = layer.hook_point
 
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            return steer_output(output, None)
+
+        def input_hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
+            if not self.active or not self.in_context:
+                return None
+            return steer_output(output, read_input(args, kwargs, layer.name) if self.gated else None)
+
+        def steer_output(output: Any, gate_input: torch.Tensor | None) -> Any:
             if not self.active or not self.in_context:
                 return None
             gated = self.gated
@@ -325,13 +334,15 @@ class SteeringSession:
             if not compiling and self._strength == 0.0 and self.observer is None:
                 # exactly the identity; compute the gates only if they are being recorded
                 if self.record_gates and gated and layer.gate is not None:
-                    _, values = steer(tensor if rows is None else tensor[rows], 0.0, True)
+                    reading = gate_input if rows is None or gate_input is None else gate_input[rows]
+                    _, values = steer(tensor if rows is None else tensor[rows], 0.0, True, reading)
                     self.gate_maps[layer.name].append(values.detach().to("cpu", torch.float16))
                 return None
             if rows is None:
-                steered, gate_values = steer(tensor, strength, gated)
+                steered, gate_values = steer(tensor, strength, gated, gate_input)
             else:
-                part, gate_values = steer(tensor[rows], strength, gated)
+                reading = None if gate_input is None else gate_input[rows]
+                part, gate_values = steer(tensor[rows], strength, gated, reading)
                 steered = tensor.clone()
                 steered[rows] = part
             if self.observer is not None:
@@ -340,7 +351,7 @@ class SteeringSession:
                 self.gate_maps[layer.name].append(gate_values.detach().to("cpu", torch.float16))
             return replace_output(output, point.output_index, steered)
 
-        return hook
+        return input_hook if layer.gate_reads_input else hook
 
 
 @contextlib.contextmanager

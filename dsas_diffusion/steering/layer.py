@@ -46,7 +46,19 @@ class SteeringLayer(nn.Module):
         hook_point: where it applies; its layout must be resolved (not ``"auto"``).
         steering_map: ``T`` (see :class:`SteeringMap`).
         gate: the DSAS gate ``s``; ``None`` if the layer has none (uniform steering only).
+            A gate with ``reads="input"`` reads the module's input ``u`` at each position
+            instead: ``t' = t + strength * s(u) * (T(t) - t)``; input and output must have
+            the same positions (as an attention's query input and its output).
         signature: ``module_signature`` of the module it was fitted on, if known.
+
+    Examples:
+        >>> layer = SteeringLayer(HookPoint("attn", layout="channels_last"), SteeringMap(torch.ones(2)),
+        ...                       LinearGate(torch.tensor([1.0, 0.0, 0.0]), 0.0, reads="input"))
+        >>> layer.gate_point
+        HookPoint(module='attn', output_index=None, layout='channels_last', reads='input')
+        >>> steered, gates = layer.steer(torch.zeros(1, 2, 2), 1.0, True, gate_input=torch.tensor([[[9.0, 0, 0], [-9, 0, 0]]]))
+        >>> steered[0, :, 0]                       # steered where the input opens the gate
+        tensor([0.9999, 0.0001])
     """
 
     def __init__(
@@ -59,7 +71,7 @@ class SteeringLayer(nn.Module):
         super().__init__()
         if hook_point.layout == "auto":
             raise ValueError(f"layer {hook_point.module!r}: resolve the layout before building a SteeringLayer")
-        if gate is not None and gate.width != steering_map.width:
+        if gate is not None and gate.reads == "output" and gate.width != steering_map.width:
             raise ValueError(f"layer {hook_point.module!r}: gate width {gate.width} != map width {steering_map.width}")
         self.hook_point = hook_point
         self.map = steering_map
@@ -74,16 +86,55 @@ class SteeringLayer(nn.Module):
     def width(self) -> int:
         return self.map.width
 
+    @property
+    def gate_reads_input(self) -> bool:
+        """Whether the layer's gate reads its module's input rather than the steered output."""
+        return self.gate is not None and self.gate.reads == "input"
+
+    @property
+    def gate_point(self) -> HookPoint:
+        """Where the gate reads: the hook point itself, or its module's input."""
+        if not self.gate_reads_input:
+            return self.hook_point
+        return HookPoint(self.hook_point.module, None, self.hook_point.layout, reads="input")
+
     def gate_values(self, x: torch.Tensor) -> torch.Tensor:
-        """The gate at every position of ``x`` (float32, ``x``'s shape without its features)."""
+        """The gate at every position of ``x``, the activation it reads (float32, ``x``'s
+        shape without its features)."""
         if self.gate is None:
             raise ActivationError(f"layer {self.name!r} has no gate; steer it with gating off")
         dim = feature_dim(self.hook_point.layout)
-        return self.gate(x.float(), dim).squeeze(dim)
+        return self.gate(self._gate_reading(x, None), dim).squeeze(dim)
 
-    def steer(self, x: torch.Tensor, strength: float, gated: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _gate_reading(self, x: torch.Tensor, output: torch.Tensor | None) -> torch.Tensor:
+        """``x`` (what the gate reads), checked against the gate's width and, for a gate
+        reading the input, against the positions of the ``output`` it scales."""
+        dim = feature_dim(self.hook_point.layout)
+        what = "input" if self.gate_reads_input else "output"
+        if x.ndim < 2 or x.shape[dim] != self.gate.width:
+            raise IncompatibleSteeringError(
+                f"module {self.name!r} has an {what} of shape {tuple(x.shape)} but its gate reads "
+                f"{self.gate.width} features on dimension {dim}; this steering was made for another model"
+            )
+        if output is not None:
+            positions = list(output.shape)
+            del positions[dim]
+            found = list(x.shape)
+            del found[dim]
+            if found != positions:
+                raise IncompatibleSteeringError(
+                    f"module {self.name!r}: its gate reads the input, of shape {tuple(x.shape)}, but the output "
+                    f"it steers has shape {tuple(output.shape)}; a gate can read the input only where both have "
+                    "the same positions (refit with gate_reads='output')"
+                )
+        return x.float()
+
+    def steer(
+        self, x: torch.Tensor, strength: float, gated: bool, gate_input: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Steer activation ``x``; return the result (in ``x``'s dtype) and the gate values
-        (``x`` without its feature dimension, float32) when ``gated``."""
+        (``x`` without its feature dimension, float32) when ``gated``. ``gate_input``: the
+        module's input, needed when the gate reads it."""
         layout = self.hook_point.layout
         dim = feature_dim(layout)
         if x.ndim < 2 or x.shape[dim] != self.width:
@@ -99,7 +150,12 @@ class SteeringLayer(nn.Module):
         if gated:
             if self.gate is None:
                 raise ActivationError(f"layer {self.name!r} has no gate; steer it with gating off")
-            gate_values = self.gate(xf, dim)
+            if self.gate_reads_input:
+                if gate_input is None:
+                    raise ActivationError(f"layer {self.name!r}: its gate reads the module's input; pass gate_input")
+                gate_values = self.gate(self._gate_reading(gate_input, x), dim)
+            else:
+                gate_values = self.gate(xf, dim)
             steered = torch.addcmul(xf, gate_values, delta, value=strength)  # x + λ·s(x)·δ in one kernel
         else:
             steered = torch.add(xf, delta, alpha=strength)

@@ -64,6 +64,7 @@ def _layer_entry(layer: SteeringLayer) -> dict[str, Any]:
             "activation": gate.activation,
             "n_components": gate.n_components,
             "floor": gate.floor,
+            **({} if gate.reads == "output" else {"reads": gate.reads, "width": gate.width}),
         },
     }
 
@@ -269,5 +270,6 @@ def _layer_from_entry(index: int, entry: Mapping[str, Any], tensors: Mapping[str
             activation=meta.get("activation", "sigmoid"),
             n_components=meta.get("n_components"),
             floor=meta.get("floor", 0.0),
+            reads=meta.get("reads", "output"),
         )
     return SteeringLayer(point, steering_map, gate, signature=entry.get("signature"))

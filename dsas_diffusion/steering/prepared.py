@@ -54,6 +54,9 @@ class PreparedLayer:
         self.zero = torch.zeros((), device=device)
         self._views: dict[int, tuple[torch.Tensor | None, ...]] = {}
         self.gate_column = self.gate_bias = None
+        #: the gate reads the module's input (passed as ``gate_input``), of this width
+        self.reads_input = gate is not None and gate.reads == "input"
+        self.gate_width = None if gate is None else gate.width
         if gate is not None:
             self.gate_column = vector(gate.weight).view(-1, 1)
             self.gate_bias = vector(gate.bias)
@@ -77,22 +80,28 @@ class PreparedLayer:
         return terms
 
     def _opening(self, xf: torch.Tensor) -> torch.Tensor:
-        """The gate's opening at every position, with a size-1 feature dimension."""
+        """The gate's opening at every position of ``xf`` (what it reads), with a size-1
+        feature dimension."""
         if self.dim == -1:  # one matrix-vector product per position, the bias added after
             logits = torch.matmul(xf, self.gate_column).add_(self.gate_bias)
         else:  # (B, C, *positions): one batched matrix-vector product, no transposed copy
-            batch = xf.shape[0]
-            weight = self.gate_column.view(1, 1, self.width).expand(batch, 1, self.width)
-            logits = torch.baddbmm(self.gate_bias.view(1, 1, 1), weight, xf.reshape(batch, self.width, -1))
+            batch, width = xf.shape[0], self.gate_width
+            weight = self.gate_column.view(1, 1, width).expand(batch, 1, width)
+            logits = torch.baddbmm(self.gate_bias.view(1, 1, 1), weight, xf.reshape(batch, width, -1))
             logits = logits.view(batch, 1, *xf.shape[2:])
         return logits.sigmoid_() if self.sigmoid else logits.clamp_(0.0, 1.0)
 
     def __call__(
-        self, x: torch.Tensor, strength: float | torch.Tensor, gated: bool
+        self,
+        x: torch.Tensor,
+        strength: float | torch.Tensor,
+        gated: bool,
+        gate_input: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Steer ``x``; return the result (``x``'s dtype) and, when ``gated``, the gate values
         (``x``'s shape without the feature dimension, float32), as :meth:`SteeringLayer.steer`.
-        ``strength``: a number, or a 0-dim tensor on ``x``'s device (compiled calls)."""
+        ``strength``: a number, or a 0-dim tensor on ``x``'s device (compiled calls);
+        ``gate_input``: the module's input, when the gate reads it."""
         ndim = x.ndim
         if ndim < 2 or x.shape[self.dim] != self.width:
             raise IncompatibleSteeringError(
@@ -102,9 +111,12 @@ class PreparedLayer:
             )
         if gated and self.gate_column is None:
             raise ActivationError(f"layer {self.name!r} has no gate; steer it with gating off")
+        reading = None
+        if gated and self.reads_input:
+            reading = self._checked_input(gate_input, x)
         if self.kernel and not (x.requires_grad and torch.is_grad_enabled()):
             if x.device.type == "cuda" or not torch.compiler.is_compiling():  # CPU: only the interpreter
-                return self._fused(x, strength, gated)
+                return self._fused(x, strength, gated, reading)
         xf = x if x.dtype == torch.float32 else x.float()
         bias, slope, lo, hi = self._terms(ndim)
         if slope is None:
@@ -118,7 +130,10 @@ class PreparedLayer:
                 xf + strength * delta if isinstance(strength, torch.Tensor) else torch.add(xf, delta, alpha=strength)
             )
             return (steered if x.dtype == torch.float32 else steered.to(x.dtype)), None
-        opening = self._opening(xf)
+        if reading is None:
+            opening = self._opening(xf)
+        else:
+            opening = self._opening(reading if reading.dtype == torch.float32 else reading.float())
         if self.floor > 0.0:
             opening = opening.sub_(self.floor).clamp_(min=0.0)
         if isinstance(strength, torch.Tensor):
@@ -128,7 +143,22 @@ class PreparedLayer:
         gates = opening.mul_(self.gate_scale) if self.gate_scale != 1.0 else opening
         return (steered if x.dtype == torch.float32 else steered.to(x.dtype)), gates.squeeze(self.dim)
 
-    def _fused(self, x: torch.Tensor, strength: float | torch.Tensor, gated: bool):
+    def _checked_input(self, gate_input: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        """The module's input the gate reads, checked: present, of the gate's width, with the
+        positions of the output ``x``."""
+        if gate_input is None:
+            raise ActivationError(f"layer {self.name!r}: its gate reads the module's input; pass gate_input")
+        positions = x.shape[:1] + (x.shape[2:] if self.dim == 1 else x.shape[1:-1])
+        found = gate_input.shape[:1] + (gate_input.shape[2:] if self.dim == 1 else gate_input.shape[1:-1])
+        if gate_input.ndim != x.ndim or gate_input.shape[self.dim] != self.gate_width or found != positions:
+            raise IncompatibleSteeringError(
+                f"module {self.name!r}: its gate reads the input, of shape {tuple(gate_input.shape)}, with "
+                f"{self.gate_width} features on dimension {self.dim} and the positions of the output it steers, "
+                f"of shape {tuple(x.shape)}; this steering was made for another model or another hook point"
+            )
+        return gate_input
+
+    def _fused(self, x: torch.Tensor, strength: float | torch.Tensor, gated: bool, reading: torch.Tensor | None):
         if not isinstance(strength, torch.Tensor):
             strength = torch.full((), float(strength), device=x.device)
         gate = (self.gate_column.view(-1), self.gate_bias) if gated else None
@@ -136,5 +166,5 @@ class PreparedLayer:
         sigmoid = self.sigmoid if gated else True
         return fused_steer(
             x, self.bias, self.slope, self.support, gate, strength,
-            floor=floor, gate_scale=scale, sigmoid=sigmoid, channels_last=self.dim == -1,
+            floor=floor, gate_scale=scale, sigmoid=sigmoid, channels_last=self.dim == -1, gate_input=reading,
         )  # fmt: skip

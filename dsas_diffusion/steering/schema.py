@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..names import GATE_ACTIVATIONS
+from ..names import GATE_ACTIVATIONS, GATE_READS
 from .errors import SteeringFileError
 from .hooks import STRENGTH_LIMIT
 
@@ -112,10 +112,16 @@ def _check_layer(entry: Any, field: str, where: str) -> None:
         ("activation", gate.get("activation", "sigmoid") in GATE_ACTIVATIONS, f"one of {GATE_ACTIVATIONS}"),
         ("n_components", components is None or (_integer(components) and components > 0), "null or an integer > 0"),
         ("floor", _number(gate.get("floor", 0.0)) and 0 <= gate.get("floor", 0.0) < 1, "a number in [0, 1)"),
+        ("reads", gate.get("reads", "output") in GATE_READS, f"one of {GATE_READS}"),
+        ("width", gate.get("width") is None or (_integer(gate["width"]) and gate["width"] > 0), "a positive integer"),
     ]
     for key, ok, expected in checks:
         if not ok:
             raise _fail(where, f"{field}.gate.{key}", f"must be {expected}, got {gate.get(key)!r}")
+    if gate.get("reads", "output") == "output" and gate.get("width") not in (None, entry["width"]):
+        raise _fail(
+            where, f"{field}.gate.width", f"must be the layer's width ({entry['width']}) for a gate reading the output"
+        )
 
 
 def check_tensors(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], where: str) -> None:
@@ -130,8 +136,8 @@ def check_tensors(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
         if entry.get("support"):
             expected[f"{prefix}.map.support_lo"] = width
             expected[f"{prefix}.map.support_hi"] = width
-        if entry.get("gate") is not None:
-            expected[f"{prefix}.gate.weight"] = width
+        if entry.get("gate") is not None:  # a gate reading the module's input has the input's width
+            expected[f"{prefix}.gate.weight"] = (entry["gate"].get("width") or entry["width"],)
             expected[f"{prefix}.gate.bias"] = (1,)
     for key, shape in expected.items():
         module = config["layers"][int(key.split(".")[1])]["module"]

@@ -59,6 +59,7 @@ def fit_text(args: argparse.Namespace, out: Path) -> None:
         "layers": args.layers,
         "n_components": args.components,
         "gate_floor": args.gate_floor,
+        "gate_reads": args.gate_reads,
     }
     steerer = lm.fit_steering(
         read_prompts(args.source),
