@@ -16,7 +16,7 @@ import contextlib
 import numpy as np
 import pytest
 import torch
-from tiny_pipelines import CONTROL, FAMILIES, SOURCE, TARGET, build, fit
+from tiny_pipelines import CONTROL, FAMILIES, SOURCE, TARGET, build, fit, fit_reading_input
 from torch._dynamo.utils import counters
 
 from dsas_diffusion.diffusion import architecture_of, hook_points
@@ -192,14 +192,7 @@ def test_gates_reading_the_attention_input_steer_a_compiled_denoiser_as_eager(fa
     """The hooks of gates reading the module's input (passed positionally by UNets, as
     hidden_states= by joint blocks) are traced without graph breaks and recompiles."""
     tiny, _, _ = families(family)
-    pipe = tiny.dsas()
-    pipe.set_progress_bar_config(disable=True)
-    extra = {k: v for k, v in tiny.call_kwargs.items() if k not in ("height", "width", "num_inference_steps")}
-    steerer = pipe.fit_steering(
-        SOURCE, TARGET, CONTROL, gate_reads="input", num_inference_steps=2, collect_steps=(0,), batch_size=6,
-        n_components=4, gate_threshold=None, gate_floor=0.0, progress=False,
-        pipeline_kwargs={"height": 32, "width": 32, **extra},
-    )  # fmt: skip
+    pipe, steerer = fit_reading_input(tiny)
     references = {strength: _run(pipe, tiny, steering_strength=strength) for strength in (1.0, 3.0)}
     close = dict(atol=1e-4, rtol=0)
     with compiled_pipeline(tiny, steerer, "in-place") as compiled:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline
-from tiny_pipelines import CONTROL, FAMILIES, SOURCE, TARGET, build, fit
+from tiny_pipelines import CONTROL, FAMILIES, SOURCE, TARGET, build, fit, fit_reading_input
 
 import dsas_diffusion
 from dsas_diffusion.diffusion import architecture_of, hook_points, record_denoiser_calls
@@ -193,14 +193,7 @@ def test_fit_save_load_generate_round_trip(tiny, fitted, tmp_path):
 def test_gates_reading_the_cross_attention_input_fit_and_steer_every_family(tiny):
     """The query input of each cross-attention (SD, SDXL, PixArt: passed positionally) and the
     image-stream input of each joint attention (SD3, FLUX: passed as hidden_states=)."""
-    pipe = tiny.dsas()
-    pipe.set_progress_bar_config(disable=True)
-    extra = {k: v for k, v in tiny.call_kwargs.items() if k not in ("height", "width", "num_inference_steps")}
-    steerer = pipe.fit_steering(
-        SOURCE, TARGET, CONTROL, gate_reads="input", num_inference_steps=2, collect_steps=(0,), batch_size=6,
-        n_components=4, gate_threshold=None, gate_floor=0.0, progress=False,
-        pipeline_kwargs={"height": 32, "width": 32, **extra},
-    )  # fmt: skip
+    pipe, steerer = fit_reading_input(tiny)
     denoiser = pipe.denoiser
     for layer in steerer.layers:
         assert layer.gate.reads == "input"

@@ -237,3 +237,17 @@ def fit(tiny: Tiny):
         pipeline_kwargs={"height": 32, "width": 32, **extra},
     )
     return pipe, steerer
+
+
+def fit_reading_input(tiny: Tiny):
+    """A DSAS pipeline of the family with a CAA steerer whose gates read each cross-attention's
+    (joint attention's) input, fitted cheaply (2 steps, one collected): ``(pipe, steerer)``."""
+    pipe = tiny.dsas()
+    pipe.set_progress_bar_config(disable=True)
+    extra = {k: v for k, v in tiny.call_kwargs.items() if k not in ("height", "width", "num_inference_steps")}
+    steerer = pipe.fit_steering(
+        SOURCE, TARGET, CONTROL, gate_reads="input", num_inference_steps=2, collect_steps=(0,), batch_size=6,
+        n_components=4, gate_threshold=None, gate_floor=0.0, progress=False,
+        pipeline_kwargs={"height": 32, "width": 32, **extra},
+    )  # fmt: skip
+    return pipe, steerer
