@@ -186,12 +186,12 @@ def test_fitting_on_a_compiled_denoiser_gives_the_eager_steerer(families):
         assert _graphs() == 0  # nothing was compiled while fitting
 
 
-@pytest.mark.parametrize("family", ["sd", "sd3"])
 @torch.no_grad()
-def test_gates_reading_the_attention_input_steer_a_compiled_denoiser_as_eager(families, family):
-    """The hooks of gates reading the module's input (passed positionally by UNets, as
-    hidden_states= by joint blocks) are traced without graph breaks and recompiles."""
-    tiny, _, _ = families(family)
+def test_gates_reading_the_attention_input_steer_a_compiled_denoiser_as_eager(families):
+    """The hooks of gates reading the module's input (here passed as hidden_states= by SD3's joint
+    blocks; test_gate_reads.py compiles a positional one) are traced without graph breaks and
+    recompiles."""
+    tiny, _, _ = families("sd3")
     pipe, steerer = fit_reading_input(tiny)
     references = {strength: _run(pipe, tiny, steering_strength=strength) for strength in (1.0, 3.0)}
     close = dict(atol=1e-4, rtol=0)

@@ -14,10 +14,12 @@ from torch._dynamo.utils import counters
 
 from dsas_diffusion.errors import SteeringFileError
 from dsas_diffusion.steering import (
+    ActivationError,
     HookPoint,
     IncompatibleSteeringError,
     LinearGate,
     Steerer,
+    SteeringError,
     SteeringLayer,
     SteeringMap,
     fit_steerer,
@@ -28,8 +30,9 @@ IN, OUT = 8, 12
 
 
 class Widen(nn.Module):
-    """A module whose output has other features than its input at the same positions, called
-    with its input as a keyword (as diffusers calls its joint attention)."""
+    """A module whose output has other features than its input at the same positions (called
+    positionally here, as UNets call their cross-attention; the pipeline tests cover the
+    ``hidden_states=`` keyword of joint attention)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -48,7 +51,7 @@ class Model(nn.Module):
         self.widen = Widen()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.widen(hidden_states=self.inner(x))
+        return self.widen(self.inner(x))
 
 
 def _input_gated_layer() -> SteeringLayer:
@@ -79,7 +82,7 @@ def test_a_gate_reading_the_input_refuses_a_missing_or_mismatched_input():
     layer = _input_gated_layer()
     x = torch.randn(1, 3, OUT)
     prepared = PreparedLayer(layer, torch.device("cpu"))
-    with pytest.raises(Exception, match="reads the module's input"):
+    with pytest.raises(ActivationError, match="reads the module's input"):
         prepared(x, 1.0, True)
     for wrong in (torch.randn(1, 4, IN), torch.randn(1, 3, IN + 1)):
         with pytest.raises(IncompatibleSteeringError, match="gate reads the input"):
@@ -158,7 +161,7 @@ def test_fitting_with_gate_reads_input_fits_the_gate_on_the_input_and_saves_it(t
 
 
 def test_gate_reads_input_is_refused_where_it_cannot_be_fitted():
-    with pytest.raises(Exception, match=r"gate\.reads"):
+    with pytest.raises(SteeringError, match="gate_reads='input' is fitted with gate='dsas'"):
         fit_steerer(Model(), ["widen"], *_sets(), map="lineas", gate="e2e", gate_reads="input", progress=False)
 
 
