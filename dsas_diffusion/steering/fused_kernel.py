@@ -63,9 +63,8 @@ def steer_kernel(
         if READS_INPUT:  # the gate reads the module's input u at the same positions
             g = tl.arange(0, BLOCK_G)
             g_ok = g < gate_width
-            u_offsets = (batch * gate_width * positions + (r % positions))[:, None] + g[None, :].to(
-                tl.int64
-            ) * positions
+            u_base = batch * gate_width * positions + (r % positions)
+            u_offsets = u_base[:, None] + g[None, :].to(tl.int64) * positions
             u = tl.load(u_ptr + u_offsets, mask=row_ok[:, None] & g_ok[None, :], other=0.0).to(tl.float32)
             weight = tl.load(weight_ptr + g, mask=g_ok, other=0.0)
             logit = tl.sum(u * weight[None, :], axis=1) + tl.load(gate_bias_ptr)
