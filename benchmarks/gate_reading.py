@@ -193,7 +193,35 @@ def study(pipe, concept, args):
                     ],
                 }
         rows.append(row)
+    rows.append(image_level(runs, names, shows, concept))
     return rows
+
+
+def image_level(runs, names, shows, concept) -> dict:
+    """Does the image show the concept? Per layer, the published pooled gate (source against
+    control images, every step) on the query input averaged over positions, its score averaged
+    over steps; and the mean of the layers' standardised scores. ROC-AUC of the concept prompts'
+    images against the control prompts', and of the empty prompt's images showing the concept
+    against those that do not."""
+    row = {"concept": concept, "layer": "image-level", "positions": 0, "layers": {}}
+    combined = {}
+    for name in names:
+        pooled = {
+            g: runs[g][1][name]["in"].float().mean(2) for g in ("source", "control", "concept", "dev-control", "empty")
+        }
+        gate = fit_gate(pooled["source"].flatten(0, 1), pooled["control"].flatten(0, 1), n_components=16, cv_folds=2)
+        score = {g: (v @ gate.weight + gate.bias).mean(1) for g, v in pooled.items()}
+        spread = score["control"].std().clamp_min(1e-6)
+        for g, v in score.items():
+            combined.setdefault(g, []).append((v - score["control"].mean()) / spread)
+        row["layers"][name] = {
+            "named": roc_auc(score["concept"], score["dev-control"]),
+            "unasked": roc_auc(score["empty"][shows], score["empty"][~shows]),
+        }
+    mean = {g: torch.stack(v).mean(0) for g, v in combined.items()}
+    row["named"] = roc_auc(mean["concept"], mean["dev-control"])
+    row["unasked"] = roc_auc(mean["empty"][shows], mean["empty"][~shows])
+    return row
 
 
 def summarise(results: list[dict]) -> None:
@@ -204,7 +232,7 @@ def summarise(results: list[dict]) -> None:
           "open, unasked | unasked by step |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|")
     for concept in dict.fromkeys(r["concept"] for r in results):
-        rows = [r for r in results if r["concept"] == concept]
+        rows = [r for r in results if r["concept"] == concept and r["layer"] != "image-level"]
         finest = max(r["positions"] for r in rows)
         rows = [r for r in rows if r["positions"] == finest]
         for kind in LABELS:
@@ -225,6 +253,12 @@ def summarise(results: list[dict]) -> None:
                 print(f"| {concept} | {kind} | {agree:.2f} | {'input' if feature == 'in' else 'output'} | "
                       f"{cell('spatial')} | {cell('vs_control')} | {cell('unasked')} | {cell('open')} | "
                       f"{cell('open_unasked')} | {steps} |")  # fmt: skip
+    print("\n| concept | named: best layer / layers together | unasked: best layer / layers together |")
+    print("|---|---|---|")
+    for row in (r for r in results if r["layer"] == "image-level"):
+        best = {key: max(v[key] for v in row["layers"].values()) for key in ("named", "unasked")}
+        print(f"| {row['concept']} | {best['named']:.2f} / {row['named']:.2f} | "
+              f"{best['unasked']:.2f} / {row['unasked']:.2f} |")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -252,6 +286,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{'layer':<28} {'pos':>4} {'label':<13} {'agrees':>6}  {'feature':<7} {'spatial':>7} "
               f"{'vs ctl':>6} {'unasked':>7} {'open':>5} {'open unasked':>12}")  # fmt: skip
         for row in rows:
+            if row["layer"] == "image-level":
+                per_layer = ", ".join(f"{v['named']:.2f} / {v['unasked']:.2f}" for v in row["layers"].values())
+                print(f"image-level (named / unasked AUC), per layer: {per_layer}; layers together: "
+                      f"{row['named']:.2f} / {row['unasked']:.2f}")  # fmt: skip
+                continue
             layer = row["layer"].removesuffix(".transformer_blocks.0.attn2")
             for kind in LABELS:
                 for feature in ("in", "out"):
