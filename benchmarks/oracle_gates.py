@@ -3,7 +3,7 @@
 An upper bound for gates that see the image. For each concept, the default steerer's CAA maps on the
 cross-attention outputs are applied only at positions covered by the concept object: the detector's
 mask in the unsteered image, at least a quarter of each position's area at the layer's grid. The
-gate is an oracle; a fitted gate can only do worse. Steering starts at denoising step
+gate is an oracle: no fitted gate locates the object better. Steering starts at denoising step
 ``--starts`` (each cross-attention runs once per step) and acts on the conditional rows.
 
 Measured on 16 development prompts (``make_concept_sets(concept, seed=7)``, seed 0) and on the
