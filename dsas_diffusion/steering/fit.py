@@ -90,16 +90,11 @@ def fit_from_activations(
             if control is None:
                 raise InputSetError("gate='dsas' needs control inputs; give a control set or use gate='none'")
             # the activations the gate reads: the output's (the module name), or the input's
-            reading = _gate_point(resolved, config.gate_reads).key
+            reading = resolved.reading(config.gate_reads).key
             layer_gate = fit_layer_gate(reading, source, control, contrast, per_layer)
             layer_gate.reads = config.gate_reads
         layers.append(SteeringLayer(resolved, steering_map, layer_gate, (signatures or {}).get(name)))
     return layers
-
-
-def _gate_point(point: HookPoint, reads: str) -> HookPoint:
-    """Where the gate of ``point``'s layer reads: ``point`` itself, or its module's input."""
-    return point if reads == "output" else HookPoint(point.module, None, point.layout, reads="input")
 
 
 def fit_steerer(
@@ -154,7 +149,7 @@ def fit_steerer(
     collect = dict(forward=forward, mask_fn=mask_fn, positions_per_sample=positions, progress=progress, seed=seed)
 
     # gates reading the modules' inputs need those too, collected in the same passes
-    gate_points = [_gate_point(point, config.gate_reads) for point in points] if gate == "dsas" else points
+    gate_points = [point.reading(config.gate_reads) for point in points] if gate == "dsas" else points
     read = points + [point for point in gate_points if point.reads == "input"]
     source = collect_activations(model, read, source_inputs, name="source", **collect)
     target = collect_activations(model, points, target_inputs, name="target", **collect)

@@ -80,6 +80,11 @@ class HookPoint:
         appended when the input is read (a module name never holds a colon)."""
         return self.module if self.reads == "output" else f"{self.module}:input"
 
+    def reading(self, reads: str) -> HookPoint:
+        """Where a gate reading ``reads`` of this point's module reads: the point itself for
+        ``"output"``, the module's input (same layout) for ``"input"``."""
+        return self if reads == "output" else HookPoint(self.module, None, self.layout, reads="input")
+
     @classmethod
     def coerce(cls, value: HookPoint | str | Mapping[str, Any]) -> HookPoint:
         """Accept a ``HookPoint``, a module name, or a dict of ``HookPoint`` fields."""

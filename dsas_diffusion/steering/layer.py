@@ -94,9 +94,7 @@ class SteeringLayer(nn.Module):
     @property
     def gate_point(self) -> HookPoint:
         """Where the gate reads: the hook point itself, or its module's input."""
-        if not self.gate_reads_input:
-            return self.hook_point
-        return HookPoint(self.hook_point.module, None, self.hook_point.layout, reads="input")
+        return self.hook_point.reading("input" if self.gate_reads_input else "output")
 
     def gate_values(self, x: torch.Tensor) -> torch.Tensor:
         """The gate at every position of ``x``, the activation it reads (float32, ``x``'s
