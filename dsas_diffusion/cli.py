@@ -51,6 +51,18 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _window(text: str) -> tuple[float, float]:
+    try:
+        start, end = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected start,end fractions of the schedule like 0.5,1, got {text!r}"
+        ) from None
+    if not 0 <= start < end <= 1:
+        raise argparse.ArgumentTypeError(f"expected 0 <= start < end <= 1, got {text!r}")
+    return start, end
+
+
 def _writable_directory(path: str) -> Path:
     """``path`` as a directory that can be written (created if needed), checked before any work."""
     from .steering.errors import SteeringError
@@ -118,7 +130,9 @@ def _fit(args: argparse.Namespace) -> None:
     pipe = load_pipeline(args.model, device=args.device)
     steps = args.collect_steps
     chosen = {"map": args.map, "preset": args.preset, "n_components": args.components, "gate_floor": args.gate_floor}
-    chosen["gate_reads"] = args.gate_reads
+    chosen |= {"gate_reads": args.gate_reads, "steering_steps": args.steering_steps}
+    if args.sample_gate:
+        chosen["sample_gate"] = True
     steerer = pipe.fit_steering(
         source,
         target,
@@ -254,6 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--gate-reads",
         choices=GATE_READS,
         help="what each gate reads at its module: the output it steers, or the module's input (default: output)",
+    )
+    fit.add_argument(
+        "--sample-gate",
+        action="store_true",
+        help="pipelines: also gate each image as a whole (a gate on the mean over its positions)",
+    )
+    fit.add_argument(
+        "--steering-steps",
+        type=_window,
+        help="pipelines: the saved default window of denoising steps to steer in, e.g. 0.5,1 (default: all)",
     )
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--device", default=None)

@@ -118,6 +118,14 @@ class FitConfig:
         gate_reads: what each gate reads at its module: ``"output"``, the activation it steers
             (as published), or ``"input"``, the module's input at the same positions (for a
             cross-attention, its query input: the image being drawn, before the prompt enters).
+        sample_gate: also fit, per layer, a gate on the mean over each sample's positions of
+            what the gate reads (does this sample show the concept at all?); its value multiplies
+            the gate at every position. Calibrated so that ``1 - sample_quantile`` of control
+            samples open it past 0.05 and the lowest ``sample_concept_quantile`` of source samples
+            reach ``concept_level`` (where the fit allows both).
+        steering_steps: the saved default ``(start, end)`` window of denoising steps a pipeline
+            steers in, as fractions of the schedule (``None``: every step); a call's
+            ``steering_steps`` overrides it.
         gate_calibration: ``"none"``, ``"control-positions"`` (lower each gate's bias so that
             at most ``1 - calibration_quantile`` of control positions open it past 0.05) or
             ``"two-sided"`` (also put the median concept position at ``concept_level``).
@@ -145,6 +153,10 @@ class FitConfig:
     accuracy_scaling: bool = False
     gate_fit_on: GateFitOn = "pooled"
     gate_reads: GateReads = "output"
+    sample_gate: bool = False
+    sample_quantile: float = 0.99
+    sample_concept_quantile: float = 0.25
+    steering_steps: tuple[float, float] | None = None
     gate_calibration: GateCalibration = "none"
     calibration_quantile: float = 0.99
     concept_level: float = 0.9
@@ -209,7 +221,7 @@ class FitConfig:
 
     # -- validation ---------------------------------------------------------------------------
     def __post_init__(self) -> None:
-        for name in ("hook_points", "layers", "support_quantiles"):
+        for name in ("hook_points", "layers", "support_quantiles", "steering_steps"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (tuple, str, Mapping)):  # lists, ranges
                 object.__setattr__(self, name, tuple(value))
@@ -246,7 +258,8 @@ class FitConfig:
             self.gate_threshold is None or (_is_number(self.gate_threshold) and 0 <= self.gate_threshold <= 1),
             f"gate_threshold must be None or a number in [0, 1], got {self.gate_threshold!r}",
         )
-        for name in ("calibration_quantile", "concept_level", "contrast_level"):
+        for name in ("calibration_quantile", "concept_level", "contrast_level", "sample_quantile",
+                     "sample_concept_quantile"):  # fmt: skip
             value = getattr(self, name)
             _check(_is_number(value) and 0 < value < 1, f"{name} must lie in (0, 1), got {value!r}")
         _check(
@@ -269,6 +282,15 @@ class FitConfig:
             f"support_quantiles must be None or (low, high) with 0 <= low < high <= 1, got {quantiles!r}",
         )
         _check(_is_number(self.strength), f"strength must be a finite number, got {self.strength!r}")
+        steps = self.steering_steps
+        _check(
+            steps is None or (len(steps) == 2 and all(_is_number(v) for v in steps) and 0 <= steps[0] < steps[1] <= 1),
+            f"steering_steps must be None or (start, end) with 0 <= start < end <= 1, got {steps!r}",
+        )
+        _check(
+            not self.sample_gate or self.gate == "dsas",
+            "sample_gate=True fits a second DSAS gate per layer: use it with gate='dsas'",
+        )
         _check(
             self.gate_reads == "output" or (self.gate == "dsas" and not self.incremental_gates),
             "gate_reads='input' is fitted with gate='dsas' and without incremental_gates",

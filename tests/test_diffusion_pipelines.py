@@ -196,13 +196,17 @@ def test_gates_reading_the_cross_attention_input_fit_and_steer_every_family(tiny
     pipe, steerer = fit_reading_input(tiny)
     denoiser = pipe.denoiser
     for layer in steerer.layers:
-        assert layer.gate.reads == "input"
+        assert layer.gate.reads == layer.sample_gate.reads == "input"
         attention = denoiser.get_submodule(layer.name)
-        assert layer.gate.width == attention.to_q.in_features  # the query input's width
+        assert layer.gate.width == layer.sample_gate.width == attention.to_q.in_features  # the query input's width
     unsteered = _run(pipe, PROMPTS, **tiny.call_kwargs)
     steered = _run(pipe, PROMPTS, steering_strength=4.0, return_gate_maps=True, **tiny.call_kwargs)
     assert not np.array_equal(steered.images, unsteered.images)
     assert set(steered.gate_maps["default"]) == set(steerer.module_names)
+    steps = tiny.call_kwargs["num_inference_steps"]  # the saved window: the second half of the steps only
+    assert all(maps.shape[0] == steps - steps // 2 for maps in steered.gate_maps["default"].values())
+    every = _run(pipe, PROMPTS, steering_strength=4.0, steering_steps=(0, 1), return_gate_maps=True, **tiny.call_kwargs)
+    assert all(maps.shape[0] == steps for maps in every.gate_maps["default"].values())  # the call's window wins
 
 
 def test_from_pipe_reuses_the_components(tiny):

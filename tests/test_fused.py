@@ -64,8 +64,12 @@ def test_a_gate_reading_the_input_steers_in_the_kernel_as_in_the_pytorch_path(la
     generator = torch.Generator().manual_seed(2)
     x = torch.randn(shape, generator=generator).to(DEVICE)
     u = (torch.randn(input_shape, generator=generator) * 3.0).to(DEVICE)
-    for case, layer in layer_kinds(layout):
+    for (case, layer), sampled in itertools.product(layer_kinds(layout), (False, True)):
         layer.gate = LinearGate(torch.randn(WIDTH + 3, generator=generator), 0.1, floor=layer.gate.floor, reads="input")
+        if sampled:  # a sample gate on the mean input of each sample multiplies the gate
+            layer.sample_gate = LinearGate(
+                torch.randn(WIDTH + 3, generator=generator) * 3, 0.2, floor=0.3, reads="input"
+            )
         fused, reference = PreparedLayer(layer, DEVICE), PreparedLayer(layer, DEVICE)
         reference.kernel = False
         expected, expected_gates = reference(x, 1.5, True, u)
@@ -144,18 +148,21 @@ def test_the_kernel_compiles_for_cuda_gpus_without_one():
 
     from dsas_diffusion.steering.fused_kernel import steer_kernel, triton
 
-    pointers = ["gates", "bias", "slope", "lo", "hi", "weight", "gate_bias", "strength"]
-    layers = [  # (HAS_SLOPE, HAS_SUPPORT, GATED, SIGMOID, READS_INPUT)
-        (False, False, True, True, False), (True, False, True, False, False), (True, True, True, True, False),
-        (True, True, False, True, False), (False, False, True, True, True), (True, True, True, True, True),
+    pointers = ["gates", "bias", "slope", "lo", "hi", "weight", "gate_bias", "factor", "strength"]
+    layers = [  # (HAS_SLOPE, HAS_SUPPORT, GATED, SIGMOID, READS_INPUT, HAS_FACTOR)
+        (False, False, True, True, False, False), (True, False, True, False, False, False),
+        (True, True, True, True, False, False), (True, True, False, True, False, False),
+        (False, False, True, True, True, True), (True, True, True, True, True, False),
     ]  # fmt: skip
     cases = [(kinds, "fp32", 8) for kinds in layers] + [(layers[2], "fp16", 1), (layers[5], "bf16", 8)]
-    for (slope, support, gated, sigmoid, reads_input), dtype, positions in cases:
+    for (slope, support, gated, sigmoid, reads_input, factor), dtype, positions in cases:
         signature = {"x_ptr": f"*{dtype}", "u_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"}
         signature |= {f"{p}_ptr": "*fp32" for p in pointers}
         signature |= {"rows": "i32", "width": "i32", "gate_width": "i32"}
-        signature |= {"positions": "i32" if positions > 1 else "constexpr", "floor": "fp32", "gate_scale": "fp32"}
+        signature |= {"positions": "i32" if positions > 1 else "constexpr", "sample_rows": "i32"}
+        signature |= {"floor": "fp32", "gate_scale": "fp32"}
         flags = {"HAS_SLOPE": slope, "HAS_SUPPORT": support, "GATED": gated, "READS_INPUT": reads_input}
+        flags |= {"HAS_FACTOR": factor}
         flags |= {"SIGMOID": sigmoid, "BLOCK_R": 4}
         constants = {**flags, "BLOCK_C": 1024, "BLOCK_G": 512 if reads_input else 1}
         constants |= {"positions": 1} if positions == 1 else {}

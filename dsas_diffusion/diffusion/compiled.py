@@ -42,11 +42,11 @@ __all__ = [
 _PROBE_DROPS = ("callback_on_step_end", "callback", "callback_steps", "generator", "output_type", "return_dict")
 
 
-def needs_eager_call(*, return_gate_maps: bool, window: Any, separate_cond: bool) -> bool:
+def needs_eager_call(*, return_gate_maps: bool, stepped: bool, separate_cond: bool) -> bool:
     """Whether a steered call on a compiled denoiser runs eagerly: gate maps record every gate
-    value, a ``steering_steps`` window switches steering per denoising step, and a separate
+    value, a step window (``stepped``: the call's or a steerer's) switches steering per denoising step, and a separate
     conditional call is told from the unconditional one per call; none of these is traced."""
-    return return_gate_maps or window is not None or separate_cond
+    return return_gate_maps or stepped or separate_cond
 
 
 def checked_steerers(pipe: Any) -> weakref.WeakSet:

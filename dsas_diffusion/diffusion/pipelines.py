@@ -309,9 +309,12 @@ class DSASPipelineMixin(SteererRegistry):
         check_diffusers_hooks(denoiser)
         guidance = self._guidance_on(kwargs)
         window = check_step_window(steering_steps)
+        # each steerer's saved window where the call names none
+        windows = {name: window or steerer.steering_steps for name, steerer in active.items()}
         separate_cond = steering_cfg == "cond" and guidance and self.dsas_cfg_layout != "batched"
         checked = checked_steerers(self)
-        eager = needs_eager_call(return_gate_maps=return_gate_maps, window=window, separate_cond=separate_cond)
+        stepped = any(w is not None for w in windows.values())
+        eager = needs_eager_call(return_gate_maps=return_gate_maps, stepped=stepped, separate_cond=separate_cond)
         if resident is not None and not eager:
             rows = CONDITIONAL_HALF if steering_cfg == "cond" and guidance else None
             stock = super().__call__  # type: ignore[misc]
@@ -333,11 +336,15 @@ class DSASPipelineMixin(SteererRegistry):
                 if steering_cfg == "cond" and guidance and not separate_cond:
                     session.batch_rows = CONDITIONAL_HALF
                 sessions[name] = session
-            if window is not None or separate_cond:
+            if stepped or separate_cond:
                 total = kwargs.get("num_inference_steps") or self._call_default("num_inference_steps")
                 stack.enter_context(
                     StepWindow(
-                        denoiser, list(sessions.values()), window=window, total=total, first_call_only=separate_cond
+                        denoiser,
+                        list(sessions.values()),
+                        windows=[windows[name] for name in sessions],
+                        total=total,
+                        first_call_only=separate_cond,
                     )
                 )
             finite = stack.enter_context(FiniteOutputCheck(denoiser))

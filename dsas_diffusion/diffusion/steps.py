@@ -38,9 +38,10 @@ def check_step_window(window: Sequence[float] | None) -> tuple[float, float] | N
 class StepWindow:
     """A pre-hook on the denoiser that counts denoising steps (a new timestep is a new step)
     and the calls within a step, and switches ``sessions`` on only at steps whose position
-    ``step / total`` lies in ``window`` and, with ``first_call_only``, on the first call of
-    each step (the conditional one in diffusers' pipelines that call the denoiser once per
-    guidance branch). Only the thread that entered counts.
+    ``step / total`` lies in the session's window (``windows``: one per session, ``None`` for
+    every step) and, with ``first_call_only``, on the first call of each step (the
+    conditional one in diffusers' pipelines that call the denoiser once per guidance branch).
+    Only the thread that entered counts.
     """
 
     def __init__(
@@ -48,12 +49,15 @@ class StepWindow:
         denoiser: nn.Module,
         sessions: Sequence[SteeringSession],
         *,
-        window: tuple[float, float] | None,
+        windows: Sequence[tuple[float, float] | None],
         total: int,
         first_call_only: bool = False,
     ) -> None:
         self.denoiser, self.sessions = denoiser, list(sessions)
-        self.window, self.total, self.first_call_only = window, max(1, int(total)), first_call_only
+        self.windows = list(windows)
+        if len(self.windows) != len(self.sessions):
+            raise ValueError(f"StepWindow: {len(self.windows)} windows for {len(self.sessions)} sessions")
+        self.total, self.first_call_only = max(1, int(total)), first_call_only
         self.step, self.call, self.timestep = -1, 0, None
         self._signature = inspect.signature(denoiser.forward)
         self._owner = threading.get_ident()
@@ -76,11 +80,7 @@ class StepWindow:
             self.step, self.call, self.timestep = self.step + 1, 0, key
         else:
             self.call += 1
-        on = True
-        if self.window is not None:
-            position = self.step / self.total
-            on = self.window[0] <= position < self.window[1]
-        if self.first_call_only and self.call > 0:
-            on = False
-        for session in self.sessions:
-            session.active = on
+        position = self.step / self.total
+        first = not (self.first_call_only and self.call > 0)
+        for session, window in zip(self.sessions, self.windows, strict=True):
+            session.active = first and (window is None or window[0] <= position < window[1])

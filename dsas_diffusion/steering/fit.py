@@ -23,7 +23,7 @@ from .collect import (
     default_mask,
 )
 from .errors import InputSetError
-from .gate_fit import calibrate_layers, fit_layer_gate, select_layers
+from .gate_fit import calibrate_layers, calibrate_sample_gates, fit_layer_gate, select_layers
 from .hookpoints import HookPoint, resolve_module
 from .hooks import SteeringSession
 from .layer import SteeringLayer, module_signature
@@ -85,7 +85,7 @@ def fit_from_activations(
         layout = source.layouts.get(name) or point.layout
         resolved = HookPoint(name, point.output_index, layout)
         steering_map = _fit_map(config.map, source.pooled[name], target.pooled[name], per_layer)
-        layer_gate = None
+        layer_gate = sample_gate = None
         if config.gate in ("dsas", "e2e"):
             if control is None:
                 raise InputSetError("gate='dsas' needs control inputs; give a control set or use gate='none'")
@@ -93,7 +93,12 @@ def fit_from_activations(
             reading = resolved.reading(config.gate_reads).key
             layer_gate = fit_layer_gate(reading, source, control, contrast, per_layer)
             layer_gate.reads = config.gate_reads
-        layers.append(SteeringLayer(resolved, steering_map, layer_gate, (signatures or {}).get(name)))
+            if config.sample_gate:  # on one mean row per sample of what the gate reads
+                sample_gate = fit_layer_gate(reading, source, control, None, {**per_layer, "gate_fit_on": "pooled"})
+                sample_gate.reads = config.gate_reads
+        layers.append(
+            SteeringLayer(resolved, steering_map, layer_gate, (signatures or {}).get(name), sample_gate=sample_gate)
+        )
     return layers
 
 
@@ -232,10 +237,23 @@ def fit_steerer(
             concept_level=config.concept_level,
         )
 
+    samples = {}
+    if gate == "dsas" and config.sample_gate:
+        samples = calibrate_sample_gates(
+            layers,
+            source.pooled,
+            control.pooled,
+            quantile=config.sample_quantile,
+            concept_quantile=config.sample_concept_quantile,
+            concept_level=config.concept_level,
+        )
+
     if gate == "dsas":  # end-to-end gates were trained to decide for themselves
         select_layers(layers, threshold=config.gate_threshold, accuracy_scaling=config.accuracy_scaling)
         for layer in layers:
             layer.gate.floor = float(config.gate_floor)
+            if layer.sample_gate is not None:
+                layer.sample_gate.floor = float(config.gate_floor)
         if not any(layer.gate.enabled for layer in layers):
             _no_gate(layers, config.gate_threshold, config.on_no_gate)
 
@@ -251,6 +269,8 @@ def fit_steerer(
         "calibration_quantile": config.calibration_quantile if config.gate_calibration != "none" else None,
         "concept_level": config.concept_level if config.gate_calibration == "two-sided" else None,
         "calibration_outcome": calibration or None,
+        "sample_calibration_outcome": samples or None,
+        "steering_steps": None if config.steering_steps is None else list(config.steering_steps),
         "gate_floor": config.gate_floor if gate == "dsas" else None,
         "contrast_level": config.contrast_level if uses_contrast else None,
         **{k: (list(v) if isinstance(v, tuple) else v) for k, v in per_layer.items()},

@@ -58,13 +58,15 @@ def fused_steer(
     sigmoid: bool = True,
     channels_last: bool = True,
     gate_input: torch.Tensor | None = None,
+    sample_factor: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``x + λ·s(x)·(T(x) − x)`` in one kernel, with the tensors of a :class:`PreparedLayer`
     (float32 vectors on ``x``'s device): ``bias`` and ``slope`` (``w − 1``, ``None`` for a
     shift) of the map, its ``support`` bounds or ``None``, ``gate`` as ``(weight, bias)`` or
     ``None`` for uniform steering, ``strength`` a 0-dim float32 tensor; ``gate_input``: what
     the gate reads when not ``x`` (the module's input: ``x``'s positions, the gate's width),
-    giving ``x + λ·s(u)·(T(x) − x)``. Returns the steered activation (``x``'s dtype) and the
+    giving ``x + λ·s(u)·(T(x) − x)``; ``sample_factor``: a float32 ``(B,)`` tensor multiplying
+    the gate of every position of each sample (a sample gate's values). Returns the steered activation (``x``'s dtype) and the
     gate values (``x``'s shape without the feature dimension), ``None`` when not gated.
     """
     if not KERNEL_AVAILABLE:
@@ -75,7 +77,7 @@ def fused_steer(
     weight, gate_bias = gate if gate is not None else (None, None)
     out, gates = fused_steer_op(
         x, bias, slope, lo, hi, weight, gate_bias, strength, floor, gate_scale, sigmoid, channels_last,
-        gate_input if gate is not None else None,
+        gate_input if gate is not None else None, sample_factor if gate is not None else None,
     )  # fmt: skip
     if gate is None:
         return out, None

@@ -24,23 +24,26 @@ def steer_kernel(
     hi_ptr,
     weight_ptr,
     gate_bias_ptr,
+    factor_ptr,
     strength_ptr,
     rows,
     width,
     gate_width,
     positions,
+    sample_rows,
     floor,
     gate_scale,
     HAS_SLOPE: tl.constexpr,
     HAS_SUPPORT: tl.constexpr,
     GATED: tl.constexpr,
     READS_INPUT: tl.constexpr,
+    HAS_FACTOR: tl.constexpr,
     SIGMOID: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
-    # row r is one position: batch r // positions, position r % positions; feature c of it
+    # row r is one position: batch r // positions, position r % positions (sample r // sample_rows); feature c of it
     # lies at (batch·width + c)·positions + position (channels last: positions == 1)
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.arange(0, BLOCK_C)
@@ -78,6 +81,8 @@ def steer_kernel(
             opening = tl.maximum(logit, 0.0, propagate_nan=tl.PropagateNan.ALL)
             opening = tl.minimum(opening, 1.0, propagate_nan=tl.PropagateNan.ALL)
         gate = tl.maximum(opening - floor, 0.0, propagate_nan=tl.PropagateNan.ALL) * gate_scale
+        if HAS_FACTOR:  # the sample gate's value for the row's sample
+            gate = gate * tl.load(factor_ptr + r // sample_rows, mask=row_ok, other=0.0)
         tl.store(gates_ptr + r, gate, mask=row_ok)
         steered = x + (strength * gate)[:, None] * delta
     else:
@@ -100,6 +105,7 @@ def fused_steer_op(
     sigmoid: bool,
     channels_last: bool,
     gate_input: torch.Tensor | None = None,
+    sample_factor: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.contiguous()
     u = x if gate_input is None else gate_input.contiguous()
@@ -126,17 +132,20 @@ def fused_steer_op(
         bias if hi is None else hi,
         bias if weight is None else weight,
         bias if gate_bias is None else gate_bias,
+        bias if sample_factor is None else sample_factor.contiguous(),
         strength,
         rows,
         width,
         gate_width,
         positions,
+        rows // max(1, x.shape[0]),  # the rows of one sample
         floor,
         gate_scale,
         HAS_SLOPE=slope is not None,
         HAS_SUPPORT=lo is not None,
         GATED=gated,
         READS_INPUT=gate_input is not None,
+        HAS_FACTOR=sample_factor is not None,
         SIGMOID=sigmoid,
         BLOCK_R=block_r,
         BLOCK_C=block_c,

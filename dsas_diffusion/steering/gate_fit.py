@@ -13,7 +13,7 @@ from .errors import InputSetError
 from .gate import LinearGate, calibrate_gate_on_positions, calibrate_gate_two_sided, fit_gate, gate_accuracy_scale
 from .layer import SteeringLayer
 
-__all__ = ["calibrate_layers", "fit_layer_gate", "select_layers"]
+__all__ = ["calibrate_layers", "calibrate_sample_gates", "fit_layer_gate", "select_layers"]
 
 
 def _balanced(positive: torch.Tensor, negative: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,6 +96,37 @@ def calibrate_layers(
         else:
             calibrate_gate_on_positions(layer.gate, rows, quantile=quantile)
             outcome[layer.name] = "control-only"
+    return outcome
+
+
+def calibrate_sample_gates(
+    layers: Sequence[SteeringLayer],
+    source: Mapping[str, torch.Tensor],
+    control: Mapping[str, torch.Tensor],
+    *,
+    quantile: float = 0.99,
+    concept_quantile: float = 0.25,
+    concept_level: float = 0.9,
+) -> dict[str, str]:
+    """Calibrate every layer's sample gate on one mean row per sample (``source`` and
+    ``control``: pooled rows by :attr:`HookPoint.key`): at the ``quantile`` of control samples
+    it opens 0.05, at the ``concept_quantile`` of source samples ``concept_level``. Returns, per
+    layer, ``"two-sided"`` or ``"control-only"`` (where the fitted direction does not rank those
+    source samples above the control quantile)."""
+    outcome = {}
+    for layer in layers:
+        if layer.sample_gate is None:
+            continue
+        reading = layer.gate_point.key
+        met = calibrate_gate_two_sided(
+            layer.sample_gate,
+            control[reading],
+            source[reading],
+            control_quantile=quantile,
+            concept_quantile=concept_quantile,
+            concept_level=concept_level,
+        )
+        outcome[layer.name] = "two-sided" if met else "control-only"
     return outcome
 
 

@@ -12,7 +12,19 @@ from .gate import LinearGate
 from .hookpoints import HookPoint, feature_dim
 from .maps import SteeringMap
 
-__all__ = ["SteeringLayer", "module_signature"]
+__all__ = ["SteeringLayer", "mean_over_positions", "module_signature"]
+
+
+def mean_over_positions(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``(B, C)``: each sample's mean over its positions, ``dim`` being the features'.
+
+    Examples:
+        >>> mean_over_positions(torch.ones(2, 3, 5, 5), 1).shape, mean_over_positions(torch.ones(2, 7, 3), -1).shape
+        (torch.Size([2, 3]), torch.Size([2, 3]))
+    """
+    if dim == -1:
+        return x.mean(dim=tuple(range(1, x.ndim - 1))) if x.ndim > 2 else x
+    return x.flatten(2).mean(2)
 
 
 def _adapter_wrapper(module: nn.Module) -> bool:
@@ -50,6 +62,9 @@ class SteeringLayer(nn.Module):
             instead: ``t' = t + strength * s(u) * (T(t) - t)``; input and output must have
             the same positions (as an attention's query input and its output).
         signature: ``module_signature`` of the module it was fitted on, if known.
+        sample_gate: a second gate, reading the mean over a sample's positions of what
+            ``gate`` reads (whether this sample shows the concept at all); its value multiplies
+            ``gate`` at every position of the sample: ``s = s_sample(mean u) * s(u)``.
 
     Examples:
         >>> layer = SteeringLayer(HookPoint("attn", layout="channels_last"), SteeringMap(torch.ones(2)),
@@ -67,15 +82,25 @@ class SteeringLayer(nn.Module):
         steering_map: SteeringMap,
         gate: LinearGate | None = None,
         signature: dict[str, Any] | None = None,
+        sample_gate: LinearGate | None = None,
     ) -> None:
         super().__init__()
         if hook_point.layout == "auto":
             raise ValueError(f"layer {hook_point.module!r}: resolve the layout before building a SteeringLayer")
         if gate is not None and gate.reads == "output" and gate.width != steering_map.width:
             raise ValueError(f"layer {hook_point.module!r}: gate width {gate.width} != map width {steering_map.width}")
+        if sample_gate is not None:
+            if gate is None:
+                raise ValueError(f"layer {hook_point.module!r}: a sample gate multiplies a gate; give the gate too")
+            if sample_gate.reads != gate.reads or sample_gate.width != gate.width:
+                raise ValueError(
+                    f"layer {hook_point.module!r}: the sample gate reads the {sample_gate.reads} "
+                    f"({sample_gate.width} features), its gate the {gate.reads} ({gate.width}); they must read the same"
+                )
         self.hook_point = hook_point
         self.map = steering_map
         self.gate = gate
+        self.sample_gate = sample_gate
         self.signature = dict(signature or {})
 
     @property
@@ -102,7 +127,14 @@ class SteeringLayer(nn.Module):
         if self.gate is None:
             raise ActivationError(f"layer {self.name!r} has no gate; steer it with gating off")
         dim = feature_dim(self.hook_point.layout)
-        return self.gate(self._gate_reading(x, None), dim).squeeze(dim)
+        return self._gate(self._gate_reading(x, None), dim).squeeze(dim)
+
+    def _gate(self, reading: torch.Tensor, dim: int) -> torch.Tensor:
+        """The gate on ``reading`` (float32), times the sample gate on its mean over positions."""
+        values = self.gate(reading, dim)
+        if self.sample_gate is None:
+            return values
+        return values * self.sample_gate(mean_over_positions(reading, dim)).view((-1,) + (1,) * (reading.ndim - 1))
 
     def _gate_reading(self, x: torch.Tensor, output: torch.Tensor | None) -> torch.Tensor:
         """``x`` (what the gate reads), checked against the gate's width and, for a gate
@@ -151,9 +183,9 @@ class SteeringLayer(nn.Module):
             if self.gate_reads_input:
                 if gate_input is None:
                     raise ActivationError(f"layer {self.name!r}: its gate reads the module's input; pass gate_input")
-                gate_values = self.gate(self._gate_reading(gate_input, x), dim)
+                gate_values = self._gate(self._gate_reading(gate_input, x), dim)
             else:
-                gate_values = self.gate(xf, dim)
+                gate_values = self._gate(xf, dim)
             steered = torch.addcmul(xf, gate_values, delta, value=strength)  # x + λ·s(x)·δ in one kernel
         else:
             steered = torch.add(xf, delta, alpha=strength)

@@ -29,7 +29,7 @@ from .gate import LinearGate
 from .hookpoints import HookPoint
 from .layer import SteeringLayer
 from .maps import SteeringMap
-from .schema import MAX_CONFIG_BYTES, check_config, check_tensors
+from .schema import GATE_KINDS, MAX_CONFIG_BYTES, check_config, check_tensors
 
 __all__ = ["CONFIG_NAME", "FORMAT_NAME", "FORMAT_VERSION", "WEIGHTS_NAME", "read_steering", "write_steering"]
 
@@ -47,26 +47,32 @@ def library_version() -> str:
         return "unknown"
 
 
-def _layer_entry(layer: SteeringLayer) -> dict[str, Any]:
-    gate = layer.gate
+def _gate_entry(gate: LinearGate | None) -> dict[str, Any] | None:
+    if gate is None:
+        return None
     return {
+        "accuracy": None if math.isnan(gate.accuracy) else gate.accuracy,
+        "scale": gate.scale,
+        "enabled": gate.enabled,
+        "activation": gate.activation,
+        "n_components": gate.n_components,
+        "floor": gate.floor,
+        **({} if gate.reads == "output" else {"reads": gate.reads, "width": gate.width}),
+    }
+
+
+def _layer_entry(layer: SteeringLayer) -> dict[str, Any]:
+    entry = {
         **layer.hook_point.to_dict(),
         "width": layer.width,
         "map_kind": layer.map.kind,
         "support": layer.map.has_support,
         "signature": layer.signature,
-        "gate": None
-        if gate is None
-        else {
-            "accuracy": None if math.isnan(gate.accuracy) else gate.accuracy,
-            "scale": gate.scale,
-            "enabled": gate.enabled,
-            "activation": gate.activation,
-            "n_components": gate.n_components,
-            "floor": gate.floor,
-            **({} if gate.reads == "output" else {"reads": gate.reads, "width": gate.width}),
-        },
+        "gate": _gate_entry(layer.gate),
     }
+    if layer.sample_gate is not None:
+        entry["sample_gate"] = _gate_entry(layer.sample_gate)
+    return entry
 
 
 def _layer_tensors(layers: Sequence[SteeringLayer]) -> dict[str, torch.Tensor]:
@@ -82,6 +88,9 @@ def _layer_tensors(layers: Sequence[SteeringLayer]) -> dict[str, torch.Tensor]:
         if layer.gate is not None:
             tensors[f"{prefix}.gate.weight"] = layer.gate.weight.detach()
             tensors[f"{prefix}.gate.bias"] = layer.gate.bias.detach().reshape(1)
+        if layer.sample_gate is not None:
+            tensors[f"{prefix}.sample_gate.weight"] = layer.sample_gate.weight.detach()
+            tensors[f"{prefix}.sample_gate.bias"] = layer.sample_gate.bias.detach().reshape(1)
     return {key: value.float().cpu().contiguous() for key, value in tensors.items()}
 
 
@@ -257,19 +266,24 @@ def _layer_from_entry(index: int, entry: Mapping[str, Any], tensors: Mapping[str
     )
     weight = tensors[f"{prefix}.map.weight"] if entry["map_kind"] == "affine" else None
     steering_map = SteeringMap(tensors[f"{prefix}.map.bias"], weight=weight, support=support)
-    gate = None
-    if entry.get("gate") is not None:
-        meta = entry["gate"]
-        accuracy = meta.get("accuracy")
-        gate = LinearGate(
-            tensors[f"{prefix}.gate.weight"],
-            tensors[f"{prefix}.gate.bias"].reshape(()),
-            accuracy=float("nan") if accuracy is None else accuracy,
-            scale=meta.get("scale", 1.0),
-            enabled=meta.get("enabled", True),
-            activation=meta.get("activation", "sigmoid"),
-            n_components=meta.get("n_components"),
-            floor=meta.get("floor", 0.0),
-            reads=meta.get("reads", "output"),
-        )
-    return SteeringLayer(point, steering_map, gate, signature=entry.get("signature"))
+    gate, sample_gate = (_gate_from_entry(entry.get(kind), f"{prefix}.{kind}", tensors) for kind in GATE_KINDS)
+    return SteeringLayer(point, steering_map, gate, signature=entry.get("signature"), sample_gate=sample_gate)
+
+
+def _gate_from_entry(
+    meta: Mapping[str, Any] | None, prefix: str, tensors: Mapping[str, torch.Tensor]
+) -> LinearGate | None:
+    if meta is None:
+        return None
+    accuracy = meta.get("accuracy")
+    return LinearGate(
+        tensors[f"{prefix}.weight"],
+        tensors[f"{prefix}.bias"].reshape(()),
+        accuracy=float("nan") if accuracy is None else accuracy,
+        scale=meta.get("scale", 1.0),
+        enabled=meta.get("enabled", True),
+        activation=meta.get("activation", "sigmoid"),
+        n_components=meta.get("n_components"),
+        floor=meta.get("floor", 0.0),
+        reads=meta.get("reads", "output"),
+    )

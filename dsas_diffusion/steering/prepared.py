@@ -17,6 +17,7 @@ import torch
 from .errors import ActivationError, IncompatibleSteeringError
 from .fused import fused_steer, uses_kernel
 from .hookpoints import feature_dim
+from .layer import mean_over_positions
 
 __all__ = ["PreparedLayer"]
 
@@ -64,6 +65,13 @@ class PreparedLayer:
             self.floor = gate.floor
             #: s(t) = gate_scale · max(0, g − floor) with g the opening
             self.gate_scale = gate.scale / (1.0 - gate.floor)
+        #: the sample gate, on the mean over each sample's positions: (weight, bias) and its
+        #: activation, floor and scale, or ``None``
+        self.sample = None
+        sample = getattr(layer, "sample_gate", None)
+        if sample is not None:
+            self.sample = (vector(sample.weight).view(-1, 1), vector(sample.bias), sample.activation == "sigmoid",
+                           sample.floor, sample.scale / (1.0 - sample.floor))  # fmt: skip
         #: steer with the fused kernel (CUDA with Triton; see :mod:`.fused`)
         self.kernel = uses_kernel(device)
         # the layer's tensors viewed to broadcast over activations of 2 to 5 dimensions
@@ -91,6 +99,15 @@ class PreparedLayer:
             logits = logits.view(batch, 1, *xf.shape[2:])
         return logits.sigmoid_() if self.sigmoid else logits.clamp_(0.0, 1.0)
 
+    def _sample_factor(self, reading: torch.Tensor) -> torch.Tensor:
+        """``(B,)``: the sample gate on each sample's mean over the positions of ``reading``."""
+        column, bias, sigmoid, floor, scale = self.sample
+        logits = torch.matmul(mean_over_positions(reading, self.dim).float(), column).add_(bias)
+        opening = logits.sigmoid_() if sigmoid else logits.clamp_(0.0, 1.0)
+        if floor > 0.0:
+            opening = opening.sub_(floor).clamp_(min=0.0)
+        return opening.mul_(scale).view(-1) if scale != 1.0 else opening.view(-1)
+
     def __call__(
         self,
         x: torch.Tensor,
@@ -114,9 +131,12 @@ class PreparedLayer:
         reading = None
         if gated and self.reads_input:
             reading = self._checked_input(gate_input, x)
+        factor = None
+        if gated and self.sample is not None:
+            factor = self._sample_factor(x if reading is None else reading)
         if self.kernel and not (x.requires_grad and torch.is_grad_enabled()):
             if x.device.type == "cuda" or not torch.compiler.is_compiling():  # CPU: only the interpreter
-                return self._fused(x, strength, gated, reading)
+                return self._fused(x, strength, gated, reading, factor)
         xf = x if x.dtype == torch.float32 else x.float()
         bias, slope, lo, hi = self._terms(ndim)
         if slope is None:
@@ -136,6 +156,8 @@ class PreparedLayer:
             opening = self._opening(reading if reading.dtype == torch.float32 else reading.float())
         if self.floor > 0.0:
             opening = opening.sub_(self.floor).clamp_(min=0.0)
+        if factor is not None:
+            opening = opening.mul_(factor.view((-1,) + (1,) * (ndim - 1)))
         if isinstance(strength, torch.Tensor):
             steered = torch.addcmul(xf, opening * strength, delta, value=self.gate_scale)
         else:
@@ -158,7 +180,14 @@ class PreparedLayer:
             )
         return gate_input
 
-    def _fused(self, x: torch.Tensor, strength: float | torch.Tensor, gated: bool, reading: torch.Tensor | None):
+    def _fused(
+        self,
+        x: torch.Tensor,
+        strength: float | torch.Tensor,
+        gated: bool,
+        reading: torch.Tensor | None,
+        factor: torch.Tensor | None,
+    ):
         if not isinstance(strength, torch.Tensor):
             strength = torch.full((), float(strength), device=x.device)
         gate = (self.gate_column.view(-1), self.gate_bias) if gated else None
@@ -167,4 +196,5 @@ class PreparedLayer:
         return fused_steer(
             x, self.bias, self.slope, self.support, gate, strength,
             floor=floor, gate_scale=scale, sigmoid=sigmoid, channels_last=self.dim == -1, gate_input=reading,
+            sample_factor=factor,
         )  # fmt: skip

@@ -24,9 +24,12 @@ from ..names import GATE_ACTIVATIONS, GATE_READS
 from .errors import SteeringFileError
 from .hooks import STRENGTH_LIMIT
 
-__all__ = ["MAP_KINDS", "MAX_CONFIG_BYTES", "check_config", "check_tensors"]
+__all__ = ["GATE_KINDS", "MAP_KINDS", "MAX_CONFIG_BYTES", "check_config", "check_tensors"]
 
 MAP_KINDS = ("additive", "affine")
+#: a layer's gates, by their field in a layer entry: the positional gate, and the sample gate
+#: (on the mean over a sample's positions) that multiplies it
+GATE_KINDS = ("gate", "sample_gate")
 LAYOUTS = ("channels_last", "channels_first")
 #: a steering config above this size is refused before parsing (a real one is a few KB
 #: per layer; this allows thousands of layers with long provenance)
@@ -65,6 +68,16 @@ def check_config(config: Any, where: str) -> None:
     bound = config.get("config", {}).get("max_strength")
     if bound is not None and not (_number(bound) and bound > 0):
         raise _fail(where, "config.max_strength", f"must be a positive finite number or null, got {bound!r}")
+    window = config.get("config", {}).get("steering_steps")
+    if window is not None and not (
+        isinstance(window, list)
+        and len(window) == 2
+        and all(_number(v) for v in window)
+        and 0 <= window[0] < window[1] <= 1
+    ):
+        raise _fail(
+            where, "config.steering_steps", f"must be null or [start, end] with 0 <= start < end <= 1, got {window!r}"
+        )
     layers = config.get("layers")
     if not isinstance(layers, list) or not layers:
         raise _fail(where, "layers", "must be a non-empty list of layer entries")
@@ -99,11 +112,23 @@ def _check_layer(entry: Any, field: str, where: str) -> None:
             raise _fail(where, f"{field}.{key}", f"must be {expected}, got {entry.get(key)!r}")
     if entry.get("support") and entry.get("map_kind") != "affine":
         raise _fail(where, f"{field}.support", "is only valid for affine maps")
-    gate = entry.get("gate")
+    for kind in GATE_KINDS:
+        _check_gate(entry, kind, f"{field}.{kind}", where)
+    if entry.get("sample_gate") is not None:
+        gate, sample = entry.get("gate"), entry["sample_gate"]
+        if gate is None:
+            raise _fail(where, f"{field}.sample_gate", "multiplies the layer's gate, which is null")
+        for key, default in (("reads", "output"), ("width", None)):
+            if sample.get(key, default) != gate.get(key, default):
+                raise _fail(where, f"{field}.sample_gate.{key}", f"must be the gate's ({gate.get(key, default)!r})")
+
+
+def _check_gate(entry: dict[str, Any], kind: str, field: str, where: str) -> None:
+    gate = entry.get(kind)
     if gate is None:
         return
     if not isinstance(gate, dict):
-        raise _fail(where, f"{field}.gate", "must be a JSON object or null")
+        raise _fail(where, field, "must be a JSON object or null")
     accuracy, components = gate.get("accuracy"), gate.get("n_components")
     checks = [
         ("accuracy", accuracy is None or (_number(accuracy) and 0 <= accuracy <= 1), "null or a number in [0, 1]"),
@@ -117,10 +142,10 @@ def _check_layer(entry: Any, field: str, where: str) -> None:
     ]
     for key, ok, expected in checks:
         if not ok:
-            raise _fail(where, f"{field}.gate.{key}", f"must be {expected}, got {gate.get(key)!r}")
+            raise _fail(where, f"{field}.{key}", f"must be {expected}, got {gate.get(key)!r}")
     if gate.get("reads", "output") == "output" and gate.get("width") not in (None, entry["width"]):
         raise _fail(
-            where, f"{field}.gate.width", f"must be the layer's width ({entry['width']}) for a gate reading the output"
+            where, f"{field}.width", f"must be the layer's width ({entry['width']}) for a gate reading the output"
         )
 
 
@@ -136,9 +161,10 @@ def check_tensors(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
         if entry.get("support"):
             expected[f"{prefix}.map.support_lo"] = width
             expected[f"{prefix}.map.support_hi"] = width
-        if entry.get("gate") is not None:  # a gate reading the module's input has the input's width
-            expected[f"{prefix}.gate.weight"] = (entry["gate"].get("width") or entry["width"],)
-            expected[f"{prefix}.gate.bias"] = (1,)
+        for kind in GATE_KINDS:  # a gate reading the module's input has the input's width
+            if entry.get(kind) is not None:
+                expected[f"{prefix}.{kind}.weight"] = (entry[kind].get("width") or entry["width"],)
+                expected[f"{prefix}.{kind}.bias"] = (1,)
     for key, shape in expected.items():
         module = config["layers"][int(key.split(".")[1])]["module"]
         if key not in tensors:

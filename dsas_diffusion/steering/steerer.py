@@ -77,6 +77,14 @@ class Steerer(nn.Module):
         return None if bound is None else float(bound)
 
     @property
+    def steering_steps(self) -> tuple[float, float] | None:
+        """The denoising steps a pipeline steers in unless a call says otherwise
+        (``config["steering_steps"]``: ``(start, end)`` fractions of the schedule), or ``None``
+        for every step."""
+        window = self.config.get("steering_steps")
+        return None if window is None else (float(window[0]), float(window[1]))
+
+    @property
     def has_gates(self) -> bool:
         return all(layer.gate is not None for layer in self.layers)
 
