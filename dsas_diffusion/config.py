@@ -43,7 +43,7 @@ GateKind = Literal["dsas", "none", "e2e"]
 GateFitOn = Literal["pooled", "positions", "contrast"]
 GateReads = Literal["output", "input"]
 GateCalibration = Literal["none", "control-positions", "two-sided"]
-GateActivation = Literal["sigmoid", "relu"]
+GateActivation = Literal["sigmoid", "relu", "step"]
 OnNoGate = Literal["raise", "warn"]
 ItiProbe = Literal["logistic", "mean_diff"]
 
@@ -108,7 +108,8 @@ class FitConfig:
         hook_points: module names (or ``HookPoint`` objects) to hook instead of a preset.
         layers: text models: the decoder layers the preset covers (default all).
         n_components, gate_l2, cv_folds, gate_activation: the gate's PCA rank, L2 weight,
-            cross-validation folds and ``"sigmoid"`` / ``"relu"`` (clipped at 1).
+            cross-validation folds and ``"sigmoid"``, ``"relu"`` (clipped at 1) or ``"step"`` (0 or 1:
+            with a calibration, fully open exactly above the calibrated control quantile).
         gate_threshold: layers whose gate accuracy is below it are not steered when gated
             (``None`` keeps all); ``accuracy_scaling`` scales each gate by its accuracy.
         gate_fit_on: ``"pooled"`` (one row per sample, as published), ``"positions"``
@@ -286,6 +287,10 @@ class FitConfig:
         _check(
             steps is None or (len(steps) == 2 and all(_is_number(v) for v in steps) and 0 <= steps[0] < steps[1] <= 1),
             f"steering_steps must be None or (start, end) with 0 <= start < end <= 1, got {steps!r}",
+        )
+        _check(
+            self.gate_activation != "step" or self.gate == "dsas",
+            "gate_activation='step' has no gradient to train: use it with gate='dsas'",
         )
         _check(
             not self.sample_gate or self.gate == "dsas",

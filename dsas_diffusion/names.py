@@ -34,8 +34,8 @@ ADDITIVE_MAPS = ("caa", "iti")
 #: ("dsas" / "e2e": the steerer's gates; "none": uniform steering, every position alike)
 GATES = ("dsas", "none", "e2e")
 FIT_GATES = GATES
-#: the gate's squashing function
-GATE_ACTIVATIONS = ("sigmoid", "relu")
+#: the gate's squashing function: a sigmoid, a ReLU clipped at 1, or a step (fully open above 0)
+GATE_ACTIVATIONS = ("sigmoid", "relu", "step")
 #: what the gate's classifier is fitted on: per-sample means, sampled positions, or the
 #: concept's positions located by contrast with the paired target
 GATE_FIT_ON = ("pooled", "positions", "contrast")

@@ -13,6 +13,7 @@ from torch import nn
 
 from dsas_diffusion.errors import SteeringFileError
 from dsas_diffusion.steering import HookPoint, LinearGate, Steerer, SteeringLayer, SteeringMap, fit_steerer
+from dsas_diffusion.steering.gate import calibrate_gate_two_sided
 from dsas_diffusion.steering.prepared import PreparedLayer
 
 WIDTH = 6
@@ -133,3 +134,14 @@ def test_a_sample_gate_compiles_without_graph_breaks_and_matches_eager():
         explained = torch._dynamo.explain(model)(x)
         assert explained.graph_break_count == 0 and explained.graph_count == 1
         torch.testing.assert_close(torch.compile(model)(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_step_gate_opens_fully_exactly_above_the_calibrated_control_quantile():
+    control, concept = torch.randn(1000, WIDTH), torch.randn(200, WIDTH) + torch.tensor([3.0] + [0.0] * (WIDTH - 1))
+    gate = LinearGate(torch.tensor([2.0] + [0.0] * (WIDTH - 1)), 0.0, activation="step", floor=0.5)
+    assert calibrate_gate_two_sided(gate, control, concept, control_quantile=0.9)
+    opened = gate(control).squeeze(-1)
+    assert set(opened.unique().tolist()) <= {0.0, 1.0}  # shut or fully open, whatever the floor
+    assert abs(float(opened.mean()) - 0.1) < 0.01  # the control positions above their 90% quantile
+    assert float(gate(concept).mean()) > 0.9
+    assert float(gate.weight[0]) == 2.0  # the direction is kept, not rescaled to nothing

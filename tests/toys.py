@@ -66,7 +66,7 @@ def layer_kinds(layout: str):
             vector(), weight=vector(0.3, 1.0), support=(torch.full((WIDTH,), -0.5), torch.full((WIDTH,), 0.7))
         ),
     }
-    gates = itertools.product(("sigmoid", "relu"), (0.0, 0.3), (1.0, 0.6))
+    gates = itertools.product(("sigmoid", "relu", "step"), (0.0, 0.3), (1.0, 0.6))
     for (kind, make_map), (activation, floor, scale) in itertools.product(maps.items(), gates):
         gate = LinearGate(vector(), 0.2, activation=activation, floor=floor, scale=scale)
         yield (

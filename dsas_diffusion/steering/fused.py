@@ -23,7 +23,10 @@ import os
 
 import torch
 
-__all__ = ["KERNEL_AVAILABLE", "fused_steer", "uses_kernel"]
+__all__ = ["ACTIVATION_CODES", "KERNEL_AVAILABLE", "fused_steer", "uses_kernel"]
+
+#: the gate activations as the kernel's ``ACTIVATION`` constant
+ACTIVATION_CODES = {"sigmoid": 0, "relu": 1, "step": 2}
 
 #: Triton is installed (the CPU-only wheels of torch come without it); the kernel itself, in
 #: :mod:`.fused_kernel`, is imported on first use
@@ -55,7 +58,7 @@ def fused_steer(
     *,
     floor: float = 0.0,
     gate_scale: float = 1.0,
-    sigmoid: bool = True,
+    activation: int = 0,
     channels_last: bool = True,
     gate_input: torch.Tensor | None = None,
     sample_factor: torch.Tensor | None = None,
@@ -66,8 +69,10 @@ def fused_steer(
     ``None`` for uniform steering, ``strength`` a 0-dim float32 tensor; ``gate_input``: what
     the gate reads when not ``x`` (the module's input: ``x``'s positions, the gate's width),
     giving ``x + λ·s(u)·(T(x) − x)``; ``sample_factor``: a float32 ``(B,)`` tensor multiplying
-    the gate of every position of each sample (a sample gate's values). Returns the steered activation (``x``'s dtype) and the
-    gate values (``x``'s shape without the feature dimension), ``None`` when not gated.
+    the gate of every position of each sample (a sample gate's values); ``activation``: the
+    gate's, as its :data:`ACTIVATION_CODES` value. Returns the steered activation (``x``'s
+    dtype) and the gate values (``x``'s shape without the feature dimension), ``None`` when not
+    gated.
     """
     if not KERNEL_AVAILABLE:
         raise RuntimeError("the fused steering kernel needs Triton (pip install triton); use PreparedLayer instead")
@@ -76,7 +81,7 @@ def fused_steer(
     lo, hi = support if support is not None else (None, None)
     weight, gate_bias = gate if gate is not None else (None, None)
     out, gates = fused_steer_op(
-        x, bias, slope, lo, hi, weight, gate_bias, strength, floor, gate_scale, sigmoid, channels_last,
+        x, bias, slope, lo, hi, weight, gate_bias, strength, floor, gate_scale, activation, channels_last,
         gate_input if gate is not None else None, sample_factor if gate is not None else None,
     )  # fmt: skip
     if gate is None:

@@ -38,7 +38,7 @@ def steer_kernel(
     GATED: tl.constexpr,
     READS_INPUT: tl.constexpr,
     HAS_FACTOR: tl.constexpr,
-    SIGMOID: tl.constexpr,
+    ACTIVATION: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_G: tl.constexpr,
@@ -75,9 +75,11 @@ def steer_kernel(
             weight = tl.load(weight_ptr + c, mask=col_ok, other=0.0)
             logit = tl.sum(x * weight[None, :], axis=1) + tl.load(gate_bias_ptr)
         # NaN stays NaN, as in torch.clamp (the enum is passed inline: it is not a tensor)
-        if SIGMOID:
+        if ACTIVATION == 0:  # sigmoid
             opening = tl.sigmoid(logit)
-        else:
+        elif ACTIVATION == 2:  # step: 1 above 0 (NaN: 0, as in PyTorch's comparison)
+            opening = tl.where(logit > 0.0, 1.0, 0.0)
+        else:  # ReLU clipped at 1
             opening = tl.maximum(logit, 0.0, propagate_nan=tl.PropagateNan.ALL)
             opening = tl.minimum(opening, 1.0, propagate_nan=tl.PropagateNan.ALL)
         gate = tl.maximum(opening - floor, 0.0, propagate_nan=tl.PropagateNan.ALL) * gate_scale
@@ -102,7 +104,7 @@ def fused_steer_op(
     strength: torch.Tensor,
     floor: float,
     gate_scale: float,
-    sigmoid: bool,
+    activation: int,
     channels_last: bool,
     gate_input: torch.Tensor | None = None,
     sample_factor: torch.Tensor | None = None,
@@ -146,7 +148,7 @@ def fused_steer_op(
         GATED=gated,
         READS_INPUT=gate_input is not None,
         HAS_FACTOR=sample_factor is not None,
-        SIGMOID=sigmoid,
+        ACTIVATION=activation,
         BLOCK_R=block_r,
         BLOCK_C=block_c,
         BLOCK_G=block_g,

@@ -20,8 +20,8 @@ __all__ = [
 
 
 class LinearGate(nn.Module):
-    """``s(t) = scale * f(g(weight . t + bias))`` per position, with ``g`` a sigmoid or a ReLU
-    clipped at 1 (the *opening*) and ``f`` the floor: with ``floor = τ > 0``,
+    """``s(t) = scale * f(g(weight . t + bias))`` per position, with ``g`` a sigmoid, a ReLU
+    clipped at 1 or a step (1 above 0, else 0) (the *opening*) and ``f`` the floor: with ``floor = τ > 0``,
     ``f(o) = max(0, (o − τ) / (1 − τ))``, so a gate opened less than ``τ`` is exactly 0 and
     stays 0 whatever the strength, and a fully open gate is still 1. ``accuracy`` is the
     held-out accuracy measured when it was fitted; ``enabled=False`` switches the layer off
@@ -86,6 +86,8 @@ class LinearGate(nn.Module):
     def opening(self, x: torch.Tensor, feature_dim: int = -1) -> torch.Tensor:
         """``g(weight . x + bias)`` in [0, 1] at every position, before the floor and scale."""
         logits = self.logits(x, feature_dim)
+        if self.activation == "step":
+            return (logits > 0).to(logits.dtype)
         return torch.sigmoid(logits) if self.activation == "sigmoid" else logits.clamp(0.0, 1.0)
 
     def forward(self, x: torch.Tensor, feature_dim: int = -1) -> torch.Tensor:
@@ -209,7 +211,10 @@ def calibrate_gate_on_positions(
 
 
 def _logit_of(gate: LinearGate, level: float) -> float:
-    """The pre-activation value at which the gate's opening equals ``level``."""
+    """The pre-activation value at which the gate's opening equals ``level`` (a step's: 0, where
+    it opens)."""
+    if gate.activation == "step":
+        return 0.0
     return float(torch.logit(torch.tensor(level, dtype=torch.float64))) if gate.activation == "sigmoid" else level
 
 
@@ -228,9 +233,11 @@ def calibrate_gate_two_sided(
     stays shut) and at the ``concept_quantile`` of concept positions it is ``concept_level``
     (the concept opens it). The direction is kept; its scale and the bias are set.
 
-    When the fitted direction does not put those two quantiles in the right order (the
-    concept's is below the control's), no rescaling can meet both: the control end is kept
-    (as :func:`calibrate_gate_on_positions` does) and ``False`` is returned.
+    A step gate has no slope: it opens exactly above the control quantile, and ``True`` says
+    that the concept quantile lies above it. When the fitted direction does not put those two
+    quantiles in the right order (the concept's is below the control's), no rescaling can meet
+    both: the control end is kept (as :func:`calibrate_gate_on_positions` does) and ``False``
+    is returned.
     """
     if not 0.0 < control_level < concept_level < 1.0:
         raise ValueError("calibration levels must satisfy 0 < control_level < concept_level < 1")
@@ -241,6 +248,9 @@ def calibrate_gate_two_sided(
         weight = gate.weight.double()
         low = torch.quantile(control_positions.double() @ weight, control_quantile)
         high = torch.quantile(concept_positions.double() @ weight, concept_quantile)
+        if gate.activation == "step":  # no slope to set: open exactly above the control quantile
+            gate.bias.fill_(-float(low))
+            return bool(high > low)
         target_low, target_high = _logit_of(gate, control_level), _logit_of(gate, concept_level)
         if not bool(high > low):
             gate.bias.copy_(torch.minimum(gate.bias, torch.tensor(target_low - float(low), dtype=torch.float32)))

@@ -15,11 +15,18 @@ from __future__ import annotations
 import torch
 
 from .errors import ActivationError, IncompatibleSteeringError
-from .fused import fused_steer, uses_kernel
+from .fused import ACTIVATION_CODES, fused_steer, uses_kernel
 from .hookpoints import feature_dim
 from .layer import mean_over_positions
 
 __all__ = ["PreparedLayer"]
+
+
+def _open(logits: torch.Tensor, activation: str) -> torch.Tensor:
+    """The gate's opening from its logits (in place where the activation allows)."""
+    if activation == "step":
+        return (logits > 0).to(logits.dtype)
+    return logits.sigmoid_() if activation == "sigmoid" else logits.clamp_(0.0, 1.0)
 
 
 class PreparedLayer:
@@ -61,7 +68,7 @@ class PreparedLayer:
         if gate is not None:
             self.gate_column = vector(gate.weight).view(-1, 1)
             self.gate_bias = vector(gate.bias)
-            self.sigmoid = gate.activation == "sigmoid"
+            self.activation = gate.activation
             self.floor = gate.floor
             #: s(t) = gate_scale · max(0, g − floor) with g the opening
             self.gate_scale = gate.scale / (1.0 - gate.floor)
@@ -70,7 +77,7 @@ class PreparedLayer:
         self.sample = None
         sample = getattr(layer, "sample_gate", None)
         if sample is not None:
-            self.sample = (vector(sample.weight).view(-1, 1), vector(sample.bias), sample.activation == "sigmoid",
+            self.sample = (vector(sample.weight).view(-1, 1), vector(sample.bias), sample.activation,
                            sample.floor, sample.scale / (1.0 - sample.floor))  # fmt: skip
         #: steer with the fused kernel (CUDA with Triton; see :mod:`.fused`)
         self.kernel = uses_kernel(device)
@@ -97,13 +104,13 @@ class PreparedLayer:
             weight = self.gate_column.view(1, 1, width).expand(batch, 1, width)
             logits = torch.baddbmm(self.gate_bias.view(1, 1, 1), weight, xf.reshape(batch, width, -1))
             logits = logits.view(batch, 1, *xf.shape[2:])
-        return logits.sigmoid_() if self.sigmoid else logits.clamp_(0.0, 1.0)
+        return _open(logits, self.activation)
 
     def _sample_factor(self, reading: torch.Tensor) -> torch.Tensor:
         """``(B,)``: the sample gate on each sample's mean over the positions of ``reading``."""
-        column, bias, sigmoid, floor, scale = self.sample
+        column, bias, activation, floor, scale = self.sample
         logits = torch.matmul(mean_over_positions(reading, self.dim).float(), column).add_(bias)
-        opening = logits.sigmoid_() if sigmoid else logits.clamp_(0.0, 1.0)
+        opening = _open(logits, activation)
         if floor > 0.0:
             opening = opening.sub_(floor).clamp_(min=0.0)
         return opening.mul_(scale).view(-1) if scale != 1.0 else opening.view(-1)
@@ -192,9 +199,9 @@ class PreparedLayer:
             strength = torch.full((), float(strength), device=x.device)
         gate = (self.gate_column.view(-1), self.gate_bias) if gated else None
         floor, scale = (self.floor, self.gate_scale) if gated else (0.0, 1.0)
-        sigmoid = self.sigmoid if gated else True
+        activation = ACTIVATION_CODES[self.activation if gated else "sigmoid"]
         return fused_steer(
             x, self.bias, self.slope, self.support, gate, strength,
-            floor=floor, gate_scale=scale, sigmoid=sigmoid, channels_last=self.dim == -1, gate_input=reading,
+            floor=floor, gate_scale=scale, activation=activation, channels_last=self.dim == -1, gate_input=reading,
             sample_factor=factor,
         )  # fmt: skip
