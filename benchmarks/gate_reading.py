@@ -32,11 +32,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dsas_diffusion.diffusion.architectures import hook_points
 from dsas_diffusion.diffusion.loading import load_pipeline
-from dsas_diffusion.eval.diagnostic import roc_auc
+from dsas_diffusion.eval.diagnostic import mask_coverage, roc_auc
 from dsas_diffusion.shapes import TUNING_CONCEPTS, concept_prompts, make_concept_sets
 from dsas_diffusion.shapes.detect import ShapeJudge, colour_mask, concept_mask, read_objects, unprompted_concept
 from dsas_diffusion.steering.gate import fit_gate
@@ -106,12 +105,6 @@ def capture(pipe, names, prompts, seeds, concept, steps):
     return images, {name: {key: torch.cat(v) for key, v in parts.items()} for name, parts in kept.items()}
 
 
-def coverage(masks: torch.Tensor, positions: int) -> torch.Tensor:
-    """(images, positions): the share of each position's area inside the mask."""
-    side = round(positions**0.5)
-    return F.adaptive_avg_pool2d(masks.float().unsqueeze(1), (side, side)).flatten(1)
-
-
 def labelling(kind, acts, target_acts, mask_cover):
     """(positive, negative) boolean masks over the source positions (images, steps, positions)."""
     if kind == "mask":
@@ -155,7 +148,10 @@ def study(pipe, concept, args):
     for name in names:
         acts = {group: run[1][name] for group, run in runs.items()}
         positions = acts["source"]["in"].shape[2]
-        cover = {g: coverage(m, positions).unsqueeze(1).expand(acts[g]["in"].shape[:3]) for g, m in masks.items()}
+        cover = {
+            g: mask_coverage(m, (round(positions**0.5),) * 2).unsqueeze(1).expand(acts[g]["in"].shape[:3])
+            for g, m in masks.items()
+        }
         clean = (~shows).view(-1, 1, 1).expand(cover["empty"].shape)
         row = {"concept": concept, "layer": name, "positions": positions, "unasked_images": int(shows.sum())}
         for kind in LABELS:

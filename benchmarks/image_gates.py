@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from dsas_diffusion.diffusion.loading import load_pipeline
+from dsas_diffusion.diffusion.visual import image_grid
 from dsas_diffusion.eval.metrics import ClipScorer
 from dsas_diffusion.shapes import TUNING_CONCEPTS, ShapeJudge, concept_prompts, concepts_drawn, make_concept_sets
 from dsas_diffusion.shapes.detect import read_objects, unprompted_concept
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--strengths", type=float, nargs="+", default=[2, 4, 8])
     parser.add_argument("--empty-seeds", type=int, default=64)
-    parser.add_argument("--set", type=json.loads, default={}, help='fit settings for the image configurations, as JSON')
+    parser.add_argument("--set", type=json.loads, default={}, help="fit settings for the image configurations, as JSON")
     parser.add_argument("--out", type=Path, default=Path("outputs/image-gates"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -102,6 +103,13 @@ def main(argv: list[str] | None = None) -> None:
                     "others_sim": similarity(clip, [empty_images[i] for i in others], [base["empty"][i] for i in others]),
                 }  # fmt: skip
                 rows.append(row)
+                pictures = [base["named"][:8], named_images[:8], base["control"][:8], control_images[:8]]
+                unasked_ids = [i for i, s in enumerate(shows) if s][:8]
+                pictures += [[base["empty"][i] for i in unasked_ids], [empty_images[i] for i in unasked_ids]]
+                labels = ["named", "steered", "control", "steered", "unasked", "steered"]
+                image_grid(pictures, row_labels=labels, title=f"{concept}, {name}, λ {strength:g}").save(
+                    args.out / f"{concept}_{name}_{strength:g}.png"
+                )
                 left = "n/a" if row["unasked_left"] is None else f"{row['unasked_left']:.2f}"
                 print(f"| {concept} | {name} | {strength:g} | {row['named']:.2f} | {row['control_sim']:.3f} | "
                       f"{left} | {row['others_sim']:.3f} |", flush=True)  # fmt: skip

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dsas_diffusion.diffusion.loading import load_pipeline
+from dsas_diffusion.eval.diagnostic import mask_coverage
 from dsas_diffusion.eval.metrics import pixel_change_by_region
 from dsas_diffusion.shapes import TUNING_CONCEPTS, ShapeJudge, concept_prompts, concepts_drawn, make_concept_sets
 from dsas_diffusion.shapes.detect import colour_mask, concept_mask, read_objects, unprompted_concept
@@ -36,7 +36,7 @@ def render(pipe, steerer, prompts, seeds, masks=None, strength=0.0, start=0, ste
     inside ``masks`` from step ``start`` on."""
     handles, calls = [], {}
     if masks is not None:
-        pixels = torch.from_numpy(np.stack(masks)).float().unsqueeze(1)
+        pixels = torch.from_numpy(np.stack(masks))
         for layer in steerer.layers:
             vector = layer.map.bias.float()
 
@@ -45,7 +45,7 @@ def render(pipe, steerer, prompts, seeds, masks=None, strength=0.0, start=0, ste
                 if calls[name] <= start:
                     return None
                 side = round(output.shape[1] ** 0.5)
-                inside = (F.adaptive_avg_pool2d(pixels, (side, side)).flatten(1) > 0.25).float()
+                inside = (mask_coverage(pixels, (side, side)) > 0.25).float()
                 half = output.shape[0] // 2  # [unconditional; conditional]
                 steered = output.clone()
                 steered[half:] += strength * inside[:, :, None] * vector

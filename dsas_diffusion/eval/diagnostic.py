@@ -39,6 +39,7 @@ __all__ = [
     "capture_runs",
     "concept_fractions",
     "gate_separation",
+    "mask_coverage",
     "roc_auc",
     "single_layer_removal",
     "summarise_separation",
@@ -147,11 +148,19 @@ def concept_fractions(run: CapturedRun, concept: str) -> dict[str, torch.Tensor]
             for image, prompt in zip(run.images, run.image_prompts, strict=True)
         ]
     )
-    fractions = {}
-    for name, (rows, columns) in run.grids.items():
-        pooled = F.adaptive_avg_pool2d(masks.unsqueeze(1), (rows, columns)).squeeze(1)
-        fractions[name] = pooled.flatten(1)
-    return fractions
+    return {name: mask_coverage(masks, grid) for name, grid in run.grids.items()}
+
+
+def mask_coverage(masks: torch.Tensor | np.ndarray, grid: tuple[int, int]) -> torch.Tensor:
+    """``(images, rows * columns)``: the share of each position's area of a ``grid`` of
+    positions that lies inside each image's mask (``masks``: ``(images, height, width)``).
+
+    Examples:
+        >>> mask_coverage(torch.tensor([[[1, 1, 0, 0]] * 4]), (2, 2))
+        tensor([[1., 0., 1., 0.]])
+    """
+    masks = torch.as_tensor(masks).float()
+    return F.adaptive_avg_pool2d(masks.unsqueeze(1), tuple(grid)).flatten(1)
 
 
 def roc_auc(positive: torch.Tensor, negative: torch.Tensor) -> float:

@@ -12,7 +12,20 @@ from .gate import LinearGate
 from .hookpoints import HookPoint, feature_dim
 from .maps import SteeringMap
 
-__all__ = ["SteeringLayer", "mean_over_positions", "module_signature"]
+__all__ = ["SteeringLayer", "mean_over_positions", "module_signature", "same_positions"]
+
+
+def same_positions(a: torch.Tensor, b: torch.Tensor, dim: int) -> bool:
+    """Whether ``a`` and ``b`` have the same positions: equal shapes but for the features on ``dim``.
+
+    Examples:
+        >>> same_positions(torch.ones(2, 5, 3), torch.ones(2, 5, 8), -1), same_positions(torch.ones(2, 4, 3), torch.ones(2, 5, 3), -1)
+        (True, False)
+    """
+    if a.ndim != b.ndim:
+        return False
+    keep = [i for i in range(a.ndim) if i != dim % a.ndim]
+    return all(a.shape[i] == b.shape[i] for i in keep)
 
 
 def mean_over_positions(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -146,17 +159,12 @@ class SteeringLayer(nn.Module):
                 f"module {self.name!r} has an {what} of shape {tuple(x.shape)} but its gate reads "
                 f"{self.gate.width} features on dimension {dim}; this steering was made for another model"
             )
-        if output is not None:
-            positions = list(output.shape)
-            del positions[dim]
-            found = list(x.shape)
-            del found[dim]
-            if found != positions:
-                raise IncompatibleSteeringError(
-                    f"module {self.name!r}: its gate reads the input, of shape {tuple(x.shape)}, but the output "
-                    f"it steers has shape {tuple(output.shape)}; a gate can read the input only where both have "
-                    "the same positions (refit with gate_reads='output')"
-                )
+        if output is not None and not same_positions(x, output, dim):
+            raise IncompatibleSteeringError(
+                f"module {self.name!r}: its gate reads the input, of shape {tuple(x.shape)}, but the output "
+                f"it steers has shape {tuple(output.shape)}; a gate can read the input only where both have "
+                "the same positions (refit with gate_reads='output')"
+            )
         return x.float()
 
     def steer(

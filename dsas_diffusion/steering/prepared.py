@@ -17,7 +17,7 @@ import torch
 from .errors import ActivationError, IncompatibleSteeringError
 from .fused import ACTIVATION_CODES, fused_steer, uses_kernel
 from .hookpoints import feature_dim
-from .layer import mean_over_positions
+from .layer import mean_over_positions, same_positions
 
 __all__ = ["PreparedLayer"]
 
@@ -177,9 +177,7 @@ class PreparedLayer:
         positions of the output ``x``."""
         if gate_input is None:
             raise ActivationError(f"layer {self.name!r}: its gate reads the module's input; pass gate_input")
-        positions = x.shape[:1] + (x.shape[2:] if self.dim == 1 else x.shape[1:-1])
-        found = gate_input.shape[:1] + (gate_input.shape[2:] if self.dim == 1 else gate_input.shape[1:-1])
-        if gate_input.ndim != x.ndim or gate_input.shape[self.dim] != self.gate_width or found != positions:
+        if not same_positions(gate_input, x, self.dim) or gate_input.shape[self.dim] != self.gate_width:
             raise IncompatibleSteeringError(
                 f"module {self.name!r}: its gate reads the input, of shape {tuple(gate_input.shape)}, with "
                 f"{self.gate_width} features on dimension {self.dim} and the positions of the output it steers, "
