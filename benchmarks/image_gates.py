@@ -12,7 +12,8 @@ seed=7)``, seed 0) and on the empty prompt (seeds 0, 1, ...):
 * ``image@S``: the same, steering from ``S`` of the schedule on (``steering_steps=(S, 1)``).
 
 Reported per strength: *named*, the share of the named prompts' images in which the detector
-finds the concept; *control sim*, the mean CLIP similarity (shapes-clip) of control images to
+finds the concept; *named, CLIP*, shapes-clip's zero-shot probability that they show it (a
+second judge: the detector reads a crescent whose inner edge is filled in as a triangle); *control sim*, the mean CLIP similarity (shapes-clip) of control images to
 their unsteered selves; *unasked left*, the share of the empty prompt's images showing the concept
 that still show it; *others sim*, the similarity of the empty prompt's other images.
 
@@ -74,8 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     pipe.set_progress_bar_config(disable=True)
     judge, clip = ShapeJudge(), ClipScorer("shapes-clip")
     rows = []
-    print("| concept | gates | λ | named | control sim | unasked left | others sim |")
-    print("|---|---|---|---|---|---|---|")
+    print("| concept | gates | λ | named | named, CLIP | control sim | unasked left | others sim |")
+    print("|---|---|---|---|---|---|---|---|")
     for concept in args.concepts:
         sets = make_concept_sets(concept, seed=7)
         named, control = sets["eval_concept"][:16], sets["eval_control"][:16]
@@ -84,8 +85,10 @@ def main(argv: list[str] | None = None) -> None:
         base["empty"] = render(pipe, empty, empty_seeds, 0.0)
         shows = [bool(unprompted_concept(o, concept)) for o in read_objects(judge, base["empty"])]
         unsteered = float(np.mean(concepts_drawn(judge, base["named"], named, concept)))
-        print(f"| {concept} | unsteered | | {unsteered:.2f} | 1 | {sum(shows)} of {len(shows)} | 1 |")
-        rows.append({"concept": concept, "config": "unsteered", "named": unsteered, "unasked": sum(shows)})
+        presence = float(clip.concept_presence(base["named"], concept).mean())
+        print(f"| {concept} | unsteered | | {unsteered:.2f} | {presence:.2f} | 1 | {sum(shows)} of {len(shows)} | 1 |")
+        rows.append({"concept": concept, "config": "unsteered", "named": unsteered, "named_clip": presence,
+                     "unasked": sum(shows)})  # fmt: skip
         for name in args.configs:
             settings = {**CONFIGS[name], **(args.set if name.startswith("image") else {})}
             pipe.fit_steering(*concept_prompts(concept), progress=False, **settings)
@@ -98,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
                 row = {
                     "concept": concept, "config": name, "strength": strength,
                     "named": float(np.mean(concepts_drawn(judge, named_images, named, concept))),
+                    "named_clip": float(clip.concept_presence(named_images, concept).mean()),
                     "control_sim": similarity(clip, control_images, base["control"]),
                     "unasked_left": float(np.mean([f for f, s in zip(found, shows, strict=True) if s])) if any(shows) else None,
                     "others_sim": similarity(clip, [empty_images[i] for i in others], [base["empty"][i] for i in others]),
@@ -111,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
                     args.out / f"{concept}_{name}_{strength:g}.png"
                 )
                 left = "n/a" if row["unasked_left"] is None else f"{row['unasked_left']:.2f}"
-                print(f"| {concept} | {name} | {strength:g} | {row['named']:.2f} | {row['control_sim']:.3f} | "
+                print(f"| {concept} | {name} | {strength:g} | {row['named']:.2f} | {row['named_clip']:.2f} | "
+                      f"{row['control_sim']:.3f} | "
                       f"{left} | {row['others_sim']:.3f} |", flush=True)  # fmt: skip
             pipe.unload_steering()
             (args.out / "image_gates.json").write_text(json.dumps(rows, indent=1))

@@ -9,6 +9,8 @@ gate is an oracle: no fitted gate locates the object better. Steering starts at 
 Measured on 16 development prompts (``make_concept_sets(concept, seed=7)``, seed 0) and on the
 empty prompt's images (seeds 0, 1, ...) that show the concept:
 * *named*: the share of the prompts' images in which the detector still finds the concept;
+* *CLIP*: shapes-clip's zero-shot probability that the named prompts' images show it (a second
+  judge: the detector reads a crescent whose inner edge is filled in as a triangle);
 * *unasked left*: the share of the empty prompt's images showing the concept that still show it;
 * *outside Δ*: the mean pixel change (0–255) outside the concept's mask.
 
@@ -25,8 +27,9 @@ import numpy as np
 import torch
 
 from dsas_diffusion.diffusion.loading import load_pipeline
+from dsas_diffusion.diffusion.visual import image_grid
 from dsas_diffusion.eval.diagnostic import mask_coverage
-from dsas_diffusion.eval.metrics import pixel_change_by_region
+from dsas_diffusion.eval.metrics import ClipScorer, pixel_change_by_region
 from dsas_diffusion.shapes import TUNING_CONCEPTS, ShapeJudge, concept_prompts, concepts_drawn, make_concept_sets
 from dsas_diffusion.shapes.detect import colour_mask, concept_mask, read_objects, unprompted_concept
 
@@ -79,10 +82,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     pipe = load_pipeline("shapes-sd")
     pipe.set_progress_bar_config(disable=True)
-    judge = ShapeJudge()
+    judge, clip = ShapeJudge(), ClipScorer("shapes-clip")
     rows = []
-    print("| concept | from step | λ | named | outside Δ, named | unasked left | outside Δ, unasked |")
-    print("|---|---|---|---|---|---|---|")
+    print("| concept | from step | λ | named | CLIP | outside Δ, named | unasked left | outside Δ, unasked |")
+    print("|---|---|---|---|---|---|---|---|")
     for concept in args.concepts:
         steerer = pipe.fit_steering(*concept_prompts(concept), gate_threshold=None, progress=False)
         pipe.unload_steering()
@@ -99,8 +102,9 @@ def main(argv: list[str] | None = None) -> None:
         unasked_base, unasked_masks = [empty_base[i] for i in shows], [found[i] for i in shows]
         row = {"concept": concept, "start": None, "strength": 0.0, "unasked_images": len(shows)}
         row["named"] = float(np.mean(concepts_drawn(judge, base, named, concept)))
+        row["clip"] = float(clip.concept_presence(base, concept).mean())
         rows.append(row)
-        print(f"| {concept} | unsteered | | {row['named']:.2f} | | 1.00 of {len(shows)} | |")
+        print(f"| {concept} | unsteered | | {row['named']:.2f} | {row['clip']:.2f} | | 1.00 of {len(shows)} | |")
         for start in args.starts:
             for strength in args.strengths:
                 images = render(pipe, steerer, named, seeds, masks, strength, start)
@@ -109,12 +113,17 @@ def main(argv: list[str] | None = None) -> None:
                 row = {
                     "concept": concept, "start": start, "strength": strength,
                     "named": float(np.mean(concepts_drawn(judge, images, named, concept))),
+                    "clip": float(clip.concept_presence(images, concept).mean()),
                     "outside_named": outside(images, base, masks),
                     "unasked_left": float(np.mean(left)) if left else float("nan"),
                     "outside_unasked": outside(steered, unasked_base, unasked_masks) if left else float("nan"),
                 }  # fmt: skip
                 rows.append(row)
-                print(f"| {concept} | {start} | {strength:g} | {row['named']:.2f} | {row['outside_named']:.1f} | "
+                image_grid([base[:8], images[:8]], row_labels=["named", "steered"]).save(
+                    args.out / f"{concept}_{start}_{strength:g}.png"
+                )
+                print(f"| {concept} | {start} | {strength:g} | {row['named']:.2f} | {row['clip']:.2f} | "
+                      f"{row['outside_named']:.1f} | "
                       f"{row['unasked_left']:.2f} | {row['outside_unasked']:.1f} |")  # fmt: skip
     (args.out / "oracle_gates.json").write_text(json.dumps(rows, indent=1))
 
