@@ -126,7 +126,8 @@ class FitConfig:
             reach ``concept_level`` (where the fit allows both).
         steering_steps: the saved default ``(start, end)`` window of denoising steps a pipeline
             steers in, as fractions of the schedule (``None``: every step); a call's
-            ``steering_steps`` overrides it.
+            ``steering_steps`` overrides it. As with a call's window, steered calls on a
+            compiled denoiser then run eagerly.
         gate_calibration: ``"none"``, ``"control-positions"`` (lower each gate's bias so that
             at most ``1 - calibration_quantile`` of control positions open it past 0.05) or
             ``"two-sided"`` (also put the median concept position at ``concept_level``).

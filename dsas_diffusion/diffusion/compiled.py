@@ -44,8 +44,9 @@ _PROBE_DROPS = ("callback_on_step_end", "callback", "callback_steps", "generator
 
 def needs_eager_call(*, return_gate_maps: bool, stepped: bool, separate_cond: bool) -> bool:
     """Whether a steered call on a compiled denoiser runs eagerly: gate maps record every gate
-    value, a step window (``stepped``: the call's or a steerer's) switches steering per denoising step, and a separate
-    conditional call is told from the unconditional one per call; none of these is traced."""
+    value, a step window (``stepped``: the call's or a steerer's) switches steering per
+    denoising step, and a separate conditional call is told from the unconditional one per
+    call; none of these is traced."""
     return return_gate_maps or stepped or separate_cond
 
 

@@ -75,7 +75,7 @@ class PreparedLayer:
         #: the sample gate, on the mean over each sample's positions: (weight, bias) and its
         #: activation, floor and scale, or ``None``
         self.sample = None
-        sample = getattr(layer, "sample_gate", None)
+        sample = layer.sample_gate
         if sample is not None:
             self.sample = (vector(sample.weight).view(-1, 1), vector(sample.bias), sample.activation,
                            sample.floor, sample.scale / (1.0 - sample.floor))  # fmt: skip
