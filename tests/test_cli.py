@@ -1,5 +1,6 @@
 """The `dsas` command on shapes-sd: fit from prompt files, then generate a comparison grid."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -29,8 +30,10 @@ def test_fit_then_generate_compare(tmp_path, capsys):
     control = _write(tmp_path / "c.txt", [f"a {c} square on a {b} background" for c, b in pairs])
     out = tmp_path / "steering"
     main(["fit", "--model", "shapes-sd", "--source", str(source), "--target", str(target), "--control", str(control),
-          "--map", "caa", "--steps", "4", "--out", str(out)])  # fmt: skip
+          "--map", "caa", "--steps", "4", "--sample-gate", "--steering-steps", "0.2,1", "--out", str(out)])  # fmt: skip
     assert (out / "steering_config.json").is_file() and (out / "steering.safetensors").is_file()
+    saved = json.loads((out / "steering_config.json").read_text())
+    assert saved["config"]["steering_steps"] == [0.2, 1.0] and all(layer["sample_gate"] for layer in saved["layers"])
     grid = tmp_path / "grid.png"
     main(["generate", "--model", "shapes-sd", "--steering", str(out), "--prompt", "a yellow banana on a gray background",
           "--prompt", "a red square on a white background", "--steps", "5", "--compare", "--out", str(grid)])  # fmt: skip
@@ -103,6 +106,7 @@ def test_every_user_error_is_one_line_and_a_non_zero_exit(tmp_path, capsys):
         (["--collect-steps", "abc"], "expected 'all' or step indices"),
         (["--steps", "0"], "must be at least 1"),
         (["--components", "0"], "must be at least 1"),
+        (["--steering-steps", "0.5,0.2"], "expected 0 <= start < end <= 1"),
     ],
 )
 def test_bad_numbers_are_refused_by_the_parser(tmp_path, capsys, option, message):
