@@ -193,11 +193,12 @@ def test_gates_reading_the_attention_input_steer_a_compiled_denoiser_as_eager(fa
     graph breaks and recompiles."""
     tiny, _, _ = families("sd3")
     pipe, steerer = fit_reading_input(tiny, window=None)  # a step window would run the calls eagerly
-    references = {strength: _run(pipe, tiny, steering_strength=strength) for strength in (1.0, 3.0)}
+    low, high = 4.0, 16.0  # the sample gates, calibrated on random weights, open little
+    references = {strength: _run(pipe, tiny, steering_strength=strength) for strength in (low, high)}
     close = dict(atol=1e-4, rtol=0)
     with compiled_pipeline(tiny, steerer, "in-place") as compiled:
-        np.testing.assert_allclose(_run(compiled, tiny, steering_strength=1.0), references[1.0], **close)
+        np.testing.assert_allclose(_run(compiled, tiny, steering_strength=low), references[low], **close)
         warm = _graphs()
-        np.testing.assert_allclose(_run(compiled, tiny, steering_strength=3.0), references[3.0], **close)
+        np.testing.assert_allclose(_run(compiled, tiny, steering_strength=high), references[high], **close)
         assert _graphs() == warm and sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
-    assert np.abs(references[3.0] - references[1.0]).max() > 10 * close["atol"]
+    assert np.abs(references[high] - references[low]).max() > 10 * close["atol"]
