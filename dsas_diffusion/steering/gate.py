@@ -16,7 +16,23 @@ __all__ = [
     "calibrate_gate_two_sided",
     "fit_gate",
     "gate_accuracy_scale",
+    "gate_opening",
 ]
+
+
+def gate_opening(logits: torch.Tensor, activation: str, *, inplace: bool = False) -> torch.Tensor:
+    """A gate's opening in [0, 1] from its logits: a sigmoid, a ReLU clipped at 1, or a step
+    (1 above 0, else 0; NaN gives 0); ``inplace`` overwrites ``logits`` where it can.
+
+    Examples:
+        >>> gate_opening(torch.tensor([-1.0, 0.5, 2.0]), "relu"), gate_opening(torch.tensor([-1.0, 0.5]), "step")
+        (tensor([0.0000, 0.5000, 1.0000]), tensor([0., 1.]))
+    """
+    if activation == "step":
+        return (logits > 0).to(logits.dtype)
+    if activation == "sigmoid":
+        return logits.sigmoid_() if inplace else torch.sigmoid(logits)
+    return logits.clamp_(0.0, 1.0) if inplace else logits.clamp(0.0, 1.0)
 
 
 class LinearGate(nn.Module):
@@ -85,10 +101,7 @@ class LinearGate(nn.Module):
 
     def opening(self, x: torch.Tensor, feature_dim: int = -1) -> torch.Tensor:
         """``g(weight . x + bias)`` in [0, 1] at every position, before the floor and scale."""
-        logits = self.logits(x, feature_dim)
-        if self.activation == "step":
-            return (logits > 0).to(logits.dtype)
-        return torch.sigmoid(logits) if self.activation == "sigmoid" else logits.clamp(0.0, 1.0)
+        return gate_opening(self.logits(x, feature_dim), self.activation)
 
     def forward(self, x: torch.Tensor, feature_dim: int = -1) -> torch.Tensor:
         value = self.opening(x, feature_dim)

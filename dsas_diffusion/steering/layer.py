@@ -9,10 +9,10 @@ from torch import nn
 
 from .errors import ActivationError, IncompatibleSteeringError
 from .gate import LinearGate
-from .hookpoints import HookPoint, feature_dim
+from .hookpoints import HookPoint, feature_dim, pool
 from .maps import SteeringMap
 
-__all__ = ["SteeringLayer", "mean_over_positions", "module_signature", "same_positions"]
+__all__ = ["SteeringLayer", "module_signature", "same_positions"]
 
 
 def same_positions(a: torch.Tensor, b: torch.Tensor, dim: int) -> bool:
@@ -26,18 +26,6 @@ def same_positions(a: torch.Tensor, b: torch.Tensor, dim: int) -> bool:
         return False
     keep = [i for i in range(a.ndim) if i != dim % a.ndim]
     return all(a.shape[i] == b.shape[i] for i in keep)
-
-
-def mean_over_positions(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """``(B, C)``: each sample's mean over its positions, ``dim`` being the features'.
-
-    Examples:
-        >>> mean_over_positions(torch.ones(2, 3, 5, 5), 1).shape, mean_over_positions(torch.ones(2, 7, 3), -1).shape
-        (torch.Size([2, 3]), torch.Size([2, 3]))
-    """
-    if dim == -1:
-        return x.mean(dim=tuple(range(1, x.ndim - 1))) if x.ndim > 2 else x
-    return x.flatten(2).mean(2)
 
 
 def _adapter_wrapper(module: nn.Module) -> bool:
@@ -147,7 +135,9 @@ class SteeringLayer(nn.Module):
         values = self.gate(reading, dim)
         if self.sample_gate is None:
             return values
-        return values * self.sample_gate(mean_over_positions(reading, dim)).view((-1,) + (1,) * (reading.ndim - 1))
+        # the mean over positions, as the rows it was fitted on were pooled
+        sample = self.sample_gate(pool(reading, self.hook_point.layout))
+        return values * sample.view((-1,) + (1,) * (reading.ndim - 1))
 
     def _gate_reading(self, x: torch.Tensor, output: torch.Tensor | None) -> torch.Tensor:
         """``x`` (what the gate reads), checked against the gate's width and, for a gate

@@ -12,21 +12,17 @@ calls. On CUDA with Triton installed it steers with one kernel instead (:mod:`.f
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from .errors import ActivationError, IncompatibleSteeringError
 from .fused import ACTIVATION_CODES, fused_steer, uses_kernel
-from .hookpoints import feature_dim
-from .layer import mean_over_positions, same_positions
+from .gate import gate_opening
+from .hookpoints import feature_dim, pool
+from .layer import same_positions
 
 __all__ = ["PreparedLayer"]
-
-
-def _open(logits: torch.Tensor, activation: str) -> torch.Tensor:
-    """The gate's opening from its logits (in place where the activation allows)."""
-    if activation == "step":
-        return (logits > 0).to(logits.dtype)
-    return logits.sigmoid_() if activation == "sigmoid" else logits.clamp_(0.0, 1.0)
 
 
 class PreparedLayer:
@@ -72,13 +68,10 @@ class PreparedLayer:
             self.floor = gate.floor
             #: s(t) = gate_scale · max(0, g − floor) with g the opening
             self.gate_scale = gate.scale / (1.0 - gate.floor)
-        #: the sample gate, on the mean over each sample's positions: (weight, bias) and its
-        #: activation, floor and scale, or ``None``
-        self.sample = None
-        sample = layer.sample_gate
-        if sample is not None:
-            self.sample = (vector(sample.weight).view(-1, 1), vector(sample.bias), sample.activation,
-                           sample.floor, sample.scale / (1.0 - sample.floor))  # fmt: skip
+        #: a copy of the sample gate on the device, or ``None`` (one small product per sample)
+        self.sample_gate = None
+        if layer.sample_gate is not None:
+            self.sample_gate = copy.deepcopy(layer.sample_gate).to(device=device, dtype=torch.float32)
         #: steer with the fused kernel (CUDA with Triton; see :mod:`.fused`)
         self.kernel = uses_kernel(device)
         # the layer's tensors viewed to broadcast over activations of 2 to 5 dimensions
@@ -104,16 +97,7 @@ class PreparedLayer:
             weight = self.gate_column.view(1, 1, width).expand(batch, 1, width)
             logits = torch.baddbmm(self.gate_bias.view(1, 1, 1), weight, xf.reshape(batch, width, -1))
             logits = logits.view(batch, 1, *xf.shape[2:])
-        return _open(logits, self.activation)
-
-    def _sample_factor(self, reading: torch.Tensor) -> torch.Tensor:
-        """``(B,)``: the sample gate on each sample's mean over the positions of ``reading``."""
-        column, bias, activation, floor, scale = self.sample
-        logits = torch.matmul(mean_over_positions(reading, self.dim).float(), column).add_(bias)
-        opening = _open(logits, activation)
-        if floor > 0.0:
-            opening = opening.sub_(floor).clamp_(min=0.0)
-        return opening.mul_(scale).view(-1) if scale != 1.0 else opening.view(-1)
+        return gate_opening(logits, self.activation, inplace=True)
 
     def __call__(
         self,
@@ -139,8 +123,8 @@ class PreparedLayer:
         if gated and self.reads_input:
             reading = self._checked_input(gate_input, x)
         factor = None
-        if gated and self.sample is not None:
-            factor = self._sample_factor(x if reading is None else reading)
+        if gated and self.sample_gate is not None:  # (B,): the sample gate on each sample's mean
+            factor = self.sample_gate(pool(x if reading is None else reading, self.layout)).view(-1)
         if self.kernel and not (x.requires_grad and torch.is_grad_enabled()):
             if x.device.type == "cuda" or not torch.compiler.is_compiling():  # CPU: only the interpreter
                 return self._fused(x, strength, gated, reading, factor)
