@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from .app.options import add_server_arguments, at_least_one
-from .config import FitConfig
+from .config import FitConfig, is_step_window
 from .eval.command import add_arguments as add_eval_arguments
 from .names import CFG_MODES, DIFFUSION_PRESETS, GATE_READS, MAP_NAMES, TEXT_PRESETS
 
@@ -58,7 +58,7 @@ def _window(text: str) -> tuple[float, float]:
         raise argparse.ArgumentTypeError(
             f"expected start,end fractions of the schedule like 0.5,1, got {text!r}"
         ) from None
-    if not 0 <= start < end <= 1:
+    if not is_step_window((start, end)):
         raise argparse.ArgumentTypeError(f"expected 0 <= start < end <= 1, got {text!r}")
     return start, end
 

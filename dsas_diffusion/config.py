@@ -36,7 +36,7 @@ from .names import (
     MAP_NAMES,
 )
 
-__all__ = ["FitConfig", "LinEASConfig"]
+__all__ = ["FitConfig", "LinEASConfig", "is_step_window"]
 
 MapName = Literal["caa", "iti", "linear-act", "lineas"]
 GateKind = Literal["dsas", "none", "e2e"]
@@ -89,6 +89,21 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_step_window(value: Any) -> bool:
+    """Whether ``value`` is a ``(start, end)`` window of the denoising schedule: two finite
+    numbers with ``0 <= start < end <= 1``.
+
+    Examples:
+        >>> is_step_window((0.5, 1)), is_step_window([0.5, 0.2]), is_step_window(None)
+        (True, False, False)
+    """
+    try:
+        start, end = value
+    except (TypeError, ValueError):
+        return False
+    return _is_number(start) and _is_number(end) and 0 <= start < end <= 1
 
 
 @dataclass(frozen=True)
@@ -286,7 +301,7 @@ class FitConfig:
         _check(_is_number(self.strength), f"strength must be a finite number, got {self.strength!r}")
         steps = self.steering_steps
         _check(
-            steps is None or (len(steps) == 2 and all(_is_number(v) for v in steps) and 0 <= steps[0] < steps[1] <= 1),
+            steps is None or is_step_window(steps),
             f"steering_steps must be None or (start, end) with 0 <= start < end <= 1, got {steps!r}",
         )
         _check(

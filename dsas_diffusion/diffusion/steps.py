@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import nn
 
+from ..config import is_step_window
 from ..steering import SteeringError
 from ..steering.hooks import SteeringSession
 from .collect import timestep_key
@@ -30,7 +31,7 @@ def check_step_window(window: Sequence[float] | None) -> tuple[float, float] | N
         start, end = (float(v) for v in window)
     except (TypeError, ValueError):
         raise SteeringError(f"steering_steps must be (start, end) fractions of the schedule, got {window!r}") from None
-    if not 0.0 <= start < end <= 1.0:
+    if not is_step_window((start, end)):
         raise SteeringError(f"steering_steps must satisfy 0 <= start < end <= 1, got {window!r}; e.g. (0, 0.5)")
     return start, end
 

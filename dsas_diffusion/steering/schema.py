@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..config import is_step_window
 from ..names import GATE_ACTIVATIONS, GATE_READS
 from .errors import SteeringFileError
 from .hooks import STRENGTH_LIMIT
@@ -69,12 +70,7 @@ def check_config(config: Any, where: str) -> None:
     if bound is not None and not (_number(bound) and bound > 0):
         raise _fail(where, "config.max_strength", f"must be a positive finite number or null, got {bound!r}")
     window = config.get("config", {}).get("steering_steps")
-    if window is not None and not (
-        isinstance(window, list)
-        and len(window) == 2
-        and all(_number(v) for v in window)
-        and 0 <= window[0] < window[1] <= 1
-    ):
+    if window is not None and not (isinstance(window, list) and is_step_window(window)):
         raise _fail(
             where, "config.steering_steps", f"must be null or [start, end] with 0 <= start < end <= 1, got {window!r}"
         )
