@@ -85,12 +85,11 @@ def _layer_tensors(layers: Sequence[SteeringLayer]) -> dict[str, torch.Tensor]:
         if layer.map.has_support:
             tensors[f"{prefix}.map.support_lo"] = layer.map.support_lo
             tensors[f"{prefix}.map.support_hi"] = layer.map.support_hi
-        if layer.gate is not None:
-            tensors[f"{prefix}.gate.weight"] = layer.gate.weight.detach()
-            tensors[f"{prefix}.gate.bias"] = layer.gate.bias.detach().reshape(1)
-        if layer.sample_gate is not None:
-            tensors[f"{prefix}.sample_gate.weight"] = layer.sample_gate.weight.detach()
-            tensors[f"{prefix}.sample_gate.bias"] = layer.sample_gate.bias.detach().reshape(1)
+        for kind in GATE_KINDS:
+            gate = getattr(layer, kind)
+            if gate is not None:
+                tensors[f"{prefix}.{kind}.weight"] = gate.weight.detach()
+                tensors[f"{prefix}.{kind}.bias"] = gate.bias.detach().reshape(1)
     return {key: value.float().cpu().contiguous() for key, value in tensors.items()}
 
 
