@@ -9,7 +9,11 @@ seed=7)``, seed 0) and on the empty prompt (seeds 0, 1, ...):
 * ``image``: gates on each cross-attention's query input, fitted on the positions located by
   contrast with the paired target, calibrated two-sided at the 90% quantile of control
   positions, times a sample gate on the image's mean query input (``sample_gate=True``);
-* ``image@S``: the same, steering from ``S`` of the schedule on (``steering_steps=(S, 1)``).
+* ``image@S``: the same, steering from ``S`` of the schedule on (``steering_steps=(S, 1)``);
+* ``decided``: ``image@0.48`` with one decision per image in place of the per-layer sample
+  gates (``sample_decision="accumulated"``): the mean of every layer's scaled sample-gate logit
+  over the steps before the window, above all of the control prompts' images (2 seeds each);
+  ``decided@0.95``: above 95% of them.
 
 Reported per strength: *named*, the share of the named prompts' images in which the detector
 finds the concept; *named, CLIP*, shapes-clip's zero-shot probability that they show it (a
@@ -39,11 +43,15 @@ IMAGE = dict(
     gate_reads="input", gate_fit_on="contrast", gate_activation="step", gate_calibration="control-positions",
     calibration_quantile=0.9, sample_gate=True, n_components=16, gate_threshold=None,
 )  # fmt: skip
+#: one decision per image from the steps before 0.48 of the schedule, calibrated on the 25 steps rendered here
+DECIDED = dict(steering_steps=(0.48, 1.0), sample_decision="accumulated", decision_inference_steps=25)
 CONFIGS = {
     "output": {},
     "image": IMAGE,
     "image@0.2": {**IMAGE, "steering_steps": (0.2, 1.0)},
     "image@0.48": {**IMAGE, "steering_steps": (0.48, 1.0)},
+    "decided": {**IMAGE, **DECIDED},
+    "decided@0.95": {**IMAGE, **DECIDED, "decision_quantile": 0.95},
 }
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from .app.options import add_server_arguments, at_least_one
 from .config import FitConfig, is_step_window
 from .eval.command import add_arguments as add_eval_arguments
-from .names import CFG_MODES, DIFFUSION_PRESETS, GATE_READS, MAP_NAMES, TEXT_PRESETS
+from .names import CFG_MODES, DIFFUSION_PRESETS, GATE_READS, MAP_NAMES, SAMPLE_DECISIONS, TEXT_PRESETS
 
 __all__ = ["build_parser", "main"]
 
@@ -133,6 +133,8 @@ def _fit(args: argparse.Namespace) -> None:
     chosen |= {"gate_reads": args.gate_reads, "steering_steps": args.steering_steps}
     if args.sample_gate:
         chosen["sample_gate"] = True
+    if args.sample_decision == "accumulated":
+        chosen |= {"sample_decision": "accumulated", "decision_inference_steps": args.decision_steps}
     steerer = pipe.fit_steering(
         source,
         target,
@@ -273,6 +275,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--sample-gate",
         action="store_true",
         help="pipelines: also gate each image as a whole (a gate on the mean over its positions)",
+    )
+    fit.add_argument(
+        "--sample-decision",
+        choices=SAMPLE_DECISIONS,
+        help="pipelines, with --sample-gate: each layer's sample gate decides (per-layer, default), or one "
+        "decision per image from every layer over the steps before --steering-steps (accumulated)",
+    )
+    fit.add_argument(
+        "--decision-steps",
+        type=at_least_one,
+        default=25,
+        help="with --sample-decision accumulated: the schedule its decision is calibrated on, as generated "
+        "(default 25, as dsas generate)",
     )
     fit.add_argument(
         "--steering-steps",

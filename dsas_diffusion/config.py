@@ -34,6 +34,7 @@ from .names import (
     GATE_FIT_ON,
     GATE_READS,
     MAP_NAMES,
+    SAMPLE_DECISIONS,
 )
 
 __all__ = ["FitConfig", "LinEASConfig", "is_step_window"]
@@ -44,6 +45,7 @@ GateFitOn = Literal["pooled", "positions", "contrast"]
 GateReads = Literal["output", "input"]
 GateCalibration = Literal["none", "control-positions", "two-sided"]
 GateActivation = Literal["sigmoid", "relu", "step"]
+SampleDecision = Literal["per-layer", "accumulated"]
 OnNoGate = Literal["raise", "warn"]
 ItiProbe = Literal["logistic", "mean_diff"]
 
@@ -139,6 +141,14 @@ class FitConfig:
             the gate at every position. Calibrated so that ``1 - sample_quantile`` of control
             samples open it past 0.05 and the lowest ``sample_concept_quantile`` of source samples
             reach ``concept_level`` (where the fit allows both).
+        sample_decision: with sample gates, ``"per-layer"`` (each layer's sample gate scales its
+            own gates at every step) or ``"accumulated"`` (diffusion pipelines: one decision per
+            image, steer or not, from the mean of every layer's standardised sample-gate logit
+            over the denoising steps before ``steering_steps``, whose start must then be above
+            0; its threshold is the ``decision_quantile`` of the control prompts' images,
+            rendered with ``decision_seeds`` seeds each on a schedule of
+            ``decision_inference_steps``, ``None`` for the pipeline's default: the evidence
+            depends on the schedule, so calibrate on the one you generate with).
         steering_steps: the saved default ``(start, end)`` window of denoising steps a pipeline
             steers in, as fractions of the schedule (``None``: every step); a call's
             ``steering_steps`` overrides it. As with a call's window, steered calls on a
@@ -173,6 +183,10 @@ class FitConfig:
     sample_gate: bool = False
     sample_quantile: float = 0.99
     sample_concept_quantile: float = 0.25
+    sample_decision: SampleDecision = "per-layer"
+    decision_quantile: float = 1.0
+    decision_seeds: int = 2
+    decision_inference_steps: int | None = None
     steering_steps: tuple[float, float] | None = None
     gate_calibration: GateCalibration = "none"
     calibration_quantile: float = 0.99
@@ -251,6 +265,7 @@ class FitConfig:
             ("gate_reads", GATE_READS),
             ("gate_calibration", GATE_CALIBRATIONS),
             ("gate_activation", GATE_ACTIVATIONS),
+            ("sample_decision", SAMPLE_DECISIONS),
             ("on_no_gate", get_args(OnNoGate)),
             ("iti_probe", get_args(ItiProbe)),
         ):
@@ -268,7 +283,7 @@ class FitConfig:
             _is_number(self.gate_floor) and 0.0 <= self.gate_floor < 1.0,
             f"gate_floor must lie in [0, 1), got {self.gate_floor!r}",
         )
-        for name, low in (("n_components", 1), ("cv_folds", 2), ("positions_per_sample", 1)):
+        for name, low in (("n_components", 1), ("cv_folds", 2), ("positions_per_sample", 1), ("decision_seeds", 1)):
             value = getattr(self, name)
             _check(_is_int(value) and value >= low, f"{name} must be an integer >= {low}, got {value!r}")
         _check(
@@ -311,6 +326,21 @@ class FitConfig:
         _check(
             not self.sample_gate or self.gate == "dsas",
             "sample_gate=True fits a second DSAS gate per layer: use it with gate='dsas'",
+        )
+        _check(
+            self.decision_inference_steps is None
+            or (_is_int(self.decision_inference_steps) and self.decision_inference_steps >= 2),
+            f"decision_inference_steps must be None or an integer >= 2, got {self.decision_inference_steps!r}",
+        )
+        _check(
+            _is_number(self.decision_quantile) and 0 < self.decision_quantile <= 1,
+            f"decision_quantile must lie in (0, 1], got {self.decision_quantile!r}",
+        )
+        _check(
+            self.sample_decision == "per-layer"
+            or (self.sample_gate and self.steering_steps is not None and self.steering_steps[0] > 0),
+            "sample_decision='accumulated' decides from the sample gates over the denoising steps before "
+            "steering: use it with sample_gate=True and steering_steps starting after 0, e.g. (0.5, 1.0)",
         )
         _check(
             self.gate_reads == "output" or (self.gate == "dsas" and not self.incremental_gates),

@@ -20,6 +20,7 @@ __all__ = [
     "GATE_READS",
     "MAP_NAMES",
     "RENDER_MODES",
+    "SAMPLE_DECISIONS",
     "TEXT_PRESETS",
 ]
 
@@ -43,6 +44,9 @@ GATE_FIT_ON = ("pooled", "positions", "contrast")
 #: published) or the module's input (e.g. a cross-attention's query input: the image stream
 #: before the prompt enters it)
 GATE_READS = ("output", "input")
+#: who decides whether a sample is steered at all, with sample gates: each layer's own sample
+#: gate, or one decision per sample from every layer over the denoising steps before steering
+SAMPLE_DECISIONS = ("per-layer", "accumulated")
 #: how a fitted gate is recalibrated on single positions
 GATE_CALIBRATIONS = ("none", "control-positions", "two-sided")
 #: which half of a classifier-free-guidance batch is steered

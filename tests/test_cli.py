@@ -30,10 +30,12 @@ def test_fit_then_generate_compare(tmp_path, capsys):
     control = _write(tmp_path / "c.txt", [f"a {c} square on a {b} background" for c, b in pairs])
     out = tmp_path / "steering"
     main(["fit", "--model", "shapes-sd", "--source", str(source), "--target", str(target), "--control", str(control),
-          "--map", "caa", "--steps", "4", "--sample-gate", "--steering-steps", "0.2,1", "--out", str(out)])  # fmt: skip
+          "--map", "caa", "--steps", "4", "--sample-gate", "--steering-steps", "0.2,1", "--sample-decision", "accumulated",
+          "--decision-steps", "5", "--out", str(out)])  # fmt: skip
     assert (out / "steering_config.json").is_file() and (out / "steering.safetensors").is_file()
     saved = json.loads((out / "steering_config.json").read_text())
     assert saved["config"]["steering_steps"] == [0.2, 1.0] and all(layer["sample_gate"] for layer in saved["layers"])
+    assert saved["config"]["decision"]["num_inference_steps"] == 5  # calibrated on the schedule generated with
     grid = tmp_path / "grid.png"
     main(["generate", "--model", "shapes-sd", "--steering", str(out), "--prompt", "a yellow banana on a gray background",
           "--prompt", "a red square on a white background", "--steps", "5", "--compare", "--out", str(grid)])  # fmt: skip

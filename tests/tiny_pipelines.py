@@ -239,16 +239,16 @@ def fit(tiny: Tiny):
     return pipe, steerer
 
 
-def fit_reading_input(tiny: Tiny, window: tuple[float, float] | None = (0.5, 1.0)):
+def fit_reading_input(tiny: Tiny, window: tuple[float, float] | None = (0.5, 1.0), **settings: Any):
     """A DSAS pipeline of the family with a CAA steerer whose gates read each cross-attention's
-    (joint attention's) input, with sample gates and the saved step ``window``, fitted cheaply (2 steps, one collected): ``(pipe, steerer)``."""
+    (joint attention's) input, with sample gates and the saved step ``window``, fitted cheaply
+    (2 steps, one collected; ``settings`` override the fit's): ``(pipe, steerer)``."""
     pipe = tiny.dsas()
     pipe.set_progress_bar_config(disable=True)
     extra = {k: v for k, v in tiny.call_kwargs.items() if k not in ("height", "width", "num_inference_steps")}
     steerer = pipe.fit_steering(
         SOURCE, TARGET, CONTROL, gate_reads="input", sample_gate=True, steering_steps=window,
         num_inference_steps=2, collect_steps=(0,), batch_size=6, n_components=4, gate_threshold=None, gate_floor=0.0,
-        progress=False,
-        pipeline_kwargs={"height": 32, "width": 32, **extra},
+        progress=False, pipeline_kwargs={"height": 32, "width": 32, **extra}, **settings,
     )  # fmt: skip
     return pipe, steerer

@@ -47,6 +47,7 @@ from ..steering.resident import drop_resident, resident_for
 from .architectures import hook_points as preset_hook_points
 from .collect import ImageStreamCheck, check_image_stream, record_denoiser_calls, run_denoiser_call
 from .compiled import CompiledSteering, checked_steerers, needs_eager_call, steer_compiled
+from .decision import calibrate_sample_decision, check_decision_call
 from .gatemaps import map_size, session_gate_maps
 from .guards import (
     FiniteOutputCheck,
@@ -209,6 +210,16 @@ class DSASPipelineMixin(SteererRegistry):
                 provenance=provenance,
                 progress=progress,
             )
+            if config.sample_decision == "accumulated":  # observed on the conditional rows, as steered
+                extra = dict(pipeline_kwargs or {})
+                guided, batched = self._guidance_on(extra), self.dsas_cfg_layout == "batched"
+                calibrate_sample_decision(
+                    self, steerer, control_prompts, config,
+                    rows=CONDITIONAL_HALF if guided and batched else None, separate_cond=guided and not batched,
+                    num_inference_steps=config.decision_inference_steps or self._call_default("num_inference_steps"),
+                    batch_size=batch_size, progress=progress,
+                    pipeline_kwargs=extra,
+                )  # fmt: skip
         return self._register(name, steerer)
 
     # -- generation ------------------------------------------------------------------------
@@ -311,6 +322,8 @@ class DSASPipelineMixin(SteererRegistry):
         window = check_step_window(steering_steps)
         # each steerer's saved window where the call names none
         windows = {name: window or steerer.steering_steps for name, steerer in active.items()}
+        steps = kwargs.get("num_inference_steps") or self._call_default("num_inference_steps")
+        check_decision_call(active, windows, steering_gate, steps)
         separate_cond = steering_cfg == "cond" and guidance and self.dsas_cfg_layout != "batched"
         checked = checked_steerers(self)
         stepped = any(w is not None for w in windows.values())
@@ -337,13 +350,12 @@ class DSASPipelineMixin(SteererRegistry):
                     session.batch_rows = CONDITIONAL_HALF
                 sessions[name] = session
             if stepped or separate_cond:
-                total = kwargs.get("num_inference_steps") or self._call_default("num_inference_steps")
                 stack.enter_context(
                     StepWindow(
                         denoiser,
                         list(sessions.values()),
                         windows=[windows[name] for name in sessions],
-                        total=total,
+                        total=steps,
                         first_call_only=separate_cond,
                     )
                 )

@@ -42,7 +42,8 @@ class StepWindow:
     ``step / total`` lies in the session's window (``windows``: one per session, ``None`` for
     every step) and, with ``first_call_only``, on the first call of each step (the
     conditional one in diffusers' pipelines that call the denoiser once per guidance branch).
-    Only the thread that entered counts.
+    Sessions with a per-sample decision observe the steps before their window. Only the thread
+    that entered counts.
     """
 
     def __init__(
@@ -85,3 +86,5 @@ class StepWindow:
         first = not (self.first_call_only and self.call > 0)
         for session, window in zip(self.sessions, self.windows, strict=True):
             session.active = first and (window is None or window[0] <= position < window[1])
+            # a per-sample decision is taken from the steps before the window
+            session.observing = first and window is not None and position < window[0] and session.decision is not None

@@ -22,6 +22,7 @@ from .collect import (
     default_forward,
     default_mask,
 )
+from .decision import DECISION_KEY
 from .errors import InputSetError
 from .gate_fit import calibrate_layers, calibrate_sample_gates, fit_layer_gate, select_layers
 from .hookpoints import HookPoint, resolve_module
@@ -271,6 +272,8 @@ def fit_steerer(
         "calibration_outcome": calibration or None,
         "sample_calibration_outcome": samples or None,
         "steering_steps": None if config.steering_steps is None else list(config.steering_steps),
+        # calibrated by a diffusion pipeline's fit_steering on the control prompts' denoising runs
+        DECISION_KEY: None if config.sample_decision == "per-layer" else {"threshold": None},
         "gate_floor": config.gate_floor if gate == "dsas" else None,
         "contrast_level": config.contrast_level if uses_contrast else None,
         **{k: (list(v) if isinstance(v, tuple) else v) for k, v in per_layer.items()},

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..names import GATES
+from .decision import SampleDecision
 from .errors import SteeringError
 from .hookpoints import get_output, read_input, replace_output, resolve_module
 from .prepared import PreparedLayer
@@ -174,6 +175,10 @@ class SteeringSession:
             ``None`` steers all rows.
         ``active``: ``False`` lets forward calls through untouched (and records no gates),
             e.g. at denoising steps outside a steering window.
+        ``decision``: a per-sample decision (:class:`~.decision.SampleDecision`) taken over
+            layers, in place of each layer's sample gate; ``observing``: while inactive, add
+            every layer's sample-gate logits to it (the pipelines observe the denoising steps
+            before the window).
         ``gate_maps``: with ``record_gates=True``, per module a list with one gate tensor
             per forward call (float16, CPU; the activation's shape without its features).
     """
@@ -188,6 +193,7 @@ class SteeringSession:
         record_gates: bool = False,
         scoped: bool = True,
         observer: Observer | None = None,
+        decision: SampleDecision | None = None,
     ) -> None:
         self.layers = list(layers)
         self.model = model
@@ -199,6 +205,8 @@ class SteeringSession:
         self.observer = observer
         self.batch_rows: slice | torch.Tensor | Callable[[int], slice | torch.Tensor] | None = None
         self.active = True
+        self.decision = decision
+        self.observing = False
         self.gate_maps: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in self.layers}
         self.id = next(_COUNTER)
         self.hook_names: list[str] = []
@@ -292,7 +300,7 @@ class SteeringSession:
     def _steer_function(self, layer: SteeringLayer, device: torch.device) -> Callable[..., Any]:
         """How to steer ``layer`` on ``device``: the differentiable reference while its tensors
         are being trained (LinEAS), else its :class:`PreparedLayer` (made once per device)."""
-        if torch.is_grad_enabled() and any(p.requires_grad for p in layer.parameters()):
+        if self.decision is None and torch.is_grad_enabled() and any(p.requires_grad for p in layer.parameters()):
             if layer.map.bias.device != device:  # a copy would take the gradients away from the layer
                 raise SteeringError(
                     f"layer {layer.name!r} is being trained on {layer.map.bias.device} but its module runs on "
@@ -311,12 +319,25 @@ class SteeringSession:
             return steer_output(output, None)
 
         def input_hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
-            if not self.active or not self.in_context:
+            if not (self.active or self.observing) or not self.in_context:
                 return None
             return steer_output(output, read_input(args, kwargs, layer.name) if self.gated else None)
 
+        def observe(output: Any, gate_input: torch.Tensor | None) -> None:
+            tensor = get_output(output, point.output_index, layer.name)
+            rows = self.batch_rows(tensor.shape[0]) if callable(self.batch_rows) else self.batch_rows
+            if rows is not None:
+                tensor = tensor[rows]
+                gate_input = None if gate_input is None else gate_input[rows]
+            prepared = self._steer_function(layer, tensor.device)
+            self.decision.observe(layer.name, prepared.sample_logits(tensor, gate_input))
+
         def steer_output(output: Any, gate_input: torch.Tensor | None) -> Any:
-            if not self.active or not self.in_context:
+            if not self.in_context:
+                return None
+            if not self.active:
+                if self.observing and self.gated and self.decision is not None and layer.sample_gate is not None:
+                    observe(output, gate_input)
                 return None
             gated = self.gated
             if gated and layer.gate is not None and not layer.gate.enabled:
@@ -331,18 +352,20 @@ class SteeringSession:
             compiling = torch.compiler.is_compiling()
             # (on CUDA also eager: the fused kernel reads λ from the device, no copy per call)
             strength = self._strength_on(tensor.device) if compiling or tensor.is_cuda else self._strength
+            # the call's per-sample decision, where it replaces the layers' sample gates
+            decided = (lambda: (self.decision.factor(tensor.device),)) if gated and self.decision is not None else tuple
             if not compiling and self._strength == 0.0 and self.observer is None:
                 # exactly the identity; compute the gates only if they are being recorded
                 if self.record_gates and gated and layer.gate is not None:
                     reading = gate_input if rows is None or gate_input is None else gate_input[rows]
-                    _, values = steer(tensor if rows is None else tensor[rows], 0.0, True, reading)
+                    _, values = steer(tensor if rows is None else tensor[rows], 0.0, True, reading, *decided())
                     self.gate_maps[layer.name].append(values.detach().to("cpu", torch.float16))
                 return None
             if rows is None:
-                steered, gate_values = steer(tensor, strength, gated, gate_input)
+                steered, gate_values = steer(tensor, strength, gated, gate_input, *decided())
             else:
                 reading = None if gate_input is None else gate_input[rows]
-                part, gate_values = steer(tensor[rows], strength, gated, reading)
+                part, gate_values = steer(tensor[rows], strength, gated, reading, *decided())
                 steered = tensor.clone()
                 steered[rows] = part
             if self.observer is not None:

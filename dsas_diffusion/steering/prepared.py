@@ -105,11 +105,14 @@ class PreparedLayer:
         strength: float | torch.Tensor,
         gated: bool,
         gate_input: torch.Tensor | None = None,
+        sample_factor: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Steer ``x``; return the result (``x``'s dtype) and, when ``gated``, the gate values
         (``x``'s shape without the feature dimension, float32), as :meth:`SteeringLayer.steer`.
         ``strength``: a number, or a 0-dim tensor on ``x``'s device (compiled calls);
-        ``gate_input``: the module's input, when the gate reads it."""
+        ``gate_input``: the module's input, when the gate reads it; ``sample_factor``: ``(B,)``
+        per-sample factors of the gates (a decision taken over layers), in place of this
+        layer's own sample gate."""
         ndim = x.ndim
         if ndim < 2 or x.shape[self.dim] != self.width:
             raise IncompatibleSteeringError(
@@ -123,7 +126,9 @@ class PreparedLayer:
         if gated and self.reads_input:
             reading = self._checked_input(gate_input, x)
         factor = None
-        if gated and self.sample_gate is not None:  # (B,): the sample gate on each sample's mean
+        if gated and sample_factor is not None:
+            factor = sample_factor.to(device=x.device, dtype=torch.float32).view(-1)
+        elif gated and self.sample_gate is not None:  # (B,): the sample gate on each sample's mean
             factor = self.sample_gate(pool(x if reading is None else reading, self.layout)).view(-1)
         if self.kernel and not (x.requires_grad and torch.is_grad_enabled()):
             if x.device.type == "cuda" or not torch.compiler.is_compiling():  # CPU: only the interpreter
@@ -155,6 +160,14 @@ class PreparedLayer:
             steered = torch.addcmul(xf, opening, delta, value=strength * self.gate_scale)
         gates = opening.mul_(self.gate_scale) if self.gate_scale != 1.0 else opening
         return (steered if x.dtype == torch.float32 else steered.to(x.dtype)), gates.squeeze(self.dim)
+
+    def sample_logits(self, x: torch.Tensor, gate_input: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B,)``: the sample gate's logit on each sample's mean of what the gate reads (the
+        evidence of a per-sample decision; see :mod:`.decision`)."""
+        if self.sample_gate is None:
+            raise ActivationError(f"layer {self.name!r} has no sample gate")
+        reading = self._checked_input(gate_input, x) if self.reads_input else x
+        return self.sample_gate.logits(pool(reading, self.layout), -1).view(-1)
 
     def _checked_input(self, gate_input: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
         """The module's input the gate reads, checked: present, of the gate's width, with the

@@ -74,6 +74,18 @@ def check_config(config: Any, where: str) -> None:
         raise _fail(
             where, "config.steering_steps", f"must be null or [start, end] with 0 <= start < end <= 1, got {window!r}"
         )
+    decision = config.get("config", {}).get("decision")
+    if decision is not None and not (
+        isinstance(decision, dict)
+        and (decision.get("threshold") is None or _number(decision["threshold"]))
+        and isinstance(decision.get("scales", {}), dict)
+        and all(_number(v) and v > 0 for v in decision.get("scales", {}).values())
+    ):
+        raise _fail(
+            where,
+            "config.decision",
+            f"must be null or an object with a finite threshold and positive scales per layer, got {decision!r}",
+        )
     layers = config.get("layers")
     if not isinstance(layers, list) or not layers:
         raise _fail(where, "layers", "must be a non-empty list of layer entries")

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..config import FitConfig
+from .decision import DECISION_KEY, SampleDecision
 from .errors import IncompatibleSteeringError, SteeringError, UnknownModuleError
 from .hookpoints import resolve_module
 from .hooks import SteeringSession, check_strength, gate_word
@@ -83,6 +84,28 @@ class Steerer(nn.Module):
         for every step."""
         window = self.config.get("steering_steps")
         return None if window is None else (float(window[0]), float(window[1]))
+
+    @property
+    def decision_threshold(self) -> float | None:
+        """The threshold of the per-sample decision taken over layers and the denoising steps
+        before the steering window (``FitConfig(sample_decision="accumulated")``, calibrated by a
+        pipeline's ``fit_steering``), or ``None`` where each layer's sample gate decides alone."""
+        saved = self.config.get(DECISION_KEY)
+        return None if saved is None or saved.get("threshold") is None else float(saved["threshold"])
+
+    def new_decision(self) -> SampleDecision | None:
+        """A fresh per-sample decision for one call, or ``None`` (each layer decides alone);
+        :class:`SteeringError` if the decision was never calibrated."""
+        saved = self.config.get(DECISION_KEY)
+        if saved is None:
+            return None
+        if saved.get("threshold") is None:
+            raise SteeringError(
+                "this steerer decides per sample over layers and denoising steps (sample_decision='accumulated') "
+                "but its decision was never calibrated: fit it with a diffusion pipeline's fit_steering, which "
+                "calibrates it on the control prompts' denoising runs"
+            )
+        return SampleDecision(float(saved["threshold"]), saved.get("scales"))
 
     @property
     def has_gates(self) -> bool:
@@ -220,6 +243,7 @@ class Steerer(nn.Module):
             gated=gated,
             record_gates=record_gates,
             scoped=scoped,
+            decision=self.new_decision() if gated else None,
         )
         return session.attach(activate=activate)
 

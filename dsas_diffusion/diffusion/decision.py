@@ -1,0 +1,127 @@
+"""Calibrating a steerer's per-image decision (``FitConfig(sample_decision="accumulated")``) on
+the control prompts' denoising runs, through the hooks that take it at generation time.
+
+Each control prompt is rendered (``decision_seeds`` seeds each) up to the start of the
+steerer's steering window while its session observes; the runs' sample-gate logits then
+standardise each layer's sample gate and set the threshold (:func:`~dsas_diffusion.steering.
+decision.calibrate_decision`). A call steers an image only where its mean standardised logit
+over layers and the steps before the window lies above every control image's (at ``decision_quantile=1``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import FitConfig
+from ..steering import Steerer, SteeringError
+from ..steering.decision import DECISION_KEY, SampleDecision, calibrate_decision
+from ..steering.hooks import SteeringSession
+from .steps import StepWindow
+
+__all__ = ["calibrate_sample_decision", "check_decision_call"]
+
+
+class _WindowReached(Exception):
+    """Raised from a pre-hook once the steering window starts: calibration has what it needs."""
+
+
+def calibrate_sample_decision(
+    pipe: Any,
+    steerer: Steerer,
+    control_prompts: Sequence[str],
+    config: FitConfig,
+    *,
+    rows: Callable[[int], slice] | None,
+    separate_cond: bool,
+    num_inference_steps: int,
+    batch_size: int,
+    progress: bool,
+    pipeline_kwargs: Mapping[str, Any],
+) -> None:
+    """Render ``control_prompts`` (``config.decision_seeds`` seeds each, prompt ``i`` of seed
+    round ``r`` with ``torch.Generator().manual_seed(config.seed + r * len(prompts) + i)``) up to
+    the start of ``config.steering_steps``, observing every layer's sample gate on ``rows`` of
+    each call (the conditional half under guidance); record the per-layer scales and the
+    threshold in ``steerer.config["decision"]``."""
+    denoiser: nn.Module = pipe.denoiser
+    start = config.steering_steps[0]
+    runs = []
+    chunks = [
+        (round_, begin)
+        for round_ in range(config.decision_seeds)
+        for begin in range(0, len(control_prompts), batch_size)
+    ]
+    for round_, begin in tqdm(chunks, desc="calibrate decision", disable=not progress):
+        chunk = list(control_prompts[begin : begin + batch_size])
+        first = config.seed + round_ * len(control_prompts) + begin
+        decision = SampleDecision(0.0, record=True)
+        session = SteeringSession(steerer.layers, denoiser, strength=0.0, gated=True, decision=decision)
+        session.batch_rows = rows
+        window = StepWindow(
+            denoiser, [session], windows=[(start, 1.0)], total=num_inference_steps, first_call_only=separate_cond
+        )
+
+        def stop(module: nn.Module, args: tuple, kwargs: dict, window: StepWindow = window) -> None:
+            if window.step / window.total >= start:
+                raise _WindowReached
+
+        with session, window:
+            handle = denoiser.register_forward_pre_hook(stop, with_kwargs=True)
+            try:
+                pipe(
+                    chunk,
+                    num_inference_steps=num_inference_steps,
+                    generator=[torch.Generator().manual_seed(first + i) for i in range(len(chunk))],
+                    output_type="latent",
+                    steering_strength=0.0,
+                    **pipeline_kwargs,
+                )
+            except _WindowReached:
+                pass
+            finally:
+                handle.remove()
+                free = getattr(pipe, "maybe_free_model_hooks", None)
+                if free is not None:
+                    free()
+        runs.append(decision.records)
+    threshold, scales, means = calibrate_decision(steerer.layers, runs, config.decision_quantile)
+    steerer.config[DECISION_KEY] = {
+        "threshold": threshold,
+        "scales": scales,
+        "quantile": config.decision_quantile,
+        "samples": int(means.numel()),
+        "num_inference_steps": num_inference_steps,
+    }
+
+
+def check_decision_call(steerers: Mapping[str, Steerer], windows: Mapping[str, Any], gate: str, steps: int) -> None:
+    """:class:`SteeringError` if a steerer that decides per image over the steps before its
+    window is asked to steer, through its gates, in a window that starts at 0; a warning if the
+    call's schedule is not the one its decision was calibrated on."""
+    if gate == "none":
+        return
+    for name, steerer in steerers.items():
+        saved = steerer.config.get(DECISION_KEY)
+        if saved is None:
+            continue
+        window = windows.get(name)
+        if window is None or window[0] <= 0:
+            raise SteeringError(
+                f"steering {name!r} decides per image from the denoising steps before its steering window, but this "
+                f"call steers in {window or 'every step'}: give steering_steps starting after 0 (its saved window is "
+                f"{steerer.steering_steps}) or steer uniformly with steering_gate='none'"
+            )
+        calibrated = saved.get("num_inference_steps")
+        if calibrated is not None and int(steps) != int(calibrated):
+            warnings.warn(
+                f"steering {name!r} decides per image from evidence calibrated on {calibrated} denoising steps; this "
+                f"call runs {steps}, on which its threshold may flag more or fewer images. Generate with "
+                f"num_inference_steps={calibrated}, or refit with decision_inference_steps={steps}",
+                stacklevel=4,
+            )
