@@ -1,4 +1,4 @@
-"""Gates that see the image, fitted by the library, on shapes-sd's development concepts.
+"""Gates that see the image, fitted by the library, on the development concepts of a Shapes model.
 
 Each configuration is a ``fit_steering`` call (CAA on the cross-attention outputs), rendered on
 16 development prompts naming the concept and 16 control prompts (``make_concept_sets(concept,
@@ -38,13 +38,9 @@ from dsas_diffusion.diffusion.visual import image_grid
 from dsas_diffusion.eval.metrics import ClipScorer
 from dsas_diffusion.shapes import TUNING_CONCEPTS, ShapeJudge, concept_prompts, concepts_drawn, make_concept_sets
 from dsas_diffusion.shapes.detect import read_objects, unprompted_concept
+from dsas_diffusion.shapes.examples import DECIDED, IMAGE_GATES
 
-IMAGE = dict(
-    gate_reads="input", gate_fit_on="contrast", gate_activation="step", gate_calibration="control-positions",
-    calibration_quantile=0.9, sample_gate=True, n_components=16, gate_threshold=None,
-)  # fmt: skip
-#: one decision per image from the steps before 0.48 of the schedule, calibrated on the 25 steps rendered here
-DECIDED = dict(steering_steps=(0.48, 1.0), sample_decision="accumulated", decision_inference_steps=25)
+IMAGE = IMAGE_GATES
 CONFIGS = {
     "output": {},
     "image": IMAGE,
@@ -71,6 +67,7 @@ def similarity(clip, images, references) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="shapes-sd", help="shapes-sd or shapes-mmdit (its joint attentions)")
     parser.add_argument("--concepts", nargs="+", default=list(TUNING_CONCEPTS))
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--strengths", type=float, nargs="+", default=[2, 4, 8])
@@ -79,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/image-gates"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    pipe = load_pipeline("shapes-sd")
+    pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
     judge, clip = ShapeJudge(), ClipScorer("shapes-clip")
     rows = []

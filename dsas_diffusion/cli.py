@@ -219,13 +219,13 @@ def _examples(args: argparse.Namespace) -> None:
                 print(f"fitted {concept} ({map_name}): {fit_text_example(lm, concept, map_name, out)}")
         return
     from .diffusion.loading import load_pipeline
-    from .shapes import EXAMPLE_CONCEPTS, fit_example_steering
+    from .shapes import EXAMPLE_FITS, fit_example_steering
 
     pipe = load_pipeline("shapes-sd")
     pipe.set_progress_bar_config(disable=True)
-    for concept in args.concepts or EXAMPLE_CONCEPTS:
-        out = None if args.out is None else Path(args.out) / concept
-        print(f"fitted {concept}: {fit_example_steering(pipe, concept, out)}")
+    for name in args.concepts or EXAMPLE_FITS:
+        out = None if args.out is None else Path(args.out) / name
+        print(f"fitted {name}: {fit_example_steering(pipe, name, out)}")
 
 
 def _run_eval(args: argparse.Namespace) -> None:
@@ -332,7 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=_run_eval)
 
     examples = commands.add_parser("examples", help="refit the example steerings shipped with the package")
-    examples.add_argument("concepts", nargs="*", help="Shapes concepts (default: every shipped example)")
+    examples.add_argument(
+        "concepts", nargs="*", help="examples, e.g. banana or banana-image (default: every shipped example)"
+    )
     examples.add_argument("--out", default=None, help="parent directory (default: the package's shapes/steering/)")
     examples.add_argument("--text", action="store_true", help="the shapes-lm examples (shapes/steering/text/)")
     examples.set_defaults(run=_examples)

@@ -11,6 +11,13 @@ uniform steering and with DSAS, and measures on each:
 
 Writes ``banana_comparison.png`` (unsteered | uniform | DSAS | DSAS gates), ``banana_table.txt``
 and the fitted ``steering-banana/``.
+
+Then it shows where the gates open: ``banana_gates.png`` renders banana prompts and empty-prompt
+images that show a banana nobody asked for, unsteered, with the fitted steering (its gates read
+the cross-attention outputs, where the prompt is mixed in) and with the shipped
+``banana-image`` example (gates on the image being drawn, one decision per image from the first
+12 of 25 steps), each with its gates over the image (``docs/removal.md``, section 7, says
+what it shows).
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--strength", type=float, default=2.0)
     parser.add_argument("--count", type=int, default=16, help="held-out prompts per group")
     parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument(
+        "--image-strength", type=float, default=4.0, help="strength of the image-gate example in banana_gates.png"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -81,6 +91,54 @@ def main(argv: list[str] | None = None) -> None:
     shown = results["banana"][:4] + results["control"][:4]
     comparison_grid(shown).save(out / "banana_comparison.png")
     print(f"wrote {out / 'banana_comparison.png'}, {out / 'banana_table.txt'} and {out / 'steering-banana'}/")
+    gates_picture(pipe, steerer, banana_prompts[:4], strength=args.strength, image_strength=args.image_strength).save(
+        out / "banana_gates.png"
+    )
+    print(f"wrote {out / 'banana_gates.png'}: where gates on the prompt and gates on the image open")
+
+
+def gates_picture(pipe, prompt_steerer, named: list[str], *, strength: float, image_strength: float):
+    """``named`` and up to 4 empty-prompt images showing a banana, unsteered, with
+    ``prompt_steerer`` and with the shipped ``banana-image`` example, each steered image beside
+    its gates (the mean over layers and steered steps)."""
+    from .diffusion.visual import image_grid, mean_gate_map, overlay_heatmap
+    from .shapes import ShapeJudge, example_steerings, read_objects, unprompted_concept
+    from .steering import Steerer
+
+    def run(prompts, seeds, value=0.0):
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        if value == 0.0:
+            return pipe(prompts, generator=generators, num_inference_steps=25, steering_strength=0.0).images, None
+        result = pipe(prompts, generator=generators, num_inference_steps=25, steering_strength=value,
+                      return_gate_maps=True)  # fmt: skip
+        return result.images, [mean_gate_map(result.gate_maps, i) for i in range(len(prompts))]
+
+    loaded = dict(pipe.steerers)
+    try:
+        empty, _ = run([""] * 32, range(32))  # seeds 0-31 of the empty prompt; those showing a banana are shown
+        found = [i for i, scene in enumerate(read_objects(ShapeJudge(), empty)) if unprompted_concept(scene, "banana")]
+        prompts = list(named) + [""] * len(found[:4])
+        seeds = [100 + i for i in range(len(named))] + found[:4]
+        columns = [run(prompts, seeds)[0]]
+        image_steerer = Steerer.from_pretrained(example_steerings()["banana-image"])
+        for steerer, value in ((prompt_steerer, strength), (image_steerer, image_strength)):
+            pipe.unload_steering()
+            pipe.load_steering(steerer)
+            images, maps = run(prompts, seeds, value)
+            columns += [images, [overlay_heatmap(image, gates) for image, gates in zip(images, maps, strict=True)]]
+    finally:
+        pipe.unload_steering()
+        for name, steerer in loaded.items():
+            pipe.load_steering(steerer, name=name)
+    rows = [list(row) for row in zip(*columns, strict=True)]
+    titles = [
+        "unsteered",
+        f"prompt gates, λ {strength:g}",
+        "their gates",
+        f"image gates, λ {image_strength:g}",
+        "their gates",
+    ]
+    return image_grid(rows, scale=3, column_titles=titles, row_titles=[p or "(empty prompt)" for p in prompts])
 
 
 if __name__ == "__main__":

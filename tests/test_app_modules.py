@@ -68,18 +68,17 @@ def test_prompt_lists_skip_comments_and_refuse_empty_or_long_lists():
 
 
 def test_shipped_examples_were_fitted_on_shapes_sd_with_the_shipped_prompt_sets():
-    from dsas_diffusion.config import FitConfig
+    from dsas_diffusion.shapes import EXAMPLE_FITS
 
-    defaults = FitConfig.for_diffusion()
     examples = example_steerings()
-    assert {"banana", "red"} <= set(examples)
-    for concept, path in examples.items():
+    assert set(examples) == set(EXAMPLE_FITS)
+    for name, path in examples.items():
         steerer = Steerer.from_pretrained(path)
-        assert steerer.provenance["base_model"] == "shapes-sd"
-        # fitted with fit_steering's current defaults (`dsas examples` refits them when those change)
-        assert steerer.config["map"] == defaults.map and steerer.has_gates
-        assert steerer.provenance["preset"] == defaults.preset
-        assert steerer.config["gate_floor"] == defaults.gate_floor
+        assert steerer.provenance["base_model"] == "shapes-sd" and steerer.has_gates
+        # fitted with the recipe's current settings (`dsas examples` refits them when those change)
+        concept, config = EXAMPLE_FITS[name]
+        assert steerer.fit_config.replace(hook_points=None, preset=config.preset) == config
+        assert steerer.provenance["preset"] == config.preset
         source, target, control = concept_prompts(concept)
         assert steerer.provenance["prompts"] == {"source": source, "target": target, "control": control}
         assert any(row["enabled"] for row in steerer.gate_report())

@@ -10,6 +10,7 @@ def test_demo_removes_bananas_and_spares_control_prompts(tmp_path):
     demo.main(["--out", str(tmp_path), "--count", "8"])
     assert (tmp_path / "banana_comparison.png").stat().st_size > 10_000
     assert (tmp_path / "steering-banana" / "steering.safetensors").is_file()
+    assert (tmp_path / "banana_gates.png").stat().st_size > 10_000  # where each kind of gate opens
     rows = [line.split() for line in (tmp_path / "banana_table.txt").read_text().splitlines()[3:]]
     table = {row[0]: (float(row[1].rstrip("%")) / 100, float(row[2]), float(row[3])) for row in rows}
     unsteered, uniform, dsas = table["unsteered"], table["uniform"], table["dsas"]

@@ -60,6 +60,8 @@ _EXPORTS = {
         (
             "EXAMPLES_DIR",
             "EXAMPLE_CONCEPTS",
+            "EXAMPLE_FITS",
+            "IMAGE_GATES",
             "TEXT_EXAMPLE_FIT",
             "TEXT_EXAMPLE_MAPS",
             "example_steerings",

@@ -1,15 +1,16 @@
 """The example steerings shipped with the package, and their recipe: per concept one fitted
-on ``shapes-sd`` (``steering/<concept>``), and per text concept and map one fitted on
+on ``shapes-sd`` with the pipelines' defaults (``steering/<concept>``), the banana also with gates
+that see the image (``steering/banana-image``), and per text concept and map one fitted on
 ``shapes-lm`` (``steering/text/<concept>-<map>``).
 
 ``dsas examples`` refits them: it loads ``shapes-sd`` as a DSAS pipeline and calls
-:func:`fit_example_steering` for each concept (``--text``: ``shapes-lm`` and
+:func:`fit_example_steering` for each example (``--text``: ``shapes-lm`` and
 :func:`fit_text_example`). This module only needs the models' ``fit_steering``; it does not
 import the diffusers integration.
 
 Examples:
     >>> sorted(example_steerings())
-    ['banana', 'red']
+    ['banana', 'banana-image', 'red']
 """
 
 from __future__ import annotations
@@ -25,9 +26,12 @@ from ..steering.persistence import CONFIG_NAME
 from .concepts import concept_prompts
 
 __all__ = [
+    "DECIDED",
     "EXAMPLES_DIR",
     "EXAMPLE_CONCEPTS",
     "EXAMPLE_FIT",
+    "EXAMPLE_FITS",
+    "IMAGE_GATES",
     "TEXT_EXAMPLE_FIT",
     "TEXT_EXAMPLE_MAPS",
     "example_steerings",
@@ -40,6 +44,21 @@ EXAMPLES_DIR = Path(__file__).resolve().parent / "steering"
 EXAMPLE_CONCEPTS = ("banana", "red")
 #: what the shipped examples are fitted with: the pipelines' defaults (those of ``make demo``), seed 0
 EXAMPLE_FIT = FitConfig.for_diffusion(seed=0)
+#: gates that see the image (``docs/removal.md``, section 6): on each cross-attention's query
+#: input, fitted on the positions found by contrast with the target, shut or fully open at the
+#: 90% quantile of control positions, with a sample gate per layer; every layer kept
+IMAGE_GATES: dict[str, Any] = dict(
+    gate_reads="input", gate_fit_on="contrast", gate_activation="step", gate_calibration="control-positions",
+    calibration_quantile=0.9, sample_gate=True, n_components=16, gate_threshold=None,
+)  # fmt: skip
+#: one decision per image from the first 12 of 25 steps, steering after them (section 7)
+DECIDED: dict[str, Any] = dict(steering_steps=(0.48, 1.0), sample_decision="accumulated", decision_inference_steps=25)
+#: the examples by name: ``<concept>`` with :data:`EXAMPLE_FIT`, ``<concept>-image`` with the
+#: gates that see the image and the per-image decision
+EXAMPLE_FITS = {
+    **{concept: (concept, EXAMPLE_FIT) for concept in EXAMPLE_CONCEPTS},
+    "banana-image": ("banana", FitConfig.for_diffusion(**IMAGE_GATES, **DECIDED, seed=0)),
+}
 
 
 def example_steerings() -> dict[str, Path]:
@@ -49,16 +68,19 @@ def example_steerings() -> dict[str, Path]:
     return {p.name: p for p in sorted(EXAMPLES_DIR.iterdir()) if (p / CONFIG_NAME).is_file()}
 
 
-def fit_example_steering(pipe: Any, concept: str = "banana", out: str | os.PathLike[str] | None = None) -> Path:
-    """Fit the example steering of a Shapes concept with ``pipe`` (a DSAS pipeline of
+def fit_example_steering(pipe: Any, name: str = "banana", out: str | os.PathLike[str] | None = None) -> Path:
+    """Fit the example steering ``name`` (:data:`EXAMPLE_FITS`) with ``pipe`` (a DSAS pipeline of
     ``shapes-sd``) from the shipped prompt sets and save it (to the package's
-    ``shapes/steering/<concept>`` unless ``out`` is given). The same machine and library
+    ``shapes/steering/<name>`` unless ``out`` is given). The same machine and library
     versions give the same files on every run."""
+    if name not in EXAMPLE_FITS:
+        raise ValueError(f"no example steering {name!r}; the examples are {sorted(EXAMPLE_FITS)}")
+    concept, config = EXAMPLE_FITS[name]
     source, target, control = concept_prompts(concept)
     torch.manual_seed(0)
-    steerer = pipe.fit_steering(source, target, control, EXAMPLE_FIT, progress=False)
+    steerer = pipe.fit_steering(source, target, control, config, progress=False)
     steerer.provenance["base_model"] = "shapes-sd"  # not the local folder it was loaded from
-    target_dir = Path(out) if out is not None else EXAMPLES_DIR / concept
+    target_dir = Path(out) if out is not None else EXAMPLES_DIR / name
     steerer.save_pretrained(target_dir)
     return target_dir
 
