@@ -209,6 +209,9 @@ def test_a_module_that_is_not_the_token_stream_is_refused(lm):
     )
     with pytest.raises(SteeringError, match="not the token stream"):
         lm.fit_steering(SOURCE, TARGET, CONTROL, hook_points=[width_changes], progress=False, name="x")
+    with pytest.raises(SteeringError, match="does not have; use sample_decision='per-layer'"):
+        lm.fit_steering(SOURCE, TARGET, CONTROL, sample_gate=True, steering_steps=(0.5, 1), name="x",
+                        sample_decision="accumulated")  # fmt: skip
     assert "x" not in lm.steerers
 
 

@@ -154,6 +154,11 @@ class DSASLanguageModel(SteererRegistry):
             >>> lm.fit_steering(toxic_texts, polite_texts, neutral_texts, layers=range(8, 20))  # doctest: +SKIP
         """
         config = FitConfig.build(config if config is not None else FitConfig.for_text(), **settings)
+        if config.sample_decision != "per-layer":
+            raise SteeringError(
+                f"sample_decision={config.sample_decision!r} decides from denoising steps, which a language model "
+                "does not have; use sample_decision='per-layer'"
+            )
         gate = config.gate
         sets = {"source": source_texts, "target": target_texts}
         if gate != "none":
