@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--strengths", type=float, nargs="+", default=[2, 4, 8])
     parser.add_argument("--empty-seeds", type=int, default=64)
-    parser.add_argument("--set", type=json.loads, default={}, help="fit settings for the image configurations, as JSON")
+    parser.add_argument("--set", type=json.loads, default={}, help="fit settings for every configuration but output, as JSON")
     parser.add_argument("--out", type=Path, default=Path("outputs/image-gates"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({"concept": concept, "config": "unsteered", "named": unsteered, "named_clip": presence,
                      "unasked": sum(shows)})  # fmt: skip
         for name in args.configs:
-            settings = {**CONFIGS[name], **(args.set if name.startswith("image") else {})}
+            settings = {**CONFIGS[name], **(args.set if name != "output" else {})}
             pipe.fit_steering(*concept_prompts(concept), progress=False, **settings)
             for strength in args.strengths:
                 named_images = render(pipe, named, [0] * 16, strength)

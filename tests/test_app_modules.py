@@ -167,9 +167,26 @@ def test_gate_overlays_mean_and_single_steps():
     assert [caption.split(":")[0] for _, caption in mean] == ["all layers", "down", "up"]
     assert "up: mean gate 0.75 (mean over steps)" == mean[2][1]
     first = gate_overlays(image, maps, 1)
-    assert first[2][1] == "up: mean gate 0.00 (step 1/4)" and first[0][0].size == (256, 256)
+    assert first[2][1] == "up: mean gate 0.00 (steered step 1/4)" and first[0][0].size == (256, 256)
     with pytest.raises(InputError, match="between 0 \\(mean over steps\\) and 4"):
         gate_overlays(image, maps, 5)
+
+
+def test_the_image_gate_example_shows_the_gates_of_the_steps_it_steers():
+    """``banana-image`` decides per image from the first 12 of 25 steps and steers the other 13:
+    the page's step slider and heatmaps cover those, and an image it does not decide for is
+    steered nowhere."""
+    from dsas_diffusion.app.actions import generate
+
+    entry = ModelCache().get("shapes-sd")
+    steerer = resolve_steering("banana-image", model=entry)
+    named = generate(entry, steerer, with_(prompt="a blue banana on a black background", steps=25), score=False)
+    assert named.gate_steps == 13 and all(maps.shape[0] == 13 for maps in named.gate_maps.values())
+    assert len(gate_overlays(named.dsas, named.gate_maps, 13)) == 1 + len(steerer.layers)
+    if max(float(maps.max()) for maps in named.gate_maps.values()) == 0.0:  # not decided: steered nowhere
+        assert np.array_equal(np.asarray(named.dsas), np.asarray(named.unsteered))
+    else:
+        assert not np.array_equal(np.asarray(named.dsas), np.asarray(named.unsteered))
 
 
 def test_upscale_is_by_a_whole_factor():

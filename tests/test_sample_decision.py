@@ -125,6 +125,7 @@ def test_every_family_steers_an_image_wholly_or_not_at_all(family, tokenizer_dir
     pipe, steerer = fit_reading_input(tiny, sample_decision="accumulated", decision_inference_steps=steps)
     saved = steerer.config["decision"]
     assert math.isfinite(saved["threshold"]) and saved["samples"] == 2 * len(CONTROL)
+    assert steerer.decision_threshold == saved["threshold"]
     assert set(saved["scales"]) == set(steerer.module_names) and saved["num_inference_steps"] == steps
     prompts = CONTROL + SOURCE
     unsteered = _run(pipe, prompts, tiny).images

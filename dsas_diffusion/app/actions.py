@@ -119,6 +119,12 @@ class GenerateResult:
     def images(self) -> list[Image.Image]:
         return [self.unsteered, self.uniform, self.dsas]
 
+    @property
+    def gate_steps(self) -> int:
+        """How many denoising steps the gate maps hold: the steered ones (a steering with a step
+        window steers only some)."""
+        return next(iter(self.gate_maps.values())).shape[0] if self.gate_maps else self.settings.steps
+
     def score_table(self) -> str:
         """The CLIP scores as a Markdown table (or the reason there are none)."""
         if self.scores is None:

@@ -54,7 +54,8 @@ def gate_overlays(
 ) -> list[tuple[Image.Image, str]]:
     """One gate heatmap over ``image`` per layer, plus the mean over layers first.
 
-    ``step`` 0 averages the gates over every denoising step; ``step`` k shows step k (1-based).
+    ``step`` 0 averages the gates over every steered denoising step; ``step`` k shows the k-th
+    steered step (1-based; every step, unless the steering has a step window).
     """
     if not gate_maps:
         return []
@@ -62,7 +63,7 @@ def gate_overlays(
     step = int(step)
     if not 0 <= step <= total:
         raise InputError(f"The gate step must be between 0 (mean over steps) and {total}, got {step}.")
-    when = "mean over steps" if step == 0 else f"step {step}/{total}"
+    when = "mean over steps" if step == 0 else f"steered step {step}/{total}"
     frames = {layer: maps.mean(0) if step == 0 else maps[step - 1] for layer, maps in gate_maps.items()}
     shown = {"all layers": np.mean(list(frames.values()), axis=0), **frames}
     items = []

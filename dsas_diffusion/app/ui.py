@@ -90,7 +90,8 @@ def build_demo(
             *(files.save(upscale(image, IMAGE_SIDE)) for image in result.images),
             result.score_table(),
             [(files.save(image), caption) for image, caption in gates],
-            gr.Slider(minimum=0, maximum=result.settings.steps, value=0, step=1, interactive=True),
+            # a steering with a step window records only the steps it steers
+            gr.Slider(minimum=0, maximum=result.gate_steps, value=0, step=1, interactive=True),
             state,
         )
 

@@ -2,10 +2,10 @@
 the control prompts' denoising runs, through the hooks that take it at generation time.
 
 Each control prompt is rendered (``decision_seeds`` seeds each) up to the start of the
-steerer's steering window while its session observes; the runs' sample-gate logits then
-standardise each layer's sample gate and set the threshold (:func:`~dsas_diffusion.steering.
-decision.calibrate_decision`). A call steers an image only where its mean standardised logit
-over layers and the steps before the window lies above every control image's (at ``decision_quantile=1``).
+steerer's steering window while its session observes; the runs' sample-gate logits then set
+each layer's scale and the threshold (:func:`~dsas_diffusion.steering.decision.
+calibrate_decision`). With ``decision_quantile=1`` a call steers an image only where its mean
+scaled logit over layers and the steps before the window lies above every control image's.
 """
 
 from __future__ import annotations
