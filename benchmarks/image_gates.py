@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--strengths", type=float, nargs="+", default=[2, 4, 8])
     parser.add_argument("--empty-seeds", type=int, default=64)
-    parser.add_argument("--set", type=json.loads, default={}, help="fit settings for every configuration but output, as JSON")
+    parser.add_argument(
+        "--set", type=json.loads, default={}, help="fit settings for every configuration but output, as JSON"
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs/image-gates"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
