@@ -12,7 +12,7 @@ Each is divided by its layer's spread on the control prompts' images (2 seeds ea
 averaged over layers and steps. Printed: the share of images above the control images' maximum
 and 95% quantile (named and control development prompts, the empty prompt's images with and
 without the concept), and the ROC-AUC of the empty prompt's images with the concept against
-those without.
+those without, also for each layer's sample gate alone (its mean over the steps).
 
     python benchmarks/decision_evidence.py --concepts banana
 """
@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> None:
         }
         images = render(pipe, empty, list(range(len(empty))), 0.0)
         shows = np.array([bool(unprompted_concept(o, concept)) for o in read_objects(judge, images)])
+        for name, values in runs["empty"]["mean"].items():  # each layer alone: its mean over the steps
+            print(f"| {concept} | mean, {name} alone | | | | | | {auc(shows, values.mean(1).numpy()):.2f} |")
         for kind in KINDS:
             spread = {name: float(values.std()) for name, values in runs["calibration"][kind].items()}
             score = {

@@ -13,7 +13,9 @@ seed=7)``, seed 0) and on the empty prompt (seeds 0, 1, ...):
 * ``decided``: ``image@0.48`` with one decision per image in place of the per-layer sample
   gates (``sample_decision="accumulated"``): the mean of every layer's scaled sample-gate logit
   over the steps before the window, above all of the control prompts' images (2 seeds each);
-  ``decided@0.95``: above 95% of them.
+  ``decided@0.95``: above 95% of them;
+* ``stacked``: ``decided`` with the layers weighted by a logistic regression on source against
+  control images of the first seed, above all control images of the second.
 
 Reported per strength: *named*, the share of the named prompts' images in which the detector
 finds the concept; *named, CLIP*, shapes-clip's zero-shot probability that they show it (a
@@ -48,6 +50,7 @@ CONFIGS = {
     "image@0.48": {**IMAGE, "steering_steps": (0.48, 1.0)},
     "decided": {**IMAGE, **DECIDED},
     "decided@0.95": {**IMAGE, **DECIDED, "decision_quantile": 0.95},
+    "stacked": {**IMAGE, **DECIDED, "sample_decision": "stacked"},
 }
 
 

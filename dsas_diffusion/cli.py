@@ -133,8 +133,8 @@ def _fit(args: argparse.Namespace) -> None:
     chosen |= {"gate_reads": args.gate_reads, "steering_steps": args.steering_steps}
     if args.sample_gate:
         chosen["sample_gate"] = True
-    if args.sample_decision == "accumulated":
-        chosen |= {"sample_decision": "accumulated", "decision_inference_steps": args.decision_steps}
+    if args.sample_decision not in (None, "per-layer"):
+        chosen |= {"sample_decision": args.sample_decision, "decision_inference_steps": args.decision_steps}
     steerer = pipe.fit_steering(
         source,
         target,
@@ -280,13 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--sample-decision",
         choices=SAMPLE_DECISIONS,
         help="pipelines, with --sample-gate: each layer's sample gate decides (per-layer, default), or one "
-        "decision per image from every layer over the steps before --steering-steps (accumulated)",
+        "decision per image from every layer over the steps before --steering-steps, the layers weighing "
+        "alike (accumulated) or weighted by a regression on source against control images (stacked)",
     )
     fit.add_argument(
         "--decision-steps",
         type=at_least_one,
         default=25,
-        help="with --sample-decision accumulated: the schedule its decision is calibrated on, as generated "
+        help="with --sample-decision accumulated or stacked: the schedule its decision is calibrated on, as generated "
         "(default 25, as dsas generate)",
     )
     fit.add_argument(

@@ -45,7 +45,7 @@ GateFitOn = Literal["pooled", "positions", "contrast"]
 GateReads = Literal["output", "input"]
 GateCalibration = Literal["none", "control-positions", "two-sided"]
 GateActivation = Literal["sigmoid", "relu", "step"]
-SampleDecision = Literal["per-layer", "accumulated"]
+SampleDecision = Literal["per-layer", "accumulated", "stacked"]
 OnNoGate = Literal["raise", "warn"]
 ItiProbe = Literal["logistic", "mean_diff"]
 
@@ -148,7 +148,10 @@ class FitConfig:
             0; its threshold is the ``decision_quantile`` of the control prompts' images,
             rendered with ``decision_seeds`` seeds each on a schedule of
             ``decision_inference_steps``, ``None`` for the pipeline's default: the evidence
-            depends on the schedule, so calibrate on the one you generate with).
+            depends on the schedule, so calibrate on the one you generate with) or
+            ``"stacked"`` (the same, with the layers weighted by a logistic regression on
+            source against control images of every seed round but the last, whose control
+            images set the threshold; needs ``decision_seeds >= 2``).
         steering_steps: the saved default ``(start, end)`` window of denoising steps a pipeline
             steers in, as fractions of the schedule (``None``: every step); a call's
             ``steering_steps`` overrides it. As with a call's window, steered calls on a
@@ -339,8 +342,13 @@ class FitConfig:
         _check(
             self.sample_decision == "per-layer"
             or (self.sample_gate and self.steering_steps is not None and self.steering_steps[0] > 0),
-            "sample_decision='accumulated' decides from the sample gates over the denoising steps before "
-            "steering: use it with sample_gate=True and steering_steps starting after 0, e.g. (0.5, 1.0)",
+            f"sample_decision={self.sample_decision!r} decides from the sample gates over the denoising steps "
+            "before steering: use it with sample_gate=True and steering_steps starting after 0, e.g. (0.5, 1.0)",
+        )
+        _check(
+            self.sample_decision != "stacked" or self.decision_seeds >= 2,
+            "sample_decision='stacked' fits its weights on all seed rounds but the last and sets its threshold on "
+            f"the last: decision_seeds must be at least 2, got {self.decision_seeds!r}",
         )
         _check(
             self.gate_reads == "output" or (self.gate == "dsas" and not self.incremental_gates),

@@ -45,8 +45,9 @@ GATE_FIT_ON = ("pooled", "positions", "contrast")
 #: before the prompt enters it)
 GATE_READS = ("output", "input")
 #: who decides whether a sample is steered at all, with sample gates: each layer's own sample
-#: gate, or one decision per sample from every layer over the denoising steps before steering
-SAMPLE_DECISIONS = ("per-layer", "accumulated")
+#: gate, or one decision per sample from every layer over the denoising steps before steering,
+#: the layers weighing alike or weighted by a regression on source against control images
+SAMPLE_DECISIONS = ("per-layer", "accumulated", "stacked")
 #: how a fitted gate is recalibrated on single positions
 GATE_CALIBRATIONS = ("none", "control-positions", "two-sided")
 #: which half of a classifier-free-guidance batch is steered

@@ -22,14 +22,21 @@ from dsas_diffusion.steering.decision import SampleDecision, calibrate_decision
 WIDTH = 4
 
 
-def test_a_decision_is_the_mean_scaled_logit_taken_once():
+def test_a_decision_scores_the_layers_mean_scaled_logits_once():
     decision = SampleDecision(1.0, {"a": 2.0})
     decision.observe("a", torch.tensor([4.0, 0.0, 2.0]))  # scaled: 2, 0, 1
     decision.observe("b", torch.tensor([1.0, 1.0, 1.5]))  # unscaled
-    torch.testing.assert_close(decision.mean(), torch.tensor([1.5, 0.5, 1.25]))
+    decision.observe("b", torch.tensor([3.0, 1.0, 1.5]))  # b's mean over steps: 2, 1, 1.5
+    torch.testing.assert_close(decision.score(), torch.tensor([2.0, 0.5, 1.25]))  # the layers alike
     assert decision.factor(torch.device("cpu")).tolist() == [1.0, 0.0, 1.0]
     with pytest.raises(SteeringError, match="already taken"):
         decision.observe("a", torch.zeros(3))
+    weighted = SampleDecision(0.0, {"a": 2.0}, {"a": 2.0, "b": -1.0}, bias=0.5)
+    weighted.observe("a", torch.tensor([4.0, 0.0]))
+    weighted.observe("b", torch.tensor([1.0, 3.0]))
+    torch.testing.assert_close(weighted.score(), torch.tensor([3.5, -2.5]))  # 2·a − b + 0.5
+    with pytest.raises(SteeringError, match=r"layers \['c'\], which were not observed"):
+        _only_a().score()
     with pytest.raises(SteeringError, match="none was observed"):
         SampleDecision(0.0).factor(torch.device("cpu"))
     with pytest.raises(SteeringError, match="rows changed"):
@@ -38,22 +45,49 @@ def test_a_decision_is_the_mean_scaled_logit_taken_once():
         other.observe("a", torch.zeros(3))
 
 
-def test_calibration_weighs_layers_alike_and_leaves_no_control_sample_above_the_threshold():
+def _only_a() -> SampleDecision:
+    decision = SampleDecision(0.0, weights={"a": 1.0, "c": 1.0})
+    decision.observe("a", torch.zeros(2))
+    return decision
+
+
+def _runs(generator, shift: float = 0.0, size: int = 5):
+    """Two seed rounds of two runs of ``size`` samples, 3 steps each; layer b's logits are 100
+    times larger, layer a's shifted by ``shift``."""
+
+    def logits(name: str) -> torch.Tensor:
+        values = torch.randn(size, generator=generator)
+        return values * 100.0 if name == "b" else values + shift
+
+    return [[[(name, logits(name)) for _ in range(3) for name in ("a", "b")] for _ in range(2)] for _ in range(2)]
+
+
+def test_calibration_weighs_layers_alike_and_leaves_no_held_out_control_sample_above_the_threshold():
     generator = torch.Generator().manual_seed(0)
     layers = [_layer("a"), _layer("b")]
-    # two runs of 5 control samples, 3 steps each; layer b's logits are 100 times larger
-    runs = [[(name, torch.randn(5, generator=generator) * (100.0 if name == "b" else 1.0)) for _ in range(3)
-             for name in ("a", "b")] for _ in range(2)]  # fmt: skip
-    threshold, scales, means = calibrate_decision(layers, runs, 1.0)
-    assert scales["b"] / scales["a"] > 30  # each divided by its own spread
-    assert means.shape == (10,) and threshold == pytest.approx(float(means.max()))
-    for run in runs:  # a call over the same samples flags none of them
-        decision = SampleDecision(threshold, scales)
+    control = _runs(generator)
+    settings, scores = calibrate_decision(layers, control, 1.0)
+    assert settings["scales"]["b"] / settings["scales"]["a"] > 30  # each divided by its own spread
+    assert settings["weights"] is None and scores.shape == (20,)
+    assert settings["threshold"] == pytest.approx(float(scores.max()))
+    for run in (run for round_ in control for run in round_):  # a call over the same samples flags none
+        decision = SampleDecision(settings["threshold"], settings["scales"])
         for name, logits in run:
             decision.observe(name, logits)
         assert decision.factor(torch.device("cpu")).sum() == 0
-    median, _, _ = calibrate_decision(layers, runs, 0.5)
-    assert int((means > median).sum()) == 5
+    median, _ = calibrate_decision(layers, control, 0.5)
+    assert int((scores > median["threshold"]).sum()) == 10
+    # stacked: the source differs from the control in layer a only, which then carries the weight
+    control = _runs(generator, size=50)
+    stacked, held_out = calibrate_decision(layers, control, 1.0, source=_runs(generator, shift=1.5, size=50))
+    assert stacked["weights"]["a"] > 10 * abs(stacked["weights"]["b"]) and held_out.shape == (100,)
+    for run in control[-1]:  # the last round set the threshold: none of its samples is above it
+        decision = SampleDecision(stacked["threshold"], stacked["scales"], stacked["weights"], stacked["bias"])
+        for name, logits in run:
+            decision.observe(name, logits)
+        assert decision.factor(torch.device("cpu")).sum() == 0
+    with pytest.raises(SteeringError, match="two rounds of control samples"):
+        calibrate_decision(layers, control[:1], 1.0, source=control[:1])
 
 
 def test_fit_settings_name_what_a_decision_needs():
@@ -61,6 +95,8 @@ def test_fit_settings_name_what_a_decision_needs():
         FitConfig.for_diffusion(sample_decision="accumulated", steering_steps=(0.5, 1.0))
     with pytest.raises(SteeringError, match="steering_steps starting after 0"):
         FitConfig.for_diffusion(sample_decision="accumulated", sample_gate=True, steering_steps=(0.0, 1.0))
+    with pytest.raises(SteeringError, match="decision_seeds must be at least 2"):
+        FitConfig.for_diffusion(sample_decision="stacked", sample_gate=True, steering_steps=(0.5, 1), decision_seeds=1)
     with pytest.raises(SteeringError, match="decision_quantile"):
         FitConfig.for_diffusion(decision_quantile=0.0)
 
@@ -113,27 +149,30 @@ def tokenizer_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("tokenizer")
 
 
-def _run(pipe, prompts, tiny, **kwargs):
-    generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+def _run(pipe, prompts, tiny, first_seed=0, **kwargs):
+    generators = [torch.Generator().manual_seed(first_seed + i) for i in range(len(prompts))]
     return pipe(prompts, generator=generators, output_type="np", **{**tiny.call_kwargs, **kwargs})
 
 
+@pytest.mark.parametrize("kind", ["accumulated", "stacked"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_family_steers_an_image_wholly_or_not_at_all(family, tokenizer_dir):
+def test_every_family_steers_an_image_wholly_or_not_at_all(family, kind, tokenizer_dir):
     tiny = build(family, tokenizer_dir)
     steps = tiny.call_kwargs["num_inference_steps"]
-    pipe, steerer = fit_reading_input(tiny, sample_decision="accumulated", decision_inference_steps=steps)
+    pipe, steerer = fit_reading_input(tiny, sample_decision=kind, decision_inference_steps=steps)
     saved = steerer.config["decision"]
-    assert math.isfinite(saved["threshold"]) and saved["samples"] == 2 * len(CONTROL)
+    assert math.isfinite(saved["threshold"]) and saved["kind"] == kind
+    assert saved["samples"] == (2 if kind == "accumulated" else 1) * len(CONTROL)  # the held-out control images
+    assert (saved["weights"] is None) == (kind == "accumulated")
     assert steerer.decision_threshold == saved["threshold"]
     assert set(saved["scales"]) == set(steerer.module_names) and saved["num_inference_steps"] == steps
     prompts = CONTROL + SOURCE
-    unsteered = _run(pipe, prompts, tiny).images
-    # the control prompts' images the decision was calibrated on (the same seeds): none is steered
-    steered = _run(pipe, prompts, tiny, steering_strength=8.0).images
-    np.testing.assert_array_equal(steered[: len(CONTROL)], unsteered[: len(CONTROL)])
+    held_out = len(CONTROL)  # the control images of the second seed round set the threshold ...
+    unsteered = _run(pipe, prompts, tiny, held_out).images
+    steered = _run(pipe, prompts, tiny, held_out, steering_strength=8.0).images
+    np.testing.assert_array_equal(steered[: len(CONTROL)], unsteered[: len(CONTROL)])  # ... so none is steered
     saved["threshold"] = -1e9  # every image decided: steered at its positional gates
-    every = _run(pipe, prompts, tiny, steering_strength=8.0).images
+    every = _run(pipe, prompts, tiny, held_out, steering_strength=8.0).images
     assert all(not np.array_equal(every[i], unsteered[i]) for i in range(len(prompts)))
     for i in range(len(CONTROL), len(prompts)):  # each source image: wholly one or the other
         assert np.array_equal(steered[i], every[i]) or np.array_equal(steered[i], unsteered[i])

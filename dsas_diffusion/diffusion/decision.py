@@ -1,11 +1,13 @@
-"""Calibrating a steerer's per-image decision (``FitConfig(sample_decision="accumulated")``) on
-the control prompts' denoising runs, through the hooks that take it at generation time.
+"""Calibrating a steerer's per-image decision (``FitConfig(sample_decision="accumulated")`` or
+``"stacked"``) on the fitting prompts' denoising runs, through the hooks that take it at
+generation time.
 
-Each control prompt is rendered (``decision_seeds`` seeds each) up to the start of the
-steerer's steering window while its session observes; the runs' sample-gate logits then set
-each layer's scale and the threshold (:func:`~dsas_diffusion.steering.decision.
-calibrate_decision`). With ``decision_quantile=1`` a call steers an image only where its mean
-scaled logit over layers and the steps before the window lies above every control image's.
+The control prompts (and, for a stacked decision, the source prompts) are rendered
+(``decision_seeds`` seeds each) up to the start of the steerer's steering window while a session
+observes; the runs' sample-gate logits then set each layer's scale, the layers' weights and the
+threshold (:func:`~dsas_diffusion.steering.decision.calibrate_decision`). With
+``decision_quantile=1`` a call steers an image only where its score lies above that of every
+held-out control image.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def calibrate_sample_decision(
     pipe: Any,
     steerer: Steerer,
     control_prompts: Sequence[str],
+    source_prompts: Sequence[str],
     config: FitConfig,
     *,
     rows: Callable[[int], slice] | None,
@@ -44,22 +47,29 @@ def calibrate_sample_decision(
     progress: bool,
     pipeline_kwargs: Mapping[str, Any],
 ) -> None:
-    """Render ``control_prompts`` (``config.decision_seeds`` seeds each, prompt ``i`` of seed
-    round ``r`` with ``torch.Generator().manual_seed(config.seed + r * len(prompts) + i)``) up to
-    the start of ``config.steering_steps``, observing every layer's sample gate on ``rows`` of
-    each call (the conditional half under guidance); record the per-layer scales and the
-    threshold in ``steerer.config["decision"]``."""
+    """Render ``control_prompts`` (and for a stacked decision ``source_prompts``),
+    ``config.decision_seeds`` seeds each (prompt ``i`` of seed round ``r`` with
+    ``torch.Generator().manual_seed(config.seed + r * len(prompts) + i)``), up to the start of
+    ``config.steering_steps``, observing every layer's sample gate on ``rows`` of each call (the
+    conditional half under guidance); record the decision's settings in
+    ``steerer.config["decision"]``."""
     denoiser: nn.Module = pipe.denoiser
     start = config.steering_steps[0]
-    runs = []
+    stacked = config.sample_decision == "stacked"
+    sets = {"control": list(control_prompts), **({"source": list(source_prompts)} if stacked else {})}
     chunks = [
-        (round_, begin)
+        (label, round_, begin)
+        for label, prompts in sets.items()
         for round_ in range(config.decision_seeds)
-        for begin in range(0, len(control_prompts), batch_size)
+        for begin in range(0, len(prompts), batch_size)
     ]
-    for round_, begin in tqdm(chunks, desc="calibrate decision", disable=not progress):
-        chunk = list(control_prompts[begin : begin + batch_size])
-        first = config.seed + round_ * len(control_prompts) + begin
+    runs: dict[str, list[list[list[tuple[str, torch.Tensor]]]]] = {
+        label: [[] for _ in range(config.decision_seeds)] for label in sets
+    }
+    for label, round_, begin in tqdm(chunks, desc="calibrate decision", disable=not progress):
+        prompts = sets[label]
+        chunk = prompts[begin : begin + batch_size]
+        first = config.seed + round_ * len(prompts) + begin
         decision = SampleDecision(0.0, record=True)
         session = SteeringSession(steerer.layers, denoiser, strength=0.0, gated=True, decision=decision)
         session.batch_rows = rows
@@ -89,13 +99,15 @@ def calibrate_sample_decision(
                 free = getattr(pipe, "maybe_free_model_hooks", None)
                 if free is not None:
                     free()
-        runs.append(decision.records)
-    threshold, scales, means = calibrate_decision(steerer.layers, runs, config.decision_quantile)
+        runs[label][round_].append(decision.records)
+    settings, scores = calibrate_decision(
+        steerer.layers, runs["control"], config.decision_quantile, source=runs.get("source")
+    )
     steerer.config[DECISION_KEY] = {
-        "threshold": threshold,
-        "scales": scales,
+        "kind": config.sample_decision,
+        **settings,
         "quantile": config.decision_quantile,
-        "samples": int(means.numel()),
+        "samples": int(scores.numel()),
         "num_inference_steps": num_inference_steps,
     }
 

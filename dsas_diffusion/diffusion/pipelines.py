@@ -210,11 +210,11 @@ class DSASPipelineMixin(SteererRegistry):
                 provenance=provenance,
                 progress=progress,
             )
-            if config.sample_decision == "accumulated":  # observed on the conditional rows, as steered
+            if config.sample_decision != "per-layer":  # observed on the conditional rows, as steered
                 extra = dict(pipeline_kwargs or {})
                 guided, batched = self._guidance_on(extra), self.dsas_cfg_layout == "batched"
                 calibrate_sample_decision(
-                    self, steerer, control_prompts, config,
+                    self, steerer, control_prompts, source_prompts, config,
                     rows=CONDITIONAL_HALF if guided and batched else None, separate_cond=guided and not batched,
                     num_inference_steps=config.decision_inference_steps or self._call_default("num_inference_steps"),
                     batch_size=batch_size, progress=progress,

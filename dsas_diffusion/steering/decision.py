@@ -1,18 +1,19 @@
 """One steer-or-not decision per sample, from every layer's sample gate over the denoising steps
-before steering starts (``FitConfig(sample_decision="accumulated")``).
+before steering starts (``FitConfig(sample_decision="accumulated")`` or ``"stacked"``).
 
 A single layer's sample gate at a single step is a weak witness: calibrated to open on 1% of
 control samples, per-layer sample gates opened on 10-18% of control images at the late steps of
-``shapes-sd`` (``docs/removal.md``). Averaged over every layer and every step before the
-steering window, the same logits decide far more reliably. While a session *observes* (steps
-before its window, switched by the pipeline), each hook adds its layer's sample-gate logit of
-the steered rows to :class:`SampleDecision`; at the first steered call the decision is taken,
-``mean logit > threshold``, and held for the rest of the call: a sample is steered at its
-gates' positions or not at all.
+``shapes-sd`` (``docs/removal.md``). While a session *observes* (steps before its window,
+switched by the pipeline), each hook adds its layer's sample-gate logit of the steered rows to
+:class:`SampleDecision`; at the first steered call the decision is taken, ``score >
+threshold``, and held for the rest of the call: a sample is steered at its gates' positions or
+not at all.
 
-Each layer's logits are divided by their spread on control samples, so every layer weighs
-alike; the threshold is a quantile of the control samples' mean scaled logit. Both are
-calibrated by a pipeline's ``fit_steering`` and saved in the steerer's config.
+Each layer's logits are divided by their spread on control samples and averaged over the
+observed steps. The score weighs those layer means alike (*accumulated*) or by a logistic
+regression of source against control samples (*stacked*). The threshold is a quantile of
+control samples' scores. All are calibrated by a pipeline's ``fit_steering`` and saved in the
+steerer's config.
 
 Examples:
     >>> decision = SampleDecision(threshold=0.5)
@@ -25,10 +26,12 @@ Examples:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
 from .errors import SteeringError
+from .linear import fit_logistic
 
 __all__ = ["DECISION_KEY", "SampleDecision", "calibrate_decision"]
 
@@ -40,15 +43,26 @@ DECISION_KEY = "decision"
 class SampleDecision:
     """The evidence for one call's samples and, once taken, their decision (1 steer, 0 not).
 
-    ``scales``: each layer's logits are divided by its scale (the spread of its logit on control
-    samples, so that every layer weighs alike); ``record=True`` also keeps each observation, as
-    observed, by layer (calibration reads them)."""
+    Each layer's logits are divided by its ``scales`` entry (its spread on control samples) and
+    averaged over the observed steps; the score is ``sum_l weights[l] * mean_l + bias``, with
+    equal weights over the observed layers where ``weights`` is ``None``. ``record=True`` also
+    keeps each observation, as observed, by layer (calibration reads them)."""
 
-    def __init__(self, threshold: float, scales: Mapping[str, float] | None = None, *, record: bool = False) -> None:
+    def __init__(
+        self,
+        threshold: float,
+        scales: Mapping[str, float] | None = None,
+        weights: Mapping[str, float] | None = None,
+        bias: float = 0.0,
+        *,
+        record: bool = False,
+    ) -> None:
         self.threshold = float(threshold)
         self.scales = dict(scales or {})
-        self.evidence: torch.Tensor | None = None
-        self.count = 0
+        self.weights = None if weights is None else dict(weights)
+        self.bias = float(bias)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
         self.decided: torch.Tensor | None = None
         self.records: list[tuple[str, torch.Tensor]] | None = [] if record else None
 
@@ -59,45 +73,68 @@ class SampleDecision:
         logits = logits.detach().float().reshape(-1)
         if self.records is not None:
             self.records.append((layer, logits.cpu()))
-        if self.evidence is None:
-            self.evidence = torch.zeros_like(logits)
-        elif self.evidence.shape != logits.shape:
-            raise SteeringError(
-                f"the steered rows changed from {self.evidence.numel()} to {logits.numel()} samples within one call"
-            )
-        self.evidence += logits / self.scales.get(layer, 1.0)
-        self.count += 1
+        size = next(iter(self.sums.values())).shape if self.sums else logits.shape
+        if logits.shape != size:
+            raise SteeringError(f"the steered rows changed from {size[0]} to {logits.numel()} samples within one call")
+        scaled = logits / self.scales.get(layer, 1.0)
+        self.sums[layer] = scaled if layer not in self.sums else self.sums[layer] + scaled
+        self.counts[layer] = self.counts.get(layer, 0) + 1
 
-    def mean(self) -> torch.Tensor:
-        """Each sample's mean scaled logit over the observations so far."""
-        if self.evidence is None:
+    def layer_means(self) -> dict[str, torch.Tensor]:
+        """Each observed layer's mean scaled logit per sample."""
+        if not self.sums:
             raise SteeringError(
                 "this steering decides per sample from the denoising steps before its steering window, and none "
                 "was observed: steer with a window that starts after 0 (the steerer's saved steering_steps, or "
                 "e.g. steering_steps=(0.5, 1.0)); language models have no such steps, fit them with "
                 "sample_decision='per-layer'"
             )
-        return self.evidence / self.count
+        return {layer: total / self.counts[layer] for layer, total in self.sums.items()}
+
+    def score(self) -> torch.Tensor:
+        """Each sample's score: the weighted sum of its layers' mean scaled logits, plus the bias."""
+        means = self.layer_means()
+        if self.weights is None:
+            return torch.stack(list(means.values())).mean(0)
+        missing = sorted(set(self.weights) - set(means))
+        if missing:
+            raise SteeringError(
+                f"this steering decides from layers {missing}, which were not observed; steer all of its layers"
+            )
+        score = torch.full_like(next(iter(means.values())), self.bias)
+        for layer, weight in self.weights.items():
+            score += weight * means[layer]
+        return score
 
     def factor(self, device: torch.device) -> torch.Tensor:
         """``(B,)``: 1.0 for the samples to steer, 0.0 for the others (taken once, then held)."""
         if self.decided is None:
-            self.decided = (self.mean() > self.threshold).float()
+            self.decided = (self.score() > self.threshold).float()
         return self.decided.to(device)
 
 
 def calibrate_decision(
-    layers: Iterable, runs: Sequence[Sequence[tuple[str, torch.Tensor]]], quantile: float
-) -> tuple[float, dict[str, float], torch.Tensor]:
-    """The decision's threshold and per-layer scales from control samples, with their means.
+    layers: Iterable,
+    control: Sequence[Sequence[Sequence[tuple[str, torch.Tensor]]]],
+    quantile: float,
+    *,
+    source: Sequence[Sequence[Sequence[tuple[str, torch.Tensor]]]] | None = None,
+    l2: float = 1.0,
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """The decision's settings from observed runs, and the held-out control samples' scores.
 
-    ``runs``: per run over a chunk of control samples, its :attr:`SampleDecision.records`. Each
-    layer's scale is the standard deviation of its logits over every run; the threshold is the
-    ``quantile`` of the samples' mean scaled logit, computed as a call computes it (so that with
-    ``quantile=1`` no calibration sample is above it).
+    ``control`` (and ``source``): per seed round, per run over a chunk of samples, its
+    :attr:`SampleDecision.records`. Each layer's scale is the standard deviation of its control
+    logits. Without ``source`` the layers weigh alike and the threshold is the ``quantile`` of
+    every control sample's score. With ``source`` (*stacked*) a logistic regression (L2 weight
+    ``l2``) on the layers' mean scaled logits of source against control samples of every round
+    but the last sets the weights and bias, and the threshold is the ``quantile`` of the last
+    round's control scores, samples the weights never saw. Scores are computed as a call
+    computes them, so with ``quantile=1`` none of those control samples is above the threshold.
     """
     names = [layer.name for layer in layers if layer.sample_gate is not None]
-    if not names or not any(runs):
+    runs = [run for round_ in control for run in round_ if run]
+    if not names or not runs:
         raise SteeringError("no control sample was observed; the per-sample decision cannot be calibrated")
     scales = {}
     for name in names:
@@ -105,12 +142,47 @@ def calibrate_decision(
         if values.numel() < 2:
             raise SteeringError(f"too few control observations of layer {name!r} to calibrate the decision")
         scales[name] = float(values.std()) or 1.0
-    means = []
-    for run in runs:
-        if run:
-            replay = SampleDecision(0.0, scales)
-            for name, logits in run:
-                replay.observe(name, logits)
-            means.append(replay.mean())
-    values = torch.cat(means)
-    return float(torch.quantile(values.double(), quantile)), scales, values
+    settings: dict[str, Any] = {"scales": scales, "weights": None, "bias": 0.0}
+    held_out = control
+    if source is not None:
+        if len(control) < 2 or len(source) < 1:
+            raise SteeringError("a stacked decision needs at least two rounds of control samples (decision_seeds >= 2)")
+        held_out = control[-1:]
+
+        def layer_features(rounds: Sequence[Sequence[Sequence[tuple[str, torch.Tensor]]]]) -> torch.Tensor:
+            return torch.cat([_replay(run, scales).layer_stack(names) for round_ in rounds for run in round_ if run])
+
+        features = {"source": layer_features(source[:-1] or source), "control": layer_features(control[:-1])}
+        labels = torch.cat([torch.ones(len(features["source"])), torch.zeros(len(features["control"]))])
+        weight, bias = fit_logistic(torch.cat([features["source"], features["control"]]), labels, l2=l2)
+        settings["weights"] = {name: float(w) for name, w in zip(names, weight, strict=True)}
+        settings["bias"] = float(bias)
+    scores = torch.cat(
+        [
+            _replay(run, scales, settings["weights"], settings["bias"]).score()
+            for round_ in held_out
+            for run in round_
+            if run
+        ]
+    )
+    settings["threshold"] = float(torch.quantile(scores.double(), quantile))
+    return settings, scores
+
+
+def _replay(
+    run: Sequence[tuple[str, torch.Tensor]],
+    scales: Mapping[str, float],
+    weights: Mapping[str, float] | None = None,
+    bias: float = 0.0,
+) -> _Replayed:
+    decision = _Replayed(0.0, scales, weights, bias)
+    for layer, logits in run:
+        decision.observe(layer, logits)
+    return decision
+
+
+class _Replayed(SampleDecision):
+    def layer_stack(self, names: Sequence[str]) -> torch.Tensor:
+        """``(B, layers)``: the mean scaled logits of ``names``, in that order."""
+        means = self.layer_means()
+        return torch.stack([means[name] for name in names], 1)

@@ -273,7 +273,9 @@ def fit_steerer(
         "sample_calibration_outcome": samples or None,
         "steering_steps": None if config.steering_steps is None else list(config.steering_steps),
         # calibrated by a diffusion pipeline's fit_steering on the control prompts' denoising runs
-        DECISION_KEY: None if config.sample_decision == "per-layer" else {"threshold": None},
+        DECISION_KEY: None
+        if config.sample_decision == "per-layer"
+        else {"kind": config.sample_decision, "threshold": None},
         "gate_floor": config.gate_floor if gate == "dsas" else None,
         "contrast_level": config.contrast_level if uses_contrast else None,
         **{k: (list(v) if isinstance(v, tuple) else v) for k, v in per_layer.items()},

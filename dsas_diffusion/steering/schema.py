@@ -80,11 +80,17 @@ def check_config(config: Any, where: str) -> None:
         and (decision.get("threshold") is None or _number(decision["threshold"]))
         and isinstance(decision.get("scales", {}), dict)
         and all(_number(v) and v > 0 for v in decision.get("scales", {}).values())
+        and (
+            decision.get("weights") is None
+            or (isinstance(decision["weights"], dict) and all(_number(v) for v in decision["weights"].values()))
+        )
+        and _number(decision.get("bias", 0.0))
     ):
         raise _fail(
             where,
             "config.decision",
-            f"must be null or an object with a finite threshold and positive scales per layer, got {decision!r}",
+            f"must be null or an object with a finite threshold, positive scales and finite weights per layer and a "
+            f"finite bias, got {decision!r}",
         )
     layers = config.get("layers")
     if not isinstance(layers, list) or not layers:

@@ -101,11 +101,14 @@ class Steerer(nn.Module):
             return None
         if saved.get("threshold") is None:
             raise SteeringError(
-                "this steerer decides per sample over layers and denoising steps (sample_decision='accumulated') "
+                "this steerer decides per sample over layers and denoising steps (sample_decision='accumulated' or "
+                "'stacked') "
                 "but its decision was never calibrated: fit it with a diffusion pipeline's fit_steering, which "
                 "calibrates it on the control prompts' denoising runs"
             )
-        return SampleDecision(float(saved["threshold"]), saved.get("scales"))
+        return SampleDecision(
+            float(saved["threshold"]), saved.get("scales"), saved.get("weights"), saved.get("bias", 0.0)
+        )
 
     @property
     def has_gates(self) -> bool:
