@@ -35,8 +35,9 @@ from .linear import fit_logistic
 
 __all__ = ["DECISION_KEY", "SampleDecision", "calibrate_decision"]
 
-#: where a steerer's config keeps its calibrated decision (``{"threshold": τ, "scales": {layer:
-#: spread}, "quantile": q, "samples": n, "num_inference_steps": steps}``)
+#: where a steerer's config keeps its calibrated decision (``{"kind": "accumulated" or "stacked",
+#: "threshold": τ, "scales": {layer: spread}, "weights": {layer: w} or None, "bias": b,
+#: "quantile": q, "samples": n, "num_inference_steps": steps}``)
 DECISION_KEY = "decision"
 
 
