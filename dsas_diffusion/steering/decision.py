@@ -151,7 +151,9 @@ def calibrate_decision(
         held_out = control[-1:]
 
         def layer_features(rounds: Sequence[Sequence[Sequence[tuple[str, torch.Tensor]]]]) -> torch.Tensor:
-            return torch.cat([_replay(run, scales).layer_stack(names) for round_ in rounds for run in round_ if run])
+            """``(samples, layers)``: each sample's mean scaled logit per layer, in ``names``' order."""
+            means = [_replay(run, scales).layer_means() for round_ in rounds for run in round_ if run]
+            return torch.cat([torch.stack([run[name] for name in names], 1) for run in means])
 
         features = {"source": layer_features(source[:-1] or source), "control": layer_features(control[:-1])}
         labels = torch.cat([torch.ones(len(features["source"])), torch.zeros(len(features["control"]))])
@@ -175,15 +177,9 @@ def _replay(
     scales: Mapping[str, float],
     weights: Mapping[str, float] | None = None,
     bias: float = 0.0,
-) -> _Replayed:
-    decision = _Replayed(0.0, scales, weights, bias)
+) -> SampleDecision:
+    """A decision fed ``run``'s observations, as a call would have fed them."""
+    decision = SampleDecision(0.0, scales, weights, bias)
     for layer, logits in run:
         decision.observe(layer, logits)
     return decision
-
-
-class _Replayed(SampleDecision):
-    def layer_stack(self, names: Sequence[str]) -> torch.Tensor:
-        """``(B, layers)``: the mean scaled logits of ``names``, in that order."""
-        means = self.layer_means()
-        return torch.stack([means[name] for name in names], 1)
