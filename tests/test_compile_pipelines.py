@@ -202,3 +202,27 @@ def test_gates_reading_the_attention_input_steer_a_compiled_denoiser_as_eager(fa
         np.testing.assert_allclose(_run(compiled, tiny, steering_strength=high), references[high], **close)
         assert _graphs() == warm and sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     assert np.abs(references[high] - references[low]).max() > 10 * close["atol"]
+
+
+@torch.no_grad()
+def test_a_per_image_decision_on_a_compiled_denoiser_decides_and_steers_as_eager(families):
+    """A decided steering observes the steps before its window and then steers only the images
+    it decides: on a compiled denoiser those calls run eagerly and give the eager latents, at the
+    calibrated threshold, with every image decided and with none (the tiny UNet: on the tiny
+    transformers a step steered at random weights moves the latents by less than the tolerance)."""
+    tiny, _, _ = families("sd")
+    pipe, steerer = fit_reading_input(tiny, sample_decision="stacked", decision_inference_steps=2)
+    decision, close = steerer.config["decision"], dict(atol=1e-4, rtol=0)
+    thresholds = {"calibrated": decision["threshold"], "every image": -1e9, "none": 1e9}
+    references = {}
+    for name, threshold in thresholds.items():
+        decision["threshold"] = threshold
+        references[name] = _run(pipe, tiny, steering_strength=16.0)
+    np.testing.assert_array_equal(references["none"], _run(pipe, tiny))
+    assert np.abs(references["every image"] - references["none"]).max() > 10 * close["atol"]
+    with compiled_pipeline(tiny, steerer, "in-place") as compiled:
+        np.testing.assert_allclose(_run(compiled, tiny), references["none"], **close)  # the traced unsteered call
+        for name, threshold in thresholds.items():
+            decision["threshold"] = threshold  # the loaded steerer is this object
+            np.testing.assert_allclose(_run(compiled, tiny, steering_strength=16.0), references[name], **close)
+        assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])

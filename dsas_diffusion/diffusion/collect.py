@@ -27,14 +27,37 @@ from ..steering.hookpoints import HookPoint, get_output, resolve_module
 from ..steering.hooks import HookHandles
 from .architectures import architecture_of
 
-__all__ = ["DenoiserCall", "ImageStreamCheck", "check_image_stream", "record_denoiser_calls", "run_denoiser_call"]
+__all__ = [
+    "DenoiserCall",
+    "ImageStreamCheck",
+    "StopDenoising",
+    "check_image_stream",
+    "record_denoiser_calls",
+    "run_denoiser_call",
+    "run_until_stopped",
+]
 
 DenoiserCall = dict[str, Any]
 """The keyword arguments of one denoiser forward call (tensors on the CPU)."""
 
 
-class _EnoughSteps(Exception):
-    """Raised from the recording hook once the last wanted step is recorded."""
+class StopDenoising(Exception):
+    """Raised from a denoiser hook once a partial run has what it needs (:func:`run_until_stopped`)."""
+
+
+def run_until_stopped(pipe: Any, prompts: Sequence[str], **call: Any) -> bool:
+    """Run ``pipe(prompts, output_type="latent", **call)`` until a denoiser hook raises
+    :class:`StopDenoising` (or to the end); model offload hooks are freed either way. Returns
+    whether the run was stopped."""
+    try:
+        pipe(list(prompts), output_type="latent", **call)
+    except StopDenoising:
+        return True
+    finally:
+        free = getattr(pipe, "maybe_free_model_hooks", None)
+        if free is not None:
+            free()
+    return False
 
 
 def _primary_input(arguments: Mapping[str, Any]) -> torch.Tensor:
@@ -155,7 +178,7 @@ def record_denoiser_calls(
             arguments.pop("return_dict", None)
             calls.append({**_take_rows(arguments, rows, batch), "return_dict": False})
         if step >= last:
-            raise _EnoughSteps
+            raise StopDenoising
 
     handle = denoiser.register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:
@@ -164,20 +187,8 @@ def record_denoiser_calls(
             chunk = list(prompts[start : start + batch_size])
             state.update(timestep=None, step=-1, images=len(chunk) * images_per_prompt)
             generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
-            try:
-                pipe(
-                    chunk,
-                    num_inference_steps=num_inference_steps,
-                    generator=generators,
-                    output_type="latent",
-                    **pipeline_kwargs,
-                )
-            except _EnoughSteps:
-                pass
-            finally:
-                free = getattr(pipe, "maybe_free_model_hooks", None)
-                if free is not None:
-                    free()
+            run_until_stopped(pipe, chunk, num_inference_steps=num_inference_steps, generator=generators,
+                              **pipeline_kwargs)  # fmt: skip
             if state["step"] < last:
                 raise SteeringError(
                     f"the pipeline ran {state['step'] + 1} denoising steps but step {last} was asked for; "

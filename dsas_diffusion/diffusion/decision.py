@@ -24,13 +24,10 @@ from ..config import FitConfig
 from ..steering import Steerer, SteeringError
 from ..steering.decision import DECISION_KEY, SampleDecision, calibrate_decision
 from ..steering.hooks import SteeringSession
+from .collect import StopDenoising, run_until_stopped
 from .steps import StepWindow
 
 __all__ = ["calibrate_sample_decision", "check_decision_call"]
-
-
-class _WindowReached(Exception):
-    """Raised from a pre-hook once the steering window starts: calibration has what it needs."""
 
 
 def calibrate_sample_decision(
@@ -79,26 +76,16 @@ def calibrate_sample_decision(
 
         def stop(module: nn.Module, args: tuple, kwargs: dict, window: StepWindow = window) -> None:
             if window.step / window.total >= start:
-                raise _WindowReached
+                raise StopDenoising
 
         with session, window:
             handle = denoiser.register_forward_pre_hook(stop, with_kwargs=True)
             try:
-                pipe(
-                    chunk,
-                    num_inference_steps=num_inference_steps,
-                    generator=[torch.Generator().manual_seed(first + i) for i in range(len(chunk))],
-                    output_type="latent",
-                    steering_strength=0.0,
-                    **pipeline_kwargs,
-                )
-            except _WindowReached:
-                pass
+                generators = [torch.Generator().manual_seed(first + i) for i in range(len(chunk))]
+                run_until_stopped(pipe, chunk, num_inference_steps=num_inference_steps, generator=generators,
+                                  steering_strength=0.0, **pipeline_kwargs)  # fmt: skip
             finally:
                 handle.remove()
-                free = getattr(pipe, "maybe_free_model_hooks", None)
-                if free is not None:
-                    free()
         runs[label][round_].append(decision.records)
     settings, scores = calibrate_decision(
         steerer.layers, runs["control"], config.decision_quantile, source=runs.get("source")
