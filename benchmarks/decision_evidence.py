@@ -6,7 +6,9 @@ turned into one number per image and layer and step:
 
 * ``mean``: the sample gate's logit on the image's mean query input (what
   ``sample_decision="accumulated"`` uses);
-* ``max`` / ``top4``: the largest / the mean of the 4 largest positional gate logits.
+* ``max`` / ``top4``: the largest / the mean of the 4 largest positional gate logits;
+* ``sample-top4``: the sample gate's linear classifier applied at each position, the mean of
+  its 4 largest logits (the sample gate itself averages all positions, diluting a small object).
 
 Each is divided by its layer's spread on the control prompts' images (2 seeds each) and
 averaged over layers and steps. Printed: the share of images above the control images' maximum
@@ -31,7 +33,7 @@ from dsas_diffusion.shapes.detect import read_objects, unprompted_concept
 from dsas_diffusion.steering.hookpoints import read_input
 from dsas_diffusion.steering.hooks import HookHandles
 
-KINDS = ("mean", "max", "top4")
+KINDS = ("mean", "max", "top4", "sample-top4")
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -56,6 +58,8 @@ def evidence(pipe, layers, prompts, seeds, start: int) -> dict[str, dict[str, to
                 chunk["mean"][layer.name].append(query.mean(1) @ layer.sample_gate.weight + layer.sample_gate.bias)
                 chunk["max"][layer.name].append(positions.amax(1))
                 chunk["top4"][layer.name].append(positions.topk(4, dim=1).values.mean(1))
+                sample = query @ layer.sample_gate.weight + layer.sample_gate.bias
+                chunk["sample-top4"][layer.name].append(sample.topk(4, dim=1).values.mean(1))
 
             return hook
 
@@ -77,6 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concepts", nargs="+", default=list(TUNING_CONCEPTS))
     parser.add_argument("--start", type=int, default=12, help="steps read, of 25 (default 12: the window 0.48)")
     parser.add_argument("--empty-seeds", type=int, default=64)
+    parser.add_argument(
+        "--first-seed", type=int, default=0, help="the empty prompt's seeds start here (0..127 are the protocol's)"
+    )
     args = parser.parse_args(argv)
     pipe = load_pipeline("shapes-sd")
     pipe.set_progress_bar_config(disable=True)
@@ -89,13 +96,14 @@ def main(argv: list[str] | None = None) -> None:
         pipe.unload_steering()
         sets = make_concept_sets(concept, seed=7)
         empty = [""] * args.empty_seeds
+        empty_seeds = list(range(args.first_seed, args.first_seed + args.empty_seeds))
         runs = {
             "calibration": evidence(pipe, layers, list(control) * 2, list(range(2 * len(control))), args.start),
             "named": evidence(pipe, layers, sets["eval_concept"][:16], [0] * 16, args.start),
             "control": evidence(pipe, layers, sets["eval_control"][:16], [0] * 16, args.start),
-            "empty": evidence(pipe, layers, empty, list(range(len(empty))), args.start),
+            "empty": evidence(pipe, layers, empty, empty_seeds, args.start),
         }
-        images = render(pipe, empty, list(range(len(empty))), 0.0)
+        images = render(pipe, empty, empty_seeds, 0.0)
         shows = np.array([bool(unprompted_concept(o, concept)) for o in read_objects(judge, images)])
         for name, values in runs["empty"]["mean"].items():  # each layer alone: its mean over the steps
             print(f"| {concept} | mean, {name} alone | | | | | | {auc(shows, values.mean(1).numpy()):.2f} |")

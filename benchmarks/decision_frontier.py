@@ -2,9 +2,9 @@
 
 For each concept and each positional quantile (``calibration_quantile``: the share of control
 positions the positional gates keep shut), the shipped ``banana-image`` recipe (``image_gates``'
-*stacked*) is fitted; then the empty prompt's images (seeds 0, 1, ...) and 16 development
-control prompts are rendered unsteered and *forced*: every image steered at its positional
-gates, whatever its decision score, which is recorded. An image's score does not depend on the
+*stacked*) is fitted; then the empty prompt's images (seeds 0, 1, ..., or from ``--first-seed``)
+and 16 development control prompts are rendered unsteered and *forced*: every image steered at
+its positional gates, whatever its decision score, which is recorded. An image's score does not depend on the
 steering (it is read from the steps before the window, which are not steered), so for any
 threshold ``t`` the call's outcome is the forced image where the score is above ``t`` and the
 unsteered one elsewhere. Printed per strength:
@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quantiles", type=float, nargs="+", default=[0.9, 0.97, 0.99])
     parser.add_argument("--strengths", type=float, nargs="+", default=[2, 4])
     parser.add_argument("--empty-seeds", type=int, default=128)
+    parser.add_argument(
+        "--first-seed", type=int, default=0, help="the empty prompt's seeds start here (0..127 are the protocol's)"
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs/decision-frontier"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         "\n|---|---|---|---|---|---|---|---|"
     )
     for concept in args.concepts:
-        empty, seeds = [""] * args.empty_seeds, list(range(args.empty_seeds))
+        empty, seeds = [""] * args.empty_seeds, list(range(args.first_seed, args.first_seed + args.empty_seeds))
         control = make_concept_sets(concept, seed=7)["eval_control"][:16]
         base, control_base = render(pipe, empty, seeds, 0.0), render(pipe, control, [0] * 16, 0.0)
         shows = np.array([bool(unprompted_concept(o, concept)) for o in read_objects(judge, base)])
@@ -120,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
                 best = max((c for c in candidates if c[1] >= TARGET), default=(float("nan"),) * 3)
                 both = max((c for c in candidates if min(c[1:]) >= TARGET), default=(float("nan"),) * 3)
                 row = {
-                    "concept": concept, "quantile": quantile, "strength": strength, "threshold": threshold,
+                    "concept": concept, "first_seed": args.first_seed, "quantile": quantile, "strength": strength,
+                    "threshold": threshold,
                     "unasked": int(shows.sum()), "removed_if_forced": float(1 - found[shows].mean()),
                     "clean_forced_sim": float(sim[~shows].mean()), "calibrated": calibrated, "best": best,
                     "best_with_control": both, "shows": shows.tolist(), "scores": scores.tolist(), "found": found.tolist(),
