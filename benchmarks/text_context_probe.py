@@ -72,11 +72,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concepts", nargs="+", default=list(TEXT_CONCEPTS))
     parser.add_argument("--documents", type=int, default=64, help="documents of each kind")
     parser.add_argument("--l2", type=float, default=10.0)
+    parser.add_argument(
+        "--fit-documents",
+        action="store_true",
+        help="banana and red: fit on their document sets, not the image captions",
+    )
     args = parser.parse_args(argv)
     lm = DSASLanguageModel.from_pretrained("shapes-lm")
     print(f"| concept | stream | layer | {' | '.join(FEATURES)} |\n|---|---|---|{'---|' * len(FEATURES)}")
     for concept in args.concepts:
-        files = text_concept_files(concept)
+        files = text_concept_files(concept, documents=args.fit_documents)
         source, target, control = (activations(lm, read_prompts(files[k])) for k in ("source", "target", "control"))
         texts = documents(concept, args.documents)
         scored = {kind: activations(lm, batch) for kind, batch in texts.items()}

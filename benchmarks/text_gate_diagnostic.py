@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--documents", type=int, default=64, help="documents of each kind")
     parser.add_argument("--strength", type=float, default=0.0, help="λ of the pass (0: the unsteered activations)")
     parser.add_argument("--out", type=Path, default=Path("outputs/text-gate-diagnostic.json"))
+    parser.add_argument(
+        "--fit-documents", action="store_true", help="with --fit, banana and red: fit on their document sets"
+    )
     args = parser.parse_args(argv)
     lm = DSASLanguageModel.from_pretrained("shapes-lm")
     shipped = text_example_steerings()
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     for concept in args.concepts:
         for map_name in [None] if args.steering or args.fit is not None else args.maps:
             if args.fit is not None:
-                files = text_concept_files(concept)
+                files = text_concept_files(concept, documents=args.fit_documents)
                 texts = (read_prompts(files[k]) for k in ("source", "target", "control"))
                 lm.fit_steering(*texts, TEXT_EXAMPLE_FIT.replace(map="caa"), progress=False, **args.fit)
                 map_name = f"caa, {json.dumps(args.fit)}"

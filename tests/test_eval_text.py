@@ -24,6 +24,7 @@ from dsas_diffusion.shapes.text_sets import (
     mentions,
     neutral_version,
     text_concept_files,
+    without_concept,
 )
 from dsas_diffusion.text import DSASLanguageModel
 
@@ -50,10 +51,16 @@ TINY = {
 @pytest.mark.parametrize("concept", TEXT_CONCEPTS)
 def test_shipped_text_sets_are_what_the_generator_draws_and_keep_their_promises(concept):
     sets = make_text_sets(concept)
-    files = text_concept_files(concept)
+    files = text_concept_files(concept, documents=True)
     for name, prompts in sets.items():
         assert read_prompts(files[name]) == prompts, f"{files[name]} differs from make_text_sets({concept!r})"
-    fitting = [p.rstrip(".") + "." for name in ("source", "target", "control") for p in read_prompts(files[name])]
+    captions = text_concept_files(concept)  # banana and red: the image prompt files too
+    fitting = [
+        p.rstrip(".") + "."
+        for paths in (files, captions)
+        for name in ("source", "target", "control")
+        for p in read_prompts(paths[name])
+    ]
     for prompt in sets["eval_concept"]:
         assert prompt.endswith(".") and not any(text.startswith(prompt) for text in fitting)
         assert sentence_error(prompt[:-1]) is None and mentions(prompt, concept)
@@ -64,9 +71,15 @@ def test_shipped_text_sets_are_what_the_generator_draws_and_keep_their_promises(
             assert all(mentions(s, "negative") for s in split_sentences(source))
             assert not mentions(target, "negative") and target == neutral_version(source)
             assert all(sentence_error(s) is None for s in split_sentences(target))
-        for text in sets["control"]:
-            parse_document(text)
-            assert not mentions(text, "negative")
+    else:  # the same documents with the concept swapped for what they do not have
+        for source, target in zip(sets["source"], sets["target"], strict=True):
+            assert mentions(source, concept) and not mentions(target, concept)
+            assert target == without_concept(parse_document(source), concept)
+            assert len(parse_document(target).objects) == len(parse_document(source).objects)
+        assert text_concept_files(concept)["source"] == PROMPTS_DIR / concept / "source.txt"  # captions by default
+    for text in sets["control"]:
+        parse_document(text)
+        assert not mentions(text, concept)
 
 
 def test_mentions_reads_object_words_and_the_register_only():

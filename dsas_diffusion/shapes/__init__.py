@@ -82,6 +82,7 @@ _EXPORTS = {
             "mentions",
             "neutral_version",
             "text_concept_files",
+            "without_concept",
         ),
         ".text_sets",
     ),

@@ -55,6 +55,7 @@ __all__ = [
     "mentions",
     "neutral_version",
     "text_concept_files",
+    "without_concept",
 ]
 
 TEXT_DIR = PROMPTS_DIR / "text"
@@ -124,11 +125,16 @@ def make_text_sets(concept: str, seed: int = 0, count: int = 32) -> dict[str, li
     * ``eval_control``: ``count`` distinct documents of two sentences or more that never
       mention the concept and introduce every object in their first sentence, cut after the
       first half of their second sentence's words;
-    * for ``negative`` also fitting sets: ``source``, negative documents (every sentence
-      negative); ``target``, each one's :func:`neutral_version`; ``control``, neutral
-      documents.
+    * fitting sets of documents: ``source``, for ``negative`` documents with every sentence
+      negative, otherwise documents that mention the concept; ``target``, each one in the
+      neutral register (:func:`neutral_version`) or with the concept swapped for a colour or
+      shape the document does not have (:func:`without_concept`); ``control``, documents
+      without the concept. For banana and red they are drawn after the evaluation sets, from
+      documents ``seed * 10**6 + 500_000 + i``, so the evaluation sets stay those drawn before
+      they existed.
 
-    No evaluation prompt begins a fitting text (for banana and red, the image prompt files).
+    No evaluation prompt begins a fitting text (nor, for banana and red, an image prompt file's
+    caption).
     """
     if not is_text_concept(concept):
         raise ValueError(f"{concept!r} is not a text concept: use a shape, a colour or 'negative'")
@@ -161,15 +167,58 @@ def make_text_sets(concept: str, seed: int = 0, count: int = 32) -> dict[str, li
             prompt = doc.sentences[0] + ". " + " ".join(words[: max(1, len(words) // 2)])
             if prompt not in sets["eval_control"] and not _fitted(prompt, sets, seen):
                 sets["eval_control"].append(prompt)
+    if not fitting:
+        sets.update(_document_fitting_sets(concept, seed, count, sets))
     return sets
 
 
-def text_concept_files(concept: str) -> dict[str, Path]:
-    """The prompt files of a shipped text concept: ``source`` / ``target`` / ``control`` (the
-    image files for banana and red) and ``eval_concept`` / ``eval_control``."""
+def without_concept(doc: Document, concept: str) -> str:
+    """``doc``'s text with the shape or colour ``concept`` swapped, everywhere, for the first one
+    of the grammar that the document does not have: the same scene without the concept.
+
+    Examples:
+        >>> sample_document(7).text
+        'a yellow triangle on a white background.'
+        >>> without_concept(sample_document(7), "triangle")
+        'a yellow circle on a white background.'
+    """
+    kinds = SHAPES if concept in SHAPES else tuple(COLOURS)
+    used = {shape if concept in SHAPES else colour for colour, shape in doc.objects}
+    swap = next(k for k in kinds if k != concept and k not in used)
+    return _article(re.sub(rf"\b{concept}\b", swap, doc.text))
+
+
+def _document_fitting_sets(
+    concept: str, seed: int, count: int, evaluation: dict[str, list[str]]
+) -> dict[str, list[str]]:
+    """Fitting sets of documents for a shape or colour: ``count`` documents mentioning it (each
+    with its :func:`without_concept` as target) and ``count`` without it; none begins with an
+    evaluation prompt."""
+    sets: dict[str, list[str]] = {"source": [], "target": [], "control": []}
+    prompts = evaluation["eval_concept"] + evaluation["eval_control"]
+    index = seed * 10**6 + 500_000
+    while len(sets["source"]) < count or len(sets["control"]) < count:
+        doc = sample_document(index)
+        index += 1
+        text = doc.text
+        if any(text.startswith(prompt) for prompt in prompts) or text in sets["source"] + sets["control"]:
+            continue
+        if mentions(text, concept) and len(sets["source"]) < count:
+            sets["source"].append(text)
+            sets["target"].append(without_concept(doc, concept))
+        elif not mentions(text, concept) and len(sets["control"]) < count:
+            sets["control"].append(text)
+    return sets
+
+
+def text_concept_files(concept: str, documents: bool = False) -> dict[str, Path]:
+    """The prompt files of a shipped text concept: ``source`` / ``target`` / ``control`` and
+    ``eval_concept`` / ``eval_control``. The fitting files of banana and red are the image
+    prompt files (one-sentence captions) unless ``documents=True``: then the documents of
+    :func:`make_text_sets`, as always for the negative register."""
     if concept not in TEXT_CONCEPTS:
         raise ValueError(f"no text concept {concept!r}; shipped: {', '.join(TEXT_CONCEPTS)}")
-    fitting = TEXT_DIR / concept if concept == "negative" else PROMPTS_DIR / concept
+    fitting = TEXT_DIR / concept if concept == "negative" or documents else PROMPTS_DIR / concept
     files = {name: fitting / f"{name}.txt" for name in ("source", "target", "control")}
     files.update({name: TEXT_DIR / concept / f"{name}.txt" for name in ("eval_concept", "eval_control")})
     for path in files.values():
