@@ -1,7 +1,8 @@
 """Would a text gate that reads the context, not the token, separate concept text from neutral text?
 
 A probe on ``shapes-lm``, before any such gate exists in the library: per decoder layer, on the
-residual stream (the layer's output) and on the self-attention's output, a logistic regression
+residual stream (the layer's output), on the self-attention's output and on its value
+projections (what the KV cache keeps of every earlier token), a logistic regression
 is fitted per token on labels a user can derive from paired texts: the tokens of each source
 text from the first one where it differs from its paired target (concept) against every token
 of the control texts (not the concept). Three features:
@@ -44,8 +45,12 @@ def activations(lm: DSASLanguageModel, texts: Sequence[str]) -> list[tuple[list[
     for text in texts:
         ids = lm.tokenizer(text, return_tensors="pt")
         attention: dict[int, torch.Tensor] = {}
+        values: dict[int, torch.Tensor] = {}
         handles = [
             layer.self_attn.register_forward_hook(lambda m, a, o, i=i, store=attention: store.__setitem__(i, o[0][0]))
+            for i, layer in enumerate(layers)
+        ] + [
+            layer.self_attn.v_proj.register_forward_hook(lambda m, a, o, i=i, store=values: store.__setitem__(i, o[0]))
             for i, layer in enumerate(layers)
         ]
         try:
@@ -55,10 +60,11 @@ def activations(lm: DSASLanguageModel, texts: Sequence[str]) -> list[tuple[list[
                 handle.remove()
         features = {}
         for i in range(len(layers)):
-            for stream, values in (("residual", hidden[i + 1][0]), ("attention", attention[i])):
-                values = values[1:].float()
-                prefix = values.cumsum(0) / torch.arange(1, values.shape[0] + 1).unsqueeze(1)
-                features[stream, i] = {"token": values, "prefix mean": prefix, "both": torch.cat([values, prefix], 1)}
+            streams = (("residual", hidden[i + 1][0]), ("attention", attention[i]), ("values", values[i]))
+            for stream, rows in streams:
+                rows = rows[1:].float()
+                prefix = rows.cumsum(0) / torch.arange(1, rows.shape[0] + 1).unsqueeze(1)
+                features[stream, i] = {"token": rows, "prefix mean": prefix, "both": torch.cat([rows, prefix], 1)}
         out.append((ids["input_ids"][0][1:].tolist(), features))
     return out
 
