@@ -28,6 +28,7 @@ import torch
 from image_gates import IMAGE, render
 
 from dsas_diffusion.diffusion.loading import load_pipeline
+from dsas_diffusion.eval.diagnostic import roc_auc
 from dsas_diffusion.shapes import TUNING_CONCEPTS, ShapeJudge, concept_prompts, make_concept_sets
 from dsas_diffusion.shapes.detect import read_objects, unprompted_concept
 from dsas_diffusion.steering.hookpoints import read_input
@@ -37,9 +38,8 @@ KINDS = ("mean", "max", "top4", "sample-top4")
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    positive, negative = scores[labels], scores[~labels]
-    wins = (positive[:, None] > negative[None]).sum() + 0.5 * (positive[:, None] == negative[None]).sum()
-    return float(wins / (len(positive) * len(negative)))
+    """ROC-AUC of the images with the concept (``labels``) against those without."""
+    return roc_auc(torch.from_numpy(scores[labels]), torch.from_numpy(scores[~labels]))
 
 
 def evidence(pipe, layers, prompts, seeds, start: int) -> dict[str, dict[str, torch.Tensor]]:

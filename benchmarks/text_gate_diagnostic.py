@@ -29,16 +29,11 @@ import torch
 from dsas_diffusion.eval.diagnostic import roc_auc
 from dsas_diffusion.prompts import read_prompts
 from dsas_diffusion.shapes.examples import TEXT_EXAMPLE_FIT, TEXT_EXAMPLE_MAPS, text_example_steerings
-from dsas_diffusion.shapes.text import negative_sentences, sample_document, split_sentences
+from dsas_diffusion.shapes.text import sample_document, split_sentences
 from dsas_diffusion.shapes.text_sets import TEXT_CONCEPTS, mentions, text_concept_files
 from dsas_diffusion.text import DSASLanguageModel
 
 FIRST_SEED = 7_000_000  # the fitting and evaluation sets draw far below this
-
-
-def carries(sentence: str, concept: str) -> bool:
-    """Whether a sentence of the grammar carries ``concept``."""
-    return negative_sentences(sentence + ".") > 0 if concept == "negative" else mentions(sentence + ".", concept)
 
 
 def documents(concept: str, count: int, first_seed: int = FIRST_SEED) -> dict[str, list[str]]:
@@ -48,7 +43,7 @@ def documents(concept: str, count: int, first_seed: int = FIRST_SEED) -> dict[st
     while min(len(texts) for texts in found.values()) < count:
         text = sample_document(seed).text
         seed += 1
-        kind = "concept" if any(carries(s, concept) for s in split_sentences(text)) else "neutral"
+        kind = "concept" if any(mentions(s + ".", concept) for s in split_sentences(text)) else "neutral"
         if len(found[kind]) < count:
             found[kind].append(text)
     return found
@@ -57,7 +52,7 @@ def documents(concept: str, count: int, first_seed: int = FIRST_SEED) -> dict[st
 def token_labels(text: str, tokens: list[str], concept: str) -> np.ndarray:
     """Per token: 1 in a sentence carrying ``concept``, 0 elsewhere, -1 for special tokens; a
     sentence's tokens run up to and including its full stop."""
-    flags = [carries(s, concept) for s in split_sentences(text)]
+    flags = [mentions(s + ".", concept) for s in split_sentences(text)]
     labels, sentence = [], 0
     for token in tokens:
         if token.startswith("<") and token.endswith(">"):

@@ -196,18 +196,20 @@ def _document_fitting_sets(
     evaluation prompt."""
     sets: dict[str, list[str]] = {"source": [], "target": [], "control": []}
     prompts = evaluation["eval_concept"] + evaluation["eval_control"]
+    drawn: set[str] = set()
     index = seed * 10**6 + 500_000
     while len(sets["source"]) < count or len(sets["control"]) < count:
         doc = sample_document(index)
         index += 1
         text = doc.text
-        if any(text.startswith(prompt) for prompt in prompts) or text in sets["source"] + sets["control"]:
+        if text in drawn or any(text.startswith(prompt) for prompt in prompts):
             continue
-        if mentions(text, concept) and len(sets["source"]) < count:
-            sets["source"].append(text)
-            sets["target"].append(without_concept(doc, concept))
-        elif not mentions(text, concept) and len(sets["control"]) < count:
-            sets["control"].append(text)
+        label = "source" if mentions(text, concept) else "control"
+        if len(sets[label]) < count:
+            drawn.add(text)
+            sets[label].append(text)
+            if label == "source":
+                sets["target"].append(without_concept(doc, concept))
     return sets
 
 

@@ -102,8 +102,7 @@ class Steerer(nn.Module):
         if saved.get("threshold") is None:
             raise SteeringError(
                 "this steerer decides per sample over layers and denoising steps (sample_decision='accumulated' or "
-                "'stacked') "
-                "but its decision was never calibrated: fit it with a diffusion pipeline's fit_steering, which "
+                "'stacked') but its decision was never calibrated: fit it with a diffusion pipeline's fit_steering, which "
                 "calibrates it on the control prompts' denoising runs"
             )
         return SampleDecision(
