@@ -42,7 +42,7 @@ __all__ = ["FitConfig", "LinEASConfig", "is_step_window"]
 MapName = Literal["caa", "iti", "linear-act", "lineas"]
 GateKind = Literal["dsas", "none", "e2e"]
 GateFitOn = Literal["pooled", "positions", "contrast"]
-GateReads = Literal["output", "input"]
+GateReads = Literal["output", "input", "context"]
 GateCalibration = Literal["none", "control-positions", "two-sided"]
 GateActivation = Literal["sigmoid", "relu", "step"]
 SampleDecision = Literal["per-layer", "accumulated", "stacked"]
@@ -135,7 +135,9 @@ class FitConfig:
             the relative threshold).
         gate_reads: what each gate reads at its module: ``"output"``, the activation it steers
             (as published), or ``"input"``, the module's input at the same positions (for a
-            cross-attention, its query input: the image being drawn, before the prompt enters).
+            cross-attention, its query input: the image being drawn, before the prompt enters), or
+            ``"context"`` (language models, at decoder layers or attention modules): the mean of
+            the cached attention values each token attends to, a causal summary of its prefix.
         sample_gate: also fit, per layer, a gate on the mean over each sample's positions of
             what the gate reads (does this sample show the concept at all?); its value multiplies
             the gate at every position. Calibrated so that ``1 - sample_quantile`` of control
@@ -352,7 +354,7 @@ class FitConfig:
         )
         _check(
             self.gate_reads == "output" or (self.gate == "dsas" and not self.incremental_gates),
-            "gate_reads='input' is fitted with gate='dsas' and without incremental_gates",
+            f"gate_reads={self.gate_reads!r} is fitted with gate='dsas' and without incremental_gates",
         )
         _check(
             not (self.uses_contrast and self.incremental_gates),

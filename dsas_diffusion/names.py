@@ -42,8 +42,9 @@ GATE_ACTIVATIONS = ("sigmoid", "relu", "step")
 GATE_FIT_ON = ("pooled", "positions", "contrast")
 #: what a gate reads at its hooked module: the activation it steers (the module's output, as
 #: published) or the module's input (e.g. a cross-attention's query input: the image stream
-#: before the prompt enters it)
-GATE_READS = ("output", "input")
+#: before the prompt enters it) or, for language models, the context: the mean of the cached
+#: attention values each token attends to (its prefix)
+GATE_READS = ("output", "input", "context")
 #: who decides whether a sample is steered at all, with sample gates: each layer's own sample
 #: gate, or one decision per sample from every layer over the denoising steps before steering,
 #: the layers weighing alike or weighted by a regression on source against control images

@@ -107,7 +107,7 @@ def capture_runs(
     images: list[Image.Image] = []
     sizes: dict[str, int] = {}
     for point in points:
-        handles.append(register_reader(resolve_module(denoiser, point.module), point, make_hook(point)))
+        handles.extend(register_reader(resolve_module(denoiser, point.module), point, make_hook(point)))
     try:
         per_batch: dict[str, list[torch.Tensor]] = {point.key: [] for point in points}
         for seed in seeds:

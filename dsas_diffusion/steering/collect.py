@@ -185,7 +185,8 @@ def _place_readers(
     in ``hooks``; if one fails, remove those placed so far and re-raise."""
     try:
         for point in points:
-            hooks.add(register_reader(modules[point.key], point, make(point)))
+            for handle in register_reader(modules[point.key], point, make(point)):
+                hooks.add(handle)
     except BaseException:
         hooks.remove()
         raise

@@ -154,9 +154,9 @@ def fit_steerer(
     positions = config.positions_per_sample if wants_positions else None
     collect = dict(forward=forward, mask_fn=mask_fn, positions_per_sample=positions, progress=progress, seed=seed)
 
-    # gates reading the modules' inputs need those too, collected in the same passes
+    # gates reading the modules' inputs (or context) need those too, collected in the same passes
     gate_points = [point.reading(config.gate_reads) for point in points] if gate == "dsas" else points
-    read = points + [point for point in gate_points if point.reads == "input"]
+    read = points + [point for point in gate_points if point.reads != "output"]
     source = collect_activations(model, read, source_inputs, name="source", **collect)
     target = collect_activations(model, points, target_inputs, name="target", **collect)
     control = collect_activations(model, read, control_inputs, name="control", **collect) if needs_control else None

@@ -42,9 +42,10 @@ class LinearGate(nn.Module):
     stays 0 whatever the strength, and a fully open gate is still 1. ``accuracy`` is the
     held-out accuracy measured when it was fitted; ``enabled=False`` switches the layer off
     when gating is on (layer selection). ``reads``: what the gate reads at its layer's
-    module, ``"output"`` (the activation it steers, as published) or ``"input"`` (e.g. a
-    cross-attention's query input, the image stream before the prompt enters it); its
-    width is then the input's.
+    module: ``"output"`` (the activation it steers, as published), ``"input"`` (e.g. a
+    cross-attention's query input, the image stream before the prompt enters it) or
+    ``"context"`` (a language model's tokens' prefix, :mod:`.context`); its width is then
+    that of what it reads.
 
     Examples:
         >>> gate = LinearGate(torch.tensor([1.0, 0.0]), 0.0, floor=0.5)

@@ -24,12 +24,14 @@ from torch import nn
 
 from ..names import GATE_READS
 from .compiled import unwrap_compiled
+from .context import ContextReader
 from .errors import ActivationError, UnknownModuleError
 
 __all__ = [
     "LAYOUTS",
     "HookPoint",
     "feature_dim",
+    "gate_reading",
     "get_output",
     "pool",
     "position_rows",
@@ -76,14 +78,17 @@ class HookPoint:
 
     @property
     def key(self) -> str:
-        """The name its activations are kept under: the module name, with ``":input"``
-        appended when the input is read (a module name never holds a colon)."""
-        return self.module if self.reads == "output" else f"{self.module}:input"
+        """The name its activations are kept under: the module name, with ``":input"`` or
+        ``":context"`` appended when the gate reads those (a module name never holds a colon)."""
+        return self.module if self.reads == "output" else f"{self.module}:{self.reads}"
 
     def reading(self, reads: str) -> HookPoint:
         """Where a gate reading ``reads`` of this point's module reads: the point itself for
-        ``"output"``, the module's input (same layout) for ``"input"``."""
-        return self if reads == "output" else HookPoint(self.module, None, self.layout, reads="input")
+        ``"output"``, the module's input (same layout) for ``"input"``, the context of its
+        tokens (:mod:`.context`; the output still tells the tokens) for ``"context"``."""
+        if reads == "output":
+            return self
+        return HookPoint(self.module, None if reads == "input" else self.output_index, self.layout, reads=reads)
 
     @classmethod
     def coerce(cls, value: HookPoint | str | Mapping[str, Any]) -> HookPoint:
@@ -165,20 +170,46 @@ def read_input(args: tuple[Any, ...], kwargs: Mapping[str, Any], where: str = ""
     )
 
 
-def register_reader(module: nn.Module, point: HookPoint, read: Callable[[torch.Tensor], None]) -> Any:
-    """Register a forward hook on ``module`` passing ``point``'s activation of every call to
-    ``read`` (its output element, or its input for ``reads="input"``); returns the handle."""
+def gate_reading(
+    module: nn.Module, point: HookPoint, handles: list[Any]
+) -> Callable[[tuple, Mapping[str, Any], Any], torch.Tensor]:
+    """What ``point`` reads of one call of ``module``, as a function of the call's positional
+    and keyword arguments and its output: the output element, the input (``reads="input"``)
+    or the tokens' context (``reads="context"``, :mod:`.context`). A hook it needs before
+    the call is registered on ``module`` and its handle appended to ``handles``."""
+    if point.reads == "context":
+        reader = ContextReader(module, point.module)
+        handles.append(reader.register(module))
+        return lambda args, kwargs, output: reader(
+            args, kwargs, get_output(output, point.output_index, point.module).shape[1]
+        )
     if point.reads == "input":
+        return lambda args, kwargs, output: read_input(args, kwargs, point.module)
+    return lambda args, kwargs, output: get_output(output, point.output_index, point.module)
 
-        def input_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            read(read_input(args, kwargs, point.module))
 
-        return module.register_forward_hook(input_hook, with_kwargs=True)
+def register_reader(module: nn.Module, point: HookPoint, read: Callable[[torch.Tensor], None]) -> list[Any]:
+    """Register a forward hook on ``module`` passing what ``point`` reads of every call
+    (:func:`gate_reading`) to ``read``; returns the handles placed (remove them all)."""
+    if point.reads == "output":
 
-    def output_hook(module: nn.Module, args: tuple, output: Any) -> None:
-        read(get_output(output, point.output_index, point.module))
+        def output_hook(module: nn.Module, args: tuple, output: Any) -> None:
+            read(get_output(output, point.output_index, point.module))
 
-    return module.register_forward_hook(output_hook)
+        return [module.register_forward_hook(output_hook)]
+    handles: list[Any] = []
+    reading = gate_reading(module, point, handles)
+
+    def reading_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        read(reading(args, kwargs, output))
+
+    try:
+        handles.append(module.register_forward_hook(reading_hook, with_kwargs=True))
+    except BaseException:
+        for handle in handles:
+            handle.remove()
+        raise
+    return handles
 
 
 def replace_output(output: Any, index: int | str | None, value: torch.Tensor) -> Any:

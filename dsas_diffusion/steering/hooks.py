@@ -23,7 +23,7 @@ from torch import nn
 from ..names import GATES
 from .decision import SampleDecision
 from .errors import SteeringError
-from .hookpoints import get_output, read_input, replace_output, resolve_module
+from .hookpoints import gate_reading, get_output, replace_output, resolve_module
 from .prepared import PreparedLayer
 
 if TYPE_CHECKING:
@@ -260,8 +260,8 @@ class SteeringSession:
                 self._strength_on(device)
                 if not any(p.requires_grad for p in layer.parameters()):
                     self._steer_function(layer, device)
-                reads_input = layer.gate_reads_input
-                self._hooks.add(module.register_forward_hook(self._make_hook(layer), with_kwargs=reads_input))
+                reads_more = layer.gate_reads != "output"
+                self._hooks.add(module.register_forward_hook(self._make_hook(layer, module), with_kwargs=reads_more))
                 hook_name = f"{HOOK_PREFIX}:{self.id}:{layer.name}"
                 self.hook_names.append(hook_name)
                 self._hooked.append(module)
@@ -312,8 +312,12 @@ class SteeringSession:
             self._prepared[key] = PreparedLayer(layer, device)
         return self._prepared[key]
 
-    def _make_hook(self, layer: SteeringLayer):
+    def _make_hook(self, layer: SteeringLayer, module: nn.Module):
         point = layer.hook_point
+        before: list[Any] = []  # what the reading places before each call (a context reader's cache)
+        reading = gate_reading(module, layer.gate_point, before) if layer.gate_reads != "output" else None
+        for handle in before:
+            self._hooks.add(handle)
 
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             return steer_output(output, None)
@@ -321,7 +325,7 @@ class SteeringSession:
         def input_hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
             if not (self.active or self.observing) or not self.in_context:
                 return None
-            return steer_output(output, read_input(args, kwargs, layer.name) if self.gated else None)
+            return steer_output(output, reading(args, kwargs, output) if self.gated else None)
 
         def observe(output: Any, gate_input: torch.Tensor | None) -> None:
             tensor = get_output(output, point.output_index, layer.name)
@@ -374,7 +378,7 @@ class SteeringSession:
                 self.gate_maps[layer.name].append(gate_values.detach().to("cpu", torch.float16))
             return replace_output(output, point.output_index, steered)
 
-        return input_hook if layer.gate_reads_input else hook
+        return hook if reading is None else input_hook
 
 
 @contextlib.contextmanager

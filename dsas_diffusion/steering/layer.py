@@ -61,7 +61,9 @@ class SteeringLayer(nn.Module):
         gate: the DSAS gate ``s``; ``None`` if the layer has none (uniform steering only).
             A gate with ``reads="input"`` reads the module's input ``u`` at each position
             instead: ``t' = t + strength * s(u) * (T(t) - t)``; input and output must have
-            the same positions (as an attention's query input and its output).
+            the same positions (as an attention's query input and its output). A gate with
+            ``reads="context"`` reads the mean of the cached attention values each token
+            attends to (:mod:`.context`).
         signature: ``module_signature`` of the module it was fitted on, if known.
         sample_gate: a second gate, reading the mean over a sample's positions of what
             ``gate`` reads (whether this sample shows the concept at all); its value multiplies
@@ -113,14 +115,15 @@ class SteeringLayer(nn.Module):
         return self.map.width
 
     @property
-    def gate_reads_input(self) -> bool:
-        """Whether the layer's gate reads its module's input rather than the steered output."""
-        return self.gate is not None and self.gate.reads == "input"
+    def gate_reads(self) -> str:
+        """What the layer's gate reads: ``"output"`` (the steered activation; also without a
+        gate), ``"input"`` (its module's input) or ``"context"`` (its tokens' context)."""
+        return "output" if self.gate is None else self.gate.reads
 
     @property
     def gate_point(self) -> HookPoint:
-        """Where the gate reads: the hook point itself, or its module's input."""
-        return self.hook_point.reading("input" if self.gate_reads_input else "output")
+        """Where the gate reads: the hook point itself, its module's input or its context."""
+        return self.hook_point.reading(self.gate_reads)
 
     def gate_values(self, x: torch.Tensor) -> torch.Tensor:
         """The gate at every position of ``x``, the activation it reads (float32, ``x``'s
@@ -143,7 +146,7 @@ class SteeringLayer(nn.Module):
         """``x`` (what the gate reads), checked against the gate's width and, for a gate
         reading the input, against the positions of the ``output`` it scales."""
         dim = feature_dim(self.hook_point.layout)
-        what = "input" if self.gate_reads_input else "output"
+        what = self.gate_reads
         if x.ndim < 2 or x.shape[dim] != self.gate.width:
             raise IncompatibleSteeringError(
                 f"module {self.name!r} has an {what} of shape {tuple(x.shape)} but its gate reads "
@@ -151,8 +154,8 @@ class SteeringLayer(nn.Module):
             )
         if output is not None and not same_positions(x, output, dim):
             raise IncompatibleSteeringError(
-                f"module {self.name!r}: its gate reads the input, of shape {tuple(x.shape)}, but the output "
-                f"it steers has shape {tuple(output.shape)}; a gate can read the input only where both have "
+                f"module {self.name!r}: its gate reads the {what}, of shape {tuple(x.shape)}, but the output "
+                f"it steers has shape {tuple(output.shape)}; a gate can read the {what} only where both have "
                 "the same positions (refit with gate_reads='output')"
             )
         return x.float()
@@ -178,9 +181,9 @@ class SteeringLayer(nn.Module):
         if gated:
             if self.gate is None:
                 raise ActivationError(f"layer {self.name!r} has no gate; steer it with gating off")
-            if self.gate_reads_input:
+            if self.gate_reads != "output":
                 if gate_input is None:
-                    raise ActivationError(f"layer {self.name!r}: its gate reads the module's input; pass gate_input")
+                    raise ActivationError(f"layer {self.name!r}: its gate reads the {self.gate_reads}; pass gate_input")
                 gate_values = self._gate(self._gate_reading(gate_input, x), dim)
             else:
                 gate_values = self._gate(xf, dim)

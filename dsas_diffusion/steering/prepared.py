@@ -58,8 +58,9 @@ class PreparedLayer:
         self.zero = torch.zeros((), device=device)
         self._views: dict[int, tuple[torch.Tensor | None, ...]] = {}
         self.gate_column = self.gate_bias = None
-        #: the gate reads the module's input (passed as ``gate_input``), of this width
-        self.reads_input = gate is not None and gate.reads == "input"
+        #: the gate reads the module's input or its tokens' context (passed as ``gate_input``), of this width
+        self.reads_input = gate is not None and gate.reads != "output"
+        self.reads = "output" if gate is None else gate.reads
         self.gate_width = None if gate is None else gate.width
         if gate is not None:
             self.gate_column = vector(gate.weight).view(-1, 1)
@@ -170,13 +171,13 @@ class PreparedLayer:
         return self.sample_gate.logits(pool(reading, self.layout), -1).view(-1)
 
     def _checked_input(self, gate_input: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-        """The module's input the gate reads, checked: present, of the gate's width, with the
+        """The module's input (or context) the gate reads, checked: present, of the gate's width, with the
         positions of the output ``x``."""
         if gate_input is None:
-            raise ActivationError(f"layer {self.name!r}: its gate reads the module's input; pass gate_input")
+            raise ActivationError(f"layer {self.name!r}: its gate reads the module's {self.reads}; pass gate_input")
         if not same_positions(gate_input, x, self.dim) or gate_input.shape[self.dim] != self.gate_width:
             raise IncompatibleSteeringError(
-                f"module {self.name!r}: its gate reads the input, of shape {tuple(gate_input.shape)}, with "
+                f"module {self.name!r}: its gate reads the {self.reads}, of shape {tuple(gate_input.shape)}, with "
                 f"{self.gate_width} features on dimension {self.dim} and the positions of the output it steers, "
                 f"of shape {tuple(x.shape)}; this steering was made for another model or another hook point"
             )
