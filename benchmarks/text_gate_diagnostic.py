@@ -9,10 +9,14 @@ every fitting and evaluation set are read in one teacher-forced pass (``lm.gates
 * *concept*: the tokens of a sentence that carries the concept (names it; for ``negative``, a
   negative sentence), in documents that have one;
 * *rest*: the other tokens of those documents;
-* *neutral*: every token of documents with no such sentence.
+* *neutral*: every token of documents with no such sentence;
+* *after the cue*: the tokens of a concept document from its first concept word on (the word
+  itself, ``banana`` or ``red``, or the first negative word): where the concept is in the
+  context that a causal gate reads.
 
-Printed per layer: the ROC-AUC of the gate on concept tokens against neutral tokens, the mean
-gate on each kind of token, and whether the layer is kept (its gate enabled by the fit).
+Printed per layer: the ROC-AUC of the gate on concept tokens against neutral tokens, and on the
+tokens after the cue against neutral tokens, the mean gate on each kind of token, and whether
+the layer is kept (its gate enabled by the fit).
 
     python benchmarks/text_gate_diagnostic.py --concepts banana red negative
 """
@@ -29,7 +33,7 @@ import torch
 from dsas_diffusion.eval.diagnostic import roc_auc
 from dsas_diffusion.prompts import read_prompts
 from dsas_diffusion.shapes.examples import TEXT_EXAMPLE_FIT, TEXT_EXAMPLE_MAPS, text_example_steerings
-from dsas_diffusion.shapes.text import sample_document, split_sentences
+from dsas_diffusion.shapes.text import NEGATIVE_WORDS, sample_document, split_sentences
 from dsas_diffusion.shapes.text_sets import TEXT_CONCEPTS, mentions, text_concept_files
 from dsas_diffusion.text import DSASLanguageModel
 
@@ -64,6 +68,14 @@ def token_labels(text: str, tokens: list[str], concept: str) -> np.ndarray:
     return np.array(labels)
 
 
+def after_cue(tokens: list[str], concept: str) -> np.ndarray:
+    """Per token: whether a concept word (for ``negative``, a negative word) is among the
+    tokens up to and including it."""
+    cues = set(NEGATIVE_WORDS) if concept == "negative" else {concept}
+    seen = np.cumsum([token.lstrip("▁Ġ").lower() in cues for token in tokens])
+    return seen > 0
+
+
 def diagnose(lm: DSASLanguageModel, concept: str, count: int, strength: float) -> list[dict]:
     """Per layer of the loaded steerer ``default``: AUC and mean gates on the three kinds of token."""
     texts = documents(concept, count)
@@ -72,11 +84,12 @@ def diagnose(lm: DSASLanguageModel, concept: str, count: int, strength: float) -
         for text, read in zip(batch, lm.gates(batch, steering_strength=strength), strict=True):
             labels = token_labels(text, read["tokens"], concept)
             for layer, gates in read["gate_maps"]["default"].items():
-                by_kind = gathered.setdefault(layer, {"concept": [], "rest": [], "neutral": []})
+                by_kind = gathered.setdefault(layer, {"concept": [], "rest": [], "neutral": [], "cue": []})
                 values = gates.numpy()
                 if kind == "concept":
                     by_kind["concept"].append(values[labels == 1])
                     by_kind["rest"].append(values[labels == 0])
+                    by_kind["cue"].append(values[after_cue(read["tokens"], concept) & (labels >= 0)])
                 else:
                     by_kind["neutral"].append(values[labels >= 0])
     kept = {layer.name: layer.gate is None or layer.gate.enabled for layer in lm.steerers["default"].layers}
@@ -88,6 +101,7 @@ def diagnose(lm: DSASLanguageModel, concept: str, count: int, strength: float) -
                 "layer": layer,
                 "kept": kept.get(layer, True),
                 "auc": roc_auc(torch.from_numpy(values["concept"]), torch.from_numpy(values["neutral"])),
+                "auc_cue": roc_auc(torch.from_numpy(values["cue"]), torch.from_numpy(values["neutral"])),
                 **{f"mean_{kind}": float(v.mean()) for kind, v in values.items()},
                 **{f"tokens_{kind}": int(v.size) for kind, v in values.items()},
             }
@@ -122,7 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     lm = DSASLanguageModel.from_pretrained("shapes-lm")
     shipped = text_example_steerings()
     results = []
-    print("| concept | map | layer | kept | AUC concept vs neutral | mean gate: concept / rest / neutral |")
+    print(
+        "| concept | map | layer | kept | AUC concept / after the cue vs neutral | mean gate: concept / rest / after the cue / neutral |"
+    )
     print("|---|---|---|---|---|---|")
     for concept in args.concepts:
         for map_name in [None] if args.steering or args.fit is not None else args.maps:
@@ -137,8 +153,8 @@ def main(argv: list[str] | None = None) -> None:
                 results.append({"concept": concept, "map": map_name or str(args.steering), **row})
                 print(
                     f"| {concept} | {map_name or args.steering} | {row['layer']} | {'yes' if row['kept'] else 'no'} "
-                    f"| {row['auc']:.2f} | {row['mean_concept']:.2f} / {row['mean_rest']:.2f} / "
-                    f"{row['mean_neutral']:.2f} |",
+                    f"| {row['auc']:.2f} / {row['auc_cue']:.2f} | {row['mean_concept']:.2f} / {row['mean_rest']:.2f} / "
+                    f"{row['mean_cue']:.2f} / {row['mean_neutral']:.2f} |",
                     flush=True,
                 )
             lm.unload_steering()
