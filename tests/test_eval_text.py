@@ -18,6 +18,7 @@ from dsas_diffusion.prompts import read_prompts
 from dsas_diffusion.shapes.concepts import PROMPTS_DIR
 from dsas_diffusion.shapes.text import parse_document, sentence_error, split_sentences
 from dsas_diffusion.shapes.text_sets import (
+    HELD_OUT_TEXT_CONCEPTS,
     TEXT_CONCEPTS,
     grammar_checks,
     make_text_sets,
@@ -48,7 +49,7 @@ TINY = {
 
 
 # -- the prompt sets --------------------------------------------------------------------------
-@pytest.mark.parametrize("concept", TEXT_CONCEPTS)
+@pytest.mark.parametrize("concept", TEXT_CONCEPTS + HELD_OUT_TEXT_CONCEPTS)
 def test_shipped_text_sets_are_what_the_generator_draws_and_keep_their_promises(concept):
     sets = make_text_sets(concept)
     files = text_concept_files(concept, documents=True)

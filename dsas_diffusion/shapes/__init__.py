@@ -74,6 +74,7 @@ _EXPORTS = {
     "load_shapes_clip": ".clip",
     **dict.fromkeys(
         (
+            "HELD_OUT_TEXT_CONCEPTS",
             "TEXT_CONCEPTS",
             "concept_words",
             "grammar_checks",

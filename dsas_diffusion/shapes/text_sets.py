@@ -46,6 +46,7 @@ from .text import (
 )
 
 __all__ = [
+    "HELD_OUT_TEXT_CONCEPTS",
     "TEXT_CONCEPTS",
     "TEXT_DIR",
     "concept_words",
@@ -61,6 +62,9 @@ __all__ = [
 TEXT_DIR = PROMPTS_DIR / "text"
 #: the text concepts: an object, an attribute, a register
 TEXT_CONCEPTS = ("banana", "red", "negative")
+#: text concepts with evaluation and fitting sets but no shipped steering: kept apart from every
+#: choice of settings and evaluated last (``docs/text.md``)
+HELD_OUT_TEXT_CONCEPTS = ("star",)
 
 
 def is_text_concept(concept: str) -> bool:
@@ -218,8 +222,9 @@ def text_concept_files(concept: str, documents: bool = False) -> dict[str, Path]
     ``eval_concept`` / ``eval_control``. The fitting files of banana and red are the image
     prompt files (one-sentence captions) unless ``documents=True``: then the documents of
     :func:`make_text_sets`, as always for the negative register."""
-    if concept not in TEXT_CONCEPTS:
-        raise ValueError(f"no text concept {concept!r}; shipped: {', '.join(TEXT_CONCEPTS)}")
+    if concept not in TEXT_CONCEPTS + HELD_OUT_TEXT_CONCEPTS:
+        known = ", ".join(TEXT_CONCEPTS + HELD_OUT_TEXT_CONCEPTS)
+        raise ValueError(f"no text concept {concept!r}; shipped: {known}")
     fitting = TEXT_DIR / concept if concept == "negative" or documents else PROMPTS_DIR / concept
     files = {name: fitting / f"{name}.txt" for name in ("source", "target", "control")}
     files.update({name: TEXT_DIR / concept / f"{name}.txt" for name in ("eval_concept", "eval_control")})
