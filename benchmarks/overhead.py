@@ -248,8 +248,9 @@ def shapes_model(model: str, repeats: int, compiled: bool = False, arithmetic: b
     return rows
 
 
-def text_generate(repeats: int) -> list[dict]:
-    """Steered vs unsteered ``generate`` of a ~20M-parameter Qwen2 (random weights)."""
+def text_generate(repeats: int, reads: str = "output") -> list[dict]:
+    """Steered vs unsteered ``generate`` of a ~20M-parameter Qwen2 (random weights), its gates
+    reading the steered output or the context (``gate_reads``)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
@@ -272,7 +273,7 @@ def text_generate(repeats: int) -> list[dict]:
         return [" ".join(words[i] for i in row) for row in ids.tolist()]
 
     lm.fit_steering(texts(32, 0, 2000), texts(32, 2000, 4000), texts(32, 1000, 3000), gate_threshold=None,
-                    progress=False)  # fmt: skip
+                    gate_reads=reads, progress=False)  # fmt: skip
     prompts = texts(8, 0, 4000)
     call = {"max_new_tokens": 64, "min_new_tokens": 64, "do_sample": False}
     variants = {"unsteered": {"steering_strength": 0.0}, "uniform": {"steering_gate": False}, "dsas": {}}
@@ -284,7 +285,8 @@ def text_generate(repeats: int) -> list[dict]:
         return time.perf_counter() - start
 
     timing = summary(alternate({name: lambda s=steering: turn(s) for name, steering in variants.items()}, repeats))
-    return [{"model": "Qwen2 ~20M (CPU, generate, batch 8, 64 new tokens)", "preset": "residual",
+    preset = "residual" if reads == "output" else f"residual, gates reading the {reads}"
+    return [{"model": "Qwen2 ~20M (CPU, generate, batch 8, 64 new tokens)", "preset": preset,
              "layers": len(lm.steerers["default"].layers), **timing}]  # fmt: skip
 
 
@@ -293,6 +295,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--json", default=None)
     parser.add_argument("--only", choices=("images", "text"), default=None, help="run one part only")
+    parser.add_argument(
+        "--text-gates", nargs="+", default=["output", "context"], choices=("output", "context"),
+        help="what the text gates read, one row each",
+    )  # fmt: skip
     parser.add_argument("--models", nargs="+", default=["shapes-sd"], help="shapes-sd and / or shapes-mmdit")
     parser.add_argument("--compiled", action="store_true", help="also the block preset under torch.compile")
     parser.add_argument("--arithmetic", action="store_true", help="the steering arithmetic alone, per image model")
@@ -313,7 +319,8 @@ def main() -> None:
         for model in args.models:
             rows += shapes_model(model, args.repeats, compiled=args.compiled)
     if args.only != "images":
-        rows += text_generate(max(3, args.repeats // 3))
+        for reads in args.text_gates:
+            rows += text_generate(max(3, args.repeats // 3), reads)
     print_table(rows)
     if args.json:
         with open(args.json, "w") as handle:

@@ -138,6 +138,9 @@ class FitConfig:
             cross-attention, its query input: the image being drawn, before the prompt enters), or
             ``"context"`` (language models, at decoder layers or attention modules): the mean of
             the cached attention values each token attends to, a causal summary of its prefix.
+        context_layer: text models, with ``gate_reads="context"``: every gate reads the context
+            of this decoder layer (negative numbers count from the end; it must run before every
+            steered layer), ``None`` each its own.
         sample_gate: also fit, per layer, a gate on the mean over each sample's positions of
             what the gate reads (does this sample show the concept at all?); its value multiplies
             the gate at every position. Calibrated so that ``1 - sample_quantile`` of control
@@ -185,6 +188,7 @@ class FitConfig:
     accuracy_scaling: bool = False
     gate_fit_on: GateFitOn = "pooled"
     gate_reads: GateReads = "output"
+    context_layer: int | None = None
     sample_gate: bool = False
     sample_quantile: float = 0.99
     sample_concept_quantile: float = 0.25
@@ -355,6 +359,11 @@ class FitConfig:
         _check(
             self.gate_reads == "output" or (self.gate == "dsas" and not self.incremental_gates),
             f"gate_reads={self.gate_reads!r} is fitted with gate='dsas' and without incremental_gates",
+        )
+        _check(
+            self.context_layer is None or (_is_int(self.context_layer) and self.gate_reads == "context"),
+            f"context_layer={self.context_layer!r} names the decoder layer whose context the gates read: an integer, "
+            "with gate_reads='context'",
         )
         _check(
             not (self.uses_contrast and self.incremental_gates),

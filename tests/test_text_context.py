@@ -12,8 +12,9 @@ from test_text import CONTROL, GREEDY, PROMPTS, SOURCE, TARGET
 from tiny_lms import FAMILIES, build
 
 from dsas_diffusion import DSASLanguageModel, FitConfig
-from dsas_diffusion.steering import SteeringError
+from dsas_diffusion.steering import InputSetError, SteeringError
 from dsas_diffusion.steering.context import ContextReader, visible_tokens
+from dsas_diffusion.text import hook_points
 
 CONTEXT = {"gate_reads": "context", "gate_fit_on": "contrast"}
 
@@ -24,11 +25,15 @@ def _generate(lm: DSASLanguageModel, prompts: list[str], seed: int | None = None
     return lm.generate(prompts, steering_strength=4.0, **kwargs).sequences
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_context_gates_are_exact_through_generate(family, tmp_path):
+@pytest.mark.parametrize("family,context_layer", [(family, None) for family in FAMILIES] + [("qwen3", 0), ("gpt2", 0)])
+def test_context_gates_are_exact_through_generate(family, context_layer, tmp_path):
+    """Each gate on its own layer's context, or (``context_layer``) every gate on the first layer's."""
     model, tokenizer = build(family)
     lm = DSASLanguageModel(model, tokenizer)
-    steerer = lm.fit_steering(SOURCE, TARGET, CONTROL, gate_threshold=None, batch_size=6, progress=False, **CONTEXT)
+    steerer = lm.fit_steering(SOURCE, TARGET, CONTROL, gate_threshold=None, batch_size=6, progress=False,
+                              context_layer=context_layer, **CONTEXT)  # fmt: skip
+    sources = {layer.gate.source for layer in steerer.layers}
+    assert sources == ({None} if context_layer is None else {hook_points(model)[0].module})
     config = model.config
     head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     width = 32 if family == "gpt2" else config.num_key_value_heads * head  # the cached values of one token
@@ -55,6 +60,7 @@ def test_context_gates_are_exact_through_generate(family, tmp_path):
     steerer.save_pretrained(tmp_path)
     again = DSASLanguageModel(model, tokenizer)
     again.load_steering(tmp_path)
+    assert {layer.gate.source for layer in again.steerers["default"].layers} == sources
     assert torch.equal(_generate(again, PROMPTS, **GREEDY), _generate(lm, PROMPTS, **GREEDY))
 
 
@@ -96,7 +102,7 @@ def test_visible_tokens_reads_every_mask_transformers_passes():
         visible_tokens(torch.ones(1, 1, 2, 5, dtype=torch.bool), 1, 2, 4, cpu)
 
 
-def test_a_context_gate_where_no_cache_is_passed_is_refused_with_the_fix():
+def test_context_gates_where_they_cannot_read_are_refused_with_the_fix():
     model, tokenizer = build("llama")
     lm = DSASLanguageModel(model, tokenizer)
     with pytest.raises(SteeringError, match="preset='residual'"):
@@ -105,3 +111,7 @@ def test_a_context_gate_where_no_cache_is_passed_is_refused_with_the_fix():
         SOURCE, TARGET, CONTROL, preset="attention", gate_threshold=None, progress=False, **CONTEXT
     )
     assert [layer.name for layer in steerer.layers] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    with pytest.raises(InputSetError, match="runs after"):  # a gate would read the previous call's context
+        lm.fit_steering(SOURCE, TARGET, CONTROL, context_layer=-1, progress=False, **CONTEXT)
+    with pytest.raises(SteeringError, match="with gate_reads='context'"):
+        FitConfig.for_text(context_layer=0)

@@ -73,10 +73,12 @@ def fit_from_activations(
     *,
     signatures: Mapping[str, dict[str, Any]] | None = None,
     contrast: ContrastPositions | None = None,
+    context_source: str | None = None,
     **settings: Any,
 ) -> list[SteeringLayer]:
     """Fit closed-form maps (and gates) per layer from already collected activations
-    (``contrast``: the concept's positions, for ``gate_fit_on="contrast"``); ``settings``
+    (``contrast``: the concept's positions, for ``gate_fit_on="contrast"``; ``context_source``:
+    the module whose context every gate reads, with ``gate_reads="context"``); ``settings``
     override fields of ``config`` (default: :class:`FitConfig`'s)."""
     config = FitConfig.build(config, **settings)
     per_layer = _settings(config)
@@ -90,10 +92,10 @@ def fit_from_activations(
         if config.gate in ("dsas", "e2e"):
             if control is None:
                 raise InputSetError("gate='dsas' needs control inputs; give a control set or use gate='none'")
-            # the activations the gate reads: the output's (the module name), or the input's
-            reading = resolved.reading(config.gate_reads).key
+            # the activations the gate reads: the output's (the module name), the input's or a context
+            reading = _gate_point(resolved, config.gate_reads, context_source).key
             layer_gate = fit_layer_gate(reading, source, control, contrast, per_layer)
-            layer_gate.reads = config.gate_reads
+            layer_gate.reads, layer_gate.source = config.gate_reads, context_source
             if config.sample_gate:  # on one mean row per sample of what the gate reads
                 sample_gate = fit_layer_gate(reading, source, control, None, {**per_layer, "gate_fit_on": "pooled"})
                 sample_gate.reads = config.gate_reads
@@ -101,6 +103,26 @@ def fit_from_activations(
             SteeringLayer(resolved, steering_map, layer_gate, (signatures or {}).get(name), sample_gate=sample_gate)
         )
     return layers
+
+
+def _gate_point(point: HookPoint, reads: str, context_source: str | None) -> HookPoint:
+    if context_source is None:
+        return point.reading(reads)
+    if reads != "context":
+        raise ValueError(f"a context source is read by gates reading the context, not gate_reads={reads!r}")
+    return HookPoint(context_source, None, point.layout, reads="context")
+
+
+def _check_source_first(order: Sequence[str], source: str, points: Sequence[HookPoint]) -> None:
+    """Refuse a context source called after a steered module (its gate would read the last call's)."""
+    modules = [key.split(":")[0] for key in order]
+    first = modules.index(source) if source in modules else len(modules)
+    late = [point.module for point in points if point.module in modules and modules.index(point.module) < first]
+    if late:
+        raise InputSetError(
+            f"the gates read the context of {source!r}, which runs after {late}; choose a layer that runs before "
+            "every steered one (e.g. the first steered layer or one before it)"
+        )
 
 
 def fit_steerer(
@@ -115,6 +137,7 @@ def fit_steerer(
     mask_fn: Callable[[Any], torch.Tensor | None] = default_mask,
     provenance: Mapping[str, Any] | None = None,
     progress: bool = True,
+    context_source: str | None = None,
     **settings: Any,
 ) -> Steerer:
     """Fit a :class:`Steerer` on ``model`` from three input sets.
@@ -131,6 +154,8 @@ def fit_steerer(
         forward: runs one batch (default: ``model(batch)`` / ``model(**batch)``).
         mask_fn: returns the ``(B, positions)`` padding mask of a batch, or ``None``.
         provenance: recorded in the saved file (base model, revision, prompts...).
+        context_source: with ``gate_reads="context"``, the module (a decoder layer run before
+            every steered one) whose context every gate reads; ``None``: each its own module's.
     """
     config = FitConfig.build(config, **settings)
     hook_points = hook_points if hook_points is not None else config.hook_points
@@ -155,7 +180,10 @@ def fit_steerer(
     collect = dict(forward=forward, mask_fn=mask_fn, positions_per_sample=positions, progress=progress, seed=seed)
 
     # gates reading the modules' inputs (or context) need those too, collected in the same passes
-    gate_points = [point.reading(config.gate_reads) for point in points] if gate == "dsas" else points
+    gate_points = (
+        [_gate_point(point, config.gate_reads, context_source) for point in points] if gate == "dsas" else points
+    )
+    gate_points = list({point.key: point for point in gate_points}.values())  # one source read once
     read = points + [point for point in gate_points if point.reads != "output"]
     source = collect_activations(model, read, source_inputs, name="source", **collect)
     target = collect_activations(model, points, target_inputs, name="target", **collect)
@@ -174,6 +202,8 @@ def fit_steerer(
             seed=seed,
             progress=progress,
         )
+    if context_source is not None:
+        _check_source_first(source.call_order, context_source, points)
     counts = {"source": source.num_samples, "target": target.num_samples}
     if control is not None:
         counts["control"] = control.num_samples
@@ -183,7 +213,9 @@ def fit_steerer(
     points.sort(key=lambda point: order.get(point.module, len(order)))
     signatures = {point.module: module_signature(resolve_module(model, point.module)) for point in points}
 
-    layers = fit_from_activations(points, source, target, control, config, signatures=signatures, contrast=contrast)
+    layers = fit_from_activations(
+        points, source, target, control, config, signatures=signatures, contrast=contrast, context_source=context_source
+    )
     if config.incremental and map in CLOSED_FORM_MAPS:
         for index in tqdm(range(1, len(layers)), desc="incremental maps", disable=not progress):
             upstream = SteeringSession(layers[:index], model, strength=1.0, gated=False)

@@ -45,7 +45,8 @@ class LinearGate(nn.Module):
     module: ``"output"`` (the activation it steers, as published), ``"input"`` (e.g. a
     cross-attention's query input, the image stream before the prompt enters it) or
     ``"context"`` (a language model's tokens' prefix, :mod:`.context`); its width is then
-    that of what it reads.
+    that of what it reads. ``source``: for a gate reading the context, the module whose
+    context it reads (a decoder layer called before its own module), ``None`` for its own.
 
     Examples:
         >>> gate = LinearGate(torch.tensor([1.0, 0.0]), 0.0, floor=0.5)
@@ -65,12 +66,15 @@ class LinearGate(nn.Module):
         n_components: int | None = None,
         floor: float = 0.0,
         reads: str = "output",
+        source: str | None = None,
     ) -> None:
         super().__init__()
         if activation not in GATE_ACTIVATIONS:
             raise ValueError(f"gate activation must be one of {GATE_ACTIVATIONS}, got {activation!r}")
         if reads not in GATE_READS:
             raise ValueError(f"a gate reads one of {GATE_READS} of its module, got {reads!r}")
+        if source is not None and reads != "context":
+            raise ValueError(f"a gate reads another module's context only: source={source!r} with reads={reads!r}")
         if not 0.0 <= float(floor) < 1.0:
             raise ValueError(f"gate floor must lie in [0, 1), got {floor!r}")
         self.weight = nn.Parameter(torch.as_tensor(weight, dtype=torch.float32).flatten().clone(), requires_grad=False)
@@ -82,6 +86,7 @@ class LinearGate(nn.Module):
         self.n_components = n_components
         self.floor = float(floor)
         self.reads = reads
+        self.source = source
 
     @property
     def width(self) -> int:
@@ -114,6 +119,7 @@ class LinearGate(nn.Module):
         return (
             f"width={self.width}, accuracy={self.accuracy:.3f}, scale={self.scale:.3f}, "
             f"enabled={self.enabled}, activation={self.activation}, floor={self.floor:g}, reads={self.reads}"
+            + (f", source={self.source}" if self.source else "")
         )
 
 

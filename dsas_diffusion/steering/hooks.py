@@ -22,7 +22,7 @@ from torch import nn
 
 from ..names import GATES
 from .decision import SampleDecision
-from .errors import SteeringError
+from .errors import ActivationError, SteeringError
 from .hookpoints import gate_reading, get_output, replace_output, resolve_module
 from .prepared import PreparedLayer
 
@@ -214,6 +214,8 @@ class SteeringSession:
         self._hooks = HookHandles()
         self._scoped_on = False
         self._prepared: dict[tuple[int, torch.device], PreparedLayer] = {}
+        #: what gates reading another module's context read, by key, from that module's last call
+        self._relay: dict[str, torch.Tensor] = {}
 
     @property
     def attached(self) -> bool:
@@ -251,6 +253,7 @@ class SteeringSession:
             raise SteeringError("this steering session is already attached")
         self.active = True
         try:
+            self._place_relays()
             for layer in self.layers:
                 module = resolve_module(self.model, layer.name)
                 # λ's tensor and the prepared layer for the module's device are made before any
@@ -274,6 +277,32 @@ class SteeringSession:
             raise
         return self
 
+    def _place_relays(self) -> None:
+        """Hooks computing, per call, the context that gates of other modules read (before any
+        steering hook, so that a module's own steering hook finds its context computed)."""
+        points = {layer.gate_point.key: layer.gate_point for layer in self.layers if layer.gate_relayed}
+        for key, point in points.items():
+            module = resolve_module(self.model, point.module)
+            before: list[Any] = []
+            reading = gate_reading(module, point, before)
+            for handle in before:
+                self._hooks.add(handle)
+
+            def relay(module: nn.Module, args: Any, kwargs: Any, output: Any, key=key, reading=reading) -> None:
+                if self.gated and (self.active or self.observing) and self.in_context:
+                    self._relay[key] = reading(args, kwargs, output)
+
+            self._hooks.add(module.register_forward_hook(relay, with_kwargs=True))
+
+    def _relayed(self, key: str, name: str) -> torch.Tensor:
+        value = self._relay.get(key)
+        if value is None:
+            raise ActivationError(
+                f"layer {name!r}: its gate reads the context of {key.split(':')[0]!r}, which did not run before it "
+                "in this call; a gate reads the context of a module called before its own"
+            )
+        return value
+
     def detach(self) -> None:
         """Remove every hook of this session (idempotent, exception-safe). The session also
         turns inactive: code compiled while it was attached (which dynamo does not re-check
@@ -284,6 +313,7 @@ class SteeringSession:
             _unregister_name(module, hook_name)
         self._hooked.clear()
         self.hook_names.clear()
+        self._relay.clear()
         if self._scoped_on:
             # remove only our id: sessions may be detached in any order
             _ACTIVE.set(_ACTIVE.get() - {self.id})
@@ -315,7 +345,12 @@ class SteeringSession:
     def _make_hook(self, layer: SteeringLayer, module: nn.Module):
         point = layer.hook_point
         before: list[Any] = []  # what the reading places before each call (a context reader's cache)
-        reading = gate_reading(module, layer.gate_point, before) if layer.gate_reads != "output" else None
+        reading = None
+        if layer.gate_relayed:
+            key = layer.gate_point.key
+            reading = lambda args, kwargs, output: self._relayed(key, layer.name)  # noqa: E731
+        elif layer.gate_reads != "output":
+            reading = gate_reading(module, layer.gate_point, before)
         for handle in before:
             self._hooks.add(handle)
 

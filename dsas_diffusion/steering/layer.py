@@ -122,8 +122,16 @@ class SteeringLayer(nn.Module):
 
     @property
     def gate_point(self) -> HookPoint:
-        """Where the gate reads: the hook point itself, its module's input or its context."""
+        """Where the gate reads: the hook point itself, its module's input or its context (or
+        the context of the module named by the gate's ``source``)."""
+        if self.gate is not None and self.gate.source is not None:
+            return HookPoint(self.gate.source, None, self.hook_point.layout, reads="context")
         return self.hook_point.reading(self.gate_reads)
+
+    @property
+    def gate_relayed(self) -> bool:
+        """Whether the gate reads what another module's call computes (``gate.source``)."""
+        return self.gate is not None and self.gate.source is not None and self.gate.source != self.name
 
     def gate_values(self, x: torch.Tensor) -> torch.Tensor:
         """The gate at every position of ``x``, the activation it reads (float32, ``x``'s

@@ -58,6 +58,7 @@ def _gate_entry(gate: LinearGate | None) -> dict[str, Any] | None:
         "n_components": gate.n_components,
         "floor": gate.floor,
         **({} if gate.reads == "output" else {"reads": gate.reads, "width": gate.width}),
+        **({} if gate.source is None else {"source": gate.source}),
     }
 
 
@@ -285,4 +286,5 @@ def _gate_from_entry(
         n_components=meta.get("n_components"),
         floor=meta.get("floor", 0.0),
         reads=meta.get("reads", "output"),
+        source=meta.get("source"),
     )

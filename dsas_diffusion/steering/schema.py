@@ -132,7 +132,7 @@ def _check_layer(entry: Any, field: str, where: str) -> None:
         gate, sample = entry.get("gate"), entry["sample_gate"]
         if gate is None:
             raise _fail(where, f"{field}.sample_gate", "multiplies the layer's gate, which is null")
-        for key, default in (("reads", "output"), ("width", None)):
+        for key, default in (("reads", "output"), ("width", None), ("source", None)):
             if sample.get(key, default) != gate.get(key, default):
                 raise _fail(where, f"{field}.sample_gate.{key}", f"must be the gate's ({gate.get(key, default)!r})")
 
@@ -153,6 +153,11 @@ def _check_gate(entry: dict[str, Any], kind: str, field: str, where: str) -> Non
         ("floor", _number(gate.get("floor", 0.0)) and 0 <= gate.get("floor", 0.0) < 1, "a number in [0, 1)"),
         ("reads", gate.get("reads", "output") in GATE_READS, f"one of {GATE_READS}"),
         ("width", gate.get("width") is None or (_integer(gate["width"]) and gate["width"] > 0), "a positive integer"),
+        (
+            "source",
+            gate.get("source") is None or (isinstance(gate["source"], str) and gate.get("reads") == "context"),
+            "null, or a module name for a gate reading the context",
+        ),
     ]
     for key, ok, expected in checks:
         if not ok:

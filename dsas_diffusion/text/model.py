@@ -174,6 +174,9 @@ class DSASLanguageModel(SteererRegistry):
             if config.hook_points is not None
             else preset_hook_points(self.model, config.preset or DEFAULT_TEXT_PRESET, config.layers)
         )
+        context_source = None
+        if config.context_layer is not None:  # the decoder layer whose context every gate reads
+            context_source = preset_hook_points(self.model, "residual", [config.context_layer])[0].module
         formatted = {label: self._format(texts, chat_template) for label, texts in sets.items()}
         pad_to = None
         if config.gate_fit_on == "contrast":  # paired source and target batches of one shape
@@ -204,6 +207,7 @@ class DSASLanguageModel(SteererRegistry):
                 forward=lambda batch: self.model(**batch),
                 provenance=provenance,
                 progress=progress,
+                context_source=context_source,
             )
         return self._register(name, steerer)
 
