@@ -34,6 +34,7 @@ from collections.abc import Callable
 
 import torch
 
+from dsas_diffusion.config import FitConfig
 from dsas_diffusion.steering.hookpoints import feature_dim, get_output, replace_output, resolve_module
 
 SDXL_UNET = dict(
@@ -248,9 +249,10 @@ def shapes_model(model: str, repeats: int, compiled: bool = False, arithmetic: b
     return rows
 
 
-def text_generate(repeats: int, reads: str = "output") -> list[dict]:
-    """Steered vs unsteered ``generate`` of a ~20M-parameter Qwen2 (random weights), its gates
-    reading the steered output or the context (``gate_reads``)."""
+def text_generate(repeats: int, gates: str = "context") -> list[dict]:
+    """Steered vs unsteered ``generate`` of a ~20M-parameter Qwen2 (random weights): the
+    language models' defaults (CAA, gates reading the context) or, ``gates="published"``,
+    Linear-AcT with pooled gates on each token's own activation (``FitConfig()``)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
@@ -272,8 +274,9 @@ def text_generate(repeats: int, reads: str = "output") -> list[dict]:
         ids = torch.randint(low, high, (count, 24), generator=generator)
         return [" ".join(words[i] for i in row) for row in ids.tolist()]
 
-    lm.fit_steering(texts(32, 0, 2000), texts(32, 2000, 4000), texts(32, 1000, 3000), gate_threshold=None,
-                    gate_reads=reads, progress=False)  # fmt: skip
+    config = FitConfig() if gates == "published" else FitConfig.for_text()
+    lm.fit_steering(texts(32, 0, 2000), texts(32, 2000, 4000), texts(32, 1000, 3000), config, gate_threshold=None,
+                    progress=False)  # fmt: skip
     prompts = texts(8, 0, 4000)
     call = {"max_new_tokens": 64, "min_new_tokens": 64, "do_sample": False}
     variants = {"unsteered": {"steering_strength": 0.0}, "uniform": {"steering_gate": False}, "dsas": {}}
@@ -285,7 +288,7 @@ def text_generate(repeats: int, reads: str = "output") -> list[dict]:
         return time.perf_counter() - start
 
     timing = summary(alternate({name: lambda s=steering: turn(s) for name, steering in variants.items()}, repeats))
-    preset = "residual" if reads == "output" else f"residual, gates reading the {reads}"
+    preset = "residual, Linear-AcT, published gates" if gates == "published" else "residual, defaults (context gates)"
     return [{"model": "Qwen2 ~20M (CPU, generate, batch 8, 64 new tokens)", "preset": preset,
              "layers": len(lm.steerers["default"].layers), **timing}]  # fmt: skip
 
@@ -296,8 +299,8 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--only", choices=("images", "text"), default=None, help="run one part only")
     parser.add_argument(
-        "--text-gates", nargs="+", default=["output", "context"], choices=("output", "context"),
-        help="what the text gates read, one row each",
+        "--text-gates", nargs="+", default=["published", "context"], choices=("published", "context"),
+        help="text steerers, one row each: the published method or the defaults (gates reading the context)",
     )  # fmt: skip
     parser.add_argument("--models", nargs="+", default=["shapes-sd"], help="shapes-sd and / or shapes-mmdit")
     parser.add_argument("--compiled", action="store_true", help="also the block preset under torch.compile")
@@ -319,8 +322,8 @@ def main() -> None:
         for model in args.models:
             rows += shapes_model(model, args.repeats, compiled=args.compiled)
     if args.only != "images":
-        for reads in args.text_gates:
-            rows += text_generate(max(3, args.repeats // 3), reads)
+        for gates in args.text_gates:
+            rows += text_generate(max(3, args.repeats // 3), gates)
     print_table(rows)
     if args.json:
         with open(args.json, "w") as handle:

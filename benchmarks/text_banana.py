@@ -17,6 +17,7 @@ import sys
 
 import torch
 
+from dsas_diffusion.config import FitConfig
 from dsas_diffusion.shapes import concept_prompts
 from dsas_diffusion.text import DSASLanguageModel
 
@@ -30,7 +31,8 @@ RUNS = (("unsteered", 0.0, "dsas"), ("uniform", 1.0, "none"), ("DSAS", 1.0, "dsa
 def main() -> None:
     settings = {"gate_threshold": None, **json.loads(sys.argv[1] if len(sys.argv) > 1 else "{}")}
     lm = DSASLanguageModel.from_pretrained("shapes-lm")
-    steerer = lm.fit_steering(*concept_prompts("banana"), progress=False, **settings)
+    # the first look's base: the method as published (the language models' defaults came later)
+    steerer = lm.fit_steering(*concept_prompts("banana"), FitConfig(), progress=False, **settings)
     print("settings:", settings)
     print("gate accuracy:", ", ".join(f"{layer.name} {layer.gate.accuracy:.2f}" for layer in steerer.layers))
     for item in lm.gates(list(TEXTS)):

@@ -25,8 +25,16 @@ from dsas_diffusion.eval import load_config, run_evaluation
 from dsas_diffusion.shapes import HELD_OUT_TEXT_CONCEPTS, TEXT_CONCEPTS, text_concept_files
 
 #: what every candidate shares: the text evaluation's settings (20 gate components, Linear-AcT
-#: without the pooled support, every layer kept)
-BASE_FIT: dict[str, Any] = {"n_components": 20, "support_quantiles": None, "gate_threshold": None}
+#: without the pooled support, every layer kept), and the published gates unless it says otherwise
+BASE_FIT: dict[str, Any] = {
+    "n_components": 20,
+    "support_quantiles": None,
+    "gate_threshold": None,
+    "gate_reads": "output",
+    "gate_fit_on": "pooled",
+    "gate_calibration": "none",
+    "gate_floor": 0.0,
+}
 #: the fits compared, decided before the evaluation: the published gates (pooled, on each
 #: token's own activation) on the same document sets, and gates on the context
 CANDIDATES: dict[str, dict[str, Any]] = {
@@ -38,6 +46,23 @@ CANDIDATES: dict[str, dict[str, Any]] = {
         "gate_floor": 0.5,
     },
     "context-sigmoid": {"gate_reads": "context", "gate_fit_on": "contrast"},
+    # added after the first round, on the tuning concepts: every gate reads the first layer's
+    # context, calibrated on both ends or as a step opening above the control quantile
+    "layer0-two-sided": {
+        "gate_reads": "context",
+        "context_layer": 0,
+        "gate_fit_on": "contrast",
+        "gate_calibration": "two-sided",
+        "gate_floor": 0.5,
+    },
+    "layer0-step": {
+        "gate_reads": "context",
+        "context_layer": 0,
+        "gate_fit_on": "contrast",
+        "gate_calibration": "control-positions",
+        "gate_activation": "step",
+        "gate_floor": 0.0,
+    },
 }
 METHODS = [
     "caa/none", "caa/dsas", "caa/prompt", "iti/none", "iti/dsas",

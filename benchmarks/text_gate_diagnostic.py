@@ -14,9 +14,10 @@ every fitting and evaluation set are read in one teacher-forced pass (``lm.gates
   itself, ``banana`` or ``red``, or the first negative word): where the concept is in the
   context that a causal gate reads.
 
-Printed per layer: the ROC-AUC of the gate on concept tokens against neutral tokens, and on the
-tokens after the cue against neutral tokens, the mean gate on each kind of token, and whether
-the layer is kept (its gate enabled by the fit).
+Printed per layer: the ROC-AUC of the gate's score (the gate as a plain sigmoid: no floor, no
+step, so that a calibration does not tie tokens at 0) on concept tokens against neutral tokens,
+and on the tokens after the cue against neutral tokens, the mean gate (as it steers) on each
+kind of token, and whether the layer is kept (its gate enabled by the fit).
 
     python benchmarks/text_gate_diagnostic.py --concepts banana red negative
 """
@@ -24,8 +25,11 @@ the layer is kept (its gate enabled by the fit).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -76,9 +80,22 @@ def after_cue(tokens: list[str], concept: str) -> np.ndarray:
     return seen > 0
 
 
-def diagnose(lm: DSASLanguageModel, concept: str, count: int, strength: float) -> list[dict]:
-    """Per layer of the loaded steerer ``default``: AUC and mean gates on the three kinds of token."""
-    texts = documents(concept, count)
+@contextlib.contextmanager
+def scores(steerer: Any) -> Iterator[None]:
+    """Inside the block every gate is a plain sigmoid of its score (no floor, no step, scale
+    1): it ranks tokens as the score does, so its AUC is the score's, whatever the calibration."""
+    saved = [(g, g.activation, g.floor, g.scale) for g in (layer.gate for layer in steerer.layers) if g is not None]
+    for gate, *_ in saved:
+        gate.activation, gate.floor, gate.scale = "sigmoid", 0.0, 1.0
+    try:
+        yield
+    finally:
+        for gate, activation, floor, scale in saved:
+            gate.activation, gate.floor, gate.scale = activation, floor, scale
+
+
+def gather(lm: DSASLanguageModel, texts: dict[str, list[str]], concept: str, strength: float) -> dict:
+    """Per layer, per kind of token (concept, rest, after the cue, neutral): the gate values."""
     gathered: dict[str, dict[str, list[np.ndarray]]] = {}
     for kind, batch in texts.items():
         for text, read in zip(batch, lm.gates(batch, steering_strength=strength), strict=True):
@@ -92,16 +109,28 @@ def diagnose(lm: DSASLanguageModel, concept: str, count: int, strength: float) -
                     by_kind["cue"].append(values[after_cue(read["tokens"], concept) & (labels >= 0)])
                 else:
                     by_kind["neutral"].append(values[labels >= 0])
+    return {
+        layer: {kind: np.concatenate(parts) for kind, parts in by_kind.items()} for layer, by_kind in gathered.items()
+    }
+
+
+def diagnose(lm: DSASLanguageModel, concept: str, count: int, strength: float) -> list[dict]:
+    """Per layer of the loaded steerer ``default``: the AUC of the gates' scores and the mean
+    gates on the kinds of token."""
+    texts = documents(concept, count)
+    gathered = gather(lm, texts, concept, strength)
+    with scores(lm.steerers["default"]):
+        ranked = gather(lm, texts, concept, strength)
     kept = {layer.name: layer.gate is None or layer.gate.enabled for layer in lm.steerers["default"].layers}
     rows = []
-    for layer, by_kind in gathered.items():
-        values = {kind: np.concatenate(parts) for kind, parts in by_kind.items()}
+    for layer, values in gathered.items():
+        rank = {kind: torch.from_numpy(v) for kind, v in ranked[layer].items()}
         rows.append(
             {
                 "layer": layer,
                 "kept": kept.get(layer, True),
-                "auc": roc_auc(torch.from_numpy(values["concept"]), torch.from_numpy(values["neutral"])),
-                "auc_cue": roc_auc(torch.from_numpy(values["cue"]), torch.from_numpy(values["neutral"])),
+                "auc": roc_auc(rank["concept"], rank["neutral"]),
+                "auc_cue": roc_auc(rank["cue"], rank["neutral"]),
                 **{f"mean_{kind}": float(v.mean()) for kind, v in values.items()},
                 **{f"tokens_{kind}": int(v.size) for kind, v in values.items()},
             }

@@ -269,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--gate-reads",
         choices=GATE_READS,
-        help="what each gate reads at its module: the output it steers, or the module's input (default: output)",
+        help="what each gate reads at its module: the output it steers, the module's input, or (language models) "
+        f"the tokens' context ({default('gate_reads')})",
     )
     fit.add_argument(
         "--sample-gate",

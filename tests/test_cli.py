@@ -138,7 +138,7 @@ def test_fit_then_generate_with_a_language_model(tmp_path, capsys):
     control = _write(tmp_path / "c.txt", [f"the {c} square is next to a star" for c in colours])
     out = tmp_path / "steering"
     main(["fit", "--model", str(folder), "--source", str(source), "--target", str(target), "--control", str(control),
-          "--preset", "mlp", "--layers", "1", "--out", str(out)])  # fmt: skip
+          "--preset", "mlp", "--gate-reads", "output", "--layers", "1", "--out", str(out)])  # fmt: skip
     assert Steerer.from_pretrained(out).module_names == ["model.layers.1.mlp"]
     capsys.readouterr()
     main(["generate", "--model", str(folder), "--steering", str(out), "--prompt", "a yellow banana",

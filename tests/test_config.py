@@ -28,7 +28,10 @@ def test_the_presets_hold_the_defaults_of_each_kind_of_model():
         "caa", "cross-attention", 20, "control-positions"
     )  # fmt: skip
     assert (image.gate_floor, image.max_strength, image.support_quantiles) == (0.5, 16.0, None)
-    assert dataclasses.replace(text, preset=None) == core
+    assert (text.map, text.preset, text.n_components, text.gate_threshold) == ("caa", "residual", 20, None)
+    assert (text.gate_reads, text.gate_fit_on, text.gate_calibration, text.gate_floor) == (
+        "context", "contrast", "control-positions", 0.5
+    )  # fmt: skip
     assert FitConfig.for_diffusion(map="iti").replace(gate_floor=0.25) == dataclasses.replace(
         image, map="iti", gate_floor=0.25
     )
@@ -42,7 +45,7 @@ def test_no_entry_point_carries_a_default_of_its_own():
         parameters = inspect.signature(function).parameters
         assert not settings & set(parameters), function.__qualname__
         assert "config" in parameters and any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-    assert len(inspect.signature(fit_steerer).parameters) == 11  # 35 before the config
+    assert len(inspect.signature(fit_steerer).parameters) == 12  # 35 before the config
 
 
 @pytest.mark.parametrize(

@@ -55,7 +55,7 @@ def test_shipped_text_sets_are_what_the_generator_draws_and_keep_their_promises(
     files = text_concept_files(concept, documents=True)
     for name, prompts in sets.items():
         assert read_prompts(files[name]) == prompts, f"{files[name]} differs from make_text_sets({concept!r})"
-    captions = text_concept_files(concept)  # banana and red: the image prompt files too
+    captions = text_concept_files(concept, documents=False)  # banana, red, star: the image prompt files too
     fitting = [
         p.rstrip(".") + "."
         for paths in (files, captions)
@@ -77,7 +77,7 @@ def test_shipped_text_sets_are_what_the_generator_draws_and_keep_their_promises(
             assert mentions(source, concept) and not mentions(target, concept)
             assert target == without_concept(parse_document(source), concept)
             assert len(parse_document(target).objects) == len(parse_document(source).objects)
-        assert text_concept_files(concept)["source"] == PROMPTS_DIR / concept / "source.txt"  # captions by default
+        assert text_concept_files(concept, documents=False)["source"] == PROMPTS_DIR / concept / "source.txt"
     for text in sets["control"]:
         parse_document(text)
         assert not mentions(text, concept)

@@ -109,7 +109,13 @@ def test_gate_maps_are_per_token_masked_and_equal_the_replay(lm):
 
 def test_gates_and_texts_stop_at_the_end_of_text(lm):
     plain = lm.generate(PROMPTS, steering_strength=1.0, **GREEDY)
-    stop = int(plain.sequences[0, plain.prompt_length + 1])  # an end-of-text the first row reaches early
+    special = set(lm.tokenizer.all_special_ids)
+    ended, stop = next(  # an end-of-text token that a row reaches early: its second new token
+        (row, int(token))
+        for row in range(len(PROMPTS))
+        for token in plain.sequences[row, plain.prompt_length + 1 : plain.prompt_length + 2]
+        if int(token) not in special
+    )
     out = lm.generate(PROMPTS, steering_strength=1.0, return_gate_maps=True, eos_token_id=stop, **GREEDY)
     width = out.prompt_length
     for row in range(len(PROMPTS)):
@@ -120,9 +126,8 @@ def test_gates_and_texts_stop_at_the_end_of_text(lm):
                 assert torch.isnan(gates[row, end + 1 :]).all()  # after the end: masked
                 assert not torch.isnan(gates[row, width:end]).any()  # up to it: gated
         kept = new[: new.index(stop) + 1] if stop in new else [t for t in new if t != 0]
-        special = set(lm.tokenizer.all_special_ids)
         assert lm.tokenizer(out.texts[row])["input_ids"] == [t for t in kept if t not in special]  # nothing after
-    assert stop in out.sequences[0, width:].tolist()  # the first row did end
+    assert stop in out.sequences[ended, width:].tolist()  # that row did end
 
 
 def test_beam_search_gates_come_from_a_replay(lm):

@@ -114,4 +114,4 @@ def test_context_gates_where_they_cannot_read_are_refused_with_the_fix():
     with pytest.raises(InputSetError, match="runs after"):  # a gate would read the previous call's context
         lm.fit_steering(SOURCE, TARGET, CONTROL, context_layer=-1, progress=False, **CONTEXT)
     with pytest.raises(SteeringError, match="with gate_reads='context'"):
-        FitConfig.for_text(context_layer=0)
+        FitConfig(context_layer=0)

@@ -52,7 +52,7 @@ class TextSettings:
         if len(prompt) > 300:
             raise InputError(f"The prompt is {len(prompt)} characters long; at most 300 are allowed.")
         values = {}
-        for name, label, low, high in (("strength", "The strength λ", 0.0, 10.0), ("seed", "The seed", 0, 2**32 - 1),
+        for name, label, low, high in (("strength", "The strength λ", 0.0, 32.0), ("seed", "The seed", 0, 2**32 - 1),
                                        ("samples", "Samples", 1, 32), ("max_new_tokens", "New tokens", 1, 64)):  # fmt: skip
             value = number(getattr(self, name), label) if name == "strength" else integer(getattr(self, name), label)
             if not low <= value <= high:
@@ -233,16 +233,18 @@ def build_text_tab(roots: Sequence[Path], cache: LanguageModelCache | None = Non
     with gr.Row():
         model = gr.Dropdown(["shapes-lm"], value="shapes-lm", allow_custom_value=True, elem_id="text-model",
                             label="Language model (shapes-lm or a local transformers folder)")  # fmt: skip
-        concept = gr.Dropdown(list(TEXT_CONCEPTS), value="banana", label="Concept (shipped steering)")
-        map_name = gr.Dropdown(shipped_maps, value="linear-act", label="Map")
+        concept = gr.Dropdown(list(TEXT_CONCEPTS), value="negative", label="Concept (shipped steering)")
+        map_name = gr.Dropdown(shipped_maps, value="caa", label="Map")
         directory = gr.Textbox(label="Or a steering directory", elem_id="text-directory")
-    prompt = gr.Textbox("a yellow banana lies on the left.", label="Prompt", max_lines=3, elem_id="text-prompt")
+    prompt = gr.Textbox(
+        "an ugly, dirty red square lies on the left.", label="Prompt", max_lines=3, elem_id="text-prompt"
+    )
     with gr.Row():
-        strength = gr.Slider(0.0, 10.0, value=1.0, step=0.25, label="Strength λ")
+        strength = gr.Slider(0.0, 32.0, value=16.0, step=0.5, label="Strength λ")
         seed = gr.Number(0, label="Seed", precision=0, minimum=0)
         samples = gr.Slider(1, 32, value=8, step=1, label="Samples (for the concept rate)")
         max_new_tokens = gr.Slider(1, 64, value=40, step=1, label="New tokens")
-        counted = gr.Textbox("banana", label="Counted concept (or comma-separated words)")
+        counted = gr.Textbox("negative", label="Counted concept (or comma-separated words)")
     button = gr.Button("Continue", variant="primary", elem_id="text-generate")
     with gr.Row():
         views = [gr.HTML(label=variant, elem_id=f"text-{variant.lower()}") for variant in VARIANTS]

@@ -90,9 +90,9 @@ def fit_example_steering(pipe: Any, name: str = "banana", out: str | os.PathLike
 
 TEXT_EXAMPLES_DIR = EXAMPLES_DIR / "text"
 TEXT_EXAMPLE_MAPS = ("caa", "iti", "linear-act")
-#: the settings of the text evaluation (docs/text.md): 20 gate components, Linear-AcT without
-#: the pooled support, every layer kept; seed 0 (the map is chosen per example)
-TEXT_EXAMPLE_FIT = FitConfig.for_text(n_components=20, support_quantiles=None, gate_threshold=None, seed=0)
+#: the language models' defaults (docs/text.md), seed 0 (the map is chosen per example); the
+#: saved λ is 16, where the CAA example removes most of the negative register (docs/text.md)
+TEXT_EXAMPLE_FIT = FitConfig.for_text(seed=0, strength=16.0)
 
 
 def text_example_steerings() -> dict[tuple[str, str], Path]:
@@ -113,10 +113,10 @@ def text_example_steerings() -> dict[tuple[str, str], Path]:
 
 
 def fit_text_example(
-    lm: Any, concept: str = "banana", map: str = "linear-act", out: str | os.PathLike[str] | None = None
+    lm: Any, concept: str = "negative", map: str = "caa", out: str | os.PathLike[str] | None = None
 ) -> Path:
     """Fit the ``shapes-lm`` example steering of a text concept with ``lm`` (a
-    ``DSASLanguageModel`` of ``shapes-lm``) from its prompt files and save it (to the
+    ``DSASLanguageModel`` of ``shapes-lm``) on its fitting documents and save it (to the
     package's ``shapes/steering/text/<concept>-<map>`` unless ``out`` is given)."""
     from ..prompts import read_prompts
     from .text_sets import text_concept_files

@@ -217,11 +217,11 @@ def _document_fitting_sets(
     return sets
 
 
-def text_concept_files(concept: str, documents: bool = False) -> dict[str, Path]:
-    """The prompt files of a shipped text concept: ``source`` / ``target`` / ``control`` and
-    ``eval_concept`` / ``eval_control``. The fitting files of banana and red are the image
-    prompt files (one-sentence captions) unless ``documents=True``: then the documents of
-    :func:`make_text_sets`, as always for the negative register."""
+def text_concept_files(concept: str, documents: bool = True) -> dict[str, Path]:
+    """The prompt files of a text concept: ``source`` / ``target`` / ``control`` (the fitting
+    documents of :func:`make_text_sets`) and ``eval_concept`` / ``eval_control``. With
+    ``documents=False`` the fitting files of a shape or colour are its image prompt files
+    (one-sentence captions; the negative register has none)."""
     if concept not in TEXT_CONCEPTS + HELD_OUT_TEXT_CONCEPTS:
         known = ", ".join(TEXT_CONCEPTS + HELD_OUT_TEXT_CONCEPTS)
         raise ValueError(f"no text concept {concept!r}; shipped: {known}")

@@ -58,7 +58,7 @@ def _layer_index(module: nn.Module, where: str) -> int:
         raise SteeringError(
             f"module {where!r} ({type(module).__name__}) holds {len(found)} attention layers with a cache index "
             f"({sorted(found)}); a gate reading the context reads one layer's cached values: hook the decoder "
-            "layers (preset='residual') or their attention (preset='attention')"
+            "layers (preset='residual') or their attention (preset='attention'), or fit with gate_reads='output'"
         )
     return found.pop()
 
@@ -112,7 +112,7 @@ class ContextReader:
             raise SteeringError(
                 f"module {where!r} ({type(module).__name__}) is not called with the KV cache and the attention mask, "
                 "so a gate there cannot read the context; hook the decoder layers (preset='residual') or their "
-                "attention (preset='attention')"
+                "attention (preset='attention'), or fit with gate_reads='output'"
             )
         self._cache, self._mask = cache, mask
 

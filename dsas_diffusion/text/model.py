@@ -146,9 +146,10 @@ class DSASLanguageModel(SteererRegistry):
         ``source_texts`` show the concept, ``target_texts`` are the desired version (paired
         or not), ``control_texts`` must be left alone (needed by the gates). Activations are
         pooled over real tokens only (the attention mask); the gates then act per token.
-        ``config`` says what to fit (default :meth:`FitConfig.for_text`: Linear-AcT and DSAS
-        gates on the residual stream of every decoder layer); ``settings`` override its fields,
-        e.g. ``preset="mlp"``, ``layers=range(8, 20)``, ``hook_points=[...]``, ``map="iti"``.
+        ``config`` says what to fit (default :meth:`FitConfig.for_text`: CAA on the residual
+        stream of every decoder layer, DSAS gates reading each token's context; ``FitConfig()``
+        is the method as published); ``settings`` override its fields, e.g. ``preset="attention"``,
+        ``layers=range(8, 20)``, ``hook_points=[...]``, ``map="iti"``.
 
         Examples:
             >>> lm.fit_steering(toxic_texts, polite_texts, neutral_texts, layers=range(8, 20))  # doctest: +SKIP
