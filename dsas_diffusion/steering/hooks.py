@@ -289,7 +289,9 @@ class SteeringSession:
                 self._hooks.add(handle)
 
             def relay(module: nn.Module, args: Any, kwargs: Any, output: Any, key=key, reading=reading) -> None:
-                if self.gated and (self.active or self.observing) and self.in_context:
+                # (compiled: always, without reading λ, whose value would be guarded)
+                needed = torch.compiler.is_compiling() or self.record_gates or self.observing or self._strength != 0.0
+                if self.gated and (self.active or self.observing) and self.in_context and needed:
                     self._relay[key] = reading(args, kwargs, output)
 
             self._hooks.add(module.register_forward_hook(relay, with_kwargs=True))
@@ -360,7 +362,8 @@ class SteeringSession:
         def input_hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
             if not (self.active or self.observing) or not self.in_context:
                 return None
-            return steer_output(output, reading(args, kwargs, output) if self.gated else None)
+            # what the gate reads, computed only where it is used (not for a deselected layer or at λ 0)
+            return steer_output(output, (lambda: reading(args, kwargs, output)) if self.gated else None)
 
         def observe(output: Any, gate_input: torch.Tensor | None) -> None:
             tensor = get_output(output, point.output_index, layer.name)
@@ -371,12 +374,12 @@ class SteeringSession:
             prepared = self._steer_function(layer, tensor.device)
             self.decision.observe(layer.name, prepared.sample_logits(tensor, gate_input))
 
-        def steer_output(output: Any, gate_input: torch.Tensor | None) -> Any:
+        def steer_output(output: Any, read: Callable[[], torch.Tensor] | None) -> Any:
             if not self.in_context:
                 return None
             if not self.active:
                 if self.observing and self.gated and self.decision is not None and layer.sample_gate is not None:
-                    observe(output, gate_input)
+                    observe(output, None if read is None else read())
                 return None
             gated = self.gated
             if gated and layer.gate is not None and not layer.gate.enabled:
@@ -396,10 +399,12 @@ class SteeringSession:
             if not compiling and self._strength == 0.0 and self.observer is None:
                 # exactly the identity; compute the gates only if they are being recorded
                 if self.record_gates and gated and layer.gate is not None:
+                    gate_input = None if read is None else read()
                     reading = gate_input if rows is None or gate_input is None else gate_input[rows]
                     _, values = steer(tensor if rows is None else tensor[rows], 0.0, True, reading, *decided())
                     self.gate_maps[layer.name].append(values.detach().to("cpu", torch.float16))
                 return None
+            gate_input = None if read is None else read()
             if rows is None:
                 steered, gate_values = steer(tensor, strength, gated, gate_input, *decided())
             else:
