@@ -32,4 +32,4 @@ def test_walkthrough_notebook_runs(tmp_path, monkeypatch):
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2  # the comparison grid and the gate figure
     text = "".join(o.get("text", "") for o in outputs)
     assert "DSAS spares control prompts" in text
-    assert "bananas in" in text and "control prefix match" in text  # the language-model section ran
+    assert "negative in" in text and "control prefix match" in text  # the language-model section ran
