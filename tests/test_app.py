@@ -161,12 +161,12 @@ def test_dsas_demo_command_has_its_options():
 
 
 # -- the Text tab --------------------------------------------------------------------------------
-TEXT_PROMPT = "a yellow banana lies on the left."
+TEXT_PROMPT = "an ugly, dirty red square lies on the left."  # the tab's defaults: the negative register, CAA
 
 
-def continue_text(c: Client, strength: float = 1.0, **changes):
-    args = dict(model="shapes-lm", concept="banana", map_name="linear-act", directory="", prompt=TEXT_PROMPT)
-    args.update(strength=strength, seed=0, samples=8, max_new_tokens=30, counted="banana")
+def continue_text(c: Client, strength: float = 16.0, **changes):
+    args = dict(model="shapes-lm", concept="negative", map_name="caa", directory="", prompt=TEXT_PROMPT)
+    args.update(strength=strength, seed=0, samples=8, max_new_tokens=30, counted="negative")
     args.update(changes)
     return c.predict(*args.values(), api_name="/generate_text")
 
@@ -185,7 +185,7 @@ def test_text_tab_continues_three_ways_with_per_token_gates_per_layer(url):
     assert len(rows) == 3 and len({row.split("|", 2)[2] for row in rows}) == 1
     assert [choice[0] for choice in layer["choices"]] == [f"model.layers.{i}" for i in range(4)]
     assert layer["value"] == "model.layers.2"
-    *views, table, _ = continue_text(c, strength=1.0)
+    *views, table, _ = continue_text(c, strength=16.0)
     gates = gate_spans(views[2])
     assert len(gates) > len(TEXT_PROMPT.split()) and all(0.0 <= g <= 1.0 for g in gates)
     assert views[1] != views[0]  # uniform steering changed the continuation
@@ -198,10 +198,10 @@ def test_text_tab_continues_three_ways_with_per_token_gates_per_layer(url):
 
 @pytest.mark.slow
 def test_text_tab_concurrent_calls_each_return_what_they_return_alone(url):
-    strengths = [0.0, 0.5, 1.0, 2.0]
+    strengths = [0.0, 4.0, 16.0, 32.0]
     clients = [client(url) for _ in strengths]
     jobs = [
-        c.submit("shapes-lm", "banana", "linear-act", "", TEXT_PROMPT, s, 0, 8, 30, "banana", api_name="/generate_text")
+        c.submit("shapes-lm", "negative", "caa", "", TEXT_PROMPT, s, 0, 8, 30, "negative", api_name="/generate_text")
         for c, s in zip(clients, strengths, strict=True)
     ]
     together = [list(job.result(timeout=300)[:4]) for job in jobs]

@@ -41,8 +41,8 @@ from ..names import CFG_MODES, DEFAULT_DIFFUSION_PRESET
 from ..prompts import check_prompt_list
 from ..steering import HookPoint, Steerer, SteeringError, fit_steerer
 from ..steering.compiled import is_compiled, run_eagerly, unwrap_compiled
-from ..steering.hooks import SteeringSession, gate_word, strengths_by_name
-from ..steering.registry import DEFAULT_STEERER, SteererRegistry, fit_provenance
+from ..steering.hooks import SteeringSession, gate_word
+from ..steering.registry import DEFAULT_STEERER, SteererRegistry, fit_provenance, strengths_by_name
 from ..steering.resident import drop_resident, resident_for
 from .architectures import hook_points as preset_hook_points
 from .collect import ImageStreamCheck, check_image_stream, record_denoiser_calls, run_denoiser_call

@@ -98,7 +98,7 @@ def fit_from_activations(
             layer_gate.reads, layer_gate.source = config.gate_reads, context_source
             if config.sample_gate:  # on one mean row per sample of what the gate reads
                 sample_gate = fit_layer_gate(reading, source, control, None, {**per_layer, "gate_fit_on": "pooled"})
-                sample_gate.reads = config.gate_reads
+                sample_gate.reads, sample_gate.source = config.gate_reads, context_source
         layers.append(
             SteeringLayer(resolved, steering_map, layer_gate, (signatures or {}).get(name), sample_gate=sample_gate)
         )

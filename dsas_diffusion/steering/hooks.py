@@ -14,7 +14,7 @@ import contextvars
 import itertools
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -38,8 +38,6 @@ __all__ = [
     "active_in_context",
     "check_strength",
     "gate_word",
-    "strengths_by_name",
-    "unload_by_name",
 ]
 
 HOOK_PREFIX = "dsas"
@@ -129,38 +127,6 @@ class HookHandles:
 
     def __len__(self) -> int:
         return len(self._handles)
-
-
-def strengths_by_name(value: float | Mapping[str, float] | None, steerers: Mapping[str, Any]) -> dict[str, float]:
-    """The strength of each loaded steerer for a call's ``steering_strength``: one λ for all,
-    a ``{name: λ}`` mapping (the others at their saved default), or ``None`` (every saved
-    default); a name that is not loaded raises :class:`SteeringError`.
-
-    Examples:
-        >>> class Saved:
-        ...     strength = 1.0
-        >>> strengths_by_name({"a": 2.0}, {"a": Saved(), "b": Saved()})
-        {'a': 2.0, 'b': 1.0}
-    """
-    if value is None:
-        return {name: float(s.strength) for name, s in steerers.items()}
-    if isinstance(value, Mapping):
-        unknown = sorted(set(value) - set(steerers))
-        if unknown:
-            raise SteeringError(f"steering_strength names {unknown}, which are not loaded; loaded: {sorted(steerers)}")
-        return {name: float(value.get(name, s.strength)) for name, s in steerers.items()}
-    return {name: float(value) for name in steerers}
-
-
-def unload_by_name(steerers: dict[str, Any], name: str | None) -> None:
-    """Remove the loaded steerer ``name`` from ``steerers``, or all of them (``None``); an
-    unknown name raises :class:`SteeringError` listing the loaded ones."""
-    if name is None:
-        steerers.clear()
-    elif name not in steerers:
-        raise SteeringError(f"no steering named {name!r} is loaded; loaded: {sorted(steerers) or 'none'}")
-    else:
-        del steerers[name]
 
 
 class SteeringSession:

@@ -157,7 +157,7 @@ class SteeringLayer(nn.Module):
         what = self.gate_reads
         if x.ndim < 2 or x.shape[dim] != self.gate.width:
             raise IncompatibleSteeringError(
-                f"module {self.name!r} has an {what} of shape {tuple(x.shape)} but its gate reads "
+                f"module {self.name!r}: its {what} has shape {tuple(x.shape)} but its gate reads "
                 f"{self.gate.width} features on dimension {dim}; this steering was made for another model"
             )
         if output is not None and not same_positions(x, output, dim):

@@ -14,13 +14,19 @@ from typing import Any
 
 from torch import nn
 
-from .errors import IncompatibleSteeringError
+from .errors import IncompatibleSteeringError, SteeringError
 from .fit import model_provenance
-from .hooks import strengths_by_name, unload_by_name
 from .resident import drop_resident
 from .steerer import Steerer
 
-__all__ = ["DEFAULT_STEERER", "SteererRegistry", "check_modality", "fit_provenance"]
+__all__ = [
+    "DEFAULT_STEERER",
+    "SteererRegistry",
+    "check_modality",
+    "fit_provenance",
+    "strengths_by_name",
+    "unload_by_name",
+]
 
 DEFAULT_STEERER = "default"
 _KINDS = {"image": "an image pipeline's denoiser", "text": "a language model"}
@@ -65,6 +71,38 @@ def fit_provenance(modality: str, model: nn.Module, owner: Any = None, **fields:
         or model_provenance(model)["base_model"]
     )
     return {"modality": modality, "base_model": base or None, **fields}
+
+
+def strengths_by_name(value: float | Mapping[str, float] | None, steerers: Mapping[str, Any]) -> dict[str, float]:
+    """The strength of each loaded steerer for a call's ``steering_strength``: one λ for all,
+    a ``{name: λ}`` mapping (the others at their saved default), or ``None`` (every saved
+    default); a name that is not loaded raises :class:`SteeringError`.
+
+    Examples:
+        >>> class Saved:
+        ...     strength = 1.0
+        >>> strengths_by_name({"a": 2.0}, {"a": Saved(), "b": Saved()})
+        {'a': 2.0, 'b': 1.0}
+    """
+    if value is None:
+        return {name: float(s.strength) for name, s in steerers.items()}
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - set(steerers))
+        if unknown:
+            raise SteeringError(f"steering_strength names {unknown}, which are not loaded; loaded: {sorted(steerers)}")
+        return {name: float(value.get(name, s.strength)) for name, s in steerers.items()}
+    return {name: float(value) for name in steerers}
+
+
+def unload_by_name(steerers: dict[str, Any], name: str | None) -> None:
+    """Remove the loaded steerer ``name`` from ``steerers``, or all of them (``None``); an
+    unknown name raises :class:`SteeringError` listing the loaded ones."""
+    if name is None:
+        steerers.clear()
+    elif name not in steerers:
+        raise SteeringError(f"no steering named {name!r} is loaded; loaded: {sorted(steerers) or 'none'}")
+    else:
+        del steerers[name]
 
 
 class SteererRegistry:
