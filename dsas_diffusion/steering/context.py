@@ -74,16 +74,17 @@ def visible_tokens(mask: Any, batch: int, queries: int, keys: int, device: torch
         tensor([[[1., 1., 0.],
                  [1., 1., 1.]]])
     """
-    causal = torch.ones(queries, keys, device=device, dtype=torch.bool).tril(keys - queries)
     if mask is None:
-        return causal.float().expand(batch, queries, keys)
+        return torch.ones(queries, keys, device=device).tril(keys - queries).expand(batch, queries, keys)
     if not torch.is_tensor(mask):
         raise ActivationError(
             f"this layer was called with an attention mask of type {type(mask).__name__}, which a gate reading the "
             "context cannot read; load the model with attn_implementation='sdpa' or 'eager'"
         )
     if mask.ndim == 2:
-        allowed = mask.bool()[:, None, :] & causal
+        allowed = mask.bool()[:, None, :] & torch.ones(queries, keys, device=device, dtype=torch.bool).tril(
+            keys - queries
+        )
     elif mask.ndim == 4:
         allowed = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] > torch.finfo(mask.dtype).min / 2
     else:
@@ -160,7 +161,10 @@ class ContextReader:
                 "gate reading the context needs a DynamicCache or StaticCache"
             )
         batch, heads, keys, width = values.shape
-        weights = visible_tokens(self._argument(self._mask, args, kwargs), batch, tokens, keys, values.device)
+        mask = self._argument(self._mask, args, kwargs)
+        if mask is None and tokens == 1:  # one decoding step without padding: it attends to every cached token
+            return values.float().mean(dim=2).reshape(batch, 1, heads * width)
+        weights = visible_tokens(mask, batch, tokens, keys, values.device)
         counts = weights.sum(-1, keepdim=True).clamp_(min=1.0)
         summed = torch.matmul(weights.unsqueeze(1), values.float())  # (B, H, tokens, width)
         return (summed.transpose(1, 2).reshape(batch, tokens, heads * width)) / counts
