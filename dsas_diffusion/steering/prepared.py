@@ -58,8 +58,7 @@ class PreparedLayer:
         self.zero = torch.zeros((), device=device)
         self._views: dict[int, tuple[torch.Tensor | None, ...]] = {}
         self.gate_column = self.gate_bias = None
-        #: the gate reads the module's input or its tokens' context (passed as ``gate_input``), of this width
-        self.reads_input = gate is not None and gate.reads != "output"
+        #: what the gate reads; anything but the output is passed as ``gate_input``, of this width
         self.reads = "output" if gate is None else gate.reads
         self.gate_width = None if gate is None else gate.width
         if gate is not None:
@@ -124,7 +123,7 @@ class PreparedLayer:
         if gated and self.gate_column is None:
             raise ActivationError(f"layer {self.name!r} has no gate; steer it with gating off")
         reading = None
-        if gated and self.reads_input:
+        if gated and self.reads != "output":
             reading = self._checked_input(gate_input, x)
         factor = None
         if gated and sample_factor is not None:
@@ -167,7 +166,7 @@ class PreparedLayer:
         evidence of a per-sample decision; see :mod:`.decision`)."""
         if self.sample_gate is None:
             raise ActivationError(f"layer {self.name!r} has no sample gate")
-        reading = self._checked_input(gate_input, x) if self.reads_input else x
+        reading = self._checked_input(gate_input, x) if self.reads != "output" else x
         return self.sample_gate.logits(pool(reading, self.layout), -1).view(-1)
 
     def _checked_input(self, gate_input: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
