@@ -93,7 +93,7 @@ def fit_from_activations(
             if control is None:
                 raise InputSetError("gate='dsas' needs control inputs; give a control set or use gate='none'")
             # the activations the gate reads: the output's (the module name), the input's or a context
-            reading = _gate_point(resolved, config.gate_reads, context_source).key
+            reading = resolved.reading(config.gate_reads, context_source).key
             layer_gate = fit_layer_gate(reading, source, control, contrast, per_layer)
             layer_gate.reads, layer_gate.source = config.gate_reads, context_source
             if config.sample_gate:  # on one mean row per sample of what the gate reads
@@ -103,14 +103,6 @@ def fit_from_activations(
             SteeringLayer(resolved, steering_map, layer_gate, (signatures or {}).get(name), sample_gate=sample_gate)
         )
     return layers
-
-
-def _gate_point(point: HookPoint, reads: str, context_source: str | None) -> HookPoint:
-    if context_source is None:
-        return point.reading(reads)
-    if reads != "context":
-        raise ValueError(f"a context source is read by gates reading the context, not gate_reads={reads!r}")
-    return HookPoint(context_source, None, point.layout, reads="context")
 
 
 def _check_source_first(order: Sequence[str], source: str, points: Sequence[HookPoint]) -> None:
@@ -180,9 +172,7 @@ def fit_steerer(
     collect = dict(forward=forward, mask_fn=mask_fn, positions_per_sample=positions, progress=progress, seed=seed)
 
     # gates reading the modules' inputs (or context) need those too, collected in the same passes
-    gate_points = (
-        [_gate_point(point, config.gate_reads, context_source) for point in points] if gate == "dsas" else points
-    )
+    gate_points = [point.reading(config.gate_reads, context_source) for point in points] if gate == "dsas" else points
     gate_points = list({point.key: point for point in gate_points}.values())  # one source read once
     read = points + [point for point in gate_points if point.reads != "output"]
     source = collect_activations(model, read, source_inputs, name="source", **collect)

@@ -82,10 +82,15 @@ class HookPoint:
         ``":context"`` appended when the gate reads those (a module name never holds a colon)."""
         return self.module if self.reads == "output" else f"{self.module}:{self.reads}"
 
-    def reading(self, reads: str) -> HookPoint:
+    def reading(self, reads: str, source: str | None = None) -> HookPoint:
         """Where a gate reading ``reads`` of this point's module reads: the point itself for
         ``"output"``, the module's input (same layout) for ``"input"``, the context of its
-        tokens (:mod:`.context`; the output still tells the tokens) for ``"context"``."""
+        tokens (:mod:`.context`; the output still tells the tokens) for ``"context"``, or the
+        context of the module ``source`` (a decoder layer, whose output is its tokens)."""
+        if source is not None:
+            if reads != "context":
+                raise ValueError(f"a gate reads another module's context only, not gate_reads={reads!r}")
+            return HookPoint(source, None, self.layout, reads="context")
         if reads == "output":
             return self
         return HookPoint(self.module, None if reads == "input" else self.output_index, self.layout, reads=reads)

@@ -124,9 +124,7 @@ class SteeringLayer(nn.Module):
     def gate_point(self) -> HookPoint:
         """Where the gate reads: the hook point itself, its module's input or its context (or
         the context of the module named by the gate's ``source``)."""
-        if self.gate is not None and self.gate.source is not None:
-            return HookPoint(self.gate.source, None, self.hook_point.layout, reads="context")
-        return self.hook_point.reading(self.gate_reads)
+        return self.hook_point.reading(self.gate_reads, None if self.gate is None else self.gate.source)
 
     @property
     def gate_relayed(self) -> bool:
