@@ -128,8 +128,9 @@ class SteeringLayer(nn.Module):
 
     @property
     def gate_relayed(self) -> bool:
-        """Whether the gate reads what another module's call computes (``gate.source``)."""
-        return self.gate is not None and self.gate.source is not None and self.gate.source != self.name
+        """Whether the gate reads a context that one hook computes per call for every gate
+        reading it (``gate.source``, which may be the layer's own module)."""
+        return self.gate is not None and self.gate.source is not None
 
     def gate_values(self, x: torch.Tensor) -> torch.Tensor:
         """The gate at every position of ``x``, the activation it reads (float32, ``x``'s
