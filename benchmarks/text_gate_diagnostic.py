@@ -37,8 +37,8 @@ import torch
 from dsas_diffusion.eval.diagnostic import roc_auc
 from dsas_diffusion.prompts import read_prompts
 from dsas_diffusion.shapes.examples import TEXT_EXAMPLE_FIT, TEXT_EXAMPLE_MAPS, text_example_steerings
-from dsas_diffusion.shapes.text import NEGATIVE_WORDS, sample_document, split_sentences
-from dsas_diffusion.shapes.text_sets import TEXT_CONCEPTS, mentions, text_concept_files
+from dsas_diffusion.shapes.text import sample_document, split_sentences
+from dsas_diffusion.shapes.text_sets import TEXT_CONCEPTS, concept_words, mentions, text_concept_files
 from dsas_diffusion.text import DSASLanguageModel
 
 FIRST_SEED = 7_000_000  # the fitting and evaluation sets draw far below this
@@ -75,7 +75,7 @@ def token_labels(text: str, tokens: list[str], concept: str) -> np.ndarray:
 def after_cue(tokens: list[str], concept: str) -> np.ndarray:
     """Per token: whether a concept word (for ``negative``, a negative word) is among the
     tokens up to and including it."""
-    cues = set(NEGATIVE_WORDS) if concept == "negative" else {concept}
+    cues = set(concept_words(concept))
     seen = np.cumsum([token.lstrip("▁Ġ").lower() in cues for token in tokens])
     return seen > 0
 
