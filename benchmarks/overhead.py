@@ -279,7 +279,7 @@ def text_generate(repeats: int, gates: str = "context") -> list[dict]:
                     progress=False)  # fmt: skip
     prompts = texts(8, 0, 4000)
     call = {"max_new_tokens": 64, "min_new_tokens": 64, "do_sample": False}
-    variants = {"unsteered": {"steering_strength": 0.0}, "uniform": {"steering_gate": False}, "dsas": {}}
+    variants = {"unsteered": {"steering_strength": 0.0}, "uniform": {"steering_gate": "none"}, "dsas": {}}
     lm.generate(prompts, **call)  # warm-up
 
     def turn(steering: dict) -> float:

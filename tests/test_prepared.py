@@ -25,6 +25,8 @@ def test_prepared_layer_equals_the_reference(layout, shape, dtype):
             assert steered.dtype == x.dtype and steered.shape == x.shape, case
             tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}
             torch.testing.assert_close(steered, expected, equal_nan=True, **tolerance, msg=case)
+            alone, no_gates = prepared(x, strength, gated, return_gates=False)  # the gates made only on request
+            assert no_gates is None and torch.equal(alone.nan_to_num(), steered.nan_to_num()), case
             if gated:
                 positions = x.shape[:-1] if layout == "channels_last" else x.shape[:1] + x.shape[2:]
                 assert gates.shape == positions, case

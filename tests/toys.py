@@ -53,7 +53,7 @@ def make_sets(width: int = 16, batches: int = 8, batch: int = 4, tokens: int = 6
 def layer_kinds(layout: str):
     """``(name, layer)`` for every kind of steering layer of ``WIDTH`` features: shift or affine
     map (with and without a support), sigmoid or ReLU gate, with a floor and an accuracy scale
-    or without."""
+    or without (a sigmoid floored at ½ is computed as a tanh by the inference form)."""
     generator = torch.Generator().manual_seed(0)
 
     def vector(scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
@@ -66,7 +66,7 @@ def layer_kinds(layout: str):
             vector(), weight=vector(0.3, 1.0), support=(torch.full((WIDTH,), -0.5), torch.full((WIDTH,), 0.7))
         ),
     }
-    gates = itertools.product(("sigmoid", "relu", "step"), (0.0, 0.3), (1.0, 0.6))
+    gates = itertools.product(("sigmoid", "relu", "step"), (0.0, 0.3, 0.5), (1.0, 0.6))
     for (kind, make_map), (activation, floor, scale) in itertools.product(maps.items(), gates):
         gate = LinearGate(vector(), 0.2, activation=activation, floor=floor, scale=scale)
         yield (

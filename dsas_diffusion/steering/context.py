@@ -163,7 +163,8 @@ class ContextReader:
         batch, heads, keys, width = values.shape
         mask = self._argument(self._mask, args, kwargs)
         if mask is None and tokens == 1:  # one decoding step without padding: it attends to every cached token
-            return values.float().mean(dim=2).reshape(batch, 1, heads * width)
+            values = values if values.dtype == torch.float32 else values.float()
+            return values.mean(dim=2).view(batch, 1, heads * width)
         weights = visible_tokens(mask, batch, tokens, keys, values.device)
         counts = weights.sum(-1, keepdim=True).clamp_(min=1.0)
         summed = torch.matmul(weights.unsqueeze(1), values.float())  # (B, H, tokens, width)

@@ -371,11 +371,14 @@ class SteeringSession:
                     self.gate_maps[layer.name].append(values.detach().to("cpu", torch.float16))
                 return None
             gate_input = None if read is None else read()
+            # the gate values are made only for whoever reads them
+            wanted = self.record_gates or self.observer is not None
+            wanted = {"return_gates": wanted} if isinstance(steer, PreparedLayer) else {}
             if rows is None:
-                steered, gate_values = steer(tensor, strength, gated, gate_input, *decided())
+                steered, gate_values = steer(tensor, strength, gated, gate_input, *decided(), **wanted)
             else:
                 reading = None if gate_input is None else gate_input[rows]
-                part, gate_values = steer(tensor[rows], strength, gated, reading, *decided())
+                part, gate_values = steer(tensor[rows], strength, gated, reading, *decided(), **wanted)
                 steered = tensor.clone()
                 steered[rows] = part
             if self.observer is not None:

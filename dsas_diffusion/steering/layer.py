@@ -24,6 +24,8 @@ def same_positions(a: torch.Tensor, b: torch.Tensor, dim: int) -> bool:
     """
     if a.ndim != b.ndim:
         return False
+    if dim == -1:
+        return a.shape[:-1] == b.shape[:-1]
     keep = [i for i in range(a.ndim) if i != dim % a.ndim]
     return all(a.shape[i] == b.shape[i] for i in keep)
 

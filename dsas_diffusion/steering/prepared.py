@@ -58,6 +58,7 @@ class PreparedLayer:
         self.zero = torch.zeros((), device=device)
         self._views: dict[int, tuple[torch.Tensor | None, ...]] = {}
         self.gate_column = self.gate_bias = None
+        self.half_floor = False
         #: what the gate reads; anything but the output is passed as ``gate_input``, of this width
         self.reads = "output" if gate is None else gate.reads
         self.gate_width = None if gate is None else gate.width
@@ -68,6 +69,9 @@ class PreparedLayer:
             self.floor = gate.floor
             #: s(t) = gate_scale · max(0, g − floor) with g the opening
             self.gate_scale = gate.scale / (1.0 - gate.floor)
+            #: a sigmoid floored at ½, as tanh(z/2)⁺ = 2·max(0, σ(z) − ½): one operation less per call
+            self.half_floor = gate.activation == "sigmoid" and gate.floor == 0.5
+            self.half_gate = (self.gate_column * 0.5, self.gate_bias * 0.5, gate.scale)
         #: a copy of the sample gate on the device, or ``None`` (one small product per sample)
         self.sample_gate = None
         if layer.sample_gate is not None:
@@ -87,17 +91,26 @@ class PreparedLayer:
             terms = tuple(None if t is None else t.view(shape) for t in (self.bias, self.slope, lo, hi))
         return terms
 
-    def _opening(self, xf: torch.Tensor) -> torch.Tensor:
-        """The gate's opening at every position of ``xf`` (what it reads), with a size-1
-        feature dimension."""
-        if self.dim == -1:  # one matrix-vector product per position, the bias added after
-            logits = torch.matmul(xf, self.gate_column).add_(self.gate_bias)
-        else:  # (B, C, *positions): one batched matrix-vector product, no transposed copy
-            batch, width = xf.shape[0], self.gate_width
-            weight = self.gate_column.view(1, 1, width).expand(batch, 1, width)
-            logits = torch.baddbmm(self.gate_bias.view(1, 1, 1), weight, xf.reshape(batch, width, -1))
-            logits = logits.view(batch, 1, *xf.shape[2:])
-        return gate_opening(logits, self.activation, inplace=True)
+    def _logits(self, xf: torch.Tensor, column: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """``column · t + bias`` at every position of ``xf``, with a size-1 feature dimension."""
+        if self.dim == -1:  # one matrix-vector product per position, the bias added in it
+            return torch.addmm(bias, xf.reshape(-1, self.gate_width), column).view(*xf.shape[:-1], 1)
+        # (B, C, *positions): one batched matrix-vector product, no transposed copy
+        batch, width = xf.shape[0], self.gate_width
+        weight = column.view(1, 1, width).expand(batch, 1, width)
+        logits = torch.baddbmm(bias.view(1, 1, 1), weight, xf.reshape(batch, width, -1))
+        return logits.view(batch, 1, *xf.shape[2:])
+
+    def _gate(self, xf: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``(f, c)`` with ``s = c · f`` the gate at every position of ``xf`` (what it reads),
+        ``f`` with a size-1 feature dimension."""
+        if self.half_floor:
+            column, bias, scale = self.half_gate
+            return self._logits(xf, column, bias).tanh_().clamp_(min=0.0), scale
+        opening = gate_opening(self._logits(xf, self.gate_column, self.gate_bias), self.activation, inplace=True)
+        if self.floor > 0.0:
+            opening = opening.sub_(self.floor).clamp_(min=0.0)
+        return opening, self.gate_scale
 
     def __call__(
         self,
@@ -106,13 +119,14 @@ class PreparedLayer:
         gated: bool,
         gate_input: torch.Tensor | None = None,
         sample_factor: torch.Tensor | None = None,
+        return_gates: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Steer ``x``; return the result (``x``'s dtype) and, when ``gated``, the gate values
-        (``x``'s shape without the feature dimension, float32), as :meth:`SteeringLayer.steer`.
-        ``strength``: a number, or a 0-dim tensor on ``x``'s device (compiled calls);
-        ``gate_input``: the module's input, when the gate reads it; ``sample_factor``: ``(B,)``
-        per-sample factors of the gates (a decision taken over layers), in place of this
-        layer's own sample gate."""
+        """Steer ``x``; return the result (``x``'s dtype) and, when ``gated`` and
+        ``return_gates``, the gate values (``x``'s shape without the feature dimension,
+        float32), as :meth:`SteeringLayer.steer`. ``strength``: a number, or a 0-dim tensor on
+        ``x``'s device (compiled calls); ``gate_input``: the module's input, when the gate
+        reads it; ``sample_factor``: ``(B,)`` per-sample factors of the gates (a decision taken
+        over layers), in place of this layer's own sample gate."""
         ndim = x.ndim
         if ndim < 2 or x.shape[self.dim] != self.width:
             raise IncompatibleSteeringError(
@@ -132,7 +146,8 @@ class PreparedLayer:
             factor = self.sample_gate(pool(x if reading is None else reading, self.layout)).view(-1)
         if self.kernel and not (x.requires_grad and torch.is_grad_enabled()):
             if x.device.type == "cuda" or not torch.compiler.is_compiling():  # CPU: only the interpreter
-                return self._fused(x, strength, gated, reading, factor)
+                steered, gates = self._fused(x, strength, gated, reading, factor)
+                return steered, gates if return_gates else None
         xf = x if x.dtype == torch.float32 else x.float()
         bias, slope, lo, hi = self._terms(ndim)
         if slope is None:
@@ -147,19 +162,20 @@ class PreparedLayer:
             )
             return (steered if x.dtype == torch.float32 else steered.to(x.dtype)), None
         if reading is None:
-            opening = self._opening(xf)
+            opening, scale = self._gate(xf)
         else:
-            opening = self._opening(reading if reading.dtype == torch.float32 else reading.float())
-        if self.floor > 0.0:
-            opening = opening.sub_(self.floor).clamp_(min=0.0)
+            opening, scale = self._gate(reading if reading.dtype == torch.float32 else reading.float())
         if factor is not None:
             opening = opening.mul_(factor.view((-1,) + (1,) * (ndim - 1)))
         if isinstance(strength, torch.Tensor):
-            steered = torch.addcmul(xf, opening * strength, delta, value=self.gate_scale)
+            steered = torch.addcmul(xf, opening * strength, delta, value=scale)
         else:
-            steered = torch.addcmul(xf, opening, delta, value=strength * self.gate_scale)
-        gates = opening.mul_(self.gate_scale) if self.gate_scale != 1.0 else opening
-        return (steered if x.dtype == torch.float32 else steered.to(x.dtype)), gates.squeeze(self.dim)
+            steered = torch.addcmul(xf, opening, delta, value=strength * scale)
+        steered = steered if x.dtype == torch.float32 else steered.to(x.dtype)
+        if not return_gates:
+            return steered, None
+        gates = opening.mul_(scale) if scale != 1.0 else opening
+        return steered, gates.squeeze(self.dim)
 
     def sample_logits(self, x: torch.Tensor, gate_input: torch.Tensor | None = None) -> torch.Tensor:
         """``(B,)``: the sample gate's logit on each sample's mean of what the gate reads (the
