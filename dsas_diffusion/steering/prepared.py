@@ -5,8 +5,8 @@ kernels as the arithmetic allows.
 inference every hook call pays a fixed cost per tensor operation, which dominates when the
 activation is small (one decoding step of a language model: a few thousand numbers per
 hook). :class:`PreparedLayer` reads the layer's tensors once per session and device, already
-shaped for broadcasting, and then steers with eight kernels for a gated affine map with a
-support (four for a gated shift, one for a uniform shift) instead of about twenty operator
+shaped for broadcasting, and then steers with seven kernels for a gated affine map with a
+support (three for a gated shift, one for a uniform shift) instead of about twenty operator
 calls. On CUDA with Triton installed it steers with one kernel instead (:mod:`.fused`).
 """
 
