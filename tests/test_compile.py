@@ -60,6 +60,25 @@ def test_a_compiled_steered_model_matches_eager_and_never_recompiles_for_a_new_s
     torch.testing.assert_close(compiled(x), stock)  # detached: untouched, though the graph was traced with it
 
 
+@pytest.mark.parametrize("gate", [True, False])
+@torch.no_grad()
+def test_one_strength_per_sample_compiles_one_graph_for_every_mix_of_strengths(toy, gate):
+    model, steerer, x = toy
+    stock = copy.deepcopy(model)(x)
+    with steerer.apply(model, strength=[0.0, 1.0, 2.0], gate=gate) as session:
+        compiled = torch.compile(model)
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)  # the eager result
+        before = graphs()
+        for strengths in ([2.5, 0.0, 1.0], [0.5, 4.0, 0.0], [0.0, 0.0, 3.0]):
+            session.strength = strengths
+            steered = compiled(x)
+            torch.testing.assert_close(steered, model(x), atol=1e-5, rtol=1e-5)
+            for row, strength in enumerate(strengths):  # a sample at λ 0 is the stock model's
+                assert torch.allclose(steered[row], stock[row], atol=1e-6, rtol=0) == (strength == 0.0)
+        assert graphs() == before  # three mixes of strengths, no recompilation
+        assert sum(counters["graph_break"].values()) == 0
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("idiom", ["in-place", "wrapped", "regional"])
 def test_resident_steering_is_seen_by_a_graph_traced_before_it_and_never_recompiles(toy, idiom):

@@ -69,6 +69,31 @@ def test_a_batch_gives_the_images_of_each_prompt_alone(tiny, fitted):
         np.testing.assert_allclose(alone[0], batch[i], atol=2e-3)
 
 
+def test_one_strength_per_prompt_gives_each_prompt_its_image_alone(tiny, fitted):
+    pipe, _ = fitted
+    stock = tiny.stock()
+    stock.set_progress_bar_config(disable=True)
+    reference = _run(stock, PROMPTS, **tiny.call_kwargs).images
+    for cfg, gate in (("cond", "none"), ("both", "dsas")):
+        steering = {"steering_cfg": cfg, "steering_gate": gate, **tiny.call_kwargs}
+        batch = _run(pipe, PROMPTS, steering_strength=[2.0, 0.0], **steering).images
+        assert np.array_equal(batch[1], reference[1])  # λ 0 beside a steered prompt: the stock image, bit for bit
+        alone = _run(pipe, PROMPTS[:1], steering_strength=2.0, **steering).images
+        np.testing.assert_allclose(alone[0], batch[0], atol=2e-3)
+        assert gate == "dsas" or not np.array_equal(batch[0], reference[0])
+    # the images of a prompt share its λ; a mapping gives one steerer its own per prompt
+    call = {**tiny.call_kwargs, "num_images_per_prompt": 2, "output_type": "np", "steering_gate": "none"}
+
+    def generators():
+        return [torch.Generator().manual_seed(i) for i in (0, 0, 1, 1)]
+
+    mixed = pipe(PROMPTS, generator=generators(), steering_strength={"default": [0.0, 2.0]}, **call).images
+    plain = pipe(PROMPTS, generator=generators(), steering_strength=0.0, **call).images
+    assert np.array_equal(mixed[:2], plain[:2]) and not np.array_equal(mixed[2:], plain[2:])
+    with pytest.raises(SteeringError, match="3 values for 2 prompts"):
+        pipe(PROMPTS, steering_strength=[1.0, 1.0, 2.0], **tiny.call_kwargs)
+
+
 def test_hooks_are_removed_after_the_call_and_after_an_exception(tiny, fitted):
     pipe, _ = fitted
     _run(pipe, PROMPTS[:1], steering_strength=1.0, **tiny.call_kwargs)

@@ -79,6 +79,22 @@ def test_a_gate_reading_the_input_steers_in_the_kernel_as_in_the_pytorch_path(la
 
 
 @needs_kernel
+@pytest.mark.parametrize(("layout", "shape"), [("channels_last", (3, 5, WIDTH)), ("channels_first", (3, WIDTH, 3, 2))])
+def test_one_strength_per_sample_steers_in_the_kernel_as_in_the_pytorch_path(layout, shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    strengths = torch.tensor([0.0, 1.5, -2.0], device=DEVICE)
+    for (case, layer), gated in itertools.product(layer_kinds(layout), (True, False)):
+        fused, reference = PreparedLayer(layer, DEVICE), PreparedLayer(layer, DEVICE)
+        reference.kernel = False
+        expected, expected_gates = reference(x, strengths, gated)
+        steered, gates = fused(x, strengths, gated)
+        torch.testing.assert_close(steered, expected, atol=1e-5, rtol=1e-5, msg=case)
+        assert torch.equal(steered[0], x[0]), case  # λ 0: untouched
+        if gated:
+            torch.testing.assert_close(gates, expected_gates, atol=1e-6, rtol=1e-5, msg=case)
+
+
+@needs_kernel
 @torch.no_grad()
 def test_a_session_on_a_kernel_device_steers_with_it_and_matches_the_pytorch_path(monkeypatch):
     model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16)).eval()
@@ -133,7 +149,7 @@ def test_the_kernel_tests_pass_under_the_triton_interpreter_on_the_cpu():
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", only]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert re.search(r"^11 passed", result.stdout, re.MULTILINE), result.stdout[-2000:]  # all eleven ran
+    assert re.search(r"^13 passed", result.stdout, re.MULTILINE), result.stdout[-2000:]  # all thirteen ran
 
 
 @pytest.mark.skipif(

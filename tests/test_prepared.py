@@ -39,3 +39,24 @@ def test_prepared_layer_reads_a_non_contiguous_activation():
     layer = dict(layer_kinds("channels_last"))["affine+support/sigmoid/floor=0.3/scale=0.6"]
     x = torch.randn(5, WIDTH, 4).transpose(1, 2)  # (5, 4, WIDTH), features not contiguous
     torch.testing.assert_close(PreparedLayer(layer, x.device)(x, 1.5, True)[0], layer.steer(x, 1.5, True)[0])
+
+
+@pytest.mark.parametrize(
+    ("layout", "shape"),
+    [("channels_last", (3, 5, WIDTH)), ("channels_last", (3, WIDTH)), ("channels_first", (3, WIDTH, 2, 2))],
+)
+def test_one_strength_per_sample_steers_each_sample_as_alone_and_leaves_a_zero_one_untouched(layout, shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 2.0
+    strengths = torch.tensor([0.0, 1.5, -2.0])
+    for case, layer in layer_kinds(layout):
+        prepared = PreparedLayer(layer, x.device)
+        for gated in (True, False):
+            steered, gates = prepared(x, strengths, gated)
+            assert torch.equal(steered[0], x[0]), case  # λ 0: the activation itself, bit for bit
+            for i, strength in enumerate(strengths.tolist()):
+                alone, alone_gates = prepared(x[i : i + 1], strength, gated)
+                torch.testing.assert_close(steered[i : i + 1], alone, atol=1e-6, rtol=1e-6, msg=case)
+                if gated:
+                    torch.testing.assert_close(gates[i : i + 1], alone_gates, msg=case)
+    with pytest.raises(Exception, match="2 strengths for 3 samples"):
+        prepared(x, strengths[:2], True)

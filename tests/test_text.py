@@ -88,6 +88,23 @@ def test_a_left_padded_batch_gives_each_prompt_what_it_gives_alone(lm):
         assert alone.texts[0] == batch.texts[index]
 
 
+def test_one_strength_per_prompt_gives_each_prompt_its_tokens_alone(lm):
+    stock = _stock(lm, PROMPTS, **GREEDY)
+    for gate in ("none", "dsas"):
+        batch = lm.generate(PROMPTS, steering_strength=[8.0, 0.0], steering_gate=gate, **GREEDY)
+        assert torch.equal(batch.sequences[1], stock[1])  # λ 0 beside a steered prompt: the stock tokens
+        alone = lm.generate(PROMPTS[:1], steering_strength=8.0, steering_gate=gate, **GREEDY)
+        assert alone.texts[0] == batch.texts[0]
+    # each prompt's beams (and returned sequences) follow its λ; gate maps from the replay
+    beams = {"num_beams": 2, "num_return_sequences": 2, "max_new_tokens": 4}
+    mixed = lm.generate(PROMPTS, steering_strength={"default": [0.0, 8.0]}, return_gate_maps=True, **beams)
+    plain = _stock(lm, PROMPTS, do_sample=False, **beams)
+    assert torch.equal(mixed.sequences[:2], plain[:2])
+    assert all(tuple(g.shape) == tuple(mixed.sequences.shape) for g in mixed.gate_maps["default"].values())
+    with pytest.raises(SteeringError, match="3 values for 2 prompts"):
+        lm.generate(PROMPTS, steering_strength=[1.0, 2.0, 3.0], **GREEDY)
+
+
 def test_gate_maps_are_per_token_masked_and_equal_the_replay(lm):
     out = lm.generate(PROMPTS, steering_strength=1.0, return_gate_maps=True, **GREEDY)
     maps = out.gate_maps["default"]

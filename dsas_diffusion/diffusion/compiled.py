@@ -27,6 +27,7 @@ from torch import nn
 from ..steering import Steerer
 from ..steering.compiled import run_eagerly
 from ..steering.resident import ResidentSteering, Rows
+from ..steering.strengths import Strength
 from .collect import ImageStreamCheck
 from .guards import ResidentFiniteCheck
 
@@ -70,7 +71,7 @@ class CompiledSteering:
         return self.resident.serves(denoiser, steerers)
 
     @contextlib.contextmanager
-    def steer(self, strengths: Mapping[str, float], *, gate: str, batch_rows: Rows) -> Iterator[ResidentFiniteCheck]:
+    def steer(self, strengths: Mapping[str, Strength], *, gate: str, batch_rows: Rows) -> Iterator[ResidentFiniteCheck]:
         """Steer the denoiser calls inside the block; yields the call's NaN check."""
         with self.resident.steer(strengths, gate=gate, batch_rows=batch_rows):
             yield self.finite.reset()
@@ -117,7 +118,7 @@ def steer_compiled(
     stock_call: Callable[..., Any],
     resident: CompiledSteering,
     active: Mapping[str, Steerer],
-    strengths: Mapping[str, float],
+    strengths: Mapping[str, Strength],
     args: tuple[Any, ...],
     kwargs: Mapping[str, Any],
     gate: str,

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..steering import ActivationError, Steerer, SteeringError
 from ..steering.hooks import SteeringSession
+from ..steering.strengths import Strength, describe_strength
 
 __all__ = [
     "COMPOSING_HOOKS",
@@ -121,11 +122,11 @@ class FiniteOutputCheck:
     def __exit__(self, *exc: Any) -> None:
         self.handle.remove()
 
-    def raise_if_not_finite(self, steerers: Mapping[str, Steerer], strengths: Mapping[str, float]) -> None:
+    def raise_if_not_finite(self, steerers: Mapping[str, Steerer], strengths: Mapping[str, Strength]) -> None:
         if self.flag is None or bool(self.flag):
             return
         bad_layers = [f"{name}:{layer}" for name, steerer in steerers.items() for layer in steerer.non_finite_layers()]
-        applied = ", ".join(f"{name!r} at strength {strengths[name]:g}" for name in steerers)
+        applied = ", ".join(f"{name!r} at strength {describe_strength(strengths[name])}" for name in steerers)
         cause = (
             f"layers {bad_layers} hold NaN or infinite values: refit or reload the steering"
             if bad_layers

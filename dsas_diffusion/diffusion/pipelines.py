@@ -27,6 +27,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from diffusers import (
     FluxPipeline,
     PixArtAlphaPipeline,
@@ -42,8 +43,9 @@ from ..prompts import check_prompt_list
 from ..steering import HookPoint, Steerer, SteeringError, fit_steerer
 from ..steering.compiled import is_compiled, run_eagerly, unwrap_compiled
 from ..steering.hooks import SteeringSession, gate_word
-from ..steering.registry import DEFAULT_STEERER, SteererRegistry, fit_provenance, strengths_by_name
+from ..steering.registry import DEFAULT_STEERER, SteererRegistry, fit_provenance
 from ..steering.resident import drop_resident, resident_for
+from ..steering.strengths import is_steering
 from .architectures import hook_points as preset_hook_points
 from .collect import ImageStreamCheck, check_image_stream, record_denoiser_calls, run_denoiser_call
 from .compiled import CompiledSteering, checked_steerers, needs_eager_call, steer_compiled
@@ -227,6 +229,17 @@ class DSASPipelineMixin(SteererRegistry):
         """The stock call's default value of argument ``name``."""
         return inspect.signature(super().__call__).parameters[name].default  # type: ignore[misc]
 
+    @staticmethod
+    def _prompt_count(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int | None:
+        """How many prompts a call has (``None``: not told by ``prompt`` or ``prompt_embeds``)."""
+        prompt = args[0] if args else kwargs.get("prompt")
+        if isinstance(prompt, str):
+            return 1
+        if isinstance(prompt, (list, tuple)):
+            return len(prompt)
+        embeds = kwargs.get("prompt_embeds")
+        return int(embeds.shape[0]) if torch.is_tensor(embeds) else None
+
     def _guidance_on(self, kwargs: Mapping[str, Any]) -> bool:
         scale = kwargs.get("guidance_scale")
         if scale is None:
@@ -261,7 +274,7 @@ class DSASPipelineMixin(SteererRegistry):
         self,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        steering_strength: float | Mapping[str, float] | None = None,
+        steering_strength: float | Sequence[float] | Mapping[str, Any] | None = None,
         steering_gate: str | bool = "dsas",
         steering_cfg: str = "cond",
         steering_steps: tuple[float, float] | None = None,
@@ -291,7 +304,7 @@ class DSASPipelineMixin(SteererRegistry):
         self,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        steering_strength: float | Mapping[str, float] | None,
+        steering_strength: float | Sequence[float] | Mapping[str, Any] | None,
         steering_gate: str | bool,
         steering_cfg: str,
         steering_steps: tuple[float, float] | None,
@@ -306,8 +319,10 @@ class DSASPipelineMixin(SteererRegistry):
             if steering_strength not in (None, 0, 0.0) or return_gate_maps:
                 raise SteeringError("no steering is loaded: call fit_steering(...) or load_steering(dir) first")
             return super().__call__(*args, **kwargs)  # type: ignore[misc]
-        strengths = strengths_by_name(steering_strength, steerers)
-        active = {name: s for name, s in steerers.items() if strengths[name] != 0.0 or return_gate_maps}
+        strengths = self._strengths(
+            steering_strength, self._prompt_count(args, kwargs), kwargs.get("num_images_per_prompt") or 1
+        )
+        active = {name: s for name, s in steerers.items() if is_steering(strengths[name]) or return_gate_maps}
         if return_gate_maps and steering_gate == "none":
             raise SteeringError("gate maps come from the DSAS gates: use steering_gate='dsas' with return_gate_maps")
         compiled = is_compiled(self._denoiser_as_called())

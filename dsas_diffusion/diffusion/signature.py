@@ -10,7 +10,7 @@ pipeline tests, UIs that build forms from it) see what they see on the stock cla
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 __all__ = [
@@ -26,7 +26,9 @@ _KW = inspect.Parameter.KEYWORD_ONLY
 
 #: the steering arguments every DSAS pipeline call takes, after the stock ones
 STEERING_PARAMETERS = (
-    inspect.Parameter("steering_strength", _KW, default=None, annotation=float | Mapping[str, float] | None),
+    inspect.Parameter(
+        "steering_strength", _KW, default=None, annotation=float | Sequence[float] | Mapping[str, Any] | None
+    ),
     inspect.Parameter("steering_gate", _KW, default="dsas", annotation=str),
     inspect.Parameter("steering_cfg", _KW, default="cond", annotation=str),
     inspect.Parameter("steering_steps", _KW, default=None, annotation=tuple[float, float] | None),
@@ -36,10 +38,11 @@ STEERING_PARAMETERS = (
 STEERING_DOC = """
         Steering arguments (dsas_diffusion), keyword-only, after the stock ones:
 
-            steering_strength (`float`, `Mapping[str, float]` or `None`, defaults to `None`):
-                λ for every loaded steerer, a ``{name: λ}`` mapping, or ``None`` for each
-                steerer's saved default. ``0`` leaves the images bit-identical to the stock
-                pipeline's.
+            steering_strength (`float`, `Sequence[float]`, `Mapping` or `None`, defaults to `None`):
+                λ for every loaded steerer, one λ per prompt (a list as long as ``prompt``; the
+                images of a prompt share its λ), a ``{name: λ or [λ per prompt]}`` mapping, or
+                ``None`` for each steerer's saved default. ``0`` leaves an image bit-identical
+                to the stock pipeline's, also beside steered images in the same batch.
             steering_gate (`str`, defaults to `"dsas"`):
                 ``"dsas"`` (or ``"e2e"``) steers through each steerer's gates; ``"none"`` steers
                 every position alike (uniform steering, the baseline). ``True`` / ``False`` still

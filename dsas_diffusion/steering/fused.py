@@ -66,7 +66,8 @@ def fused_steer(
     """``x + λ·s(x)·(T(x) − x)`` in one kernel, with the tensors of a :class:`PreparedLayer`
     (float32 vectors on ``x``'s device): ``bias`` and ``slope`` (``w − 1``, ``None`` for a
     shift) of the map, its ``support`` bounds or ``None``, ``gate`` as ``(weight, bias)`` or
-    ``None`` for uniform steering, ``strength`` a 0-dim float32 tensor; ``gate_input``: what
+    ``None`` for uniform steering, ``strength`` a 0-dim float32 tensor or a ``(B,)`` one (one λ
+    per sample); ``gate_input``: what
     the gate reads when not ``x`` (the module's input: ``x``'s positions, the gate's width),
     giving ``x + λ·s(u)·(T(x) − x)``; ``sample_factor``: a float32 ``(B,)`` tensor multiplying
     the gate of every position of each sample (a sample gate's values); ``activation``: the

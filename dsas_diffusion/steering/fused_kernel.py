@@ -38,6 +38,7 @@ def steer_kernel(
     GATED: tl.constexpr,
     READS_INPUT: tl.constexpr,
     HAS_FACTOR: tl.constexpr,
+    PER_ROW: tl.constexpr,
     ACTIVATION: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -61,7 +62,10 @@ def steer_kernel(
         lo = tl.load(lo_ptr + c, mask=col_ok, other=0.0)[None, :]
         hi = tl.load(hi_ptr + c, mask=col_ok, other=0.0)[None, :]
         delta = tl.where((x >= lo) & (x <= hi), delta, 0.0)
-    strength = tl.load(strength_ptr)
+    if PER_ROW:  # one λ per sample
+        strength = tl.load(strength_ptr + r // sample_rows, mask=row_ok, other=0.0)
+    else:
+        strength = tl.load(strength_ptr)
     if GATED:
         if READS_INPUT:  # the gate reads the module's input u at the same positions
             g = tl.arange(0, BLOCK_G)
@@ -87,6 +91,8 @@ def steer_kernel(
             gate = gate * tl.load(factor_ptr + r // sample_rows, mask=row_ok, other=0.0)
         tl.store(gates_ptr + r, gate, mask=row_ok)
         steered = x + (strength * gate)[:, None] * delta
+    elif PER_ROW:
+        steered = x + strength[:, None] * delta
     else:
         steered = x + strength * delta
     tl.store(out_ptr + offsets, steered.to(out_ptr.dtype.element_ty), mask=ok)
@@ -148,6 +154,7 @@ def fused_steer_op(
         GATED=gated,
         READS_INPUT=gate_input is not None,
         HAS_FACTOR=sample_factor is not None,
+        PER_ROW=strength.ndim == 1,
         ACTIVATION=activation,
         BLOCK_R=block_r,
         BLOCK_C=block_c,

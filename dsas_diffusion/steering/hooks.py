@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import itertools
-import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -25,6 +24,7 @@ from .decision import SampleDecision
 from .errors import ActivationError, SteeringError
 from .hookpoints import gate_reading, get_output, replace_output, resolve_module
 from .prepared import PreparedLayer
+from .strengths import STRENGTH_LIMIT, Strength, check_strength, check_strengths, is_steering, rows_strengths
 
 if TYPE_CHECKING:
     from .layer import SteeringLayer
@@ -44,11 +44,6 @@ HOOK_PREFIX = "dsas"
 _ACTIVE: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("dsas_active_sessions", default=frozenset())
 _COUNTER = itertools.count()
 Observer = Callable[[str, torch.Tensor, torch.Tensor | None], None]
-
-
-#: no steering strength beyond this is accepted anywhere: on shapes-sd outputs with the concept
-#: are destroyed from λ = 16 on, and far larger values only overflow to NaN or infinity
-STRENGTH_LIMIT = 1000.0
 
 
 def gate_word(value: str | bool | None, where: str = "gate") -> str | None:
@@ -73,23 +68,6 @@ def gate_word(value: str | bool | None, where: str = "gate") -> str | None:
         )
         return word
     raise SteeringError(f"{where} must be one of {GATES} ('none': uniform steering), got {value!r}")
-
-
-def check_strength(strength: float) -> float:
-    """``strength`` as a float, or :class:`SteeringError` if it is not a finite number with
-    ``|strength| <= STRENGTH_LIMIT``."""
-    try:
-        value = float(strength)
-    except (TypeError, ValueError):
-        raise SteeringError(f"steering strength must be a number, got {strength!r}") from None
-    if not math.isfinite(value):
-        raise SteeringError(f"steering strength must be finite, got {strength!r}; use e.g. 0.0 to 2.0")
-    if abs(value) > STRENGTH_LIMIT:
-        raise SteeringError(
-            f"steering strength {value:g} is beyond any useful value (at most {STRENGTH_LIMIT:g} is accepted; "
-            "outputs are destroyed long before); use e.g. 0.0 to 2.0"
-        )
-    return value
 
 
 class HookHandles:
@@ -134,7 +112,8 @@ class SteeringSession:
     :meth:`Steerer.apply`; use it as a context manager or call :meth:`detach`.
 
     Attributes (may be changed while attached):
-        ``strength``: the global strength λ.
+        ``strength``: the global strength λ, or one λ per sample (a sequence; see
+            :mod:`.strengths` for how rows map to samples).
         ``gated``: ``True`` scales by the DSAS gates, ``False`` steers uniformly.
         ``batch_rows``: steer only these batch rows (e.g. the conditional half of a CFG
             batch): a slice or index tensor, or a function of the batch size returning one;
@@ -154,7 +133,7 @@ class SteeringSession:
         layers: Sequence[SteeringLayer],
         model: nn.Module,
         *,
-        strength: float,
+        strength: float | Sequence[float],
         gated: bool,
         record_gates: bool = False,
         scoped: bool = True,
@@ -164,7 +143,10 @@ class SteeringSession:
         self.layers = list(layers)
         self.model = model
         self._strengths: dict[torch.device, torch.Tensor] = {}  # λ as a tensor per device (compiled calls)
-        self.strength = check_strength(strength)
+        self._samples: torch.Tensor | None = None  # one λ per sample, or None (CPU, float32)
+        self._samples_on_device: dict[torch.device, torch.Tensor] = {}
+        self._devices: set[torch.device] = set()  # of the hooked modules
+        self.strength = strength
         self.gated = bool(gated)
         self.record_gates = record_gates
         self.scoped = scoped
@@ -193,17 +175,37 @@ class SteeringSession:
         return not self.scoped or self.id in _ACTIVE.get()
 
     @property
-    def strength(self) -> float:
-        """The global strength λ; it may be changed between calls, also under
-        ``torch.compile``: compiled code reads λ from a tensor updated in place, so a new
-        strength does not recompile."""
-        return self._strength
+    def strength(self) -> Strength:
+        """The global strength λ, or a tuple of one λ per sample; it may be changed between
+        calls, also under ``torch.compile``: compiled code reads λ from a tensor updated in
+        place, so a new strength (or new per-sample strengths for as many samples) does not
+        recompile."""
+        return self._strength if self._samples is None else tuple(self._samples.tolist())
 
     @strength.setter
-    def strength(self, value: float) -> None:
-        self._strength = check_strength(value)
+    def strength(self, value: float | Sequence[float]) -> None:
+        value = check_strengths(value)
+        if isinstance(value, tuple):
+            samples = torch.tensor(value, dtype=torch.float32)
+            if self._samples is not None and self._samples.shape == samples.shape:
+                self._samples.copy_(samples)
+                for tensor in self._samples_on_device.values():
+                    tensor.copy_(samples)
+            else:  # (made for the hooked modules' devices now: made in a compiled call, a recompile)
+                self._samples, self._samples_on_device = samples, {d: samples.to(d) for d in self._devices}
+            self._strength = 1.0 if is_steering(value) else 0.0  # (only its being 0 is read)
+            return
+        self._samples, self._samples_on_device = None, {}
+        self._strength = value
         for tensor in self._strengths.values():
             tensor.fill_(self._strength)
+
+    def _sample_strengths(self, device: torch.device, rows: int) -> torch.Tensor:
+        """``(rows,)``: the per-sample λ on ``device`` for a batch of ``rows`` rows."""
+        tensor = self._samples_on_device.get(device)
+        if tensor is None:
+            tensor = self._samples_on_device[device] = self._samples.to(device)
+        return rows_strengths(tensor, rows)
 
     def _strength_on(self, device: torch.device) -> torch.Tensor:
         tensor = self._strengths.get(device)
@@ -227,6 +229,9 @@ class SteeringSession:
                 weight = next(module.parameters(), None)
                 device = torch.device("cpu") if weight is None else weight.device
                 self._strength_on(device)
+                self._devices.add(device)
+                if self._samples is not None:
+                    self._samples_on_device.setdefault(device, self._samples.to(device))
                 if not any(p.requires_grad for p in layer.parameters()):
                     self._steer_function(layer, device)
                 reads_more = layer.gate_reads != "output"
@@ -358,8 +363,12 @@ class SteeringSession:
             # compiled: λ is a tensor read in the graph (no guard on its value, no recompile
             # when it changes); eager: a Python number, and λ = 0 skips the work exactly
             compiling = torch.compiler.is_compiling()
-            # (on CUDA also eager: the fused kernel reads λ from the device, no copy per call)
-            strength = self._strength_on(tensor.device) if compiling or tensor.is_cuda else self._strength
+            if self._samples is not None:  # one λ per row, a tensor: one graph for every mix of strengths
+                if not isinstance(steer, PreparedLayer):
+                    raise SteeringError(f"layer {layer.name!r} is being trained: train it with one strength")
+                strength = self._sample_strengths(tensor.device, (tensor if rows is None else tensor[rows]).shape[0])
+            else:  # (on CUDA also eager: the fused kernel reads λ from the device, no copy per call)
+                strength = self._strength_on(tensor.device) if compiling or tensor.is_cuda else self._strength
             # the call's per-sample decision, where it replaces the layers' sample gates
             decided = (lambda: (self.decision.factor(tensor.device),)) if gated and self.decision is not None else tuple
             if not compiling and self._strength == 0.0 and self.observer is None:

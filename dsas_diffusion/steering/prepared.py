@@ -123,8 +123,8 @@ class PreparedLayer:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Steer ``x``; return the result (``x``'s dtype) and, when ``gated`` and
         ``return_gates``, the gate values (``x``'s shape without the feature dimension,
-        float32), as :meth:`SteeringLayer.steer`. ``strength``: a number, or a 0-dim tensor on
-        ``x``'s device (compiled calls); ``gate_input``: the module's input, when the gate
+        float32), as :meth:`SteeringLayer.steer`. ``strength``: a number, a 0-dim tensor on
+        ``x``'s device (compiled calls) or a ``(B,)`` tensor, one λ per sample; ``gate_input``: the module's input, when the gate
         reads it; ``sample_factor``: ``(B,)`` per-sample factors of the gates (a decision taken
         over layers), in place of this layer's own sample gate."""
         ndim = x.ndim
@@ -136,6 +136,9 @@ class PreparedLayer:
             )
         if gated and self.gate_column is None:
             raise ActivationError(f"layer {self.name!r} has no gate; steer it with gating off")
+        per_row = isinstance(strength, torch.Tensor) and strength.ndim == 1  # one λ per sample of x
+        if per_row and strength.shape[0] != x.shape[0]:
+            raise ActivationError(f"layer {self.name!r}: {strength.shape[0]} strengths for {x.shape[0]} samples")
         reading = None
         if gated and self.reads != "output":
             reading = self._checked_input(gate_input, x)
@@ -148,6 +151,8 @@ class PreparedLayer:
             if x.device.type == "cuda" or not torch.compiler.is_compiling():  # CPU: only the interpreter
                 steered, gates = self._fused(x, strength, gated, reading, factor)
                 return steered, gates if return_gates else None
+        if per_row:
+            strength = strength.view((-1,) + (1,) * (ndim - 1))
         xf = x if x.dtype == torch.float32 else x.float()
         bias, slope, lo, hi = self._terms(ndim)
         if slope is None:

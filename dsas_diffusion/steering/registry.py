@@ -8,7 +8,7 @@ A class mixes in :class:`SteererRegistry`, says which kind of model it steers
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from .errors import IncompatibleSteeringError, SteeringError
 from .fit import model_provenance
 from .resident import drop_resident
 from .steerer import Steerer
+from .strengths import Strength, check_strengths, per_sample
 
 __all__ = [
     "DEFAULT_STEERER",
@@ -73,25 +74,33 @@ def fit_provenance(modality: str, model: nn.Module, owner: Any = None, **fields:
     return {"modality": modality, "base_model": base or None, **fields}
 
 
-def strengths_by_name(value: float | Mapping[str, float] | None, steerers: Mapping[str, Any]) -> dict[str, float]:
+def strengths_by_name(
+    value: float | Sequence[float] | Mapping[str, float | Sequence[float]] | None,
+    steerers: Mapping[str, Any],
+    prompts: int | None = None,
+) -> dict[str, Strength]:
     """The strength of each loaded steerer for a call's ``steering_strength``: one λ for all,
-    a ``{name: λ}`` mapping (the others at their saved default), or ``None`` (every saved
-    default); a name that is not loaded raises :class:`SteeringError`.
+    one λ per prompt (a sequence of ``prompts`` numbers), a ``{name: λ or [λ per prompt]}``
+    mapping (the others at their saved default), or ``None`` (every saved default); a name that
+    is not loaded raises :class:`SteeringError`. Per-prompt values are tuples (one value
+    repeated is that value, see :func:`~.strengths.check_strengths`).
 
     Examples:
         >>> class Saved:
         ...     strength = 1.0
         >>> strengths_by_name({"a": 2.0}, {"a": Saved(), "b": Saved()})
         {'a': 2.0, 'b': 1.0}
+        >>> strengths_by_name({"a": [0, 2]}, {"a": Saved(), "b": Saved()}, prompts=2)
+        {'a': (0.0, 2.0), 'b': 1.0}
     """
     if value is None:
-        return {name: float(s.strength) for name, s in steerers.items()}
+        return {name: check_strengths(s.strength) for name, s in steerers.items()}
     if isinstance(value, Mapping):
         unknown = sorted(set(value) - set(steerers))
         if unknown:
             raise SteeringError(f"steering_strength names {unknown}, which are not loaded; loaded: {sorted(steerers)}")
-        return {name: float(value.get(name, s.strength)) for name, s in steerers.items()}
-    return {name: float(value) for name in steerers}
+        return {name: check_strengths(value.get(name, s.strength), prompts) for name, s in steerers.items()}
+    return {name: check_strengths(value, prompts) for name in steerers}
 
 
 def unload_by_name(steerers: dict[str, Any], name: str | None) -> None:
@@ -146,5 +155,12 @@ class SteererRegistry:
         drop_resident(self)  # a compiled model's resident hooks follow the loaded steerers
         return steerer
 
-    def _strengths(self, value: float | Mapping[str, float] | None) -> dict[str, float]:
-        return strengths_by_name(value, self._steerer_table())
+    def _strengths(
+        self, value: float | Sequence[float] | Mapping[str, Any] | None, prompts: int | None = None, repeat: int = 1
+    ) -> dict[str, Strength]:
+        """Each loaded steerer's strength for a call on ``prompts`` prompts (per-prompt values
+        repeated for the ``repeat`` samples of each, :func:`~.strengths.per_sample`)."""
+        return {
+            name: per_sample(strength, repeat)
+            for name, strength in strengths_by_name(value, self._steerer_table(), prompts).items()
+        }

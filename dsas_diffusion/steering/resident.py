@@ -32,6 +32,7 @@ from torch import nn
 from .compiled import forget_compiled_code, is_compiled, unwrap_compiled
 from .errors import ActivationError
 from .hooks import SteeringSession, active_in_context, gate_word
+from .strengths import Strength, is_steering
 
 if TYPE_CHECKING:
     from .steerer import Steerer
@@ -88,10 +89,10 @@ class ResidentSteering:
 
     @contextlib.contextmanager
     def steer(
-        self, strengths: Mapping[str, float], *, gate: str | bool | None = "dsas", batch_rows: Rows = None
+        self, strengths: Mapping[str, Strength], *, gate: str | bool | None = "dsas", batch_rows: Rows = None
     ) -> Iterator[dict[str, SteeringSession]]:
         """Steer the forward calls made in this thread / task inside the block: each steerer at
-        its strength in ``strengths`` (missing names: 0), gated or not, on ``batch_rows``.
+        its strength in ``strengths`` (missing names: 0; one λ or one per sample), gated or not, on ``batch_rows``.
         Yields the sessions of the steerers with a non-zero strength. Calls from several
         threads take turns (the strengths are shared tensors)."""
         unknown = sorted(set(strengths) - set(self.sessions))
@@ -100,7 +101,7 @@ class ResidentSteering:
         values = {name: self.steerers[name].checked_strength(strengths.get(name, 0.0)) for name in self.sessions}
         word = gate_word(gate)
         gated = {
-            name: steerer.gating(word) if values[name] != 0.0 else (word != "none" and steerer.has_gates)
+            name: steerer.gating(word) if is_steering(values[name]) else (word != "none" and steerer.has_gates)
             for name, steerer in self.steerers.items()
         }
         with self._lock:
@@ -109,7 +110,7 @@ class ResidentSteering:
                 session.gated = gated[name]
                 session.batch_rows = batch_rows
             with active_in_context(self.sessions.values()):
-                yield {name: session for name, session in self.sessions.items() if values[name] != 0.0}
+                yield {name: session for name, session in self.sessions.items() if is_steering(values[name])}
 
     def detach(self) -> None:
         """Remove every hook (idempotent)."""

@@ -14,9 +14,10 @@ from ..config import FitConfig
 from .decision import DECISION_KEY, SampleDecision
 from .errors import IncompatibleSteeringError, SteeringError, UnknownModuleError
 from .hookpoints import resolve_module
-from .hooks import SteeringSession, check_strength, gate_word
+from .hooks import SteeringSession, gate_word
 from .layer import SteeringLayer, module_signature
 from .persistence import read_steering, write_steering
+from .strengths import Strength, check_strength, check_strengths
 
 __all__ = ["Steerer"]
 
@@ -195,13 +196,14 @@ class Steerer(nn.Module):
             )
         return gated
 
-    def checked_strength(self, strength: float) -> float:
-        """``strength`` as a float, or :class:`SteeringError` if it is not a usable λ or lies above
-        this steerer's ``max_strength``."""
-        value = check_strength(strength)
-        if self.max_strength is not None and abs(value) > self.max_strength:
+    def checked_strength(self, strength: float | Sequence[float]) -> Strength:
+        """``strength`` as a float (or a tuple, one λ per sample: :mod:`.strengths`), or
+        :class:`SteeringError` if it is not a usable λ or lies above this steerer's ``max_strength``."""
+        value = check_strengths(strength)
+        largest = max(abs(v) for v in value) if isinstance(value, tuple) else abs(value)
+        if self.max_strength is not None and largest > self.max_strength:
             raise SteeringError(
-                f"steering strength {value:g} is above this steering's bound {self.max_strength:g}: beyond it the "
+                f"steering strength {largest:g} is above this steering's bound {self.max_strength:g}: beyond it the "
                 "few unrelated positions whose gate opens are steered hard enough to change unrelated outputs, and "
                 "outputs with the concept are long destroyed. Use a strength within the bound, or fit with "
                 "max_strength=None to lift it."
@@ -212,7 +214,7 @@ class Steerer(nn.Module):
         self,
         model: nn.Module,
         *,
-        strength: float | None = None,
+        strength: float | Sequence[float] | None = None,
         gate: str | bool | None = None,
         record_gates: bool = False,
         scoped: bool = False,
@@ -222,7 +224,8 @@ class Steerer(nn.Module):
         """Hook this steering into ``model`` until ``session.detach()``.
 
         Args:
-            strength: λ (default: the steerer's ``strength``).
+            strength: λ (default: the steerer's ``strength``), or one λ per sample of the
+                batch (see :mod:`~dsas_diffusion.steering.strengths`).
             gate: ``"dsas"`` (or ``"e2e"``) to steer through the gates, ``"none"`` for uniform
                 steering; ``None`` gates whenever the steerer has gates.
             record_gates: keep every gate value computed, in ``session.gate_maps``.

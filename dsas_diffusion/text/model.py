@@ -35,6 +35,7 @@ from ..steering.compiled import is_compiled, run_eagerly
 from ..steering.hooks import SteeringSession, gate_word
 from ..steering.registry import DEFAULT_STEERER, SteererRegistry, fit_provenance
 from ..steering.resident import ResidentSteering, resident_for
+from ..steering.strengths import is_steering
 from .architectures import check_token_stream
 from .architectures import hook_points as preset_hook_points
 from .generation import TextGeneration, position_ids
@@ -242,7 +243,7 @@ class DSASLanguageModel(SteererRegistry):
             resident = resident_for(self, self.model, self._steerer_table(), ResidentSteering)
         with contextlib.ExitStack() as stack:
             if resident is not None and not record_gates:
-                steered = any(value != 0.0 for value in strengths.values())
+                steered = any(is_steering(value) for value in strengths.values())
                 yield stack.enter_context(resident.steer(strengths, gate=gate)) if steered else {}
                 return
             if resident is not None:
@@ -252,7 +253,7 @@ class DSASLanguageModel(SteererRegistry):
                     steerer.apply(self.model, strength=strengths[name], gate=gate, record_gates=record_gates)
                 )
                 for name, steerer in self._steerer_table().items()
-                if strengths[name] != 0.0 or record_gates
+                if is_steering(strengths[name]) or record_gates
             }
             yield sessions
 
@@ -260,7 +261,7 @@ class DSASLanguageModel(SteererRegistry):
         self,
         prompts: Sequence[str],
         *,
-        steering_strength: float | Mapping[str, float] | None = None,
+        steering_strength: float | Sequence[float] | Mapping[str, Any] | None = None,
         steering_gate: str | bool = "dsas",
         return_gate_maps: bool = False,
         chat_template: bool = False,
@@ -270,7 +271,14 @@ class DSASLanguageModel(SteererRegistry):
         search alike; steered calls turn off ``generate``'s automatic compilation (static
         caches still work, eagerly). With ``return_gate_maps`` the gates of every forwarded token come from
         the generation itself when each output row is one prompt's single sequence, and from
-        a steered replay of the final sequences otherwise (beam search, several sequences)."""
+        a steered replay of the final sequences otherwise (beam search, several sequences).
+        ``steering_strength``: one λ for every loaded steerer, one λ per prompt (a list as long
+        as ``prompts``), ``{name: λ or [λ per prompt]}``, or ``None`` (the saved defaults); a
+        prompt at λ 0 gets the unsteered tokens, also beside steered prompts in the batch.
+
+        Examples:
+            >>> out = lm.generate(["The cat", "The dog"], steering_strength=[0.0, 16.0])  # doctest: +SKIP
+        """
         check_prompt_list(prompts, "prompts")
         steering_gate = gate_word(steering_gate, "steering_gate") or "dsas"
         if return_gate_maps and steering_gate == "none":
@@ -280,7 +288,12 @@ class DSASLanguageModel(SteererRegistry):
         batch = self._batches(self._format(prompts, chat_template, generation=True), len(prompts), None, "left")[0]
         batch.pop("position_ids")
         generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
-        steered = any(v != 0.0 for v in self._strengths(steering_strength).values()) or return_gate_maps
+        config = generate_kwargs.get("generation_config") or self.model.generation_config
+        beams = generate_kwargs.get("num_beams", config.num_beams or 1)
+        returned = generate_kwargs.get("num_return_sequences", config.num_return_sequences or 1)
+        # one λ per prompt, for each of its rows: generate expands every prompt to adjacent rows
+        strengths = self._strengths(steering_strength, len(prompts), max(beams, returned))
+        steered = any(is_steering(v) for v in strengths.values()) or return_gate_maps
         if steered:
             # generate compiles the forward by itself with a static cache on a GPU; a compiled
             # forward would not run the steering hooks as they are, so steered calls run eager
@@ -292,7 +305,7 @@ class DSASLanguageModel(SteererRegistry):
             generate_kwargs["disable_compile"] = True
         expanded = generate_kwargs.get("num_beams", 1) > 1 or generate_kwargs.get("num_return_sequences", 1) > 1
         record = return_gate_maps and not expanded
-        with torch.no_grad(), self.steering(steering_strength, gate=steering_gate, record_gates=record) as sessions:
+        with torch.no_grad(), self.steering(strengths, gate=steering_gate, record_gates=record) as sessions:
             sequences = self.model.generate(**batch, **generate_kwargs)
         if isinstance(sequences, Mapping) or hasattr(sequences, "sequences"):
             sequences = sequences.sequences
@@ -304,7 +317,9 @@ class DSASLanguageModel(SteererRegistry):
             if record:
                 maps = {name: self._generation_maps(session, mask) for name, session in sessions.items()}
             else:
-                maps = self._replay(sequences, mask, steering_strength, steering_gate)
+                # (the finished sequences: each prompt's returned ones, adjacent)
+                replayed = self._strengths(steering_strength, len(prompts), sequences.shape[0] // len(prompts))
+                maps = self._replay(sequences, mask, replayed, steering_gate)
         continuation = [ids[width:][mask[i, width:]] for i, ids in enumerate(sequences)]
         texts = self.tokenizer.batch_decode(continuation, skip_special_tokens=True)
         tokens = [self.tokenizer.convert_ids_to_tokens(ids[mask[i]]) for i, ids in enumerate(sequences)]
