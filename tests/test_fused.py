@@ -165,20 +165,20 @@ def test_the_kernel_compiles_for_cuda_gpus_without_one():
     from dsas_diffusion.steering.fused_kernel import steer_kernel, triton
 
     pointers = ["gates", "bias", "slope", "lo", "hi", "weight", "gate_bias", "factor", "strength"]
-    layers = [  # (HAS_SLOPE, HAS_SUPPORT, GATED, ACTIVATION, READS_INPUT, HAS_FACTOR)
-        (False, False, True, 0, False, False), (True, False, True, 1, False, False),
-        (True, True, True, 0, False, False), (True, True, False, 0, False, False),
-        (False, False, True, 2, True, True), (True, True, True, 0, True, False),
+    layers = [  # (HAS_SLOPE, HAS_SUPPORT, GATED, ACTIVATION, READS_INPUT, HAS_FACTOR, PER_ROW)
+        (False, False, True, 0, False, False, False), (True, False, True, 1, False, False, True),
+        (True, True, True, 0, False, False, False), (True, True, False, 0, False, False, True),
+        (False, False, True, 2, True, True, True), (True, True, True, 0, True, False, False),
     ]  # fmt: skip
     cases = [(kinds, "fp32", 8) for kinds in layers] + [(layers[2], "fp16", 1), (layers[5], "bf16", 8)]
-    for (slope, support, gated, activation, reads_input, factor), dtype, positions in cases:
+    for (slope, support, gated, activation, reads_input, factor, per_row), dtype, positions in cases:
         signature = {"x_ptr": f"*{dtype}", "u_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"}
         signature |= {f"{p}_ptr": "*fp32" for p in pointers}
         signature |= {"rows": "i32", "width": "i32", "gate_width": "i32"}
         signature |= {"positions": "i32" if positions > 1 else "constexpr", "sample_rows": "i32"}
         signature |= {"floor": "fp32", "gate_scale": "fp32"}
         flags = {"HAS_SLOPE": slope, "HAS_SUPPORT": support, "GATED": gated, "READS_INPUT": reads_input}
-        flags |= {"HAS_FACTOR": factor}
+        flags |= {"HAS_FACTOR": factor, "PER_ROW": per_row}
         flags |= {"ACTIVATION": activation, "BLOCK_R": 4}
         constants = {**flags, "BLOCK_C": 1024, "BLOCK_G": 512 if reads_input else 1}
         constants |= {"positions": 1} if positions == 1 else {}

@@ -305,7 +305,8 @@ class DSASLanguageModel(SteererRegistry):
             generate_kwargs["disable_compile"] = True
         expanded = generate_kwargs.get("num_beams", 1) > 1 or generate_kwargs.get("num_return_sequences", 1) > 1
         record = return_gate_maps and not expanded
-        with torch.no_grad(), self.steering(strengths, gate=steering_gate, record_gates=record) as sessions:
+        asked = strengths if self._steerer_table() else steering_strength  # (without steerers: refused as asked)
+        with torch.no_grad(), self.steering(asked, gate=steering_gate, record_gates=record) as sessions:
             sequences = self.model.generate(**batch, **generate_kwargs)
         if isinstance(sequences, Mapping) or hasattr(sequences, "sequences"):
             sequences = sequences.sequences
