@@ -241,6 +241,25 @@ def test_from_pipe_reuses_the_components(tiny):
     assert converted.denoiser is (stock.components.get("unet") or stock.components["transformer"])
 
 
+def test_a_gate_per_steerer_puts_uniform_and_dsas_images_in_one_batch(tiny, fitted):
+    _, steerer = fitted
+    pipe = tiny.dsas()
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_steering(steerer, name="uniform")
+    pipe.load_steering(steerer, name="dsas")
+    prompt = PROMPTS[:1] * 3  # unsteered, uniform, DSAS: each row steered by one name at most
+    batch = pipe(prompt, generator=[torch.Generator().manual_seed(0) for _ in range(3)], output_type="np",
+                 steering_strength={"uniform": [0.0, 2.0, 0.0], "dsas": [0.0, 0.0, 2.0]},
+                 steering_gate={"uniform": "none"}, return_gate_maps=True, **tiny.call_kwargs)  # fmt: skip
+    for row, steering in enumerate(({"steering_strength": 0.0}, {"steering_gate": "none"}, {})):
+        alone = _run(pipe, PROMPTS[:1], **{"steering_strength": {"uniform": 0.0, "dsas": 2.0}, **steering},
+                     **tiny.call_kwargs).images  # fmt: skip
+        np.testing.assert_allclose(alone[0], batch.images[row], atol=2e-3)
+    assert set(batch.gate_maps) == {"dsas"}  # uniform steering has no gates to map
+    with pytest.raises(SteeringError, match="steering_gate names"):
+        _run(pipe, PROMPTS[:1], steering_strength=1.0, steering_gate={"nope": "none"}, **tiny.call_kwargs)
+
+
 def test_two_steerers_each_with_its_own_gates(tiny, fitted):
     _, steerer = fitted
     second = tiny.dsas()

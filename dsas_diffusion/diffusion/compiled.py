@@ -71,7 +71,9 @@ class CompiledSteering:
         return self.resident.serves(denoiser, steerers)
 
     @contextlib.contextmanager
-    def steer(self, strengths: Mapping[str, Strength], *, gate: str, batch_rows: Rows) -> Iterator[ResidentFiniteCheck]:
+    def steer(
+        self, strengths: Mapping[str, Strength], *, gate: str | Mapping[str, str], batch_rows: Rows
+    ) -> Iterator[ResidentFiniteCheck]:
         """Steer the denoiser calls inside the block; yields the call's NaN check."""
         with self.resident.steer(strengths, gate=gate, batch_rows=batch_rows):
             yield self.finite.reset()
@@ -121,7 +123,7 @@ def steer_compiled(
     strengths: Mapping[str, Strength],
     args: tuple[Any, ...],
     kwargs: Mapping[str, Any],
-    gate: str,
+    gate: str | Mapping[str, str],
     rows: Rows,
 ) -> Any:
     """The stock call with the ``active`` steerers at their ``strengths`` through the resident

@@ -99,15 +99,17 @@ def calibrate_sample_decision(
     }
 
 
-def check_decision_call(steerers: Mapping[str, Steerer], windows: Mapping[str, Any], gate: str, steps: int) -> None:
+def check_decision_call(
+    steerers: Mapping[str, Steerer], windows: Mapping[str, Any], gates: str | Mapping[str, str], steps: int
+) -> None:
     """:class:`SteeringError` if a steerer that decides per image over the steps before its
-    window is asked to steer, through its gates, in a window that starts at 0; a warning if the
-    call's schedule is not the one its decision was calibrated on."""
-    if gate == "none":
-        return
+    window is asked to steer, through its gates (``gates``: one word, or one per name), in a
+    window that starts at 0; a warning if the call's schedule is not the one its decision was
+    calibrated on."""
     for name, steerer in steerers.items():
         saved = steerer.config.get(DECISION_KEY)
-        if saved is None:
+        gate = gates if isinstance(gates, str) else gates.get(name, "dsas")
+        if saved is None or gate == "none":
             continue
         window = windows.get(name)
         if window is None or window[0] <= 0:

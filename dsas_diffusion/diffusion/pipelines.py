@@ -43,7 +43,7 @@ from ..prompts import check_prompt_list
 from ..steering import HookPoint, Steerer, SteeringError, fit_steerer
 from ..steering.compiled import is_compiled, run_eagerly, unwrap_compiled
 from ..steering.hooks import SteeringSession, gate_word
-from ..steering.registry import DEFAULT_STEERER, SteererRegistry, fit_provenance
+from ..steering.registry import DEFAULT_STEERER, SteererRegistry, fit_provenance, gates_by_name
 from ..steering.resident import drop_resident, resident_for
 from ..steering.strengths import is_steering
 from .architectures import hook_points as preset_hook_points
@@ -275,7 +275,7 @@ class DSASPipelineMixin(SteererRegistry):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         steering_strength: float | Sequence[float] | Mapping[str, Any] | None = None,
-        steering_gate: str | bool = "dsas",
+        steering_gate: str | bool | Mapping[str, str] = "dsas",
         steering_cfg: str = "cond",
         steering_steps: tuple[float, float] | None = None,
         return_gate_maps: bool = False,
@@ -305,14 +305,15 @@ class DSASPipelineMixin(SteererRegistry):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         steering_strength: float | Sequence[float] | Mapping[str, Any] | None,
-        steering_gate: str | bool,
+        steering_gate: str | bool | Mapping[str, str],
         steering_cfg: str,
         steering_steps: tuple[float, float] | None,
         return_gate_maps: bool,
     ) -> Any:
         if steering_cfg not in CFG_MODES:
             raise SteeringError(f"steering_cfg must be one of {CFG_MODES}, got {steering_cfg!r}")
-        steering_gate = gate_word(steering_gate, "steering_gate") or "dsas"
+        if not isinstance(steering_gate, Mapping):
+            steering_gate = gate_word(steering_gate, "steering_gate") or "dsas"
         steerers = self._steerer_table()
         if not steerers:
             drop_resident(self)
@@ -323,7 +324,8 @@ class DSASPipelineMixin(SteererRegistry):
             steering_strength, self._prompt_count(args, kwargs), kwargs.get("num_images_per_prompt") or 1
         )
         active = {name: s for name, s in steerers.items() if is_steering(strengths[name]) or return_gate_maps}
-        if return_gate_maps and steering_gate == "none":
+        gates = gates_by_name(steering_gate, steerers)
+        if return_gate_maps and all(gates[name] == "none" for name in active):
             raise SteeringError("gate maps come from the DSAS gates: use steering_gate='dsas' with return_gate_maps")
         compiled = is_compiled(self._denoiser_as_called())
         denoiser = self.denoiser
@@ -338,7 +340,7 @@ class DSASPipelineMixin(SteererRegistry):
         # each steerer's saved window where the call names none
         windows = {name: window or steerer.steering_steps for name, steerer in active.items()}
         steps = kwargs.get("num_inference_steps") or self._call_default("num_inference_steps")
-        check_decision_call(active, windows, steering_gate, steps)
+        check_decision_call(active, windows, gates, steps)
         separate_cond = steering_cfg == "cond" and guidance and self.dsas_cfg_layout != "batched"
         checked = checked_steerers(self)
         stepped = any(w is not None for w in windows.values())
@@ -346,7 +348,7 @@ class DSASPipelineMixin(SteererRegistry):
         if resident is not None and not eager:
             rows = CONDITIONAL_HALF if steering_cfg == "cond" and guidance else None
             stock = super().__call__  # type: ignore[misc]
-            return steer_compiled(self, stock, resident, active, strengths, args, kwargs, steering_gate, rows)
+            return steer_compiled(self, stock, resident, active, strengths, args, kwargs, gates, rows)
         sessions: dict[str, SteeringSession] = {}
         checks = []
         with contextlib.ExitStack() as stack:
@@ -358,7 +360,7 @@ class DSASPipelineMixin(SteererRegistry):
                     checks.append((steerer, stack.enter_context(ImageStreamCheck(denoiser, points))))
             for name, steerer in active.items():
                 session = steerer.apply(
-                    denoiser, strength=strengths[name], gate=steering_gate, record_gates=return_gate_maps
+                    denoiser, strength=strengths[name], gate=gates[name], record_gates=return_gate_maps
                 )
                 stack.enter_context(session)
                 if steering_cfg == "cond" and guidance and not separate_cond:
@@ -385,6 +387,7 @@ class DSASPipelineMixin(SteererRegistry):
             maps = {
                 name: session_gate_maps(session, halves=guidance and steering_cfg == "both", size=size)
                 for name, session in sessions.items()
+                if session.gated  # (a steerer steered uniformly has no gates to map)
             }
             if isinstance(output, tuple):
                 return (*output, maps)

@@ -29,7 +29,7 @@ STEERING_PARAMETERS = (
     inspect.Parameter(
         "steering_strength", _KW, default=None, annotation=float | Sequence[float] | Mapping[str, Any] | None
     ),
-    inspect.Parameter("steering_gate", _KW, default="dsas", annotation=str),
+    inspect.Parameter("steering_gate", _KW, default="dsas", annotation=str | Mapping[str, str]),
     inspect.Parameter("steering_cfg", _KW, default="cond", annotation=str),
     inspect.Parameter("steering_steps", _KW, default=None, annotation=tuple[float, float] | None),
     inspect.Parameter("return_gate_maps", _KW, default=False, annotation=bool),
@@ -43,10 +43,11 @@ STEERING_DOC = """
                 images of a prompt share its λ), a ``{name: λ or [λ per prompt]}`` mapping, or
                 ``None`` for each steerer's saved default. ``0`` leaves an image bit-identical
                 to the stock pipeline's, also beside steered images in the same batch.
-            steering_gate (`str`, defaults to `"dsas"`):
+            steering_gate (`str` or `Mapping[str, str]`, defaults to `"dsas"`):
                 ``"dsas"`` (or ``"e2e"``) steers through each steerer's gates; ``"none"`` steers
-                every position alike (uniform steering, the baseline). ``True`` / ``False`` still
-                work for one release, with a deprecation warning.
+                every position alike (uniform steering, the baseline); ``{name: word}`` chooses
+                per loaded steerer (the others ``"dsas"``). ``True`` / ``False`` still work for
+                one release, with a deprecation warning.
             steering_cfg (`str`, defaults to `"cond"`):
                 ``"cond"`` steers the conditional half of the guidance batch only (in
                 pipelines that run the guidance branches as separate denoiser calls, such

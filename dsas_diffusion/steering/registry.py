@@ -16,6 +16,7 @@ from torch import nn
 
 from .errors import IncompatibleSteeringError, SteeringError
 from .fit import model_provenance
+from .hooks import gate_word
 from .resident import drop_resident
 from .steerer import Steerer
 from .strengths import Strength, check_strengths, per_sample
@@ -25,6 +26,7 @@ __all__ = [
     "SteererRegistry",
     "check_modality",
     "fit_provenance",
+    "gates_by_name",
     "strengths_by_name",
     "unload_by_name",
 ]
@@ -101,6 +103,24 @@ def strengths_by_name(
             raise SteeringError(f"steering_strength names {unknown}, which are not loaded; loaded: {sorted(steerers)}")
         return {name: check_strengths(value.get(name, s.strength), prompts) for name, s in steerers.items()}
     return {name: check_strengths(value, prompts) for name in steerers}
+
+
+def gates_by_name(value: str | bool | Mapping[str, str] | None, steerers: Mapping[str, Any]) -> dict[str, str]:
+    """The gate of each loaded steerer for a call's ``steering_gate``: one word for all
+    (:func:`~.hooks.gate_word`), or a ``{name: word}`` mapping (the others ``"dsas"``); a
+    name that is not loaded raises :class:`SteeringError`.
+
+    Examples:
+        >>> gates_by_name({"b": "none"}, {"a": None, "b": None})
+        {'a': 'dsas', 'b': 'none'}
+    """
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - set(steerers))
+        if unknown:
+            raise SteeringError(f"steering_gate names {unknown}, which are not loaded; loaded: {sorted(steerers)}")
+        return {name: gate_word(value.get(name, "dsas"), "steering_gate") or "dsas" for name in steerers}
+    word = gate_word(value, "steering_gate") or "dsas"
+    return dict.fromkeys(steerers, word)
 
 
 def unload_by_name(steerers: dict[str, Any], name: str | None) -> None:

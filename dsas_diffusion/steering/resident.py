@@ -89,19 +89,27 @@ class ResidentSteering:
 
     @contextlib.contextmanager
     def steer(
-        self, strengths: Mapping[str, Strength], *, gate: str | bool | None = "dsas", batch_rows: Rows = None
+        self,
+        strengths: Mapping[str, Strength],
+        *,
+        gate: str | bool | Mapping[str, str] | None = "dsas",
+        batch_rows: Rows = None,
     ) -> Iterator[dict[str, SteeringSession]]:
         """Steer the forward calls made in this thread / task inside the block: each steerer at
-        its strength in ``strengths`` (missing names: 0; one λ or one per sample), gated or not, on ``batch_rows``.
-        Yields the sessions of the steerers with a non-zero strength. Calls from several
+        its strength in ``strengths`` (missing names: 0; one λ or one per sample), gated or
+        not (``gate``: one word, or one per name), on ``batch_rows``. Yields the sessions of the steerers with a non-zero strength. Calls from several
         threads take turns (the strengths are shared tensors)."""
         unknown = sorted(set(strengths) - set(self.sessions))
         if unknown:
             raise KeyError(f"no resident session for {unknown}; attached: {sorted(self.sessions)}")
         values = {name: self.steerers[name].checked_strength(strengths.get(name, 0.0)) for name in self.sessions}
-        word = gate_word(gate)
+        words = {
+            name: gate_word(gate.get(name, "dsas") if isinstance(gate, Mapping) else gate) for name in self.sessions
+        }
         gated = {
-            name: steerer.gating(word) if is_steering(values[name]) else (word != "none" and steerer.has_gates)
+            name: steerer.gating(words[name])
+            if is_steering(values[name])
+            else (words[name] != "none" and steerer.has_gates)
             for name, steerer in self.steerers.items()
         }
         with self._lock:
