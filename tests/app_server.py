@@ -38,6 +38,7 @@ def running_app(concurrency: int = 8) -> Iterator[str]:
     configure_torch_threads(concurrency)
     # the tests' steering directories live under the temporary folder
     demo = app.build_demo(concurrency=concurrency, steering_roots=[tempfile.gettempdir()])
+    running_app.demo = demo  # (its batcher: demo.dsas_batcher)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:

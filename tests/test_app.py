@@ -64,19 +64,26 @@ def test_generate_shows_three_images_clip_scores_and_gates_per_layer(url):
 
 
 @pytest.mark.slow
-def test_eight_concurrent_calls_each_return_what_they_return_alone(url):
-    strengths = [0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0]
-    clients = [client(url) for _ in strengths]  # eight users, eight sessions
-    args = dict(directory="", prompt=PROMPT, seed=0, steps=STEPS, guidance=7.5)
+def test_eight_concurrent_calls_are_batched_and_each_returns_what_it_returns_alone(url):
+    """Eight users with different steerings, strengths and seeds: their requests share pipeline
+    calls, and each gets its images alone, up to the one level of 255 by which the stock
+    pipeline's own images of a prompt differ between a batch and a call alone (docs/app.md)."""
+    requests = [("banana", 0.0, 0), ("red", 0.5, 1), ("banana", 1.0, 2), ("red", 2.0, 0),
+                ("banana", 3.0, 1), ("red", 4.0, 2), ("banana", 6.0, 0), ("banana", 8.0, 0)]  # fmt: skip
+    clients = [client(url) for _ in requests]  # eight users, eight sessions
+    batcher = running_app.demo.dsas_batcher
+    calls = len(batcher.batch_sizes)
     jobs = [
-        c.submit("shapes-sd", "banana", *args.values(), strength, 0, api_name="/generate")
-        for c, strength in zip(clients, strengths, strict=True)
+        c.submit("shapes-sd", steering, "", PROMPT, seed, STEPS, 7.5, strength, 0, api_name="/generate")
+        for c, (steering, strength, seed) in zip(clients, requests, strict=True)
     ]
     together = [[pixels(p) for p in job.result(timeout=300)[:3]] for job in jobs]
-    for strength, images in zip(strengths, together, strict=True):
-        alone = [pixels(p) for p in generate(clients[0], strength)[:3]]
+    assert max(batcher.batch_sizes[calls:]) > 1  # some requests shared a call
+    for (steering, strength, seed), images in zip(requests, together, strict=True):
+        alone = [pixels(p) for p in generate(clients[0], strength, steering=steering, seed=seed)[:3]]
         for mode, a, b in zip(("unsteered", "uniform", "DSAS"), images, alone, strict=True):
-            assert np.array_equal(a, b), f"λ={strength}: the {mode} image differs from the same call made alone"
+            difference = np.abs(a.astype(int) - b).max()
+            assert difference <= 1, f"{steering} λ={strength}: the {mode} image differs by {difference} from alone"
     # the strengths really differed: uniform images move further from the unsteered one as λ grows
     change = [np.abs(images[1].astype(int) - images[0]).mean() for images in together]
     assert change[0] == 0.0 and change[-1] > change[2] > 0.0

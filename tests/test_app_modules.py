@@ -12,6 +12,7 @@ from PIL import Image
 
 from dsas_diffusion import Steerer
 from dsas_diffusion.app.actions import resolve_steering, strength_sweep
+from dsas_diffusion.app.batching import RequestBatcher
 from dsas_diffusion.app.images import gate_overlays, upscale
 from dsas_diffusion.app.serving import ModelCache, ReadWriteLock, request_pipeline
 from dsas_diffusion.app.validation import LIMITS, GenerateSettings, InputError, parse_prompt_list, validate_settings
@@ -224,3 +225,42 @@ def test_model_cache_evicts_the_least_recently_used_model():
     two.get("shapes-mmdit")
     assert two.get("shapes-sd") is kept  # a hit makes it the most recently used ...
     assert two.loaded() == ["shapes-mmdit", "shapes-sd"]  # ... so shapes-mmdit would go first
+
+
+def test_the_batcher_gathers_concurrent_requests_by_key_and_returns_each_its_own_result():
+    seen = []
+
+    def run_batch(key, items):
+        seen.append((key, list(items)))
+        return [ValueError(f"bad {item}") if item == 13 else (key, item * 2) for item in items]
+
+    batcher = RequestBatcher(run_batch, max_batch_size=4, wait=0.5)
+    results, start = {}, threading.Barrier(10)
+
+    def request(key, item):
+        start.wait()
+        try:
+            results[item] = batcher.submit(key, item)
+        except ValueError as error:
+            results[item] = str(error)
+
+    threads = [threading.Thread(target=request, args=("a" if i < 6 else "b", 10 + i)) for i in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results[13] == "bad 13"  # only the failed request gets its error
+    assert all(results[10 + i] == ("a" if i < 6 else "b", 2 * (10 + i)) for i in range(10) if i != 3)
+    assert all(len(items) <= 4 and {key} == {"a" if i < 16 else "b" for i in items} for key, items in seen)
+    assert sorted(batcher.batch_sizes) == sorted(len(items) for _, items in seen) and max(batcher.batch_sizes) > 1
+    assert sum(batcher.batch_sizes) == 10
+
+
+def test_a_batch_that_fails_fails_every_request_in_it():
+    def run_batch(key, items):
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        RequestBatcher(run_batch, wait=0.0).submit("k", 1)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        RequestBatcher(run_batch, max_batch_size=0)

@@ -18,7 +18,7 @@ from ..shapes import EXAMPLES_DIR, example_steerings
 from ..steering import IncompatibleSteeringError, Steerer, SteeringError
 from ..steering.persistence import CONFIG_NAME
 from .images import sweep_strip
-from .serving import STEERER_NAME, ModelEntry, request_pipeline
+from .serving import ModelEntry, request_pipeline
 from .validation import (
     LIMITS,
     GenerateSettings,
@@ -31,9 +31,12 @@ from .validation import (
 
 __all__ = [
     "GenerateResult",
+    "batch_key",
+    "checked_settings",
     "describe_steerer",
     "fit_from_text",
     "generate",
+    "generate_many",
     "resolve_steering",
     "strength_sweep",
 ]
@@ -171,40 +174,87 @@ def size_multiple(pipe: Any) -> int:
     return max(8, int(getattr(pipe, "vae_scale_factor", 8) or 8))
 
 
-def generate(entry: ModelEntry, steerer: Steerer, settings: GenerateSettings, *, score: bool = True) -> GenerateResult:
-    """Render ``settings.prompt`` unsteered, with uniform steering and with DSAS (same seed),
-    score the three images with CLIP and keep the DSAS gate maps."""
-    settings = validate_settings(
+def checked_settings(entry: ModelEntry, settings: GenerateSettings) -> GenerateSettings:
+    """``settings`` validated for ``entry``'s model (its tokenizer, size multiple and bound)."""
+    return validate_settings(
         settings,
         tokenizer=entry.tokenizer,
         size_multiple=size_multiple(entry.pipeline),
         max_size=size_bound(entry.pipeline),
     )
+
+
+def batch_key(entry: ModelEntry, settings: GenerateSettings) -> tuple[Any, ...]:
+    """What requests must share to run in one pipeline call (:func:`generate_many`): the
+    model, the image size, the number of steps and the guidance scale."""
+    return (entry.name, settings.size, settings.steps, settings.guidance)
+
+
+def generate(entry: ModelEntry, steerer: Steerer, settings: GenerateSettings, *, score: bool = True) -> GenerateResult:
+    """Render ``settings.prompt`` unsteered, with uniform steering and with DSAS (same seed),
+    score the three images with CLIP and keep the DSAS gate maps: one pipeline call."""
+    result = generate_many(entry, [(steerer, checked_settings(entry, settings))], score=score)[0]
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def generate_many(
+    entry: ModelEntry, requests: Sequence[tuple[Steerer, GenerateSettings]], *, score: bool = True
+) -> list[GenerateResult | InputError]:
+    """Several requests (steerer, checked settings with one :func:`batch_key`) in one pipeline
+    call: each request's unsteered, uniform and DSAS images are three rows of the batch with its
+    own seed, every steerer is loaded twice (``"<i>:uniform"`` steered uniformly and
+    ``"<i>:dsas"`` through its gates) and steers only its requests' rows, at their strengths
+    (one λ per row: :mod:`dsas_diffusion.steering.strengths`). Returns one result per request,
+    or the :class:`InputError` of the whole call."""
+    if not requests or len({batch_key(entry, settings) for _, settings in requests}) != 1:
+        raise ValueError("generate_many takes one or more requests with the same size, steps and guidance")
     start = time.perf_counter()
-    with entry.lock.reading(), request_pipeline(entry, steerer) as pipe:
+    index: dict[int, int] = {}  # id(steerer) -> its number in this call
+    for steerer, _ in requests:
+        index.setdefault(id(steerer), len(index))
+    names = [f"{i}:{kind}" for i in range(len(index)) for kind in ("uniform", "dsas")]
+    strengths: dict[str, list[float]] = {name: [] for name in names}
+    prompts, generators = [], []
+    for steerer, settings in requests:
+        for kind in ("unsteered", "uniform", "dsas"):
+            prompts.append(settings.prompt)
+            generators.append(torch.Generator().manual_seed(settings.seed))
+            mine = f"{index[id(steerer)]}:{kind}"
+            for name in names:
+                strengths[name].append(settings.strength if name == mine else 0.0)
+    with entry.lock.reading(), request_pipeline(entry) as pipe:
+        for steerer, _ in requests:
+            number = index[id(steerer)]
+            if f"{number}:dsas" not in pipe.steerers:
+                pipe.load_steering(steerer, name=f"{number}:uniform")
+                pipe.load_steering(steerer, name=f"{number}:dsas")
         try:
-            unsteered = run(pipe, settings, steering_strength=0.0).images[0]
-            uniform = run(pipe, settings, steering_strength=settings.strength, steering_gate="none").images[0]
-            gated = run(
-                pipe, settings, steering_strength=settings.strength, steering_gate="dsas", return_gate_maps=True
+            output = pipe(
+                prompts,
+                generator=generators,
+                **call_kwargs(requests[0][1]),
+                steering_strength=strengths,
+                steering_gate={name: "none" for name in names if name.endswith(":uniform")},
+                return_gate_maps=True,
             )
         except ValueError as error:  # SteeringError, or a diffusers input check
-            raise InputError(f"The pipeline refused the request: {error}") from error
-    maps = {layer: tensor[:, 0].float().numpy() for layer, tensor in gated.gate_maps.get(STEERER_NAME, {}).items()}
-    images = {"unsteered": unsteered, "uniform": uniform, "dsas": gated.images[0]}
-    scores, score_model = (
-        (None, "CLIP scoring off") if not score else entry.clip_scores(list(images.values()), settings.prompt)
-    )
-    return GenerateResult(
-        settings,
-        unsteered,
-        uniform,
-        gated.images[0],
-        None if scores is None else dict(zip(images, scores, strict=True)),
-        score_model,
-        maps,
-        time.perf_counter() - start,
-    )
+            failed = InputError(f"The pipeline refused the request: {error}")
+            return [failed for _ in requests]
+    seconds = time.perf_counter() - start
+    results: list[GenerateResult | InputError] = []
+    for i, (steerer, settings) in enumerate(requests):
+        unsteered, uniform, dsas = output.images[3 * i : 3 * i + 3]
+        maps = output.gate_maps.get(f"{index[id(steerer)]}:dsas", {})
+        maps = {layer: tensor[:, 3 * i + 2].float().numpy() for layer, tensor in maps.items()}
+        images = {"unsteered": unsteered, "uniform": uniform, "dsas": dsas}
+        scores, score_model = (
+            (None, "CLIP scoring off") if not score else entry.clip_scores(list(images.values()), settings.prompt)
+        )
+        scored = None if scores is None else dict(zip(images, scores, strict=True))
+        results.append(GenerateResult(settings, unsteered, uniform, dsas, scored, score_model, maps, seconds))
+    return results
 
 
 def strength_sweep(

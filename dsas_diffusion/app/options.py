@@ -29,6 +29,13 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_model: str = D
     parser.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
     parser.add_argument("--concurrency", type=at_least_one, default=4, help="requests served at once (>= 1)")
     parser.add_argument(
+        "--max-batch-size",
+        type=at_least_one,
+        default=16,
+        help="generate requests arriving together (same model, size, steps, guidance) share one pipeline call, "
+        "at most this many (1: one call per request)",
+    )
+    parser.add_argument(
         "--threads",
         type=at_least_one,
         default=None,

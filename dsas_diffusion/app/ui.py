@@ -22,6 +22,7 @@ import gradio as gr
 from ..names import MAP_NAMES
 from ..shapes import concept_prompts, example_steerings
 from . import actions
+from .batching import RequestBatcher
 from .images import ImageFiles, gate_overlays, upscale
 from .options import DEFAULT_MODEL, add_server_arguments
 from .serving import ModelCache, configure_torch_threads
@@ -53,8 +54,10 @@ def build_demo(
     default_model: str = DEFAULT_MODEL,
     concurrency: int = 4,
     steering_roots: Sequence[str | Path] | None = None,
+    max_batch_size: int = 16,
 ) -> gr.Blocks:
-    """The demo's Blocks (queued: ``concurrency`` requests run at once).
+    """The demo's Blocks (queued: ``concurrency`` requests run at once; generate requests that
+    arrive together, up to ``max_batch_size``, are served by one pipeline call).
 
     Args:
         cache: the model cache to use (one base pipeline per model); a new one by default.
@@ -62,9 +65,18 @@ def build_demo(
         concurrency: how many events of one kind run at the same time (at least 1).
         steering_roots: folders under which steering directories may be opened (default:
             ``actions.default_steering_roots()``).
+        max_batch_size: at most this many generate requests with the same model, size, steps
+            and guidance share one pipeline call (:class:`~.batching.RequestBatcher`); 1 gives
+            every request its own call.
+
+    The batcher is ``demo.dsas_batcher``.
     """
     if not isinstance(concurrency, int) or concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency!r}")
+    batcher = RequestBatcher(
+        lambda key, items: actions.generate_many(items[0][0], [(steerer, checked) for _, steerer, checked in items]),
+        max_batch_size=max_batch_size,
+    )
     roots = [Path(root) for root in steering_roots] if steering_roots else actions.default_steering_roots()
     cache = cache or ModelCache()
     files = ImageFiles()  # results go out as paths: see ImageFiles for why
@@ -81,7 +93,8 @@ def build_demo(
         """Generate the unsteered, uniform and DSAS images with CLIP scores and gate heatmaps."""
         entry = cache.get(model)
         steerer = actions.resolve_steering(steering, directory, fitted, model=entry, roots=roots)
-        result = actions.generate(entry, steerer, settings(prompt, seed, steps, guidance, strength, size))
+        checked = actions.checked_settings(entry, settings(prompt, seed, steps, guidance, strength, size))
+        result = batcher.submit(actions.batch_key(entry, checked), (entry, steerer, checked))
         if not result.gate_maps:
             gr.Warning("No layer of this steering has an open gate: every layer was deselected at fit time.")
         gates = gate_overlays(result.dsas, result.gate_maps, 0, min_side=IMAGE_SIDE)
@@ -216,17 +229,21 @@ def build_demo(
             build_text_tab(roots)
 
         common = [model, steering, directory, fitted, prompt, seed, steps, guidance, strength, size]
+        # generate requests wait together for their batch: as many run at once as one batch holds
+        together = {"concurrency_limit": max(concurrency, max_batch_size), "concurrency_id": "generate"}
         generate_button.click(
             generate,
             common,
             [unsteered_image, uniform_image, dsas_image, scores, gates, gate_step, gate_state],
             api_name="generate",
+            **together,
         )
         prompt.submit(
             generate,
             common,
             [unsteered_image, uniform_image, dsas_image, scores, gates, gate_step, gate_state],
             api_visibility="private",
+            **together,
         )
         gate_step.change(show_step, [gate_step, gate_state], gates, api_name="gate_step")
         sweep_button.click(sweep, [*common, sweep_points], sweep_image, api_name="sweep")
@@ -239,6 +256,7 @@ def build_demo(
         for trigger in (steering.change, directory.submit, demo.load):
             trigger(describe, [model, steering, directory, fitted], steering_info, api_visibility="private")
     demo.queue(default_concurrency_limit=concurrency)
+    demo.dsas_batcher = batcher
     return demo
 
 
@@ -252,7 +270,10 @@ def serve(args: argparse.Namespace) -> None:
     """Build the demo and serve it until interrupted (options: :func:`parse_args`)."""
     configure_torch_threads(args.concurrency, args.threads)
     demo = build_demo(
-        default_model=args.model, concurrency=args.concurrency, steering_roots=getattr(args, "steering_roots", None)
+        default_model=args.model,
+        concurrency=args.concurrency,
+        steering_roots=getattr(args, "steering_roots", None),
+        max_batch_size=getattr(args, "max_batch_size", 16),
     )
     demo.launch(server_name=args.host, server_port=args.port, share=args.share)
 
