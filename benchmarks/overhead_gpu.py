@@ -45,10 +45,10 @@ SMALL_PIXART = dict(PIXART, sample_size=16, num_layers=2, attention_head_dim=8, 
 
 def models(small: bool, device: torch.device, dtype: torch.dtype):
     """``(label, denoiser, make_call)`` for the SDXL UNet and the PixArt transformer;
-    ``make_call(seed)`` returns one call's keyword arguments (batch 2)."""
+    ``make_call(seed, batch=2)`` returns one call's keyword arguments."""
     from diffusers import PixArtTransformer2DModel, UNet2DConditionModel
 
-    batch, size = 2, 16 if small else 128
+    size = 16 if small else 128
     unet_config, pixart_config = (SMALL_UNET, SMALL_PIXART) if small else (SDXL_UNET, PIXART)
     text_width = unet_config["cross_attention_dim"]
     pooled = unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
@@ -56,7 +56,7 @@ def models(small: bool, device: torch.device, dtype: torch.dtype):
     def randn(generator, *shape):
         return torch.randn(*shape, generator=generator).to(device, dtype)
 
-    def unet_call(seed: int) -> dict:
+    def unet_call(seed: int, batch: int = 2) -> dict:
         g = torch.Generator().manual_seed(seed)
         return {
             "sample": randn(g, batch, 4, size, size),
@@ -70,7 +70,7 @@ def models(small: bool, device: torch.device, dtype: torch.dtype):
             "return_dict": False,
         }  # fmt: skip
 
-    def pixart_call(seed: int) -> dict:
+    def pixart_call(seed: int, batch: int = 2) -> dict:
         g = torch.Generator().manual_seed(seed)
         return {
             "hidden_states": randn(g, batch, 4, size, size),

@@ -39,7 +39,8 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_model: str = D
         "--threads",
         type=at_least_one,
         default=None,
-        help="torch CPU threads per request (default: cores / concurrency)",
+        help="torch CPU threads per request (default: every core when generate requests are batched, else "
+        "cores / concurrency)",
     )
     parser.add_argument(
         "--steering-root",

@@ -268,7 +268,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def serve(args: argparse.Namespace) -> None:
     """Build the demo and serve it until interrupted (options: :func:`parse_args`)."""
-    configure_torch_threads(args.concurrency, args.threads)
+    # batched generate requests run as one call at a time per model: it gets every core
+    batching = getattr(args, "max_batch_size", 16) > 1
+    configure_torch_threads(1 if batching else args.concurrency, args.threads)
     demo = build_demo(
         default_model=args.model,
         concurrency=args.concurrency,
