@@ -139,6 +139,21 @@ def test_a_compiled_denoiser_steers_as_eager_without_recompiling(families, famil
         assert _graphs() == warm
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_one_strength_per_prompt_steers_a_compiled_denoiser_as_eager_without_recompiling(families, family):
+    tiny, steerer, references = families(family)
+    with compiled_pipeline(tiny, steerer, "in-place") as pipe:
+        _run(pipe, tiny, steering_strength=[0.0, 2.0])  # warm-up: the graph with one λ per row
+        warm = _graphs()
+        for mix in ([2.0, 1.0], [1.0, 0.0], [0.0, 2.0]):
+            out = _run(pipe, tiny, steering_strength=mix)
+            for row, strength in enumerate(mix):  # each prompt: its row of the batch steered at its λ
+                np.testing.assert_allclose(out[row], references[strength, True][row], atol=1e-4, rtol=0)
+        assert _graphs() == warm, "a new mix of strengths recompiled"
+        assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+
+
 @torch.no_grad()
 def test_compiled_steering_follows_loading_and_unloading_and_refuses_non_finite_steerers(families, tmp_path):
     tiny, steerer, references = families("sd")
