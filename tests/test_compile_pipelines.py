@@ -139,7 +139,7 @@ def test_a_compiled_denoiser_steers_as_eager_without_recompiling(families, famil
         assert _graphs() == warm
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ["sd", "sd3", "flux"])  # a UNet, joint attention, single-stream blocks
 @torch.no_grad()
 def test_one_strength_per_prompt_steers_a_compiled_denoiser_as_eager_without_recompiling(families, family):
     tiny, steerer, references = families(family)

@@ -124,9 +124,10 @@ class PreparedLayer:
         """Steer ``x``; return the result (``x``'s dtype) and, when ``gated`` and
         ``return_gates``, the gate values (``x``'s shape without the feature dimension,
         float32), as :meth:`SteeringLayer.steer`. ``strength``: a number, a 0-dim tensor on
-        ``x``'s device (compiled calls) or a ``(B,)`` tensor, one λ per sample; ``gate_input``: the module's input, when the gate
-        reads it; ``sample_factor``: ``(B,)`` per-sample factors of the gates (a decision taken
-        over layers), in place of this layer's own sample gate."""
+        ``x``'s device (compiled calls) or a ``(B,)`` tensor, one λ per sample;
+        ``gate_input``: the module's input, when the gate reads it; ``sample_factor``: ``(B,)``
+        per-sample factors of the gates (a decision taken over layers), in place of this
+        layer's own sample gate."""
         ndim = x.ndim
         if ndim < 2 or x.shape[self.dim] != self.width:
             raise IncompatibleSteeringError(

@@ -97,8 +97,9 @@ class ResidentSteering:
     ) -> Iterator[dict[str, SteeringSession]]:
         """Steer the forward calls made in this thread / task inside the block: each steerer at
         its strength in ``strengths`` (missing names: 0; one λ or one per sample), gated or
-        not (``gate``: one word, or one per name), on ``batch_rows``. Yields the sessions of the steerers with a non-zero strength. Calls from several
-        threads take turns (the strengths are shared tensors)."""
+        not (``gate``: one word, or one per name), on ``batch_rows``. Yields the sessions of
+        the steerers with a non-zero strength. Calls from several threads take turns (the
+        strengths are shared tensors)."""
         unknown = sorted(set(strengths) - set(self.sessions))
         if unknown:
             raise KeyError(f"no resident session for {unknown}; attached: {sorted(self.sessions)}")
