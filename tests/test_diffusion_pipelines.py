@@ -241,12 +241,17 @@ def test_from_pipe_reuses_the_components(tiny):
     assert converted.denoiser is (stock.components.get("unet") or stock.components["transformer"])
 
 
-def test_a_gate_per_steerer_puts_uniform_and_dsas_images_in_one_batch(tiny, fitted):
-    _, steerer = fitted
+def _loaded_twice(tiny, steerer, names):
+    """A new DSAS pipeline of the family with ``steerer`` loaded under both ``names``."""
     pipe = tiny.dsas()
     pipe.set_progress_bar_config(disable=True)
-    pipe.load_steering(steerer, name="uniform")
-    pipe.load_steering(steerer, name="dsas")
+    for name in names:
+        pipe.load_steering(steerer, name=name)
+    return pipe
+
+
+def test_a_gate_per_steerer_puts_uniform_and_dsas_images_in_one_batch(tiny, fitted):
+    pipe = _loaded_twice(tiny, fitted[1], ("uniform", "dsas"))
     prompt = PROMPTS[:1] * 3  # unsteered, uniform, DSAS: each row steered by one name at most
     batch = pipe(prompt, generator=[torch.Generator().manual_seed(0) for _ in range(3)], output_type="np",
                  steering_strength={"uniform": [0.0, 2.0, 0.0], "dsas": [0.0, 0.0, 2.0]},
@@ -261,11 +266,7 @@ def test_a_gate_per_steerer_puts_uniform_and_dsas_images_in_one_batch(tiny, fitt
 
 
 def test_two_steerers_each_with_its_own_gates(tiny, fitted):
-    _, steerer = fitted
-    second = tiny.dsas()
-    second.set_progress_bar_config(disable=True)
-    second.load_steering(steerer, name="bananas")
-    second.load_steering(steerer, name="again")
+    second = _loaded_twice(tiny, fitted[1], ("bananas", "again"))
     out = _run(
         second, PROMPTS[:1], steering_strength={"bananas": 1.0, "again": 0.5}, return_gate_maps=True, **tiny.call_kwargs
     )
