@@ -1,7 +1,8 @@
 """DSAS in a vLLM engine: steering files loaded into the model workers, steered per request.
 
-:func:`load_steering` sends a steering directory to every worker of an ``vllm.LLM`` (through
-``collective_rpc``) and hooks the same decoder layers ``DSASLanguageModel`` hooks, with the
+:func:`load_steering` sends a steering directory to every worker of a ``vllm.LLM`` (through
+``collective_rpc`` and the method this package's vLLM plugin, :func:`register`, gives the
+workers) and hooks the same decoder layers ``DSASLanguageModel`` hooks, with the
 core's maps and gates. Each request chooses its strength in its sampling parameters::
 
     SamplingParams(max_tokens=30, extra_args={"dsas": 16.0})            # every loaded steering
@@ -41,7 +42,7 @@ from .steering import Steerer, SteeringError
 from .steering.prepared import PreparedLayer
 from .steering.strengths import check_strengths
 
-__all__ = ["STRENGTH_KEY", "WorkerSteering", "load_steering", "request_strength"]
+__all__ = ["STRENGTH_KEY", "WorkerSteering", "check_steerer", "load_steering", "register", "request_strength"]
 
 #: the key of ``SamplingParams.extra_args`` that holds a request's strength
 STRENGTH_KEY = "dsas"
@@ -83,14 +84,8 @@ class WorkerSteering:
         self.handles.append(self.model.register_forward_hook(self._forward_done))
 
     def load(self, name: str, steerer: Steerer) -> None:
-        """Hook ``steerer`` under ``name`` (replacing a steering of that name)."""
-        gates = {layer.gate_reads for layer in steerer.layers if layer.gate is not None}
-        if gates - {"output"}:
-            raise SteeringError(
-                f"steering {name!r} has gates reading the {sorted(gates - {'output'})} of their layers; in vLLM this "
-                "version steers with gates reading the output (fit with gate_reads='output', e.g. FitConfig()) or "
-                "uniformly"
-            )
+        """Hook ``steerer`` under ``name``."""
+        check_steerer(steerer, name, self.runner.model_config.get_hidden_size())
         modules = dict(self.model.named_modules())
         missing = [layer.name for layer in steerer.layers if layer.name not in modules]
         if missing:
@@ -142,6 +137,21 @@ class WorkerSteering:
         self.runner._prepare_inputs = self._prepare
 
 
+def check_steerer(steerer: Steerer, name: str, hidden: int) -> None:
+    """:class:`SteeringError` unless this version can steer a vLLM model of width ``hidden``
+    with ``steerer``: gates reading the output (or none), every layer of that width."""
+    gates = {layer.gate_reads for layer in steerer.layers if layer.gate is not None}
+    if gates - {"output"}:
+        raise SteeringError(
+            f"steering {name!r} has gates reading the {sorted(gates - {'output'})} of their layers; in vLLM this "
+            "version steers with gates reading the output (fit with gate_reads='output', e.g. FitConfig()) or "
+            "uniformly"
+        )
+    wrong = [layer.name for layer in steerer.layers if layer.width != hidden]
+    if wrong:
+        raise SteeringError(f"steering {name!r} was made for {wrong} of another width than this model's {hidden}")
+
+
 def _load_in_worker(worker: Any, path: str, name: str) -> list[str]:
     """Run in each worker by :func:`load_steering`: load and hook the steering."""
     runner = worker.model_runner
@@ -150,12 +160,17 @@ def _load_in_worker(worker: Any, path: str, name: str) -> list[str]:
         state = WorkerSteering(runner)
         setattr(runner, _ATTRIBUTE, state)
     steerer = Steerer.from_pretrained(path)
-    hidden = runner.model_config.get_hidden_size()
-    wrong = [layer.name for layer in steerer.layers if layer.width != hidden]
-    if wrong:
-        raise SteeringError(f"steering {name!r} was made for {wrong} of another width than this model's {hidden}")
     state.load(name, steerer)
     return [layer.name for layer in steerer.layers]
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point (vLLM calls it in each of its processes): gives
+    vLLM's workers the method ``dsas_load_steering``, so that :func:`load_steering` names it in
+    ``collective_rpc`` instead of sending a function (which vLLM's transport refuses)."""
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    WorkerBase.dsas_load_steering = _load_in_worker
 
 
 def load_steering(llm: Any, path: str, name: str = "default") -> list[str]:
@@ -172,5 +187,16 @@ def load_steering(llm: Any, path: str, name: str = "default") -> list[str]:
         )
     if config.parallel_config.world_size > 1:
         raise SteeringError("steering in vLLM supports one worker (tensor_parallel_size=pipeline_parallel_size=1)")
-    names = llm.collective_rpc(_load_in_worker, args=(str(path), name))
+    loaded = llm.__dict__.setdefault(_ATTRIBUTE, set())
+    if name in loaded:
+        raise SteeringError(f"a steering named {name!r} is already loaded in this engine")
+    check_steerer(Steerer.from_pretrained(path), name, config.model_config.get_hidden_size())  # before the workers
+    try:
+        names = llm.collective_rpc("dsas_load_steering", args=(str(path), name))
+    except NotImplementedError as error:
+        raise SteeringError(
+            "vLLM's workers have no dsas_load_steering: install dsas-diffusion in the environment vLLM runs in, "
+            "whose vllm.general_plugins entry point adds it"
+        ) from error
+    loaded.add(name)
     return names[0]
