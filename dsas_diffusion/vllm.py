@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .steering import Steerer, SteeringError
+from .steering import ActivationError, Steerer, SteeringError
 from .steering.prepared import PreparedLayer
 from .steering.strengths import check_strengths
 
@@ -124,7 +124,10 @@ class WorkerSteering:
         hidden, residual = output
         stream = hidden if residual is None else hidden + residual  # the decoder layer's output in transformers
         if stream.shape[0] < strengths.shape[0]:
-            return None  # not the forward the strengths were prepared for
+            raise ActivationError(
+                f"vLLM's forward has {stream.shape[0]} token rows but {strengths.shape[0]} tokens were scheduled: "
+                "this vLLM version lays out its batches in a way dsas_diffusion.vllm does not know"
+            )
         rows = torch.zeros(stream.shape[0], dtype=torch.float32)  # padding rows: λ 0
         rows[: strengths.shape[0]] = strengths
         steered, _ = prepared(stream, rows.to(stream.device), gated, return_gates=False)
