@@ -32,6 +32,7 @@ Examples:
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,23 +43,38 @@ from .steering import ActivationError, Steerer, SteeringError
 from .steering.prepared import PreparedLayer
 from .steering.strengths import check_strengths
 
-__all__ = ["STRENGTH_KEY", "WorkerSteering", "check_steerer", "load_steering", "register", "request_strength"]
+__all__ = [
+    "ENVIRONMENT_KEY",
+    "STRENGTH_KEY",
+    "WorkerSteering",
+    "check_steerer",
+    "load_steering",
+    "register",
+    "request_strength",
+    "steering_from_environment",
+]
 
 #: the key of ``SamplingParams.extra_args`` that holds a request's strength
 STRENGTH_KEY = "dsas"
+#: the environment variable naming the steerings the workers load with their model (``vllm serve``)
+ENVIRONMENT_KEY = "DSAS_VLLM_STEERING"
 
 _ATTRIBUTE = "_dsas_steering"
 
 
 def request_strength(extra_args: Mapping[str, Any] | None, name: str) -> float:
-    """The λ a request asks of the steering ``name``: ``extra_args["dsas"]`` is one number for
-    every loaded steering or ``{name: λ}``; absent: 0.
+    """The λ a request asks of the steering ``name``: ``extra_args["dsas:<name>"]``, else
+    ``extra_args["dsas"]``, one number for every loaded steering or ``{name: λ}``; absent: 0.
+    (The OpenAI-compatible server's ``vllm_xargs`` holds numbers only: ``{"dsas:negative": 8}``.)
 
     Examples:
         >>> request_strength({"dsas": {"negative": 8}}, "negative"), request_strength(None, "negative")
         (8.0, 0.0)
+        >>> request_strength({"dsas:negative": 8, "dsas": 2}, "negative"), request_strength({"dsas": 2}, "red")
+        (8.0, 2.0)
     """
-    asked = (extra_args or {}).get(STRENGTH_KEY)
+    extra_args = extra_args or {}
+    asked = extra_args.get(f"{STRENGTH_KEY}:{name}", extra_args.get(STRENGTH_KEY))
     if asked is None:
         return 0.0
     value = asked.get(name, 0.0) if isinstance(asked, Mapping) else asked
@@ -167,13 +183,60 @@ def _load_in_worker(worker: Any, path: str, name: str) -> list[str]:
     return [layer.name for layer in steerer.layers]
 
 
+def steering_from_environment(value: str | None = None) -> dict[str, str]:
+    """The steerings named by ``DSAS_VLLM_STEERING`` (or ``value``): ``name=directory`` pairs
+    separated by commas, or one directory (name ``"default"``).
+
+    Examples:
+        >>> steering_from_environment("negative=/s/neg,red=/s/red"), steering_from_environment("/s/neg")
+        ({'negative': '/s/neg', 'red': '/s/red'}, {'default': '/s/neg'})
+    """
+    value = os.environ.get(ENVIRONMENT_KEY, "") if value is None else value
+    pairs = {}
+    for part in filter(None, (p.strip() for p in value.split(","))):
+        name, _, path = part.rpartition("=") if "=" in part else ("default", "", part)
+        pairs[name.strip() or "default"] = path.strip()
+    return pairs
+
+
+def _check_engine(config: Any) -> None:
+    """:class:`SteeringError` unless this version can steer an engine with ``config``."""
+    if not config.model_config.enforce_eager:
+        raise SteeringError("steering in vLLM needs an eager engine: LLM(..., enforce_eager=True), or --enforce-eager")
+    if config.cache_config.enable_prefix_caching:
+        raise SteeringError(
+            "prefix caching would hand a prefix computed at one request's λ to another: LLM(..., "
+            "enable_prefix_caching=False), or --no-enable-prefix-caching"
+        )
+    if config.parallel_config.world_size > 1:
+        raise SteeringError("steering in vLLM supports one worker (tensor_parallel_size=pipeline_parallel_size=1)")
+
+
 def register() -> None:
     """The ``vllm.general_plugins`` entry point (vLLM calls it in each of its processes): gives
     vLLM's workers the method ``dsas_load_steering``, so that :func:`load_steering` names it in
-    ``collective_rpc`` instead of sending a function (which vLLM's transport refuses)."""
+    ``collective_rpc`` instead of sending a function (which vLLM's transport refuses), and has
+    each worker load the steerings named by ``DSAS_VLLM_STEERING`` once its model is loaded
+    (for ``vllm serve``)."""
+    from vllm.v1.worker.gpu_worker import Worker
     from vllm.v1.worker.worker_base import WorkerBase
 
     WorkerBase.dsas_load_steering = _load_in_worker
+    if getattr(Worker.load_model, "_dsas", False):
+        return
+    load_model = Worker.load_model
+
+    @functools.wraps(load_model)
+    def load_model_then_steering(self: Any, *args: Any, **kwargs: Any) -> None:
+        load_model(self, *args, **kwargs)
+        named = steering_from_environment()
+        if named:
+            _check_engine(self.vllm_config)
+        for name, path in named.items():
+            _load_in_worker(self, path, name)
+
+    load_model_then_steering._dsas = True
+    Worker.load_model = load_model_then_steering
 
 
 def load_steering(llm: Any, path: str, name: str = "default") -> list[str]:
@@ -181,15 +244,7 @@ def load_steering(llm: Any, path: str, name: str = "default") -> list[str]:
     under ``name``; returns the hooked module names. Requests then steer with
     ``SamplingParams(extra_args={"dsas": λ})`` or ``{"dsas": {name: λ}}``."""
     config = llm.llm_engine.vllm_config
-    if not config.model_config.enforce_eager:
-        raise SteeringError("steering in vLLM needs an eager engine: LLM(..., enforce_eager=True)")
-    if config.cache_config.enable_prefix_caching:
-        raise SteeringError(
-            "prefix caching would hand a prefix computed at one request's λ to another: LLM(..., "
-            "enable_prefix_caching=False)"
-        )
-    if config.parallel_config.world_size > 1:
-        raise SteeringError("steering in vLLM supports one worker (tensor_parallel_size=pipeline_parallel_size=1)")
+    _check_engine(config)
     loaded = llm.__dict__.setdefault(_ATTRIBUTE, set())
     if name in loaded:
         raise SteeringError(f"a steering named {name!r} is already loaded in this engine")

@@ -1,5 +1,6 @@
 """DSAS in a vLLM engine on ``shapes-lm``: steered greedy continuations equal
-``DSASLanguageModel``'s, alone and in a batch of requests at different strengths.
+``DSASLanguageModel``'s, alone and in a batch of requests at different strengths, offline
+(``vllm.LLM``) and through the OpenAI-compatible server with two clients at once.
 
 Run by ``make test-vllm`` in its own environment (``.venv-vllm``: vLLM's CPU build pins another
 torch and transformers than ``.venv``); skipped where vLLM is not installed.
@@ -7,7 +8,14 @@ torch and transformers than ``.venv``); skipped where vLLM is not installed.
 
 from __future__ import annotations
 
+import concurrent.futures
+import json
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -89,3 +97,53 @@ def test_what_this_version_cannot_steer_is_refused(llm, reference):
     with pytest.raises(SteeringError, match="already loaded"):
         load_steering(llm, reference["dir"], name="negative")
     assert _texts(llm.generate(reference["prompts"], _params(0.0))) == [t.strip() for t in reference["plain"]]
+
+
+def _post(url, body):
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.load(response)
+
+
+def test_the_openai_server_steers_each_request_by_its_vllm_xargs(reference, tmp_path):
+    """``vllm serve`` with ``DSAS_VLLM_STEERING``: two clients at once, each request at its own
+    strength (``vllm_xargs``), get DSASLanguageModel's continuations."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    model = str(resolve_model_path("shapes-lm"))
+    env = {**os.environ, "DSAS_VLLM_STEERING": f"negative={reference['dir']}"}
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--dtype", "float32",
+               "--enforce-eager", "--no-enable-prefix-caching", "--max-model-len", "128", "--max-num-seqs", "8",
+               "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    log = open(tmp_path / "server.log", "w")  # (closed below)
+    server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=5):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not start in 5 minutes"
+                time.sleep(2)
+
+        def client(indices):
+            texts = {}
+            for i in indices:
+                body = {"model": model, "prompt": reference["prompts"][i], "max_tokens": TOKENS, "temperature": 0.0}
+                if STRENGTHS[i]:
+                    body["vllm_xargs"] = {"dsas:negative": STRENGTHS[i]}
+                texts[i] = _post(f"{base}/v1/completions", body)["choices"][0]["text"].strip()
+            return texts
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:  # two clients, four requests each
+            results = [pool.submit(client, range(0, 8, 2)), pool.submit(client, range(1, 8, 2))]
+            texts = {**results[0].result(), **results[1].result()}
+        assert [texts[i] for i in range(8)] == [text.strip() for text in reference["alone"]]
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
