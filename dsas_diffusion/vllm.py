@@ -139,14 +139,17 @@ class WorkerSteering:
             return None
         hidden, residual = output
         stream = hidden if residual is None else hidden + residual  # the decoder layer's output in transformers
-        if stream.shape[0] < strengths.shape[0]:
-            raise ActivationError(
-                f"vLLM's forward has {stream.shape[0]} token rows but {strengths.shape[0]} tokens were scheduled: "
-                "this vLLM version lays out its batches in a way dsas_diffusion.vllm does not know"
-            )
-        rows = torch.zeros(stream.shape[0], dtype=torch.float32)  # padding rows: λ 0
-        rows[: strengths.shape[0]] = strengths
-        steered, _ = prepared(stream, rows.to(stream.device), gated, return_gates=False)
+        rows = stream.shape[0]
+        if strengths.shape[0] != rows or strengths.device != stream.device:  # once per forward and steering
+            if rows < strengths.shape[0]:
+                raise ActivationError(
+                    f"vLLM's forward has {rows} token rows but {strengths.shape[0]} tokens were scheduled: this vLLM "
+                    "version lays out its batches in a way dsas_diffusion.vllm does not know"
+                )
+            padded = torch.zeros(rows, dtype=torch.float32)  # padding rows: λ 0
+            padded[: strengths.shape[0]] = strengths.cpu()
+            strengths = self.token_strengths[name] = padded.to(stream.device)
+        steered, _ = prepared(stream, strengths, gated, return_gates=False)
         return steered, torch.zeros_like(steered)
 
     def remove(self) -> None:

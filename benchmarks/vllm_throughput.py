@@ -1,0 +1,144 @@
+"""Throughput of a vLLM engine unsteered, with uniform steering and with DSAS, in one run.
+
+    .venv-vllm/bin/python benchmarks/vllm_throughput.py [--rounds 5]      # make test-vllm builds .venv-vllm
+    python benchmarks/vllm_throughput.py --device cuda    # a GPU, in an environment with vLLM's CUDA build
+
+Two models: ``shapes-lm`` and a Qwen2-0.5B-sized configuration with random weights (hidden
+896, 24 layers, ``shapes-lm``'s tokenizer), float32, eager
+(``enforce_eager=True``), prefix caching off. Each is steered by a CAA steering on every
+decoder layer's output with gates reading the output, fitted with ``DSASLanguageModel`` on
+the same configuration (random weights for the Qwen2 one: only its shapes matter here), and
+by the same steering without its gates (uniform). Per round, in a rotating order: 16 prompts,
+64 new tokens each (``ignore_eos``), every request unsteered, every request uniform at λ 4,
+every request DSAS at λ 4. Printed: generated tokens per second per variant (median over
+rounds) and each steered variant's median ratio of time to the unsteered time of the same
+round, with quartiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+PROMPTS = 16
+NEW_TOKENS = 64
+
+
+def steerings(model_dir: str, folder: Path) -> dict[str, str]:
+    """A DSAS steering of ``model_dir`` (a CAA map and output gates on every decoder layer) and
+    the same without gates, saved under ``folder``; ``{"dsas": dir, "uniform": dir}``."""
+    import torch
+
+    from dsas_diffusion import DSASLanguageModel
+    from dsas_diffusion.config import FitConfig
+    from dsas_diffusion.shapes import text_concept_files
+
+    files = text_concept_files("negative")
+    sets = [[line for line in files[key].read_text().splitlines() if line.strip()][:32] for key in ("source", "target", "control")]  # fmt: skip
+    lm = DSASLanguageModel.from_pretrained(model_dir, dtype=torch.float32)
+    config = FitConfig(map="caa", gate_threshold=None, n_components=8, support_quantiles=None)
+    steerer = lm.fit_steering(*sets, config, progress=False)
+    uniform = copy.deepcopy(steerer)
+    for layer in uniform.layers:
+        layer.gate = None
+    paths = {"dsas": folder / "dsas", "uniform": folder / "uniform"}
+    steerer.save_pretrained(paths["dsas"])
+    uniform.save_pretrained(paths["uniform"])
+    return {name: str(path) for name, path in paths.items()}
+
+
+def qwen2_folder(folder: Path) -> str:
+    """A Qwen2-0.5B-sized configuration with ``shapes-lm``'s tokenizer, random weights saved."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from dsas_diffusion.shapes import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("shapes-lm"))
+    config = Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    model = Qwen2ForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def measure(model_dir: str, label: str, rounds: int) -> dict:
+    from vllm import LLM, SamplingParams
+
+    from dsas_diffusion.shapes import text_concept_files
+    from dsas_diffusion.vllm import load_steering
+
+    with tempfile.TemporaryDirectory() as folder:
+        paths = steerings(model_dir, Path(folder))
+        llm = LLM(model=model_dir, dtype="float32", enforce_eager=True, enable_prefix_caching=False,
+                  max_model_len=128, max_num_seqs=PROMPTS)  # fmt: skip
+        for name, path in paths.items():
+            load_steering(llm, path, name=name)
+    prompts = [line for line in text_concept_files("negative")["eval_concept"].read_text().splitlines() if line][
+        :PROMPTS
+    ]
+
+    def params(extra):
+        return SamplingParams(max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, ignore_eos=True, temperature=0.0,
+                              extra_args=extra)  # fmt: skip
+
+    variants = {"unsteered": params(None), "uniform": params({"dsas:uniform": 4.0}), "dsas": params({"dsas:dsas": 4.0})}
+    llm.generate(prompts, variants["dsas"], use_tqdm=False)  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
+    for index in range(rounds):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            outputs = llm.generate(prompts, variants[name], use_tqdm=False)
+            times[name].append(time.perf_counter() - start)
+            assert all(len(o.outputs[0].token_ids) == NEW_TOKENS for o in outputs)
+    row = {"model": label, **{f"{n}_tps": PROMPTS * NEW_TOKENS / statistics.median(t) for n, t in times.items()}}
+    for name in ("uniform", "dsas"):
+        ratios = sorted(t / u for t, u in zip(times[name], times["unsteered"], strict=True))
+        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        row[name] = (statistics.median(ratios), quartiles[0], quartiles[2])
+    del llm
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="a label only: vLLM's build decides where it runs")
+    parser.add_argument("--models", nargs="+", default=["shapes-lm", "qwen2"], choices=("shapes-lm", "qwen2"))
+    args = parser.parse_args(argv)
+    from dsas_diffusion.shapes import resolve_model_path
+
+    start = time.perf_counter()
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for model in args.models:
+            if model == "shapes-lm":
+                rows.append(measure(str(resolve_model_path("shapes-lm")), f"shapes-lm ({args.device})", args.rounds))
+            else:
+                path = qwen2_folder(Path(folder) / "qwen2")
+                rows.append(measure(path, f"Qwen2-0.5B-sized, random weights ({args.device})", args.rounds))
+            print(f"{rows[-1]['model']}: done", file=sys.stderr, flush=True)
+    print(f"\n{PROMPTS} prompts x {NEW_TOKENS} new tokens, {args.rounds} rounds, float32, eager")
+    print("| model | unsteered tok/s | uniform tok/s | DSAS tok/s | uniform / unsteered | DSAS / unsteered |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        u, d = row["uniform"], row["dsas"]
+        print(f"| {row['model']} | {row['unsteered_tps']:.1f} | {row['uniform_tps']:.1f} | {row['dsas_tps']:.1f} | "
+              f"{u[0]:.3f} [{u[1]:.3f}, {u[2]:.3f}] | **{d[0]:.3f}** [{d[1]:.3f}, {d[2]:.3f}] |")  # fmt: skip
+    print(f"\n{time.perf_counter() - start:.0f} s in all")
+
+
+if __name__ == "__main__":
+    main()
