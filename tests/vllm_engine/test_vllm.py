@@ -27,6 +27,7 @@ vllm = pytest.importorskip("vllm")
 
 from dsas_diffusion import DSASLanguageModel  # noqa: E402
 from dsas_diffusion.config import FitConfig  # noqa: E402
+from dsas_diffusion.prompts import read_prompts  # noqa: E402
 from dsas_diffusion.shapes import resolve_model_path, text_concept_files  # noqa: E402
 from dsas_diffusion.steering import SteeringError  # noqa: E402
 from dsas_diffusion.vllm import load_steering  # noqa: E402
@@ -35,26 +36,24 @@ STRENGTHS = [0.0, 8.0, 16.0, 4.0, 16.0, 0.0, 8.0, 16.0]
 TOKENS = 20
 
 
-def _lines(path):
-    return [line for line in path.read_text().splitlines() if line.strip()]
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """A steering of the negative register with the published gates (read the output), saved,
     and DSASLanguageModel's greedy continuations with it: alone and as one mixed batch."""
     files = text_concept_files("negative")
     lm = DSASLanguageModel.from_pretrained("shapes-lm", dtype=torch.float32)
-    sets = [_lines(files[key])[:64] for key in ("source", "target", "control")]
+    sets = [read_prompts(files[key])[:64] for key in ("source", "target", "control")]
     lm.fit_steering(*sets, FitConfig(map="caa", gate_threshold=None, n_components=20, support_quantiles=None),
                     progress=False)  # fmt: skip
     directory = tmp_path_factory.mktemp("steering")
     lm.steerers["default"].save_pretrained(directory)
-    prompts = _lines(files["eval_concept"])[:4] + _lines(files["eval_control"])[:4]
+    # the first sentence of a document with the register, and the next sentence's first word (a
+    # greedy continuation of the sentence alone is the end of the document); prefixes of controls
+    prompts = [f"{p} the" for p in read_prompts(files["eval_concept"])[:4]] + read_prompts(files["eval_control"])[:4]
     greedy = {"max_new_tokens": TOKENS, "do_sample": False}
     alone = [lm.generate([p], steering_strength=s, **greedy).texts[0] for p, s in zip(prompts, STRENGTHS, strict=True)]
     plain = lm.generate(prompts, steering_strength=0.0, **greedy).texts
-    assert sum(a != p for a, p in zip(alone, plain, strict=True)) >= 2  # the steering changes some continuations
+    assert sum(a != p for a, p in zip(alone, plain, strict=True)) >= 4  # the steering changes continuations
     context = tmp_path_factory.mktemp("context-gates")
     lm.fit_steering(*sets, FitConfig.for_text(), name="context", progress=False)
     lm.steerers["context"].save_pretrained(context)
@@ -147,3 +146,13 @@ def test_the_openai_server_steers_each_request_by_its_vllm_xargs(reference, tmp_
         server.terminate()
         server.wait(timeout=60)
         log.close()
+
+
+def test_the_readme_example_runs_and_prints_what_the_readme_shows(tmp_path, monkeypatch, capsys):
+    from test_readme import _example, _lines
+
+    code, documented = _example("**Serving with vLLM**")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README vLLM", "exec"), {"__name__": "__main__"})
+    printed = [line for line in _lines(capsys.readouterr().out) if line.startswith("'")]  # (not vLLM's log)
+    assert printed == _lines(documented)
