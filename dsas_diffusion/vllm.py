@@ -137,6 +137,11 @@ class WorkerSteering:
         strengths = None if self.token_strengths is None else self.token_strengths.get(name)
         if strengths is None:
             return None
+        if not (isinstance(output, tuple) and len(output) == 2):
+            raise ActivationError(
+                f"{type(module).__name__} returned {type(output).__name__}, not vLLM's (hidden, residual) pair: this "
+                "version steers decoder layers of the Llama kind (Llama, Mistral, Qwen2/3, Phi-3, Gemma 2/3)"
+            )
         hidden, residual = output
         stream = hidden if residual is None else hidden + residual  # the decoder layer's output in transformers
         rows = stream.shape[0]
