@@ -17,8 +17,10 @@ vLLM's decoder layers return the residual stream split in two, ``(hidden, residu
 sum the next layer's fused add-and-norm takes; the hook steers that sum, the tensor
 transformers' decoder layers return, and hands it on as ``(steered, 0)``.
 
-Limits of this version: gates that read the token's own activation (``gate_reads="output"``,
-the published gates) and uniform steering; eager engines (``enforce_eager=True``); one worker
+Limits of this version: decoder layers that hand on the pair (vLLM's Llama, Mistral, Qwen2/3,
+Phi-3, Gemma 2/3; not GPT-2); gates that read the token's own activation
+(``gate_reads="output"``, the published gates) and uniform steering; eager engines
+(``enforce_eager=True``); one worker
 (no tensor or pipeline parallelism); prefix caching off for steered engines (a cached prefix
 was computed at another request's λ).
 
