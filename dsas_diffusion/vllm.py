@@ -160,6 +160,7 @@ class WorkerSteering:
         return steered, torch.zeros_like(steered)
 
     def remove(self) -> None:
+        """Remove every hook and give the runner its own input preparation back."""
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
