@@ -8,9 +8,10 @@ import pytest
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def _example(heading: str) -> tuple[str, str]:
-    """The first python block after ``heading`` and the plain block that follows it (its output)."""
-    text = README.read_text()
+def _example(heading: str, document: Path = README) -> tuple[str, str]:
+    """The first python block after ``heading`` in ``document`` and the plain block that follows it
+    (its output)."""
+    text = document.read_text()
     section = text[text.index(heading) :]
     found = re.search(r"```python\n(.*?)```(.*?)```\n(.*?)```", section, re.S)
     assert found, f"no python block followed by an output block under {heading!r}"

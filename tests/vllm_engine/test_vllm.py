@@ -148,11 +148,11 @@ def test_the_openai_server_steers_each_request_by_its_vllm_xargs(reference, tmp_
         log.close()
 
 
-def test_the_readme_example_runs_and_prints_what_the_readme_shows(tmp_path, monkeypatch, capsys):
-    from test_readme import _example, _lines
+def test_the_documented_example_runs_and_prints_what_the_docs_show(tmp_path, monkeypatch, capsys):
+    from test_readme import README, _example, _lines
 
-    code, documented = _example("**Serving with vLLM**")
+    code, documented = _example("## Serving with vLLM", README.parent / "docs" / "text.md")
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README vLLM", "exec"), {"__name__": "__main__"})
+    exec(compile(code, "docs/text.md vLLM", "exec"), {"__name__": "__main__"})
     printed = [line for line in _lines(capsys.readouterr().out) if line.startswith("'")]  # (not vLLM's log)
     assert printed == _lines(documented)
