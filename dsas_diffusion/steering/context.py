@@ -74,17 +74,19 @@ def visible_tokens(mask: Any, batch: int, queries: int, keys: int, device: torch
         tensor([[[1., 1., 0.],
                  [1., 1., 1.]]])
     """
+
+    def causal() -> torch.Tensor:  # (made only where a mask does not already say it)
+        return torch.ones(queries, keys, device=device, dtype=torch.bool).tril(keys - queries)
+
     if mask is None:
-        return torch.ones(queries, keys, device=device).tril(keys - queries).expand(batch, queries, keys)
+        return causal().float().expand(batch, queries, keys)
     if not torch.is_tensor(mask):
         raise ActivationError(
             f"this layer was called with an attention mask of type {type(mask).__name__}, which a gate reading the "
             "context cannot read; load the model with attn_implementation='sdpa' or 'eager'"
         )
     if mask.ndim == 2:
-        allowed = mask.bool()[:, None, :] & torch.ones(queries, keys, device=device, dtype=torch.bool).tril(
-            keys - queries
-        )
+        allowed = mask.bool()[:, None, :] & causal()
     elif mask.ndim == 4:
         allowed = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] > torch.finfo(mask.dtype).min / 2
     else:

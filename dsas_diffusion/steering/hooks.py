@@ -192,7 +192,9 @@ class SteeringSession:
                 for tensor in self._samples_on_device.values():
                     tensor.copy_(samples)
             else:  # (made for the hooked modules' devices now: made in a compiled call, a recompile)
-                self._samples, self._samples_on_device = samples, {d: samples.to(d) for d in self._devices}
+                self._samples, self._samples_on_device = samples, {}
+                for device in self._devices:
+                    self._samples_on(device)
             self._strength = 1.0 if is_steering(value) else 0.0  # (only its being 0 is read)
             return
         self._samples, self._samples_on_device = None, {}
@@ -200,12 +202,16 @@ class SteeringSession:
         for tensor in self._strengths.values():
             tensor.fill_(self._strength)
 
-    def _sample_strengths(self, device: torch.device, rows: int) -> torch.Tensor:
-        """``(rows,)``: the per-sample λ on ``device`` for a batch of ``rows`` rows."""
+    def _samples_on(self, device: torch.device) -> torch.Tensor:
+        """The per-sample λ on ``device`` (made once per device, updated in place)."""
         tensor = self._samples_on_device.get(device)
         if tensor is None:
             tensor = self._samples_on_device[device] = self._samples.to(device)
-        return rows_strengths(tensor, rows)
+        return tensor
+
+    def _sample_strengths(self, device: torch.device, rows: int) -> torch.Tensor:
+        """``(rows,)``: the per-sample λ on ``device`` for a batch of ``rows`` rows."""
+        return rows_strengths(self._samples_on(device), rows)
 
     def _strength_on(self, device: torch.device) -> torch.Tensor:
         tensor = self._strengths.get(device)
@@ -231,7 +237,7 @@ class SteeringSession:
                 self._strength_on(device)
                 self._devices.add(device)
                 if self._samples is not None:
-                    self._samples_on_device.setdefault(device, self._samples.to(device))
+                    self._samples_on(device)
                 if not any(p.requires_grad for p in layer.parameters()):
                     self._steer_function(layer, device)
                 reads_more = layer.gate_reads != "output"

@@ -71,7 +71,8 @@ class PreparedLayer:
             self.gate_scale = gate.scale / (1.0 - gate.floor)
             #: a sigmoid floored at ½, as tanh(z/2)⁺ = 2·max(0, σ(z) − ½): one operation less per call
             self.half_floor = gate.activation == "sigmoid" and gate.floor == 0.5
-            self.half_gate = (self.gate_column * 0.5, self.gate_bias * 0.5, gate.scale)
+            if self.half_floor:
+                self.half_gate = (self.gate_column * 0.5, self.gate_bias * 0.5, gate.scale)
         #: a copy of the sample gate on the device, or ``None`` (one small product per sample)
         self.sample_gate = None
         if layer.sample_gate is not None:
