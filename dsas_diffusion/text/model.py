@@ -303,7 +303,7 @@ class DSASLanguageModel(SteererRegistry):
                     "leave it out (steered calls run eager) or steer with strength 0"
                 )
             generate_kwargs["disable_compile"] = True
-        expanded = generate_kwargs.get("num_beams", 1) > 1 or generate_kwargs.get("num_return_sequences", 1) > 1
+        expanded = max(beams, returned) > 1  # rows that are not one prompt's single sequence
         record = return_gate_maps and not expanded
         asked = strengths if self._steerer_table() else steering_strength  # (without steerers: refused as asked)
         with torch.no_grad(), self.steering(asked, gate=steering_gate, record_gates=record) as sessions:
