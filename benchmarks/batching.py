@@ -33,17 +33,11 @@ import time
 from collections.abc import Callable
 
 import torch
+from overhead import alternate, ratio_quartiles
 
 STRENGTHS = (0.0, 1.0, 2.0, 4.0, 8.0, 0.5, 3.0, 6.0)
 PROMPTS = ("a yellow banana on a gray background", "a red square on a white background", "a green banana on a black "
            "background", "a red circle on a gray background")  # fmt: skip
-
-
-def ratio_summary(base: list[float], other: list[float]) -> tuple[float, float, float]:
-    """Median and quartiles over rounds of ``base[i] / other[i]`` (a speed-up when both are seconds)."""
-    ratios = sorted(b / o for b, o in zip(base, other, strict=True))
-    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-    return statistics.median(ratios), quartiles[0], quartiles[2]
 
 
 def concurrently(jobs: list[Callable[[], object]]) -> float:
@@ -122,12 +116,9 @@ def app_rows(concurrent: list[int], rounds: int) -> list[dict]:
     rows = []
     for count in concurrent:
         chosen = requests(count)
-        times: dict[str, list[float]] = {"per request": [], "batched": []}
-        for index in range(rounds):
-            order = [("per request", per_request), ("batched", batched)]
-            for name, way in order if index % 2 == 0 else order[::-1]:
-                times[name].append(way(chosen))
-        median, low, high = ratio_summary(times["per request"], times["batched"])
+        turns = {"per request": lambda c=chosen: per_request(c), "batched": lambda c=chosen: batched(c)}
+        times = alternate(turns, rounds)
+        median, low, high = ratio_quartiles(times["per request"], times["batched"])
         rows.append({"model": f"shapes-sd app (CPU, {cores} threads)", "concurrent": count,
                      "per_request_rps": count / statistics.median(times["per request"]),
                      "batched_rps": count / statistics.median(times["batched"]), "speedup": (median, low, high)})  # fmt: skip
@@ -178,12 +169,8 @@ def denoiser_rows(concurrent: list[int], rounds: int, small: bool, device: torch
                 return time.perf_counter() - start
 
             per_request(), batched()  # warm-up
-            times: dict[str, list[float]] = {"per request": [], "batched": []}
-            for index in range(rounds):
-                order = [("per request", per_request), ("batched", batched)]
-                for name, way in order if index % 2 == 0 else order[::-1]:
-                    times[name].append(way())
-            median, low, high = ratio_summary(times["per request"], times["batched"])
+            times = alternate({"per request": per_request, "batched": batched}, rounds)
+            median, low, high = ratio_quartiles(times["per request"], times["batched"])
             rows.append({"model": label.replace("batch 2", "batch 2 per request"), "concurrent": count,
                          "per_request_rps": count / statistics.median(times["per request"]),
                          "batched_rps": count / statistics.median(times["batched"]), "speedup": (median, low, high)})  # fmt: skip

@@ -72,15 +72,21 @@ def alternate(variants: dict[str, Callable[[], float]], rounds: int) -> dict[str
     return times
 
 
+def ratio_quartiles(numerators: list[float], denominators: list[float]) -> tuple[float, float, float]:
+    """Median and quartiles over rounds of ``numerators[i] / denominators[i]``."""
+    ratios = sorted(n / d for n, d in zip(numerators, denominators, strict=True))
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return statistics.median(ratios), quartiles[0], quartiles[2]
+
+
 def summary(times: dict[str, list[float]]) -> dict[str, float]:
     """Median seconds per variant, and per steered variant the median over rounds of its
     ratio to the unsteered time of the same round, with the quartiles of those ratios."""
     result = {name: statistics.median(values) for name, values in times.items()}
     for name in [n for n in ("uniform", "dsas", "naive") if n in times]:
-        ratios = sorted(t / base for t, base in zip(times[name], times["unsteered"], strict=True))
-        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-        result[f"{name}_ratio"] = statistics.median(ratios)
-        result[f"{name}_spread"] = (quartiles[0], quartiles[2])
+        median, low, high = ratio_quartiles(times[name], times["unsteered"])
+        result[f"{name}_ratio"] = median
+        result[f"{name}_spread"] = (low, high)
     return result
 
 

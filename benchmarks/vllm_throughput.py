@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from overhead import alternate, ratio_quartiles
+
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 PROMPTS = 16
@@ -94,21 +96,18 @@ def measure(model_dir: str, label: str, rounds: int) -> dict:
 
     variants = {"unsteered": params(None), "uniform": params({"dsas:uniform": 4.0}), "dsas": params({"dsas:dsas": 4.0})}
     llm.generate(prompts, variants["dsas"], use_tqdm=False)  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    names = list(variants)
-    for index in range(rounds):
-        shift = index % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            outputs = llm.generate(prompts, variants[name], use_tqdm=False)
-            times[name].append(time.perf_counter() - start)
-            assert all(len(o.outputs[0].token_ids) == NEW_TOKENS for o in outputs)
+
+    def turn(sampling) -> float:
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, sampling, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        assert all(len(o.outputs[0].token_ids) == NEW_TOKENS for o in outputs)
+        return seconds
+
+    times = alternate({name: lambda s=sampling: turn(s) for name, sampling in variants.items()}, rounds)
     row = {"model": label, **{f"{n}_tps": PROMPTS * NEW_TOKENS / statistics.median(t) for n, t in times.items()}}
     for name in ("uniform", "dsas"):
-        ratios = sorted(t / u for t, u in zip(times[name], times["unsteered"], strict=True))
-        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-        row[name] = (statistics.median(ratios), quartiles[0], quartiles[2])
-    del llm
+        row[name] = ratio_quartiles(times[name], times["unsteered"])
     return row
 
 
