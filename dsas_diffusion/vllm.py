@@ -13,16 +13,19 @@ in one flattened ``(tokens, hidden)`` batch; before each forward the worker's mo
 tells which request each token belongs to, so each token is steered at its own request's λ
 (:mod:`dsas_diffusion.steering.strengths`: one λ per row), and a token at λ 0 is left as it is.
 
-vLLM's decoder layers return the residual stream split in two, ``(hidden, residual)``, whose
-sum the next layer's fused add-and-norm takes; the hook steers that sum, the tensor
-transformers' decoder layers return, and hands it on as ``(steered, 0)``.
+Most of vLLM's decoder layers return the residual stream split in two, ``(hidden, residual)``,
+whose sum the next layer's fused add-and-norm takes; the hook steers that sum, the tensor
+transformers' decoder layers return, and hands it on as ``(steered, 0)`` (GPT-2's blocks return
+the stream itself). Gates reading the context (the language models' default,
+``FitConfig.for_text()``) read, per token, the mean of its request's attention values so far,
+which the worker keeps as one running sum per steered request and source layer
+(:mod:`dsas_diffusion._vllm_context`).
 
-Limits of this version: decoder layers that hand on the pair (vLLM's Llama, Mistral, Qwen2/3,
-Phi-3, Gemma 2/3; not GPT-2); gates that read the token's own activation
-(``gate_reads="output"``, the published gates) and uniform steering; eager engines
-(``enforce_eager=True``); one worker
-(no tensor or pipeline parallelism); prefix caching off for steered engines (a cached prefix
-was computed at another request's λ).
+Limits of this version: vLLM's V1 model runner (``VLLM_USE_V2_MODEL_RUNNER=0`` where the V2 one
+is the default); eager engines (``enforce_eager=True``); one worker (no tensor or pipeline
+parallelism); prefix caching off for steered engines (a cached prefix was computed at another
+request's λ); gates per token (no sample gates); no speculative decoding with gates reading the
+context.
 
 Examples:
     >>> from vllm import LLM, SamplingParams  # doctest: +SKIP
@@ -41,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._vllm_context import ContextSums
 from .steering import ActivationError, Steerer, SteeringError
 from .steering.prepared import PreparedLayer
 from .steering.strengths import check_strengths
@@ -49,6 +53,7 @@ __all__ = [
     "ENVIRONMENT_KEY",
     "STRENGTH_KEY",
     "WorkerSteering",
+    "check_request",
     "check_steerer",
     "load_steering",
     "register",
@@ -86,6 +91,41 @@ def request_strength(extra_args: Mapping[str, Any] | None, name: str) -> float:
     return strength
 
 
+def check_request(extra_args: Mapping[str, Any] | None, names: set[str] | frozenset[str]) -> None:
+    """:class:`SteeringError` unless the strengths a request asks for in ``extra_args`` are
+    numbers this engine can steer with, for steerings it has loaded (``names``). vLLM's input
+    processor runs it on each request as it arrives (:func:`register`), so a malformed request
+    is refused alone (vLLM's ``VLLMValidationError``; HTTP 400 from the server) instead of
+    failing the engine step.
+
+    Examples:
+        >>> check_request({"dsas": {"negative": 8}}, {"negative"})
+        >>> check_request({"dsas:red": 8}, {"negative"})
+        Traceback (most recent call last):
+        ...
+        dsas_diffusion.errors.SteeringError: this request asks for the steerings ['red'], which this engine has not loaded (it has ['negative'])
+    """
+    extra_args = extra_args or {}
+    keys = [key for key in extra_args if key == STRENGTH_KEY or str(key).startswith(f"{STRENGTH_KEY}:")]
+    if not keys:
+        return
+    if not names:
+        raise SteeringError(
+            f"this request asks for DSAS steering (extra_args {keys}) but this engine has none loaded: "
+            f"load_steering(llm, directory, name), or {ENVIRONMENT_KEY}=name=directory for vllm serve"
+        )
+    asked = {str(key).partition(":")[2] for key in keys if key != STRENGTH_KEY}
+    if isinstance(extra_args.get(STRENGTH_KEY), Mapping):
+        asked |= {str(name) for name in extra_args[STRENGTH_KEY]}
+    unknown = sorted(asked - set(names))
+    if unknown:
+        raise SteeringError(
+            f"this request asks for the steerings {unknown}, which this engine has not loaded (it has {sorted(names)})"
+        )
+    for name in names:
+        request_strength(extra_args, name)
+
+
 class WorkerSteering:
     """The steerings of one vLLM worker: hooks on its model, and per forward one λ per token."""
 
@@ -97,6 +137,9 @@ class WorkerSteering:
         self.handles: list[Any] = []
         #: per steering, one λ per scheduled token of the forward about to run (None: not steered)
         self.token_strengths: dict[str, torch.Tensor] | None = None
+        self.context = ContextSums()
+        #: per steering whose gates read the context, the source decoder layer of each hooked layer
+        self.sources: dict[str, dict[str, str]] = {}
         self._prepare = runner._prepare_inputs
         runner._prepare_inputs = self._prepare_inputs
         self.handles.append(self.model.register_forward_hook(self._forward_done))
@@ -110,11 +153,34 @@ class WorkerSteering:
             raise SteeringError(f"steering {name!r} hooks {missing}, which this vLLM model does not have")
         if name in self.steerers:
             raise SteeringError(f"a steering named {name!r} is already loaded in this engine")
+        sources = {
+            layer.name: layer.gate.source or layer.name
+            for layer in steerer.layers
+            if layer.gate is not None and layer.gate.reads == "context"
+        }
+        if sources and self.runner.speculative_config is not None:
+            raise SteeringError(
+                f"steering {name!r} has gates reading the context, which a draft's rejected tokens would enter; "
+                "serve it without speculative decoding"
+            )
+        for layer, source in sources.items():
+            if source not in modules:
+                raise SteeringError(
+                    f"a gate of {layer!r} reads the context of {source!r}, which this model does not have"
+                )
+            width = next(item.gate.width for item in steerer.layers if item.name == layer)
+            max_len = self.runner.model_config.max_model_len
+            handle = self.context.add_source(source, modules[source], width, max_len)
+            if handle is not None:
+                self.handles.append(handle)
         device = next(self.model.parameters()).device
         self.steerers[name] = steerer
+        self.sources[name] = sources
         self.prepared[name] = [PreparedLayer(layer, device) for layer in steerer.layers]
         for layer, prepared in zip(steerer.layers, self.prepared[name], strict=True):
-            hook = functools.partial(self._steer, name, prepared, steerer.has_gates)
+            if steerer.has_gates and not layer.gate.enabled:
+                continue  # deselected by its gate accuracy, as DSASLanguageModel leaves it
+            hook = functools.partial(self._steer, name, prepared, steerer.has_gates, sources.get(layer.name))
             self.handles.append(modules[layer.name].register_forward_hook(hook))
 
     def _prepare_inputs(self, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
@@ -123,29 +189,46 @@ class WorkerSteering:
         runner = self.runner
         total = int(scheduler_output.total_num_scheduled_tokens)
         requests = runner.input_batch.req_ids[: runner.input_batch.num_reqs]
-        rows = torch.from_numpy(runner.req_indices.np[:total].copy())
-        strengths = {}
+        indices = runner.req_indices.np[:total].copy()
+        rows = torch.from_numpy(indices)
+        strengths, reading = {}, set()
         for name in self.steerers:
             per_request = [request_strength(runner.requests[r].sampling_params.extra_args, name) for r in requests]
             if any(value != 0.0 for value in per_request):
                 strengths[name] = torch.tensor(per_request, dtype=torch.float32)[rows]
+                if self.sources[name]:
+                    reading.update(r for r, value in zip(requests, per_request, strict=True) if value != 0.0)
+        self.context.prepare(runner, scheduler_output, indices, reading)
         self.token_strengths = strengths or None
         return out
 
     def _forward_done(self, module: nn.Module, args: Any, output: Any) -> None:
         self.token_strengths = None  # warm-up and profiling forwards that follow are not steered
+        self.context.done()
 
-    def _steer(self, name: str, prepared: PreparedLayer, gated: bool, module: nn.Module, args: Any, output: Any):
+    def _steer(
+        self,
+        name: str,
+        prepared: PreparedLayer,
+        gated: bool,
+        source: str | None,
+        module: nn.Module,
+        args: Any,
+        output: Any,
+    ) -> Any:
         strengths = None if self.token_strengths is None else self.token_strengths.get(name)
         if strengths is None:
             return None
-        if not (isinstance(output, tuple) and len(output) == 2):
+        if torch.is_tensor(output):  # GPT-2's blocks: the residual stream itself
+            stream, residual = output, None
+        elif isinstance(output, tuple) and len(output) == 2:
+            hidden, residual = output
+            stream = hidden if residual is None else hidden + residual  # the decoder layer's output in transformers
+        else:
             raise ActivationError(
-                f"{type(module).__name__} returned {type(output).__name__}, not vLLM's (hidden, residual) pair: this "
-                "version steers decoder layers of the Llama kind (Llama, Mistral, Qwen2/3, Phi-3, Gemma 2/3)"
+                f"{type(module).__name__} returned {type(output).__name__}, neither the residual stream nor vLLM's "
+                "(hidden, residual) pair: hook vLLM's decoder layers"
             )
-        hidden, residual = output
-        stream = hidden if residual is None else hidden + residual  # the decoder layer's output in transformers
         rows = stream.shape[0]
         if strengths.shape[0] != rows or strengths.device != stream.device:  # once per forward and steering
             if rows < strengths.shape[0]:
@@ -156,8 +239,9 @@ class WorkerSteering:
             padded = torch.zeros(rows, dtype=torch.float32)  # padding rows: λ 0
             padded[: strengths.shape[0]] = strengths.cpu()
             strengths = self.token_strengths[name] = padded.to(stream.device)
-        steered, _ = prepared(stream, strengths, gated, return_gates=False)
-        return steered, torch.zeros_like(steered)
+        context = None if source is None or not gated else self.context.read[source]
+        steered, _ = prepared(stream, strengths, gated, context, return_gates=False)
+        return steered if torch.is_tensor(output) else (steered, torch.zeros_like(steered))
 
     def remove(self) -> None:
         """Remove every hook and give the runner its own input preparation back."""
@@ -169,13 +253,18 @@ class WorkerSteering:
 
 def check_steerer(steerer: Steerer, name: str, hidden: int) -> None:
     """:class:`SteeringError` unless this version can steer a vLLM model of width ``hidden``
-    with ``steerer``: gates reading the output (or none), every layer of that width."""
+    with ``steerer``: gates reading the output or the context (or none), each token on its
+    own (no sample gates), every layer of that width."""
     gates = {layer.gate_reads for layer in steerer.layers if layer.gate is not None}
-    if gates - {"output"}:
+    if gates - {"output", "context"}:
         raise SteeringError(
-            f"steering {name!r} has gates reading the {sorted(gates - {'output'})} of their layers; in vLLM this "
-            "version steers with gates reading the output (fit with gate_reads='output', e.g. FitConfig()) or "
-            "uniformly"
+            f"steering {name!r} has gates reading the {sorted(gates - {'output', 'context'})} of their layers; in "
+            "vLLM gates read the output or the context (gate_reads='output' or 'context', e.g. FitConfig.for_text())"
+        )
+    if steerer.decision_threshold is not None or any(layer.sample_gate is not None for layer in steerer.layers):
+        raise SteeringError(
+            f"steering {name!r} decides per sample (sample gates), which vLLM's batches of tokens from requests at "
+            "different steps cannot pool: fit it with gates per token (FitConfig(sample_gate=False), the default)"
         )
     wrong = [layer.name for layer in steerer.layers if layer.width != hidden]
     if wrong:
@@ -219,6 +308,11 @@ def _check_engine(config: Any) -> None:
             "prefix caching would hand a prefix computed at one request's λ to another: LLM(..., "
             "enable_prefix_caching=False), or --no-enable-prefix-caching"
         )
+    if getattr(config, "use_v2_model_runner", False):
+        raise SteeringError(
+            "steering in vLLM runs in vLLM's V1 model runner, and this engine uses the V2 one: start it with the "
+            "environment variable VLLM_USE_V2_MODEL_RUNNER=0"
+        )
     if config.parallel_config.world_size > 1:
         raise SteeringError("steering in vLLM supports one worker (tensor_parallel_size=pipeline_parallel_size=1)")
 
@@ -226,13 +320,33 @@ def _check_engine(config: Any) -> None:
 def register() -> None:
     """The ``vllm.general_plugins`` entry point (vLLM calls it in each of its processes): gives
     vLLM's workers the method ``dsas_load_steering``, so that :func:`load_steering` names it in
-    ``collective_rpc`` instead of sending a function (which vLLM's transport refuses), and has
-    each worker load the steerings named by ``DSAS_VLLM_STEERING`` once its model is loaded
-    (for ``vllm serve``)."""
+    ``collective_rpc`` instead of sending a function (which vLLM's transport refuses); has each
+    worker load the steerings named by ``DSAS_VLLM_STEERING`` once its model is loaded (for
+    ``vllm serve``); and has vLLM's input processor check each request's strengths as it
+    arrives (:func:`check_request`)."""
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.engine.input_processor import InputProcessor
     from vllm.v1.worker.gpu_worker import Worker
     from vllm.v1.worker.worker_base import WorkerBase
 
     WorkerBase.dsas_load_steering = _load_in_worker
+    if not getattr(InputProcessor._validate_params, "_dsas", False):
+        validate = InputProcessor._validate_params
+
+        @functools.wraps(validate)
+        def validate_then_strengths(self: Any, params: Any, *args: Any, **kwargs: Any) -> Any:
+            result = validate(self, params, *args, **kwargs)
+            extra_args = getattr(params, "extra_args", None)
+            if extra_args:
+                names = set(steering_from_environment()) | self.__dict__.get(_ATTRIBUTE, set())
+                try:
+                    check_request(extra_args, names)
+                except SteeringError as error:  # (vLLM's server answers 400)
+                    raise VLLMValidationError(str(error), parameter="extra_args") from error
+            return result
+
+        validate_then_strengths._dsas = True
+        InputProcessor._validate_params = validate_then_strengths
     if getattr(Worker.load_model, "_dsas", False):
         return
     load_model = Worker.load_model
@@ -268,4 +382,7 @@ def load_steering(llm: Any, path: str, name: str = "default") -> list[str]:
             "whose vllm.general_plugins entry point adds it"
         ) from error
     loaded.add(name)
+    processor = getattr(llm.llm_engine, "input_processor", None)
+    if processor is not None:  # what it checks requests against (register)
+        processor.__dict__.setdefault(_ATTRIBUTE, set()).add(name)
     return names[0]

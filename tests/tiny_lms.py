@@ -24,19 +24,21 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-def build(family: str, seed: int = 0):
-    """``(model, tokenizer)`` of ``family``: 2 layers, hidden 32."""
+def build(family: str, seed: int = 0, *, hidden: int = 32, heads: int = 4, kv_heads: int = 2):
+    """``(model, tokenizer)`` of ``family``: 2 layers, ``hidden`` wide, ``heads`` attention heads
+    of ``hidden / heads`` features (``kv_heads`` of them for keys and values, except GPT-2)."""
     vocab = len(SPECIAL) + len(WORDS)
     common = {"vocab_size": vocab, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": None}
-    llama_like = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, **common)  # fmt: skip
+    llama_like = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=heads,
+                      num_key_value_heads=kv_heads, **common)  # fmt: skip
+    head = hidden // heads
     configs = {
-        "gpt2": lambda: transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, **common),
+        "gpt2": lambda: transformers.GPT2Config(n_layer=2, n_embd=hidden, n_head=heads, **common),
         "llama": lambda: transformers.LlamaConfig(**llama_like),
         "qwen2": lambda: transformers.Qwen2Config(**llama_like),
-        "qwen3": lambda: transformers.Qwen3Config(**llama_like, head_dim=8),
-        "gemma2": lambda: transformers.Gemma2Config(**llama_like, head_dim=8),
-        "gemma3": lambda: transformers.Gemma3TextConfig(**llama_like, head_dim=8),
+        "qwen3": lambda: transformers.Qwen3Config(**llama_like, head_dim=head),
+        "gemma2": lambda: transformers.Gemma2Config(**llama_like, head_dim=head),
+        "gemma3": lambda: transformers.Gemma3TextConfig(**llama_like, head_dim=head),
         "mistral": lambda: transformers.MistralConfig(**llama_like),
         "phi3": lambda: transformers.Phi3Config(**llama_like),
     }

@@ -1,6 +1,8 @@
 """DSAS in a vLLM engine on ``shapes-lm``: steered greedy continuations equal
-``DSASLanguageModel``'s, alone and in a batch of requests at different strengths, offline
-(``vllm.LLM``) and through the OpenAI-compatible server with two clients at once.
+``DSASLanguageModel``'s, alone and in a batch of requests at different strengths, with gates
+reading the output and with gates reading the context (the shipped example steering), offline
+(``vllm.LLM``, prompts split over steps) and through the
+OpenAI-compatible server with two clients at once.
 
 Run by ``make test-vllm`` in its own environment (``.venv-vllm``: vLLM's CPU build pins another
 torch and transformers than ``.venv``); skipped where vLLM is not installed.
@@ -15,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -25,21 +28,27 @@ import torch
 
 vllm = pytest.importorskip("vllm")
 
+from vllm.exceptions import VLLMValidationError  # noqa: E402
+
 from dsas_diffusion import DSASLanguageModel  # noqa: E402
 from dsas_diffusion.config import FitConfig  # noqa: E402
 from dsas_diffusion.prompts import read_prompts  # noqa: E402
 from dsas_diffusion.shapes import resolve_model_path, text_concept_files  # noqa: E402
+from dsas_diffusion.shapes.examples import text_example_steerings  # noqa: E402
 from dsas_diffusion.steering import SteeringError  # noqa: E402
 from dsas_diffusion.vllm import load_steering  # noqa: E402
 
 STRENGTHS = [0.0, 8.0, 16.0, 4.0, 16.0, 0.0, 8.0, 16.0]
+#: for the shipped example, whose gates read the context (the language models' default)
+CONTEXT_STRENGTHS = [0.0, 16.0, 32.0, 16.0, 32.0, 16.0, 32.0, 16.0]
 TOKENS = 20
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """A steering of the negative register with the published gates (read the output), saved,
-    and DSASLanguageModel's greedy continuations with it: alone and as one mixed batch."""
+    """DSASLanguageModel's greedy continuations, each prompt alone: with a steering of the negative
+    register whose gates read the output (the published gates), fitted and saved here, and with the
+    shipped example, whose gates read the context; a steering with sample gates, to be refused."""
     files = text_concept_files("negative")
     lm = DSASLanguageModel.from_pretrained("shapes-lm", dtype=torch.float32)
     sets = [read_prompts(files[key])[:64] for key in ("source", "target", "control")]
@@ -54,22 +63,36 @@ def reference(tmp_path_factory):
     alone = [lm.generate([p], steering_strength=s, **greedy).texts[0] for p, s in zip(prompts, STRENGTHS, strict=True)]
     plain = lm.generate(prompts, steering_strength=0.0, **greedy).texts
     assert sum(a != p for a, p in zip(alone, plain, strict=True)) >= 4  # the steering changes continuations
-    context = tmp_path_factory.mktemp("context-gates")
-    lm.fit_steering(*sets, FitConfig.for_text(), name="context", progress=False)
-    lm.steerers["context"].save_pretrained(context)
-    return {"dir": directory, "context": context, "prompts": prompts, "alone": alone, "plain": plain}
+    sample = tmp_path_factory.mktemp("sample-gates")
+    lm.fit_steering(*sets, FitConfig(map="caa", sample_gate=True), name="sample", progress=False)
+    lm.steerers["sample"].save_pretrained(sample)
+    # the shipped example of the register, with the defaults' gates reading the context, alone in
+    # its model; the first words of documents with the register, then control documents
+    example = text_example_steerings()[("negative", "caa")]
+    lm = DSASLanguageModel.from_pretrained("shapes-lm", dtype=torch.float32)
+    lm.load_steering(example)
+    short = [" ".join(p.split()[:4]) for p in read_prompts(files["eval_concept"])[:6]] + prompts[4:6]
+    context = [lm.generate([p], steering_strength=s, **greedy).texts[0] for p, s in
+               zip(short, CONTEXT_STRENGTHS, strict=True)]  # fmt: skip
+    context_plain = lm.generate(short, steering_strength=0.0, **greedy).texts
+    assert sum(a != p for a, p in zip(context, context_plain, strict=True)) >= 4
+    return {"dir": directory, "sample": sample, "prompts": prompts, "alone": alone, "plain": plain,
+            "example": example, "short": short, "context": context}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def llm(reference):
+    """An engine that splits prompts over steps (8 tokens a step, chunked prefill)."""
     engine = vllm.LLM(model=str(resolve_model_path("shapes-lm")), dtype="float32", enforce_eager=True,
-                      max_model_len=128, max_num_seqs=8, enable_prefix_caching=False)  # fmt: skip
+                      max_model_len=128, max_num_seqs=8, enable_prefix_caching=False, max_num_batched_tokens=8)  # fmt: skip
     load_steering(engine, reference["dir"], name="negative")
+    load_steering(engine, reference["example"], name="example")
     return engine
 
 
-def _params(strength):
-    return vllm.SamplingParams(max_tokens=TOKENS, temperature=0.0, extra_args={"dsas": strength} if strength else None)
+def _params(strength, name="negative"):
+    extra = {"dsas": {name: strength}} if strength else None
+    return vllm.SamplingParams(max_tokens=TOKENS, temperature=0.0, extra_args=extra)
 
 
 def _texts(outputs):
@@ -82,8 +105,22 @@ def test_steered_continuations_equal_dsas_language_model_alone_and_in_a_mixed_ba
     assert mixed == expected  # eight requests at four strengths in one batch
     alone = [_texts(llm.generate([p], _params(s)))[0] for p, s in zip(prompts, STRENGTHS, strict=True)]
     assert alone == expected
-    named = _texts(llm.generate(prompts, [_params({"negative": s}) for s in STRENGTHS]))
-    assert named == expected  # the strength given by the steering's name
+    for_all = [
+        vllm.SamplingParams(max_tokens=TOKENS, temperature=0.0, extra_args={"dsas:negative": s}) for s in STRENGTHS
+    ]
+    assert _texts(llm.generate(prompts, for_all)) == expected  # the "dsas:<name>" form of vllm_xargs
+
+
+def test_gates_reading_the_context_equal_dsas_language_model_with_prompts_split_over_steps(llm, reference):
+    """The shipped example steering (gates reading the context), in an engine that splits prompts
+    over steps: each request's context is its own tokens so far."""
+    prompts, expected = reference["short"], [text.strip() for text in reference["context"]]
+    mixed = _texts(llm.generate(prompts, [_params(s, "example") for s in CONTEXT_STRENGTHS]))
+    assert mixed == expected
+    alone = [
+        _texts(llm.generate([p], _params(s, "example")))[0] for p, s in zip(prompts, CONTEXT_STRENGTHS, strict=True)
+    ]
+    assert alone == expected
 
 
 def test_requests_without_steering_get_the_unsteered_continuations(llm, reference):
@@ -91,8 +128,14 @@ def test_requests_without_steering_get_the_unsteered_continuations(llm, referenc
 
 
 def test_what_this_version_cannot_steer_is_refused(llm, reference):
-    with pytest.raises(SteeringError, match="gate_reads='output'"):
-        load_steering(llm, reference["context"], name="context")
+    with pytest.raises(SteeringError, match="sample gates"):
+        load_steering(llm, reference["sample"], name="sample")
+    # a request asking for what the engine cannot give is refused alone, as it arrives
+    for extra, message in [({"dsas:red": 8.0}, r"\['red'\], which this engine has not loaded"),
+                           ({"dsas": {"negative": "strong"}}, "must be a number"),
+                           ({"dsas": float("nan")}, "must be finite")]:  # fmt: skip
+        with pytest.raises(VLLMValidationError, match=message):
+            llm.generate(reference["prompts"][:1], vllm.SamplingParams(max_tokens=2, extra_args=extra))
     with pytest.raises(SteeringError, match="already loaded"):
         load_steering(llm, reference["dir"], name="negative")
     assert _texts(llm.generate(reference["prompts"], _params(0.0))) == [t.strip() for t in reference["plain"]]
@@ -111,7 +154,7 @@ def test_the_openai_server_steers_each_request_by_its_vllm_xargs(reference, tmp_
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     model = str(resolve_model_path("shapes-lm"))
-    env = {**os.environ, "DSAS_VLLM_STEERING": f"negative={reference['dir']}"}
+    env = {**os.environ, "DSAS_VLLM_STEERING": f"negative={reference['dir']},example={reference['example']}"}
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--dtype", "float32",
                "--enforce-eager", "--no-enable-prefix-caching", "--max-model-len", "128", "--max-num-seqs", "8",
                "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
@@ -129,19 +172,24 @@ def test_the_openai_server_steers_each_request_by_its_vllm_xargs(reference, tmp_
                 assert time.monotonic() < deadline, "the server did not start in 5 minutes"
                 time.sleep(2)
 
-        def client(indices):
-            texts = {}
-            for i in indices:
-                body = {"model": model, "prompt": reference["prompts"][i], "max_tokens": TOKENS, "temperature": 0.0}
-                if STRENGTHS[i]:
-                    body["vllm_xargs"] = {"dsas:negative": STRENGTHS[i]}
-                texts[i] = _post(f"{base}/v1/completions", body)["choices"][0]["text"].strip()
+        def client(name, prompts, strengths):
+            texts = []
+            for prompt, strength in zip(prompts, strengths, strict=True):
+                body = {"model": model, "prompt": prompt, "max_tokens": TOKENS, "temperature": 0.0}
+                if strength:
+                    body["vllm_xargs"] = {f"dsas:{name}": strength}
+                texts.append(_post(f"{base}/v1/completions", body)["choices"][0]["text"].strip())
             return texts
 
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:  # two clients, four requests each
-            results = [pool.submit(client, range(0, 8, 2)), pool.submit(client, range(1, 8, 2))]
-            texts = {**results[0].result(), **results[1].result()}
-        assert [texts[i] for i in range(8)] == [text.strip() for text in reference["alone"]]
+        bad = {"model": model, "prompt": "a red", "max_tokens": 2, "vllm_xargs": {"dsas:red": 8}}
+        with pytest.raises(urllib.error.HTTPError) as refused:  # a steering this server has not loaded
+            _post(f"{base}/v1/completions", bad)
+        assert refused.value.code == 400 and "has not loaded" in refused.value.read().decode()
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:  # two clients, eight requests each
+            output = pool.submit(client, "negative", reference["prompts"], STRENGTHS)
+            context = pool.submit(client, "example", reference["short"], CONTEXT_STRENGTHS)
+            assert output.result() == [text.strip() for text in reference["alone"]]
+            assert context.result() == [text.strip() for text in reference["context"]]
     finally:
         server.terminate()
         server.wait(timeout=60)
