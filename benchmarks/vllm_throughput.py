@@ -1,4 +1,5 @@
-"""Throughput of a vLLM engine unsteered, with uniform steering and with DSAS, in one run.
+"""Throughput of a vLLM engine unsteered, with uniform steering and with DSAS (gates reading the
+output, and gates reading the context), in one run.
 
     .venv-vllm/bin/python benchmarks/vllm_throughput.py [--rounds 5]      # make test-vllm builds .venv-vllm
     python benchmarks/vllm_throughput.py --device cuda    # a GPU, in an environment with vLLM's CUDA build
@@ -7,12 +8,13 @@ Two models: ``shapes-lm`` and a Qwen2-0.5B-sized configuration with random weigh
 896, 24 layers, ``shapes-lm``'s tokenizer), float32, eager
 (``enforce_eager=True``), prefix caching off. Each is steered by a CAA steering on every
 decoder layer's output with gates reading the output, fitted with ``DSASLanguageModel`` on
-the same configuration (random weights for the Qwen2 one: only its shapes matter here), and
-by the same steering without its gates (uniform). Per round, in a rotating order: 16 prompts,
-64 new tokens each (``ignore_eos``), every request unsteered, every request uniform at λ 4,
-every request DSAS at λ 4. Printed: generated tokens per second per variant (median over
-rounds) and each steered variant's median ratio of time to the unsteered time of the same
-round, with quartiles.
+the same configuration (random weights for the Qwen2 one: only its shapes matter here), by
+the same steering without its gates (uniform), and by a steering fitted with the language
+models' defaults (``FitConfig.for_text()``: CAA, gates reading the context). Per round, in a
+rotating order: 16 prompts, 64 new tokens each (``ignore_eos``), every request unsteered, then
+every request at λ 4 with each steering. Printed: generated tokens per second per variant
+(median over rounds) and each steered variant's median ratio of time to the unsteered time of
+the same round, with quartiles.
 """
 
 from __future__ import annotations
@@ -32,11 +34,14 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 PROMPTS = 16
 NEW_TOKENS = 64
+#: the steered variants, as the steerings are named in the engine
+STEERED = ("uniform", "dsas", "context")
 
 
 def steerings(model_dir: str, folder: Path) -> dict[str, str]:
-    """A DSAS steering of ``model_dir`` (a CAA map and output gates on every decoder layer) and
-    the same without gates, saved under ``folder``; ``{"dsas": dir, "uniform": dir}``."""
+    """A DSAS steering of ``model_dir`` (a CAA map and output gates on every decoder layer), the
+    same without gates and one with the defaults' gates reading the context, saved under
+    ``folder``; ``{"dsas": dir, "uniform": dir, "context": dir}``."""
     import torch
 
     from dsas_diffusion import DSASLanguageModel
@@ -51,9 +56,11 @@ def steerings(model_dir: str, folder: Path) -> dict[str, str]:
     uniform = copy.deepcopy(steerer)
     for layer in uniform.layers:
         layer.gate = None
-    paths = {"dsas": folder / "dsas", "uniform": folder / "uniform"}
+    context = lm.fit_steering(*sets, FitConfig.for_text(n_components=8), name="context", progress=False)
+    paths = {"dsas": folder / "dsas", "uniform": folder / "uniform", "context": folder / "context"}
     steerer.save_pretrained(paths["dsas"])
     uniform.save_pretrained(paths["uniform"])
+    context.save_pretrained(paths["context"])
     return {name: str(path) for name, path in paths.items()}
 
 
@@ -94,7 +101,7 @@ def measure(model_dir: str, label: str, rounds: int) -> dict:
         return SamplingParams(max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, ignore_eos=True, temperature=0.0,
                               extra_args=extra)  # fmt: skip
 
-    variants = {"unsteered": params(None), "uniform": params({"dsas:uniform": 4.0}), "dsas": params({"dsas:dsas": 4.0})}
+    variants = {"unsteered": params(None), **{name: params({f"dsas:{name}": 4.0}) for name in STEERED}}
     llm.generate(prompts, variants["dsas"], use_tqdm=False)  # warm-up
 
     def turn(sampling) -> float:
@@ -106,7 +113,7 @@ def measure(model_dir: str, label: str, rounds: int) -> dict:
 
     times = alternate({name: lambda s=sampling: turn(s) for name, sampling in variants.items()}, rounds)
     row = {"model": label, **{f"{n}_tps": PROMPTS * NEW_TOKENS / statistics.median(t) for n, t in times.items()}}
-    for name in ("uniform", "dsas"):
+    for name in STEERED:
         row[name] = ratio_quartiles(times[name], times["unsteered"])
     return row
 
@@ -130,12 +137,14 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(measure(path, f"Qwen2-0.5B-sized, random weights ({args.device})", args.rounds))
             print(f"{rows[-1]['model']}: done", file=sys.stderr, flush=True)
     print(f"\n{PROMPTS} prompts x {NEW_TOKENS} new tokens, {args.rounds} rounds, float32, eager")
-    print("| model | unsteered tok/s | uniform tok/s | DSAS tok/s | uniform / unsteered | DSAS / unsteered |")
-    print("|---|---|---|---|---|---|")
+    labels = {"uniform": "uniform", "dsas": "DSAS, output gates", "context": "DSAS, context gates"}
+    print("| model | unsteered tok/s | " + " | ".join(f"{labels[n]} tok/s" for n in STEERED) + " | "
+          + " | ".join(f"{labels[n]} / unsteered" for n in STEERED) + " |")  # fmt: skip
+    print("|---" * (2 + 2 * len(STEERED)) + "|")
     for row in rows:
-        u, d = row["uniform"], row["dsas"]
-        print(f"| {row['model']} | {row['unsteered_tps']:.1f} | {row['uniform_tps']:.1f} | {row['dsas_tps']:.1f} | "
-              f"{u[0]:.3f} [{u[1]:.3f}, {u[2]:.3f}] | **{d[0]:.3f}** [{d[1]:.3f}, {d[2]:.3f}] |")  # fmt: skip
+        speeds = " | ".join(f"{row[f'{n}_tps']:.1f}" for n in STEERED)
+        ratios = " | ".join(f"{row[n][0]:.3f} [{row[n][1]:.3f}, {row[n][2]:.3f}]" for n in STEERED)
+        print(f"| {row['model']} | {row['unsteered_tps']:.1f} | {speeds} | {ratios} |")
     print(f"\n{time.perf_counter() - start:.0f} s in all")
 
 

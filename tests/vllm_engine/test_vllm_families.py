@@ -79,9 +79,10 @@ def test_every_family_is_steered_in_vllm_as_dsas_language_model_steers_it(family
         one_pass = _log_probs(lm, ids + tokens, len(ids), strength, cached=False)
         chosen = one_pass.gather(1, index)[:, 0]
         cached = _log_probs(lm, ids + tokens, len(ids), strength, cached=True).gather(1, index)[:, 0]
-        # as close as DSASLanguageModel's own two passes are to each other (random weights and steep
-        # gates turn rounding into up to 1e-2 at some tokens), and 1e-4 everywhere else
-        tolerance = 1e-4 + 2 * (cached - chosen).abs()
+        # 1e-4, or where DSASLanguageModel's own two passes differ more, ten times their gap: random
+        # weights and steep gates turn rounding (which also changes with how vLLM splits the batch)
+        # into up to 1e-2 at some tokens
+        tolerance = 1e-4 + 10 * (cached - chosen).abs()
         assert torch.all((served - chosen).abs() <= tolerance), (served - chosen).abs().max()
         assert torch.all(chosen >= one_pass.max(dim=1).values - tolerance)  # greedy, up to ties
         if strength:
