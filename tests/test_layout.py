@@ -27,7 +27,8 @@ ALLOWED = {
     "shapes": {"names", "errors", "config", "_lazy", "steering", "prompts"},
     "diffusion": {"_extras", "names", "errors", "config", "steering", "prompts", "shapes"},
     "text": {"_extras", "names", "errors", "config", "steering", "prompts", "shapes"},
-    "vllm": {"steering"},  # the core only: it runs in vLLM's environment, beside another transformers
+    "_vllm_context": {"steering"},
+    "vllm": {"steering", "_vllm_context"},  # the core only: it runs in vLLM's environment, beside another transformers
     "eval": {"_extras", "names", "errors", "config", "_lazy", "steering", "prompts", "shapes", "diffusion", "text"},
     "app": {
         "_extras",
