@@ -11,6 +11,7 @@ torch and transformers than ``.venv``); skipped where vLLM is not installed.
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import json
 import os
 import socket
@@ -121,6 +122,35 @@ def test_gates_reading_the_context_equal_dsas_language_model_with_prompts_split_
         _texts(llm.generate([p], _params(s, "example")))[0] for p, s in zip(prompts, CONTEXT_STRENGTHS, strict=True)
     ]
     assert alone == expected
+
+
+def test_a_preempted_request_reads_its_context_again_from_its_first_token(reference):
+    """Three requests of 100 tokens in a cache of five blocks of 32: vLLM preempts them and
+    recomputes each from its first token, and their log-probabilities stay DSASLanguageModel's."""
+    from test_vllm_families import _log_probs
+
+    engine = vllm.LLM(model=str(resolve_model_path("shapes-lm")), dtype="float32", enforce_eager=True,
+                      max_model_len=128, enable_prefix_caching=False, block_size=32, num_gpu_blocks_override=5,
+                      disable_log_stats=False)  # fmt: skip
+    try:
+        load_steering(engine, str(reference["example"]))
+        sampling = vllm.SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True, logprobs=0,
+                                       extra_args={"dsas": 16.0})  # fmt: skip
+        outputs = engine.generate(reference["short"][1:4], sampling)
+        preempted = next(metric.value for metric in engine.get_metrics() if metric.name == "vllm:num_preemptions")
+    finally:
+        del engine
+        gc.collect()
+    assert preempted >= 1
+    lm = DSASLanguageModel.from_pretrained("shapes-lm", dtype=torch.float32)
+    lm.load_steering(reference["example"])
+    for output in outputs:
+        ids, tokens = list(output.prompt_token_ids), list(output.outputs[0].token_ids)
+        served = torch.tensor([step[t].logprob for step, t in zip(output.outputs[0].logprobs, tokens, strict=True)])
+        index = torch.tensor(tokens)[:, None]
+        one_pass = _log_probs(lm, ids + tokens, len(ids), 16.0, cached=False).gather(1, index)[:, 0]
+        cached = _log_probs(lm, ids + tokens, len(ids), 16.0, cached=True).gather(1, index)[:, 0]
+        assert torch.all((served - one_pass).abs() <= 1e-4 + 10 * (cached - one_pass).abs())
 
 
 def test_requests_without_steering_get_the_unsteered_continuations(llm, reference):
