@@ -32,7 +32,9 @@ class ContextSums:
         self.slots: dict[str, int] = {}  # request id -> its slot
         self.counts: dict[str, int] = {}  # request id -> the tokens its sums hold
         self.read: dict[str, torch.Tensor] = {}  # source -> this forward's contexts, one row per token
-        self.layout: tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]] | None = None
+        #: this forward's slot and position + 1 of each token, the multi-token stretches of its
+        #: requests, and whether a token of a request not steered uses the scratch slot
+        self.layout: tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]], bool] | None = None
 
     def add_source(self, source: str, module: nn.Module, width: int, max_len: int) -> Any | None:
         """Follow the context of the decoder layer ``source``; returns the hook to keep, or
@@ -93,7 +95,9 @@ class ContextSums:
         first = np.concatenate(([0], np.cumsum(scheduled)[:-1]))
         positions = starts[rows] + np.arange(len(rows)) - first[rows]
         segments = [(int(s), int(s + n)) for s, n in zip(first, scheduled, strict=True) if n > 1]
-        self.layout = (torch.from_numpy(slots[rows]), torch.from_numpy(positions + 1.0).float(), segments)
+        token_slots = slots[rows]
+        scratch = bool((token_slots == 0).any())
+        self.layout = (torch.from_numpy(token_slots), torch.from_numpy(positions + 1.0).float(), segments, scratch)
 
     def _slot(self, request: str) -> int:
         slot = self.slots.get(request)
@@ -115,23 +119,24 @@ class ContextSums:
         """The attention's forward pre-hook: this forward's contexts of ``source``, then the sums."""
         if self.layout is None:
             return
-        slots, counts, segments = self.layout
+        slots, counts, segments, scratch = self.layout
         value = args[2] if len(args) > 2 else kwargs["value"]
         tokens = slots.shape[0]
         values = value[:tokens].reshape(tokens, -1).float()
         if slots.device != values.device:  # once per forward
             slots, counts = slots.to(values.device), counts.to(values.device)
-            self.layout = (slots, counts, segments)
+            self.layout = (slots, counts, segments, scratch)
         sums = self.sums.get(source)
         if sums is None or sums.device != values.device:
             size = max(2 * len(self.slots), 8)
             sums = self.sums[source] = torch.zeros(size, values.shape[1], device=values.device)
-        within = values.clone()  # each token's sum over its request's tokens of this forward, up to it
+        within = values.clone() if segments else values  # each token's sum over its request's tokens here, up to it
         for start, end in segments:
             torch.cumsum(values[start:end], dim=0, out=within[start:end])
-        context = (sums[slots] + within).div_(counts[:, None])
+        context = torch.index_select(sums, 0, slots).add_(within).div_(counts[:, None])
         sums.index_add_(0, slots, values)
-        sums[0].zero_()  # (the scratch slot of requests not steered)
+        if scratch:  # (the slot of the tokens of requests not steered)
+            sums[0].zero_()
         rows = value.shape[0]
         if rows > tokens:  # padding rows: a context of zeros
             context = torch.cat([context, context.new_zeros(rows - tokens, context.shape[1])])
