@@ -1,7 +1,7 @@
 """DSAS in a vLLM engine on ``shapes-lm``: steered greedy continuations equal
 ``DSASLanguageModel``'s, alone and in a batch of requests at different strengths, with gates
 reading the output and with gates reading the context (the shipped example steering), offline
-(``vllm.LLM``, prompts split over steps) and through the
+(``vllm.LLM``, prompts split over steps, requests preempted) and through the
 OpenAI-compatible server with two clients at once.
 
 Run by ``make test-vllm`` in its own environment (``.venv-vllm``: vLLM's CPU build pins another
@@ -29,6 +29,7 @@ import torch
 
 vllm = pytest.importorskip("vllm")
 
+from lm_reference import log_probs  # noqa: E402
 from vllm.exceptions import VLLMValidationError  # noqa: E402
 
 from dsas_diffusion import DSASLanguageModel  # noqa: E402
@@ -127,8 +128,6 @@ def test_gates_reading_the_context_equal_dsas_language_model_with_prompts_split_
 def test_a_preempted_request_reads_its_context_again_from_its_first_token(reference):
     """Three requests of 100 tokens in a cache of five blocks of 32: vLLM preempts them and
     recomputes each from its first token, and their log-probabilities stay DSASLanguageModel's."""
-    from test_vllm_families import _log_probs
-
     engine = vllm.LLM(model=str(resolve_model_path("shapes-lm")), dtype="float32", enforce_eager=True,
                       max_model_len=128, enable_prefix_caching=False, block_size=32, num_gpu_blocks_override=5,
                       disable_log_stats=False)  # fmt: skip
@@ -148,8 +147,8 @@ def test_a_preempted_request_reads_its_context_again_from_its_first_token(refere
         ids, tokens = list(output.prompt_token_ids), list(output.outputs[0].token_ids)
         served = torch.tensor([step[t].logprob for step, t in zip(output.outputs[0].logprobs, tokens, strict=True)])
         index = torch.tensor(tokens)[:, None]
-        one_pass = _log_probs(lm, ids + tokens, len(ids), 16.0, cached=False).gather(1, index)[:, 0]
-        cached = _log_probs(lm, ids + tokens, len(ids), 16.0, cached=True).gather(1, index)[:, 0]
+        one_pass = log_probs(lm, ids + tokens, len(ids), 16.0, cached=False).gather(1, index)[:, 0]
+        cached = log_probs(lm, ids + tokens, len(ids), 16.0, cached=True).gather(1, index)[:, 0]
         assert torch.all((served - one_pass).abs() <= 1e-4 + 10 * (cached - one_pass).abs())
 
 

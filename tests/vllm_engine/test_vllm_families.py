@@ -19,6 +19,7 @@ import torch
 
 vllm = pytest.importorskip("vllm")
 
+from lm_reference import log_probs  # noqa: E402
 from test_text import CONTROL, SOURCE, TARGET  # noqa: E402
 from tiny_lms import FAMILIES, build  # noqa: E402
 
@@ -28,23 +29,6 @@ from dsas_diffusion.vllm import load_steering  # noqa: E402
 PROMPTS = ["a yellow banana", "the small red square lies on the left of a", "a red banana lies on a", "the blue star"]
 STRENGTHS = [64.0, 0.0, 16.0, 64.0]
 TOKENS = 8
-
-
-def _log_probs(lm: DSASLanguageModel, ids: list[int], prompt: int, strength: float, cached: bool) -> torch.Tensor:
-    """``DSASLanguageModel``'s log-probabilities of each token of ``ids`` after the first
-    ``prompt``, at ``strength``: in one pass over ``ids``, or (``cached``) the prompt and then one
-    token at a time with the KV cache, as ``generate`` runs."""
-    with lm.steering(strength), torch.no_grad():
-        if not cached:
-            logits = lm.model(torch.tensor([ids])).logits[0, prompt - 1 : -1]
-        else:
-            out = lm.model(torch.tensor([ids[:prompt]]), use_cache=True)
-            rows = [out.logits[0, -1]]
-            for token in ids[prompt:-1]:
-                out = lm.model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
-                rows.append(out.logits[0, -1])
-            logits = torch.stack(rows)
-    return torch.log_softmax(logits.float(), dim=-1)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -76,9 +60,9 @@ def test_every_family_is_steered_in_vllm_as_dsas_language_model_steers_it(family
             [step[token].logprob for step, token in zip(output.outputs[0].logprobs, tokens, strict=True)]
         )
         index = torch.tensor(tokens)[:, None]
-        one_pass = _log_probs(lm, ids + tokens, len(ids), strength, cached=False)
+        one_pass = log_probs(lm, ids + tokens, len(ids), strength, cached=False)
         chosen = one_pass.gather(1, index)[:, 0]
-        cached = _log_probs(lm, ids + tokens, len(ids), strength, cached=True).gather(1, index)[:, 0]
+        cached = log_probs(lm, ids + tokens, len(ids), strength, cached=True).gather(1, index)[:, 0]
         # 1e-4, or where DSASLanguageModel's own two passes differ more, ten times their gap: random
         # weights and steep gates turn rounding (which also changes with how vLLM splits the batch)
         # into up to 1e-2 at some tokens
@@ -86,6 +70,6 @@ def test_every_family_is_steered_in_vllm_as_dsas_language_model_steers_it(family
         assert torch.all((served - chosen).abs() <= tolerance), (served - chosen).abs().max()
         assert torch.all(chosen >= one_pass.max(dim=1).values - tolerance)  # greedy, up to ties
         if strength:
-            plain = _log_probs(lm, ids + tokens, len(ids), 0.0, cached=False).gather(1, index)[:, 0]
+            plain = log_probs(lm, ids + tokens, len(ids), 0.0, cached=False).gather(1, index)[:, 0]
             acted += bool((plain - chosen).abs().max() > 1e-2)
     assert acted >= 2  # the steering changes what the model predicts
