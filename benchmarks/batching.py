@@ -64,6 +64,14 @@ def concurrently(jobs: list[Callable[[], object]]) -> float:
     return time.perf_counter() - start
 
 
+def row(model: str, count: int, times: dict[str, list[float]]) -> dict:
+    """One printed row: ``count`` requests served per request and batched, ``times`` per turn."""
+    return {"model": model, "concurrent": count,
+            "per_request_rps": count / statistics.median(times["per request"]),
+            "batched_rps": count / statistics.median(times["batched"]),
+            "speedup": ratio_quartiles(times["per request"], times["batched"])}  # fmt: skip
+
+
 def app_rows(concurrent: list[int], rounds: int) -> list[dict]:
     from dsas_diffusion.app import actions
     from dsas_diffusion.app.batching import RequestBatcher
@@ -110,18 +118,15 @@ def app_rows(concurrent: list[int], rounds: int) -> list[dict]:
 
     alone = stock(1)[0]
     for rows in (3, 3 * max(concurrent)):
-        difference = abs(stock(rows) - alone).max()
-        levels = abs((stock(rows) * 255).round() - (alone * 255).round()).max()
+        together = stock(rows)
+        difference = abs(together - alone).max()
+        levels = abs((together * 255).round() - (alone * 255).round()).max()
         print(f"stock pipeline, {rows} rows against alone: at most {difference:.1e} (float), {levels:.0f} of 255")
     rows = []
     for count in concurrent:
         chosen = requests(count)
         turns = {"per request": lambda c=chosen: per_request(c), "batched": lambda c=chosen: batched(c)}
-        times = alternate(turns, rounds)
-        median, low, high = ratio_quartiles(times["per request"], times["batched"])
-        rows.append({"model": f"shapes-sd app (CPU, {cores} threads)", "concurrent": count,
-                     "per_request_rps": count / statistics.median(times["per request"]),
-                     "batched_rps": count / statistics.median(times["batched"]), "speedup": (median, low, high)})  # fmt: skip
+        rows.append(row(f"shapes-sd app (CPU, {cores} threads)", count, alternate(turns, rounds)))
         print(f"{count} concurrent: done", flush=True)
     return rows
 
@@ -170,10 +175,7 @@ def denoiser_rows(concurrent: list[int], rounds: int, small: bool, device: torch
 
             per_request(), batched()  # warm-up
             times = alternate({"per request": per_request, "batched": batched}, rounds)
-            median, low, high = ratio_quartiles(times["per request"], times["batched"])
-            rows.append({"model": label.replace("batch 2", "batch 2 per request"), "concurrent": count,
-                         "per_request_rps": count / statistics.median(times["per request"]),
-                         "batched_rps": count / statistics.median(times["batched"]), "speedup": (median, low, high)})  # fmt: skip
+            rows.append(row(label.replace("batch 2", "batch 2 per request"), count, times))
             print(f"{label}, {count} requests: done", flush=True)
     return rows
 

@@ -46,10 +46,11 @@ def steerings(model_dir: str, folder: Path) -> dict[str, str]:
 
     from dsas_diffusion import DSASLanguageModel
     from dsas_diffusion.config import FitConfig
+    from dsas_diffusion.prompts import read_prompts
     from dsas_diffusion.shapes import text_concept_files
 
     files = text_concept_files("negative")
-    sets = [[line for line in files[key].read_text().splitlines() if line.strip()][:32] for key in ("source", "target", "control")]  # fmt: skip
+    sets = [read_prompts(files[key])[:32] for key in ("source", "target", "control")]
     lm = DSASLanguageModel.from_pretrained(model_dir, dtype=torch.float32)
     config = FitConfig(map="caa", gate_threshold=None, n_components=8, support_quantiles=None)
     steerer = lm.fit_steering(*sets, config, progress=False)
@@ -84,6 +85,7 @@ def qwen2_folder(folder: Path) -> str:
 def measure(model_dir: str, label: str, rounds: int) -> dict:
     from vllm import LLM, SamplingParams
 
+    from dsas_diffusion.prompts import read_prompts
     from dsas_diffusion.shapes import text_concept_files
     from dsas_diffusion.vllm import load_steering
 
@@ -93,9 +95,7 @@ def measure(model_dir: str, label: str, rounds: int) -> dict:
                   max_model_len=128, max_num_seqs=PROMPTS)  # fmt: skip
         for name, path in paths.items():
             load_steering(llm, path, name=name)
-    prompts = [line for line in text_concept_files("negative")["eval_concept"].read_text().splitlines() if line][
-        :PROMPTS
-    ]
+    prompts = read_prompts(text_concept_files("negative")["eval_concept"])[:PROMPTS]
 
     def params(extra):
         return SamplingParams(max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, ignore_eos=True, temperature=0.0,

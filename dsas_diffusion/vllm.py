@@ -138,8 +138,8 @@ class WorkerSteering:
         #: per steering, one λ per scheduled token of the forward about to run (None: not steered)
         self.token_strengths: dict[str, torch.Tensor] | None = None
         self.context = ContextSums()
-        #: per steering whose gates read the context, the source decoder layer of each hooked layer
-        self.sources: dict[str, dict[str, str]] = {}
+        #: the steerings whose gates read the context
+        self.reading_context: set[str] = set()
         self._prepare = runner._prepare_inputs
         runner._prepare_inputs = self._prepare_inputs
         self.handles.append(self.model.register_forward_hook(self._forward_done))
@@ -153,6 +153,7 @@ class WorkerSteering:
             raise SteeringError(f"steering {name!r} hooks {missing}, which this vLLM model does not have")
         if name in self.steerers:
             raise SteeringError(f"a steering named {name!r} is already loaded in this engine")
+        # the decoder layer whose context each gate reading the context reads
         sources = {
             layer.name: layer.gate.source or layer.name
             for layer in steerer.layers
@@ -163,19 +164,22 @@ class WorkerSteering:
                 f"steering {name!r} has gates reading the context, which a draft's rejected tokens would enter; "
                 "serve it without speculative decoding"
             )
-        for layer, source in sources.items():
+        for layer in steerer.layers:
+            source = sources.get(layer.name)
+            if source is None:
+                continue
             if source not in modules:
                 raise SteeringError(
-                    f"a gate of {layer!r} reads the context of {source!r}, which this model does not have"
+                    f"a gate of {layer.name!r} reads the context of {source!r}, which this model does not have"
                 )
-            width = next(item.gate.width for item in steerer.layers if item.name == layer)
             max_len = self.runner.model_config.max_model_len
-            handle = self.context.add_source(source, modules[source], width, max_len)
+            handle = self.context.add_source(source, modules[source], layer.gate.width, max_len)
             if handle is not None:
                 self.handles.append(handle)
         device = next(self.model.parameters()).device
         self.steerers[name] = steerer
-        self.sources[name] = sources
+        if sources:
+            self.reading_context.add(name)
         self.prepared[name] = [PreparedLayer(layer, device) for layer in steerer.layers]
         for layer, prepared in zip(steerer.layers, self.prepared[name], strict=True):
             if steerer.has_gates and not layer.gate.enabled:
@@ -196,7 +200,7 @@ class WorkerSteering:
             per_request = [request_strength(runner.requests[r].sampling_params.extra_args, name) for r in requests]
             if any(value != 0.0 for value in per_request):
                 strengths[name] = torch.tensor(per_request, dtype=torch.float32)[rows]
-                if self.sources[name]:
+                if name in self.reading_context:
                     reading.update(r for r, value in zip(requests, per_request, strict=True) if value != 0.0)
         self.context.prepare(runner, scheduler_output, indices, reading)
         self.token_strengths = strengths or None

@@ -268,14 +268,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def serve(args: argparse.Namespace) -> None:
     """Build the demo and serve it until interrupted (options: :func:`parse_args`)."""
+    max_batch_size = getattr(args, "max_batch_size", 16)
     # batched generate requests run as one call at a time per model: it gets every core
-    batching = getattr(args, "max_batch_size", 16) > 1
-    configure_torch_threads(1 if batching else args.concurrency, args.threads)
+    configure_torch_threads(1 if max_batch_size > 1 else args.concurrency, args.threads)
     demo = build_demo(
         default_model=args.model,
         concurrency=args.concurrency,
         steering_roots=getattr(args, "steering_roots", None),
-        max_batch_size=getattr(args, "max_batch_size", 16),
+        max_batch_size=max_batch_size,
     )
     demo.launch(server_name=args.host, server_port=args.port, share=args.share)
 
