@@ -156,7 +156,10 @@ class FitConfig:
             depends on the schedule, so calibrate on the one you generate with) or
             ``"stacked"`` (the same, with the layers weighted by a logistic regression on
             source against control images of every seed round but the last, whose control
-            images set the threshold; needs ``decision_seeds >= 2``).
+            images set the threshold; needs ``decision_seeds >= 2``). The threshold never lies on
+            a control image's score, where rounding would decide it: it lies midway to the next
+            score above the quantile, or, above the highest, ``decision_margin`` standard
+            deviations of the control scores higher.
         steering_steps: the saved default ``(start, end)`` window of denoising steps a pipeline
             steers in, as fractions of the schedule (``None``: every step); a call's
             ``steering_steps`` overrides it. As with a call's window, steered calls on a
@@ -194,6 +197,7 @@ class FitConfig:
     sample_concept_quantile: float = 0.25
     sample_decision: SampleDecision = "per-layer"
     decision_quantile: float = 1.0
+    decision_margin: float = 0.01
     decision_seeds: int = 2
     decision_inference_steps: int | None = None
     steering_steps: tuple[float, float] | None = None
@@ -359,6 +363,10 @@ class FitConfig:
         _check(
             _is_number(self.decision_quantile) and 0 < self.decision_quantile <= 1,
             f"decision_quantile must lie in (0, 1], got {self.decision_quantile!r}",
+        )
+        _check(
+            _is_number(self.decision_margin) and self.decision_margin > 0,
+            f"decision_margin must be a positive number, got {self.decision_margin!r}",
         )
         _check(
             self.sample_decision == "per-layer"

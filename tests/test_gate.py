@@ -105,3 +105,27 @@ def test_two_sided_calibration_puts_both_quantiles_at_their_levels():
     backwards = LinearGate(-direction, 0.0)
     assert not calibrate_gate_two_sided(backwards, control, concept)
     assert float(torch.quantile(backwards(control, -1).squeeze(-1).double(), 0.99)) <= 0.05 + 1e-4
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("quantile", [0.5, 0.9, 0.99, 1.0])
+@pytest.mark.parametrize("count", [11, 32, 401])
+def test_a_calibrated_threshold_splits_the_values_as_their_quantile_does_and_lies_on_none(count, quantile):
+    from dsas_diffusion.steering.linear import separating_threshold
+
+    values = torch.randn(count, generator=torch.Generator().manual_seed(count)).double()
+    threshold = separating_threshold(values, quantile, margin=0.05)
+    level = float(torch.quantile(values, quantile))  # with 11 values the median is one of them
+    assert int((values > threshold).sum()) == int((values > level).sum())
+    ordered = values.sort().values
+    gaps = ordered.diff()
+    nearest = float((values - threshold).abs().min())
+    if quantile == 1.0:  # above the highest by the margin
+        assert nearest == pytest.approx(0.05 * float(values.std()))
+    else:  # midway between its two neighbours
+        assert nearest == pytest.approx(float(gaps[int((values <= threshold).sum()) - 1]) / 2)
+    for scale in (1 - 1e-6, 1 + 1e-6):  # another rounding of every value keeps each on its side
+        rounded = values * scale + 1e-7
+        assert torch.equal(rounded > threshold, values > threshold)
+    with pytest.raises(ValueError, match="margin must be positive"):
+        separating_threshold(values, quantile, margin=0.0)

@@ -1,5 +1,6 @@
 """Properties of the steering maps' math."""
 
+import pytest
 import torch
 
 from dsas_diffusion.steering import fit_caa, fit_iti, fit_linear_act, sliced_w2
@@ -33,14 +34,17 @@ def test_linear_act_is_least_squares_between_sorted_gaussian_samples():
         assert abs(float(steering_map.bias[unit]) - float(solution[1])) < 1e-5
 
 
+@pytest.mark.numerics
 def test_linear_act_support_leaves_values_outside_the_source_range_alone():
     source = torch.linspace(0.0, 1.0, 11).unsqueeze(1)
     target = source * 2.0 + 5.0
-    steering_map = fit_linear_act(source, target)  # support = [min, max] of the source
+    steering_map = fit_linear_act(source, target)  # support = [min, max] of the source, widened a little
     values = torch.tensor([[-0.5], [0.0], [0.5], [1.0], [1.5]])
     delta = steering_map.delta(values, (1,))
     assert torch.equal(delta[[0, 4]], torch.zeros(2, 1))
     torch.testing.assert_close(values[1:4] + delta[1:4], values[1:4] * 2.0 + 5.0)
+    rounded = torch.tensor([[-1e-7], [1.0 + 1e-7]])  # the extreme source samples, rounded otherwise: still inside
+    torch.testing.assert_close(rounded + steering_map.delta(rounded, (1,)), rounded * 2.0 + 5.0)
     nan = steering_map.delta(torch.tensor([[float("nan")]]), (1,))
     assert torch.equal(nan, torch.zeros(1, 1))  # NaN is outside every support
 

@@ -136,6 +136,7 @@ def test_a_sample_gate_compiles_without_graph_breaks_and_matches_eager():
         torch.testing.assert_close(torch.compile(model)(x), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.numerics
 def test_a_step_gate_opens_fully_exactly_above_the_calibrated_control_quantile():
     control, concept = torch.randn(1000, WIDTH), torch.randn(200, WIDTH) + torch.tensor([3.0] + [0.0] * (WIDTH - 1))
     gate = LinearGate(torch.tensor([2.0] + [0.0] * (WIDTH - 1)), 0.0, activation="step", floor=0.5)
@@ -143,5 +144,6 @@ def test_a_step_gate_opens_fully_exactly_above_the_calibrated_control_quantile()
     opened = gate(control).squeeze(-1)
     assert set(opened.unique().tolist()) <= {0.0, 1.0}  # shut or fully open, whatever the floor
     assert abs(float(opened.mean()) - 0.1) < 0.01  # the control positions above their 90% quantile
+    assert torch.equal(gate(control * (1 + 1e-6)).squeeze(-1), opened)  # no control position on the edge
     assert float(gate(concept).mean()) > 0.9
     assert float(gate.weight[0]) == 2.0  # the direction is kept, not rescaled to nothing

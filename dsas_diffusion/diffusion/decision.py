@@ -7,7 +7,7 @@ The control prompts (and, for a stacked decision, the source prompts) are render
 observes; the runs' sample-gate logits then set each layer's scale, the layers' weights and the
 threshold (:func:`~dsas_diffusion.steering.decision.calibrate_decision`). With
 ``decision_quantile=1`` a call steers an image only where its score lies above that of every
-held-out control image.
+held-out control image, by ``decision_margin`` standard deviations of their scores.
 """
 
 from __future__ import annotations
@@ -88,12 +88,17 @@ def calibrate_sample_decision(
                 handle.remove()
         runs[label][round_].append(decision.records)
     settings, scores = calibrate_decision(
-        steerer.layers, runs["control"], config.decision_quantile, source=runs.get("source")
+        steerer.layers,
+        runs["control"],
+        config.decision_quantile,
+        source=runs.get("source"),
+        margin=config.decision_margin,
     )
     steerer.config[DECISION_KEY] = {
         "kind": config.sample_decision,
         **settings,
         "quantile": config.decision_quantile,
+        "margin": config.decision_margin,
         "samples": int(scores.numel()),
         "num_inference_steps": num_inference_steps,
     }

@@ -31,13 +31,14 @@ from typing import Any
 import torch
 
 from .errors import SteeringError
-from .linear import fit_logistic
+from .linear import THRESHOLD_MARGIN, fit_logistic, separating_threshold
 
 __all__ = ["DECISION_KEY", "SampleDecision", "calibrate_decision"]
 
 #: where a steerer's config keeps its calibrated decision (``{"kind": "accumulated" or "stacked",
 #: "threshold": τ, "scales": {layer: spread}, "weights": {layer: w} or None, "bias": b,
-#: "quantile": q, "samples": n, "num_inference_steps": steps}``)
+#: "quantile": q, "margin": m, "spread": std of the held-out control scores, "samples": n,
+#: "num_inference_steps": steps}``)
 DECISION_KEY = "decision"
 
 
@@ -121,6 +122,7 @@ def calibrate_decision(
     *,
     source: Sequence[Sequence[Sequence[tuple[str, torch.Tensor]]]] | None = None,
     l2: float = 1.0,
+    margin: float = THRESHOLD_MARGIN,
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """The decision's settings from observed runs, and the held-out control samples' scores.
 
@@ -131,7 +133,9 @@ def calibrate_decision(
     ``l2``) on the layers' mean scaled logits of source against control samples of every round
     but the last sets the weights and bias, and the threshold is the ``quantile`` of the last
     round's control scores, samples the weights never saw. Scores are computed as a call
-    computes them, so with ``quantile=1`` none of those control samples is above the threshold.
+    computes them, and the threshold lies on none of them (:func:`~.linear.separating_threshold`,
+    ``margin`` standard deviations above the highest with ``quantile=1``), so none of those control
+    samples is above it, also when a call rounds their scores otherwise.
     """
     names = [layer.name for layer in layers if layer.sample_gate is not None]
     runs = [run for round_ in control for run in round_ if run]
@@ -168,7 +172,8 @@ def calibrate_decision(
             if run
         ]
     )
-    settings["threshold"] = float(torch.quantile(scores.double(), quantile))
+    settings["threshold"] = separating_threshold(scores, quantile, margin)
+    settings["spread"] = float(scores.double().std()) if scores.numel() > 1 else 0.0
     return settings, scores
 
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from ..names import GATE_ACTIVATIONS, GATE_READS
 from .errors import InputSetError
-from .linear import fit_logistic, fit_pca, stratified_folds
+from .linear import fit_logistic, fit_pca, separating_threshold, stratified_folds
 
 __all__ = [
     "GATE_ACTIVATIONS",
@@ -215,7 +215,9 @@ def calibrate_gate_on_positions(
     means whose spread is much smaller than that of single positions, so applied per
     position it opens on many ordinary positions. This keeps the pooled direction and
     moves the threshold: at the ``quantile`` of control-position logits the gate equals
-    ``ceiling``. The bias only ever decreases (the gate never opens more than before).
+    ``ceiling``. The bias only ever decreases (the gate never opens more than before). A step
+    gate, which decides, opens at :func:`~.linear.separating_threshold` of those logits, so that
+    no control position sits on its edge.
     """
     if not 0.0 < quantile < 1.0 or not 0.0 < ceiling < 1.0:
         raise ValueError("quantile and ceiling must lie strictly between 0 and 1")
@@ -223,7 +225,10 @@ def calibrate_gate_on_positions(
         raise InputSetError("gate calibration needs control positions: a non-empty (rows, C) matrix")
     with torch.no_grad():
         logits = control_positions.float() @ gate.weight
-        level = torch.quantile(logits.double(), quantile).float()
+        if gate.activation == "step":
+            level = torch.tensor(separating_threshold(logits, quantile), dtype=torch.float32)
+        else:
+            level = torch.quantile(logits.double(), quantile).float()
         target_logit = _logit_of(gate, ceiling)
         new_bias = torch.minimum(gate.bias, target_logit - level)
         gate.bias.copy_(new_bias)
@@ -253,8 +258,9 @@ def calibrate_gate_two_sided(
     stays shut) and at the ``concept_quantile`` of concept positions it is ``concept_level``
     (the concept opens it). The direction is kept; its scale and the bias are set.
 
-    A step gate has no slope: it opens exactly above the control quantile, and ``True`` says
-    that the concept quantile lies above it. When the fitted direction does not put those two
+    A step gate has no slope: it opens above the control quantile (at
+    :func:`~.linear.separating_threshold`, so that no control row sits on its edge), and ``True``
+    says that the concept quantile lies above it. When the fitted direction does not put those two
     quantiles in the right order (the concept's is below the control's), no rescaling can meet
     both: the control end is kept (as :func:`calibrate_gate_on_positions` does) and ``False``
     is returned.
@@ -268,9 +274,10 @@ def calibrate_gate_two_sided(
         weight = gate.weight.double()
         low = torch.quantile(control_positions.double() @ weight, control_quantile)
         high = torch.quantile(concept_positions.double() @ weight, concept_quantile)
-        if gate.activation == "step":  # no slope to set: open exactly above the control quantile
-            gate.bias.fill_(-float(low))
-            return bool(high > low)
+        if gate.activation == "step":  # no slope to set: open above the control quantile
+            edge = separating_threshold(control_positions.double() @ weight, control_quantile)
+            gate.bias.fill_(-edge)
+            return bool(high > edge)
         target_low, target_high = _logit_of(gate, control_level), _logit_of(gate, concept_level)
         if not bool(high > low):
             gate.bias.copy_(torch.minimum(gate.bias, torch.tensor(target_low - float(low), dtype=torch.float32)))

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["fit_logistic", "fit_pca", "sorted_quantiles", "stratified_folds"]
+__all__ = [
+    "THRESHOLD_MARGIN",
+    "fit_logistic",
+    "fit_pca",
+    "separating_bounds",
+    "separating_threshold",
+    "sorted_quantiles",
+    "stratified_folds",
+]
+
+#: above the largest calibration value, how far a threshold lies, in standard deviations of the values
+THRESHOLD_MARGIN = 0.01
 
 
 def fit_logistic(
@@ -73,3 +84,60 @@ def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> list[torch.
         members = members[torch.randperm(members.numel(), generator=generator)]
         assignment[members] = torch.arange(members.numel()) % folds
     return [(assignment == fold).nonzero().flatten() for fold in range(folds)]
+
+
+def separating_threshold(values: torch.Tensor, quantile: float, margin: float = THRESHOLD_MARGIN) -> float:
+    """A threshold for ``value > threshold`` at the ``quantile`` of ``values`` that none of them lies on.
+
+    The values at or below the ``quantile`` (linear interpolation, as :func:`torch.quantile`) stay
+    at or below the threshold and those above it stay above, so the count on each side is the
+    quantile's; but the threshold lies midway between the highest value at or below the quantile
+    and the lowest one above it, and with nothing above (``quantile=1``) ``margin`` standard
+    deviations of ``values`` above the largest. A calibration value then keeps its side when it
+    is computed again with other rounding (another batch, thread count, CPU or dtype), unless two
+    values are that close to each other.
+
+    Examples:
+        >>> separating_threshold(torch.tensor([0.0, 1.0, 2.0, 4.0]), 0.5)  # between 1 and 2
+        1.5
+        >>> round(separating_threshold(torch.tensor([0.0, 1.0, 2.0, 4.0]), 1.0, margin=0.1), 4)  # 4 + 0.1 * std
+        4.1708
+    """
+    return float(_separating_columns(values.detach().double().reshape(-1, 1), quantile, margin)[0])
+
+
+def separating_bounds(
+    values: torch.Tensor, quantiles: tuple[float, float], margin: float = THRESHOLD_MARGIN
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per column of ``values`` ``(samples, units)``, bounds ``[low, high]`` at its ``quantiles``
+    that lie on none of its values, as :func:`separating_threshold` places one: with ``(0, 1)``
+    the minimum and the maximum, each widened by ``margin`` standard deviations, so that the
+    extreme samples lie inside with room to spare.
+
+    Examples:
+        >>> low, high = separating_bounds(torch.tensor([[0.0], [1.0], [2.0]]), (0.0, 1.0), margin=0.1)
+        >>> round(float(low), 2), round(float(high), 2)
+        (-0.1, 2.1)
+    """
+    low_q, high_q = quantiles
+    rows = values.detach().double()
+    return -_separating_columns(-rows, 1.0 - low_q, margin), _separating_columns(rows, high_q, margin)
+
+
+def _separating_columns(values: torch.Tensor, quantile: float, margin: float) -> torch.Tensor:
+    """:func:`separating_threshold` of each column of ``values`` ``(samples, units)``."""
+    if not 0.0 < quantile <= 1.0:
+        raise ValueError(f"quantile must lie in (0, 1], got {quantile!r}")
+    if not margin > 0.0:
+        raise ValueError(f"margin must be positive, got {margin!r}")
+    if values.shape[0] == 0:
+        raise ValueError("a threshold needs at least one calibration value")
+    ordered = values.sort(dim=0).values
+    size = ordered.shape[0]
+    level = torch.quantile(ordered, quantile, dim=0)
+    count = (ordered <= level).sum(0)  # per column, the values at or below the quantile (at least one)
+    highest = ordered.gather(0, (count - 1).unsqueeze(0))[0]
+    following = ordered.gather(0, count.clamp_max(size - 1).unsqueeze(0))[0]
+    spread = ordered.std(0) if size > 1 else torch.zeros_like(highest)
+    spread = torch.where(spread > 0, spread, highest.abs().clamp_min(1.0))
+    return torch.where(count < size, (highest + following) / 2, highest + margin * spread)

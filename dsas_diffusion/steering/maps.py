@@ -13,7 +13,7 @@ from torch import nn
 
 from ..names import MAP_NAMES
 from .errors import InputSetError
-from .linear import fit_logistic, sorted_quantiles
+from .linear import fit_logistic, separating_bounds, sorted_quantiles
 
 __all__ = ["MAP_NAMES", "SteeringMap", "fit_caa", "fit_iti", "fit_linear_act", "identity_affine_map"]
 
@@ -148,7 +148,10 @@ def fit_linear_act(
     With equal counts the sorted samples are paired directly (1-D optimal transport); with
     unequal counts both sides are resampled at the same ``min(n_S, n_T)`` quantile levels.
     The map is applied only inside the source support ``[q_lo, q_hi]`` quantiles of each
-    unit (``(0, 1)``: min and max); ``support_quantiles=None`` applies it everywhere.
+    unit (``(0, 1)``: min and max); ``support_quantiles=None`` applies it everywhere. No source
+    sample lies on an edge of the support, where rounding would decide whether it is steered: the
+    edges lie midway to the next sample outside, or, beyond the extremes, 0.01 standard
+    deviations of the unit's source samples further out (:func:`~.linear.separating_bounds`).
     """
     _check_pair(source, target, "Linear-AcT")
     count = min(source.shape[0], target.shape[0])
@@ -166,9 +169,7 @@ def fit_linear_act(
         lo_q, hi_q = support_quantiles
         if not 0.0 <= lo_q < hi_q <= 1.0:
             raise ValueError(f"support_quantiles must satisfy 0 <= lo < hi <= 1, got {support_quantiles}")
-        levels = torch.tensor([lo_q, hi_q], dtype=torch.float64)
-        lo, hi = torch.quantile(source.double(), levels, dim=0)
-        support = (lo, hi)
+        support = separating_bounds(source, (lo_q, hi_q))
     return SteeringMap(bias, weight=weight, support=support)
 
 
