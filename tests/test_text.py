@@ -10,6 +10,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from lm_rounding import assert_greedy_agrees
 from tiny_lms import FAMILIES, build
 from transformers import TextIteratorStreamer
 
@@ -66,35 +67,62 @@ def test_strength_zero_and_no_steering_are_token_identical_to_stock_generate(lm)
     assert not torch.equal(steered, stock)  # and the steering acts
 
 
+def continuations(result) -> list[list[int]]:
+    """Each row's new tokens."""
+    return result.sequences[:, result.prompt_length :].tolist()
+
+
+def assert_same_greedy(lm, one, other, strength: float, gate: str) -> None:
+    """Two ``generate`` results over ``PROMPTS`` (or one prompt each, in order) agree token for
+    token, up to a tie that rounding decides (:func:`lm_rounding.assert_greedy_agrees`)."""
+    prompts = PROMPTS[: len(one.texts)]
+    for prompt, first, second in zip(prompts, continuations(one), continuations(other), strict=True):
+        assert_greedy_agrees(lm, prompt, first, second, strength, gate=gate)
+
+
+@pytest.mark.numerics
 def test_cached_and_uncached_steered_generation_agree(lm):
-    for gate in (True, False):
-        cached = lm.generate(PROMPTS, steering_strength=4.0, steering_gate=gate, **GREEDY).sequences
+    for gate in ("dsas", "none"):
+        cached = lm.generate(PROMPTS, steering_strength=4.0, steering_gate=gate, **GREEDY)
         uncached = lm.generate(PROMPTS, steering_strength=4.0, steering_gate=gate, use_cache=False, **GREEDY)
-        assert torch.equal(cached, uncached.sequences)
+        assert_same_greedy(lm, cached, uncached, 4.0, gate)
 
 
+@pytest.mark.numerics
 def test_a_static_cache_steers_like_the_dynamic_one(lm):
-    dynamic = lm.generate(PROMPTS, steering_strength=4.0, steering_gate=False, **GREEDY).sequences
-    static = lm.generate(PROMPTS, steering_strength=4.0, steering_gate=False, cache_implementation="static", **GREEDY)
-    assert torch.equal(static.sequences, dynamic)
+    dynamic = lm.generate(PROMPTS, steering_strength=4.0, steering_gate="none", **GREEDY)
+    static = lm.generate(PROMPTS, steering_strength=4.0, steering_gate="none", cache_implementation="static", **GREEDY)
+    assert_same_greedy(lm, static, dynamic, 4.0, "none")
     with pytest.raises(SteeringError, match="automatic compilation"):
         lm.generate(PROMPTS, steering_strength=1.0, disable_compile=False, **GREEDY)
 
 
+@pytest.mark.numerics
+def test_continuations_that_differ_beyond_a_tie_fail_the_comparison(lm):
+    greedy = continuations(lm.generate(PROMPTS[:1], steering_strength=4.0, steering_gate="none", **GREEDY))[0]
+    ids = lm.tokenizer(PROMPTS[0]).input_ids
+    with lm.steering(4.0, gate="none"), torch.no_grad():
+        unlikely = int(lm.model(torch.tensor([ids])).logits[0, -1].argmin())
+    with pytest.raises(AssertionError, match="not a tie"):
+        assert_greedy_agrees(lm, PROMPTS[0], greedy, [unlikely, *greedy[1:]], 4.0, gate="none")
+
+
+@pytest.mark.numerics
 def test_a_left_padded_batch_gives_each_prompt_what_it_gives_alone(lm):
-    batch = lm.generate(PROMPTS, steering_strength=4.0, steering_gate=False, **GREEDY)
-    for index, prompt in enumerate(PROMPTS):
-        alone = lm.generate([prompt], steering_strength=4.0, steering_gate=False, **GREEDY)
-        assert alone.texts[0] == batch.texts[index]
+    batch = continuations(lm.generate(PROMPTS, steering_strength=4.0, steering_gate="none", **GREEDY))
+    for prompt, together in zip(PROMPTS, batch, strict=True):
+        alone = continuations(lm.generate([prompt], steering_strength=4.0, steering_gate="none", **GREEDY))[0]
+        assert_greedy_agrees(lm, prompt, alone, together, 4.0, gate="none")
 
 
+@pytest.mark.numerics
 def test_one_strength_per_prompt_gives_each_prompt_its_tokens_alone(lm):
     stock = _stock(lm, PROMPTS, **GREEDY)
     for gate in ("none", "dsas"):
         batch = lm.generate(PROMPTS, steering_strength=[8.0, 0.0], steering_gate=gate, **GREEDY)
         assert torch.equal(batch.sequences[1], stock[1])  # λ 0 beside a steered prompt: the stock tokens
         alone = lm.generate(PROMPTS[:1], steering_strength=8.0, steering_gate=gate, **GREEDY)
-        assert alone.texts[0] == batch.texts[0]
+        assert_greedy_agrees(lm, PROMPTS[0], continuations(alone)[0], continuations(batch)[0], 8.0, gate=gate)
     # each prompt's beams (and returned sequences) follow its λ; gate maps from the replay
     beams = {"num_beams": 2, "num_return_sequences": 2, "max_new_tokens": 4}
     mixed = lm.generate(PROMPTS, steering_strength={"default": [0.0, 8.0]}, return_gate_maps=True, **beams)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_text import CONTROL, GREEDY, PROMPTS, SOURCE, TARGET
+from lm_rounding import assert_greedy_agrees
+from test_text import CONTROL, GREEDY, PROMPTS, SOURCE, TARGET, assert_same_greedy, continuations
 from tiny_lms import FAMILIES, build
 
 from dsas_diffusion import DSASLanguageModel, FitConfig
@@ -19,12 +20,13 @@ from dsas_diffusion.text import hook_points
 CONTEXT = {"gate_reads": "context", "gate_fit_on": "contrast"}
 
 
-def _generate(lm: DSASLanguageModel, prompts: list[str], seed: int | None = None, **kwargs) -> torch.Tensor:
+def _generate(lm: DSASLanguageModel, prompts: list[str], seed: int | None = None, **kwargs):
     if seed is not None:
         torch.manual_seed(seed)
-    return lm.generate(prompts, steering_strength=4.0, **kwargs).sequences
+    return lm.generate(prompts, steering_strength=4.0, **kwargs)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("family,context_layer", [(family, None) for family in FAMILIES] + [("qwen3", 0), ("gpt2", 0)])
 def test_context_gates_are_exact_through_generate(family, context_layer, tmp_path):
     """Each gate on its own layer's context, or (``context_layer``) every gate on the first layer's."""
@@ -46,12 +48,17 @@ def test_context_gates_are_exact_through_generate(family, context_layer, tmp_pat
     }
     for name, mode in modes.items():
         cached = _generate(lm, PROMPTS, seed=0, **mode)
-        assert torch.equal(_generate(lm, PROMPTS, seed=0, use_cache=False, **mode), cached), name
-        assert torch.equal(_generate(lm, PROMPTS, seed=0, cache_implementation="static", **mode), cached), name
+        for other in ({"use_cache": False}, {"cache_implementation": "static"}):
+            again = _generate(lm, PROMPTS, seed=0, **other, **mode)
+            if name == "greedy":  # token for token, up to a tie that rounding decides
+                assert_same_greedy(lm, cached, again, 4.0, "dsas")
+            else:  # a draw or a beam flips only where rounding crosses a boundary: seen on no CPU so far
+                assert torch.equal(again.sequences, cached.sequences), (name, other)
     steered = lm.generate(PROMPTS, steering_strength=64.0, **GREEDY).sequences
     assert not torch.equal(steered, stock)  # the gates open somewhere: steering acts
-    batch = lm.generate(PROMPTS, steering_strength=4.0, **GREEDY).texts
-    assert [lm.generate([p], steering_strength=4.0, **GREEDY).texts[0] for p in PROMPTS] == batch
+    batch = continuations(_generate(lm, PROMPTS, **GREEDY))
+    for prompt, together in zip(PROMPTS, batch, strict=True):
+        assert_greedy_agrees(lm, prompt, continuations(_generate(lm, [prompt], **GREEDY))[0], together, 4.0)
     out = lm.generate(PROMPTS, steering_strength=1.0, return_gate_maps=True, **GREEDY)
     mask = lm._sequence_mask(out.sequences, out.prompt_length, out.sequences[:, : out.prompt_length] != 0, 1)
     replay = lm._replay(out.sequences, mask, 1.0)
