@@ -9,7 +9,7 @@ TORCH   := torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo app test test-fast test-vllm lint docs pictures install chromium clean
+.PHONY: demo app test test-fast test-numerics test-vllm test-vllm-numerics lint docs pictures install chromium clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -45,6 +45,13 @@ test: $(STAMP) chromium docs
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -ra
 
+# the tests marked numerics again under another rounding: torch's portable kernels and MKL's AVX2 ones (CPUs
+# differ: AVX-512 machines round otherwise than AVX2 ones; neither setting reproduces another CPU, both change it)
+OTHER_KERNELS := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=AVX2
+
+test-numerics: $(STAMP)
+	$(OTHER_KERNELS) $(PY) -m pytest -q -ra -m numerics
+
 # DSAS in vLLM (tests/vllm_engine/): vLLM's CPU build pins its own torch and transformers, so it gets its
 # own environment; torchvision, torchaudio and torchcodec from the index do not import beside it
 VLLM_VENV  ?= .venv-vllm
@@ -60,6 +67,11 @@ $(VLLM_STAMP): pyproject.toml
 
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_VENV)/bin/python -m pytest -q -ra -p no:cacheprovider -o addopts="" tests/vllm_engine
+
+# the same comparisons of vLLM with transformers once more, under the other rounding (and another of vLLM's
+# batch splits, which change from run to run)
+test-vllm-numerics: $(VLLM_STAMP)
+	$(OTHER_KERNELS) $(VLLM_VENV)/bin/python -m pytest -q -ra -p no:cacheprovider -o addopts="" tests/vllm_engine
 
 # for development: skips the end-to-end tests marked slow (make test and CI run everything)
 test-fast: $(STAMP)

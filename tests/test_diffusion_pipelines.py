@@ -61,6 +61,7 @@ def test_strength_zero_and_no_steering_are_bit_identical_to_the_stock_pipeline(t
     assert not np.array_equal(steered, reference)  # and the steering does act
 
 
+@pytest.mark.numerics
 def test_a_batch_gives_the_images_of_each_prompt_alone(tiny, fitted):
     pipe, _ = fitted
     batch = _run(pipe, PROMPTS, steering_strength=1.0, **tiny.call_kwargs).images
@@ -69,6 +70,7 @@ def test_a_batch_gives_the_images_of_each_prompt_alone(tiny, fitted):
         np.testing.assert_allclose(alone[0], batch[i], atol=2e-3)
 
 
+@pytest.mark.numerics
 def test_one_strength_per_prompt_gives_each_prompt_its_image_alone(tiny, fitted):
     pipe, _ = fitted
     stock = tiny.stock()

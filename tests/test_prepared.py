@@ -13,6 +13,7 @@ from dsas_diffusion.steering.prepared import PreparedLayer
     ("layout", "shape"),
     [("channels_last", (2, 5, WIDTH)), ("channels_last", (7, WIDTH)), ("channels_first", (2, WIDTH, 3, 4))],
 )
+@pytest.mark.numerics
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prepared_layer_equals_the_reference(layout, shape, dtype):
     x = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 2.0).to(dtype)
@@ -45,6 +46,7 @@ def test_prepared_layer_reads_a_non_contiguous_activation():
     ("layout", "shape"),
     [("channels_last", (3, 5, WIDTH)), ("channels_last", (3, WIDTH)), ("channels_first", (3, WIDTH, 2, 2))],
 )
+@pytest.mark.numerics
 def test_one_strength_per_sample_steers_each_sample_as_alone_and_leaves_a_zero_one_untouched(layout, shape):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 2.0
     strengths = torch.tensor([0.0, 1.5, -2.0])

@@ -30,12 +30,14 @@ def _lines(text: str) -> list[str]:
     return [line.rstrip() for line in text.strip().splitlines()]
 
 
+@pytest.mark.numerics
 def test_readme_module_example_prints_what_the_readme_shows(tmp_path, monkeypatch, capsys):
     printed, documented = _run("## Any torch module", tmp_path, monkeypatch, capsys)
     assert _lines(printed) == _lines(documented)
     assert (tmp_path / "steering-demo" / "steering_config.json").is_file()
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_readme_pipeline_example_prints_what_the_readme_shows(tmp_path, monkeypatch, capsys):
     printed, documented = _run("## Quick start", tmp_path, monkeypatch, capsys)
@@ -44,6 +46,7 @@ def test_readme_pipeline_example_prints_what_the_readme_shows(tmp_path, monkeypa
     assert (tmp_path / "steering-banana" / "steering.safetensors").is_file()
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_readme_language_model_example_prints_what_the_readme_shows(tmp_path, monkeypatch, capsys):
     printed, documented = _run("## Language models", tmp_path, monkeypatch, capsys)

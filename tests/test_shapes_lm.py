@@ -70,6 +70,7 @@ def test_every_shipped_weight_file_together_stays_within_50_mb():
     assert total < 50 * 2**20, f"{total / 2**20:.1f} MiB"
 
 
+@pytest.mark.numerics
 def test_shipped_text_examples_are_what_their_recipe_fits(lm, tmp_path):
     """Every concept and map of the Text tab ships, and refitting one gives its tensors."""
     from safetensors.torch import load_file
