@@ -68,7 +68,7 @@ def test_context_gates_are_exact_through_generate(family, context_layer, tmp_pat
     again = DSASLanguageModel(model, tokenizer)
     again.load_steering(tmp_path)
     assert {layer.gate.source for layer in again.steerers["default"].layers} == sources
-    assert torch.equal(_generate(again, PROMPTS, **GREEDY), _generate(lm, PROMPTS, **GREEDY))
+    assert torch.equal(_generate(again, PROMPTS, **GREEDY).sequences, _generate(lm, PROMPTS, **GREEDY).sequences)
 
 
 def test_the_context_is_the_mean_of_the_values_each_token_attends_to():
