@@ -47,7 +47,9 @@ test: $(STAMP) chromium docs
 
 # the tests marked numerics again under another rounding: torch's portable kernels and MKL's AVX2 ones (CPUs
 # differ: AVX-512 machines round otherwise than AVX2 ones; neither setting reproduces another CPU, both change it)
-OTHER_KERNELS := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=AVX2
+# (inductor's cache of compiled kernels is kept apart: torch 2.14 serves kernels compiled under one setting to
+# another, with wrong results)
+OTHER_KERNELS := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=AVX2 TORCHINDUCTOR_CACHE_DIR=/tmp/dsas-inductor-default
 
 test-numerics: $(STAMP)
 	$(OTHER_KERNELS) $(PY) -m pytest -q -ra -m numerics
@@ -72,7 +74,7 @@ test-vllm: $(VLLM_STAMP)
 # splits, which change from run to run); torch 2.13's inductor, which vLLM's CPU worker calls, generates code
 # that does not compile under ATEN_CPU_CAPABILITY=default
 test-vllm-numerics: $(VLLM_STAMP)
-	ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+	ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 TORCHINDUCTOR_CACHE_DIR=/tmp/dsas-inductor-avx2 \
 		$(VLLM_VENV)/bin/python -m pytest -q -ra -p no:cacheprovider -o addopts="" tests/vllm_engine
 
 # for development: skips the end-to-end tests marked slow (make test and CI run everything)

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from kernels import needs_native_kernels
+from kernels import needs_inductor
 from torch import nn
 from torch._dynamo.utils import counters
 
@@ -35,7 +35,7 @@ def toy():
     return model, steerer, torch.randn(3, 6, 16)
 
 
-@needs_native_kernels
+@needs_inductor
 @pytest.mark.parametrize("gate", [True, False])
 @torch.no_grad()
 def test_a_compiled_steered_model_matches_eager_and_never_recompiles_for_a_new_strength(toy, gate):
@@ -62,7 +62,7 @@ def test_a_compiled_steered_model_matches_eager_and_never_recompiles_for_a_new_s
     torch.testing.assert_close(compiled(x), stock)  # detached: untouched, though the graph was traced with it
 
 
-@needs_native_kernels
+@needs_inductor
 @pytest.mark.parametrize("gate", [True, False])
 @torch.no_grad()
 def test_one_strength_per_sample_compiles_one_graph_for_every_mix_of_strengths(toy, gate):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline
-from kernels import needs_native_kernels
+from kernels import needs_bfloat16_kernels
 from PIL import Image
 from tiny_pipelines import FAMILIES, build, fit
 
@@ -289,7 +289,7 @@ def test_attention_and_vae_slicing(case, strength):
     np.testing.assert_allclose(sliced.images, unsliced, atol=1e-5)
 
 
-@needs_native_kernels
+@needs_bfloat16_kernels
 def test_to_dtype(case, tokenizer_dir):
     tiny = build(case.family, tokenizer_dir)
     pipe = tiny.dsas().to(torch.bfloat16)

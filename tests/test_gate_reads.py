@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from kernels import needs_native_kernels
+from kernels import needs_inductor
 from torch import nn
 from torch._dynamo.utils import counters
 
@@ -166,7 +166,7 @@ def test_gate_reads_input_is_refused_where_it_cannot_be_fitted():
         fit_steerer(Model(), ["widen"], *_sets(), map="lineas", gate="e2e", gate_reads="input", progress=False)
 
 
-@needs_native_kernels
+@needs_inductor
 @torch.no_grad()
 def test_a_gate_reading_the_input_compiles_without_graph_breaks_and_matches_eager():
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from kernels import needs_native_kernels
+from kernels import needs_inductor
 from torch import nn
 
 from dsas_diffusion.errors import SteeringFileError
@@ -125,7 +125,7 @@ def test_fitting_a_sample_gate_shuts_control_samples_and_round_trips_through_the
         Steerer.from_pretrained(tmp_path)
 
 
-@needs_native_kernels
+@needs_inductor
 @torch.no_grad()
 def test_a_sample_gate_compiles_without_graph_breaks_and_matches_eager():
     model = nn.Sequential(nn.Linear(WIDTH, WIDTH)).eval()
