@@ -40,6 +40,7 @@ __all__ = [
     "replace_output",
     "resolve_layout",
     "resolve_module",
+    "same_positions",
 ]
 
 LAYOUTS = ("auto", "channels_last", "channels_first")
@@ -109,6 +110,21 @@ class HookPoint:
     def to_dict(self) -> dict[str, Any]:
         entry = {"module": self.module, "output_index": self.output_index, "layout": self.layout}
         return entry if self.reads == "output" else {**entry, "reads": self.reads}
+
+
+def same_positions(a: torch.Tensor, b: torch.Tensor, dim: int) -> bool:
+    """Whether ``a`` and ``b`` have the same positions: equal shapes but for the features on ``dim``.
+
+    Examples:
+        >>> same_positions(torch.ones(2, 5, 3), torch.ones(2, 5, 8), -1), same_positions(torch.ones(2, 4, 3), torch.ones(2, 5, 3), -1)
+        (True, False)
+    """
+    if a.ndim != b.ndim:
+        return False
+    if dim == -1:
+        return a.shape[:-1] == b.shape[:-1]
+    keep = [i for i in range(a.ndim) if i != dim % a.ndim]
+    return all(a.shape[i] == b.shape[i] for i in keep)
 
 
 def resolve_module(model: nn.Module, name: str) -> nn.Module:

@@ -9,25 +9,10 @@ from torch import nn
 
 from .errors import ActivationError, IncompatibleSteeringError
 from .gate import LinearGate
-from .hookpoints import HookPoint, feature_dim, pool
+from .hookpoints import HookPoint, feature_dim, pool, same_positions
 from .maps import SteeringMap
 
 __all__ = ["SteeringLayer", "module_signature", "same_positions"]
-
-
-def same_positions(a: torch.Tensor, b: torch.Tensor, dim: int) -> bool:
-    """Whether ``a`` and ``b`` have the same positions: equal shapes but for the features on ``dim``.
-
-    Examples:
-        >>> same_positions(torch.ones(2, 5, 3), torch.ones(2, 5, 8), -1), same_positions(torch.ones(2, 4, 3), torch.ones(2, 5, 3), -1)
-        (True, False)
-    """
-    if a.ndim != b.ndim:
-        return False
-    if dim == -1:
-        return a.shape[:-1] == b.shape[:-1]
-    keep = [i for i in range(a.ndim) if i != dim % a.ndim]
-    return all(a.shape[i] == b.shape[i] for i in keep)
 
 
 def _adapter_wrapper(module: nn.Module) -> bool:
@@ -136,69 +121,30 @@ class SteeringLayer(nn.Module):
 
     def gate_values(self, x: torch.Tensor) -> torch.Tensor:
         """The gate at every position of ``x``, the activation it reads (float32, ``x``'s
-        shape without its features)."""
+        shape without its features): the gate module, times the sample gate on the mean over
+        positions, as they were fitted."""
         if self.gate is None:
             raise ActivationError(f"layer {self.name!r} has no gate; steer it with gating off")
         dim = feature_dim(self.hook_point.layout)
-        return self._gate(self._gate_reading(x, None), dim).squeeze(dim)
-
-    def _gate(self, reading: torch.Tensor, dim: int) -> torch.Tensor:
-        """The gate on ``reading`` (float32), times the sample gate on its mean over positions."""
-        values = self.gate(reading, dim)
-        if self.sample_gate is None:
-            return values
-        # the mean over positions, as the rows it was fitted on were pooled
-        sample = self.sample_gate(pool(reading, self.hook_point.layout))
-        return values * sample.view((-1,) + (1,) * (reading.ndim - 1))
-
-    def _gate_reading(self, x: torch.Tensor, output: torch.Tensor | None) -> torch.Tensor:
-        """``x`` (what the gate reads), checked against the gate's width and, for a gate
-        reading the input, against the positions of the ``output`` it scales."""
-        dim = feature_dim(self.hook_point.layout)
-        what = self.gate_reads
         if x.ndim < 2 or x.shape[dim] != self.gate.width:
             raise IncompatibleSteeringError(
-                f"module {self.name!r}: its {what} has shape {tuple(x.shape)} but its gate reads "
+                f"module {self.name!r}: its {self.gate_reads} has shape {tuple(x.shape)} but its gate reads "
                 f"{self.gate.width} features on dimension {dim}; this steering was made for another model"
             )
-        if output is not None and not same_positions(x, output, dim):
-            raise IncompatibleSteeringError(
-                f"module {self.name!r}: its gate reads the {what}, of shape {tuple(x.shape)}, but the output "
-                f"it steers has shape {tuple(output.shape)}; a gate can read the {what} only where both have "
-                "the same positions (refit with gate_reads='output')"
-            )
-        return x.float()
+        reading = x.float()
+        values = self.gate(reading, dim)
+        if self.sample_gate is not None:
+            sample = self.sample_gate(pool(reading, self.hook_point.layout))
+            values = values * sample.view((-1,) + (1,) * (reading.ndim - 1))
+        return values.squeeze(dim)
 
     def steer(
         self, x: torch.Tensor, strength: float, gated: bool, gate_input: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Steer activation ``x``; return the result (in ``x``'s dtype) and the gate values
-        (``x`` without its feature dimension, float32) when ``gated``. ``gate_input``: the
-        module's input, needed when the gate reads it."""
-        layout = self.hook_point.layout
-        dim = feature_dim(layout)
-        if x.ndim < 2 or x.shape[dim] != self.width:
-            raise IncompatibleSteeringError(
-                f"module {self.name!r} produced an activation of shape {tuple(x.shape)} but its "
-                f"steering expects {self.width} features on dimension {dim} ({layout}); "
-                "this steering was made for another model or another hook point."
-            )
-        shape = (self.width,) if dim == -1 else (1, self.width) + (1,) * (x.ndim - 2)
-        xf = x.float()
-        delta = self.map.delta(xf, shape)
-        gate_values = None
-        if gated:
-            if self.gate is None:
-                raise ActivationError(f"layer {self.name!r} has no gate; steer it with gating off")
-            if self.gate_reads != "output":
-                if gate_input is None:
-                    raise ActivationError(f"layer {self.name!r}: its gate reads the {self.gate_reads}; pass gate_input")
-                gate_values = self._gate(self._gate_reading(gate_input, x), dim)
-            else:
-                gate_values = self._gate(xf, dim)
-            steered = torch.addcmul(xf, gate_values, delta, value=strength)  # x + λ·s(x)·δ in one kernel
-        else:
-            steered = torch.add(xf, delta, alpha=strength)
-        if gate_values is not None:
-            gate_values = gate_values.squeeze(dim)
-        return steered.to(x.dtype), gate_values
+        """Steer activation ``x`` with the steering formula (:class:`~.prepared.PreparedLayer`, on
+        this layer's own tensors: differentiable, LinEAS trains through it); return the result
+        (in ``x``'s dtype) and the gate values (``x`` without its feature dimension, float32)
+        when ``gated``. ``gate_input``: the module's input, needed when the gate reads it."""
+        from .prepared import PreparedLayer  # (the formula reads layers)
+
+        return PreparedLayer(self, x.device, differentiable=True)(x, strength, gated, gate_input)

@@ -1,13 +1,14 @@
-"""One hooked module's steering prepared for inference: ``t + λ·s(t)·(T(t) − t)`` in as few
-kernels as the arithmetic allows.
+"""The steering formula, written once: ``t' = t + λ·s·(T(t) − t)`` for one hooked module.
 
-:meth:`SteeringLayer.steer` is the reference (differentiable; LinEAS trains through it). At
-inference every hook call pays a fixed cost per tensor operation, which dominates when the
-activation is small (one decoding step of a language model: a few thousand numbers per
-hook). :class:`PreparedLayer` reads the layer's tensors once per session and device, already
-shaped for broadcasting, and then steers with seven kernels for a gated affine map with a
-support (three for a gated shift, one for a uniform shift) instead of about twenty operator
-calls. On CUDA with Triton installed it steers with one kernel instead (:mod:`.fused`).
+:class:`PreparedLayer` is the one implementation of the formula. Every path steers through it:
+the hooks at inference, the vLLM worker, and :meth:`SteeringLayer.steer`, the differentiable
+form LinEAS trains through (``differentiable=True``: the layer's own tensors, no in-place
+operations). At inference every hook call pays a fixed cost per tensor operation, which
+dominates when the activation is small (one decoding step of a language model: a few thousand
+numbers per hook), so the formula reads the layer's tensors once per session and device,
+already shaped for broadcasting, and steers with seven kernels for a gated affine map with a
+support (three for a gated shift, one for a uniform shift). On CUDA with Triton installed it
+steers with one kernel instead (:mod:`.fused`, tested against this formula).
 """
 
 from __future__ import annotations
@@ -19,16 +20,17 @@ import torch
 from .errors import ActivationError, IncompatibleSteeringError
 from .fused import ACTIVATION_CODES, fused_steer, uses_kernel
 from .gate import gate_opening
-from .hookpoints import feature_dim, pool
-from .layer import same_positions
+from .hookpoints import feature_dim, pool, same_positions
 
 __all__ = ["PreparedLayer"]
 
 
 class PreparedLayer:
-    """The inference form of one :class:`~dsas_diffusion.steering.layer.SteeringLayer` on one
-    device. The layer's tensors are copied when it is made: a later edit of the layer is seen
-    only by the next session (sessions are made per call by the pipelines and the language model).
+    """The steering formula of one :class:`~dsas_diffusion.steering.layer.SteeringLayer` on one
+    device. At inference the layer's tensors are copied when it is made: a later edit of the layer
+    is seen only by the next session (sessions are made per call by the pipelines and the language
+    model). With ``differentiable=True`` it reads the layer's own tensors and computes without
+    in-place operations, so that gradients reach them (:meth:`SteeringLayer.steer`).
 
     Examples:
         >>> from dsas_diffusion.steering import HookPoint, LinearGate, SteeringLayer, SteeringMap
@@ -40,15 +42,18 @@ class PreparedLayer:
         True
     """
 
-    def __init__(self, layer, device: torch.device) -> None:  # layer: SteeringLayer (import cycle)
+    def __init__(self, layer, device: torch.device, differentiable: bool = False) -> None:  # layer: SteeringLayer
         self.name = layer.name
         self.width = layer.width
         self.layout = layer.hook_point.layout
         self.dim = feature_dim(self.layout)
         steering_map, gate = layer.map, layer.gate
 
+        self.inplace = not differentiable
+
         def vector(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor.detach().to(device=device, dtype=torch.float32).reshape(-1)
+            tensor = tensor if differentiable else tensor.detach()
+            return tensor.to(device=device, dtype=torch.float32).reshape(-1)
 
         self.bias = vector(steering_map.bias)
         self.slope = None if steering_map.weight is None else vector(steering_map.weight) - 1.0
@@ -76,9 +81,10 @@ class PreparedLayer:
         #: a copy of the sample gate on the device, or ``None`` (one small product per sample)
         self.sample_gate = None
         if layer.sample_gate is not None:
-            self.sample_gate = copy.deepcopy(layer.sample_gate).to(device=device, dtype=torch.float32)
+            self.sample_gate = layer.sample_gate if differentiable else copy.deepcopy(layer.sample_gate)
+            self.sample_gate = self.sample_gate.to(device=device, dtype=torch.float32)
         #: steer with the fused kernel (CUDA with Triton; see :mod:`.fused`)
-        self.kernel = uses_kernel(device)
+        self.kernel = uses_kernel(device) and not differentiable
         # the layer's tensors viewed to broadcast over activations of 2 to 5 dimensions
         self._views = {ndim: self._terms(ndim) for ndim in range(2, 6)}
 
@@ -107,10 +113,12 @@ class PreparedLayer:
         ``f`` with a size-1 feature dimension."""
         if self.half_floor:
             column, bias, scale = self.half_gate
-            return self._logits(xf, column, bias).tanh_().clamp_(min=0.0), scale
-        opening = gate_opening(self._logits(xf, self.gate_column, self.gate_bias), self.activation, inplace=True)
+            logits = self._logits(xf, column, bias)
+            return (logits.tanh_().clamp_(min=0.0) if self.inplace else logits.tanh().clamp(min=0.0)), scale
+        logits = self._logits(xf, self.gate_column, self.gate_bias)
+        opening = gate_opening(logits, self.activation, inplace=self.inplace)
         if self.floor > 0.0:
-            opening = opening.sub_(self.floor).clamp_(min=0.0)
+            opening = opening.sub_(self.floor).clamp_(min=0.0) if self.inplace else (opening - self.floor).clamp(min=0.0)
         return opening, self.gate_scale
 
     def __call__(
@@ -173,7 +181,8 @@ class PreparedLayer:
         else:
             opening, scale = self._gate(reading if reading.dtype == torch.float32 else reading.float())
         if factor is not None:
-            opening = opening.mul_(factor.view((-1,) + (1,) * (ndim - 1)))
+            factor = factor.view((-1,) + (1,) * (ndim - 1))
+            opening = opening.mul_(factor) if self.inplace else opening * factor
         if isinstance(strength, torch.Tensor):
             steered = torch.addcmul(xf, opening * strength, delta, value=scale)
         else:
@@ -181,7 +190,10 @@ class PreparedLayer:
         steered = steered if x.dtype == torch.float32 else steered.to(x.dtype)
         if not return_gates:
             return steered, None
-        gates = opening.mul_(scale) if scale != 1.0 else opening
+        if scale == 1.0:
+            gates = opening
+        else:
+            gates = opening.mul_(scale) if self.inplace else opening * scale
         return steered, gates.squeeze(self.dim)
 
     def sample_logits(self, x: torch.Tensor, gate_input: torch.Tensor | None = None) -> torch.Tensor:
