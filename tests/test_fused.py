@@ -104,12 +104,12 @@ def test_a_session_on_a_kernel_device_steers_with_it_and_matches_the_pytorch_pat
     x = sets[0][0].to(DEVICE)
     with steerer.apply(model, strength=1.5, record_gates=True) as session:
         steered = model(x)
-        assert all(prepared.kernel for prepared in session._prepared.values())
+        assert all(kernel for steering in session.steerings.values() for kernel in steering.kernels)
         gates = session.gate_maps["2"][0]
     monkeypatch.setenv("DSAS_FUSED_KERNEL", "0")  # the PyTorch path
     with steerer.apply(model, strength=1.5, record_gates=True) as session:
         expected = model(x)
-        assert not any(prepared.kernel for prepared in session._prepared.values())
+        assert not any(kernel for steering in session.steerings.values() for kernel in steering.kernels)
         expected_gates = session.gate_maps["2"][0]
     assert not torch.allclose(steered, model(x))
     torch.testing.assert_close(steered, expected, atol=1e-5, rtol=1e-5)

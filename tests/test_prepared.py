@@ -44,7 +44,9 @@ def test_the_formula_computes_the_definition(layout, shape, dtype):
             steered, gates = prepared(x, strength, gated)
             assert steered.dtype == x.dtype and steered.shape == x.shape, case
             tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}
-            torch.testing.assert_close(steered.double(), expected.to(dtype).double(), equal_nan=True, **tolerance, msg=case)
+            torch.testing.assert_close(
+                steered.double(), expected.to(dtype).double(), equal_nan=True, **tolerance, msg=case
+            )
             alone, no_gates = prepared(x, strength, gated, return_gates=False)  # the gates made only on request
             assert no_gates is None and torch.equal(alone.nan_to_num(), steered.nan_to_num()), case
             differentiable, _ = layer.steer(x, strength, gated)  # the same formula, without in-place operations
@@ -52,7 +54,9 @@ def test_the_formula_computes_the_definition(layout, shape, dtype):
             if gated:
                 positions = x.shape[:-1] if layout == "channels_last" else x.shape[:1] + x.shape[2:]
                 assert gates.shape == positions, case
-                torch.testing.assert_close(gates.double(), expected_gates, equal_nan=True, atol=1e-6, rtol=1e-5, msg=case)
+                torch.testing.assert_close(
+                    gates.double(), expected_gates, equal_nan=True, atol=1e-6, rtol=1e-5, msg=case
+                )
             else:
                 assert gates is None and expected_gates is None
 
@@ -70,7 +74,9 @@ def test_gradients_reach_the_layer_through_the_differentiable_form():
 def test_prepared_layer_reads_a_non_contiguous_activation():
     layer = dict(layer_kinds("channels_last"))["affine+support/sigmoid/floor=0.3/scale=0.6"]
     x = torch.randn(5, WIDTH, 4).transpose(1, 2)  # (5, 4, WIDTH), features not contiguous
-    torch.testing.assert_close(PreparedLayer(layer, x.device)(x, 1.5, True)[0], definition(layer, x, 1.5, True)[0].float())
+    torch.testing.assert_close(
+        PreparedLayer(layer, x.device)(x, 1.5, True)[0], definition(layer, x, 1.5, True)[0].float()
+    )
 
 
 @pytest.mark.parametrize(

@@ -147,7 +147,7 @@ def test_gate_maps_are_per_token_masked_and_equal_the_replay(lm):
         assert torch.isnan(gates[0, : width - short]).all() and not torch.isnan(gates[0, width - short]).any()
         assert torch.isnan(gates[:, -1]).all()  # the last token is never forwarded
     mask = lm._sequence_mask(out.sequences, width, out.sequences[:, :width] != 0, 1)
-    replay = lm._replay(out.sequences, mask, 1.0)
+    replay = lm._replay(out.sequences, mask, lm._plan(1.0, record_gates=True))
     for layer, gates in maps.items():
         np.testing.assert_allclose(gates.numpy(), replay["default"][layer].numpy(), atol=2e-3)  # NaN where both are
 

@@ -61,7 +61,7 @@ def test_context_gates_are_exact_through_generate(family, context_layer, tmp_pat
         assert_greedy_agrees(lm, prompt, continuations(_generate(lm, [prompt], **GREEDY))[0], together, 4.0)
     out = lm.generate(PROMPTS, steering_strength=1.0, return_gate_maps=True, **GREEDY)
     mask = lm._sequence_mask(out.sequences, out.prompt_length, out.sequences[:, : out.prompt_length] != 0, 1)
-    replay = lm._replay(out.sequences, mask, 1.0)
+    replay = lm._replay(out.sequences, mask, lm._plan(1.0, record_gates=True))
     for layer, gates in out.gate_maps["default"].items():
         np.testing.assert_allclose(gates.numpy(), replay["default"][layer].numpy(), atol=2e-3)
     steerer.save_pretrained(tmp_path)

@@ -7,7 +7,7 @@ resident NaN check) and changed per call through tensors, so the compiled graph 
 steering hooks without recompiling for a new strength, a new call or λ = 0. Calls that need
 something a traced graph cannot do per call run eagerly instead, with the same hooks as in an
 uncompiled pipeline: recording gate maps, a ``steering_steps`` window and FLUX's separate
-conditional call (:func:`needs_eager_call`).
+conditional call (:attr:`~.plan.ImageCallPlan.eager`).
 
 A steerer's first compiled use on a pipeline first runs one eager denoising step of the call
 (own generator, no output) to check that each hook point is on the image stream, the check
@@ -26,29 +26,22 @@ from torch import nn
 
 from ..steering import Steerer
 from ..steering.compiled import run_eagerly
-from ..steering.resident import ResidentSteering, Rows
-from ..steering.strengths import Strength
+from ..steering.hooks import Rows
+from ..steering.plan import CallPlan
+from ..steering.resident import ResidentSteering
 from .collect import ImageStreamCheck
 from .guards import ResidentFiniteCheck
+from .plan import ImageCallPlan
 
 __all__ = [
     "CompiledSteering",
     "checked_steerers",
-    "needs_eager_call",
     "probe_hook_points",
     "steer_compiled",
 ]
 
 #: call arguments the probe step leaves out (it makes no images and calls back nothing)
 _PROBE_DROPS = ("callback_on_step_end", "callback", "callback_steps", "generator", "output_type", "return_dict")
-
-
-def needs_eager_call(*, return_gate_maps: bool, stepped: bool, separate_cond: bool) -> bool:
-    """Whether a steered call on a compiled denoiser runs eagerly: gate maps record every gate
-    value, a step window (``stepped``: the call's or a steerer's) switches steering per
-    denoising step, and a separate conditional call is told from the unconditional one per
-    call; none of these is traced."""
-    return return_gate_maps or stepped or separate_cond
 
 
 def checked_steerers(pipe: Any) -> weakref.WeakSet:
@@ -71,11 +64,9 @@ class CompiledSteering:
         return self.resident.serves(denoiser, steerers)
 
     @contextlib.contextmanager
-    def steer(
-        self, strengths: Mapping[str, Strength], *, gate: str | Mapping[str, str], batch_rows: Rows
-    ) -> Iterator[ResidentFiniteCheck]:
-        """Steer the denoiser calls inside the block; yields the call's NaN check."""
-        with self.resident.steer(strengths, gate=gate, batch_rows=batch_rows):
+    def run(self, plan: CallPlan, rows: Rows) -> Iterator[ResidentFiniteCheck]:
+        """Steer the denoiser calls inside the block as ``plan`` says; yields the call's NaN check."""
+        with self.resident.run(plan, rows):
             yield self.finite.reset()
 
     def detach(self) -> None:
@@ -119,21 +110,18 @@ def steer_compiled(
     pipe: Any,
     stock_call: Callable[..., Any],
     resident: CompiledSteering,
-    active: Mapping[str, Steerer],
-    strengths: Mapping[str, Strength],
+    call: ImageCallPlan,
     args: tuple[Any, ...],
     kwargs: Mapping[str, Any],
-    gate: str | Mapping[str, str],
-    rows: Rows,
 ) -> Any:
-    """The stock call with the ``active`` steerers at their ``strengths`` through the resident
-    hooks of the compiled denoiser (the hook points of a steerer's first use probed first)."""
+    """The stock call steered as ``call`` says through the resident hooks of the compiled
+    denoiser (the hook points of a steerer's first use probed first)."""
     checked = checked_steerers(pipe)
-    unchecked = [steerer for steerer in active.values() if steerer not in checked]
+    unchecked = [c.steerer for c in call.plan.active.values() if c.steerer not in checked]
     if unchecked:
         probe_hook_points(pipe, stock_call, resident.resident.model, unchecked, args, kwargs)
         checked.update(unchecked)
-    with resident.steer(strengths, gate=gate, batch_rows=rows) as finite:
+    with resident.run(call.plan, call.rows) as finite:
         output = stock_call(*args, **kwargs)
-    finite.raise_if_not_finite(active, strengths)
+    finite.raise_if_not_finite(call.plan)
     return output

@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..steering import ActivationError, Steerer, SteeringError
+from ..steering import ActivationError, SteeringError
 from ..steering.hooks import SteeringSession
-from ..steering.strengths import Strength, describe_strength
+from ..steering.plan import CallPlan
+from ..steering.strengths import describe_strength
 
 __all__ = [
     "COMPOSING_HOOKS",
@@ -122,11 +123,13 @@ class FiniteOutputCheck:
     def __exit__(self, *exc: Any) -> None:
         self.handle.remove()
 
-    def raise_if_not_finite(self, steerers: Mapping[str, Steerer], strengths: Mapping[str, Strength]) -> None:
+    def raise_if_not_finite(self, plan: CallPlan) -> None:
+        """:class:`ActivationError` if the call steered by ``plan`` made a non-finite output."""
         if self.flag is None or bool(self.flag):
             return
-        bad_layers = [f"{name}:{layer}" for name, steerer in steerers.items() for layer in steerer.non_finite_layers()]
-        applied = ", ".join(f"{name!r} at strength {describe_strength(strengths[name])}" for name in steerers)
+        active = plan.active
+        bad_layers = [f"{name}:{layer}" for name, call in active.items() for layer in call.steerer.non_finite_layers()]
+        applied = ", ".join(f"{name!r} at strength {describe_strength(call.strength)}" for name, call in active.items())
         cause = (
             f"layers {bad_layers} hold NaN or infinite values: refit or reload the steering"
             if bad_layers

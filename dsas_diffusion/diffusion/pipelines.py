@@ -42,14 +42,12 @@ from ..names import CFG_MODES, DEFAULT_DIFFUSION_PRESET
 from ..prompts import check_prompt_list
 from ..steering import HookPoint, Steerer, SteeringError, fit_steerer
 from ..steering.compiled import is_compiled, run_eagerly, unwrap_compiled
-from ..steering.hooks import SteeringSession, gate_word
-from ..steering.registry import DEFAULT_STEERER, SteererRegistry, fit_provenance, gates_by_name
+from ..steering.registry import DEFAULT_STEERER, SteererRegistry, fit_provenance
 from ..steering.resident import drop_resident, resident_for
-from ..steering.strengths import is_steering
 from .architectures import hook_points as preset_hook_points
 from .collect import ImageStreamCheck, check_image_stream, record_denoiser_calls, run_denoiser_call
-from .compiled import CompiledSteering, checked_steerers, needs_eager_call, steer_compiled
-from .decision import calibrate_sample_decision, check_decision_call
+from .compiled import CompiledSteering, checked_steerers, steer_compiled
+from .decision import calibrate_sample_decision
 from .gatemaps import map_size, session_gate_maps
 from .guards import (
     FiniteOutputCheck,
@@ -58,8 +56,9 @@ from .guards import (
     check_diffusers_hooks,
     thread_copies,
 )
+from .plan import CONDITIONAL_HALF, ImageCallPlan
 from .signature import steered_call, stock_call, stock_class
-from .steps import StepWindow, check_step_window
+from .steps import StepWindow
 
 __all__ = [
     "CFG_MODES",
@@ -70,17 +69,6 @@ __all__ = [
     "DSASStableDiffusionPipeline",
     "DSASStableDiffusionXLPipeline",
 ]
-
-
-class _RowsOfConditionalHalf:
-    """``batch_rows`` for the conditional half of a ``[unconditional; conditional]`` batch."""
-
-    def __call__(self, batch: int) -> slice:
-        return slice(batch // 2, batch)
-
-
-#: one object for every call: a compiled graph guards on which object it read
-CONDITIONAL_HALF = _RowsOfConditionalHalf()
 
 
 class DSASPipelineMixin(SteererRegistry):
@@ -310,82 +298,68 @@ class DSASPipelineMixin(SteererRegistry):
         steering_steps: tuple[float, float] | None,
         return_gate_maps: bool,
     ) -> Any:
-        if steering_cfg not in CFG_MODES:
-            raise SteeringError(f"steering_cfg must be one of {CFG_MODES}, got {steering_cfg!r}")
-        if not isinstance(steering_gate, Mapping):
-            steering_gate = gate_word(steering_gate, "steering_gate") or "dsas"
-        steerers = self._steerer_table()
-        if not steerers:
+        plan = self._plan(
+            steering_strength,
+            steering_gate,
+            prompts=self._prompt_count(args, kwargs),
+            repeat=kwargs.get("num_images_per_prompt") or 1,
+            record_gates=return_gate_maps,
+        )
+        steps = kwargs.get("num_inference_steps") or self._call_default("num_inference_steps")
+        call = ImageCallPlan.resolve(
+            plan, guidance=self._guidance_on(kwargs), layout=self.dsas_cfg_layout, cfg=steering_cfg,
+            window=steering_steps, steps=steps,
+        )  # fmt: skip
+        if not plan.calls:
             drop_resident(self)
             if steering_strength not in (None, 0, 0.0) or return_gate_maps:
                 raise SteeringError("no steering is loaded: call fit_steering(...) or load_steering(dir) first")
             return super().__call__(*args, **kwargs)  # type: ignore[misc]
-        strengths = self._strengths(
-            steering_strength, self._prompt_count(args, kwargs), kwargs.get("num_images_per_prompt") or 1
-        )
-        active = {name: s for name, s in steerers.items() if is_steering(strengths[name]) or return_gate_maps}
-        gates = gates_by_name(steering_gate, steerers)
-        if return_gate_maps and all(gates[name] == "none" for name in active):
+        if return_gate_maps and all(c.gate == "none" for c in plan.active.values()):
             raise SteeringError("gate maps come from the DSAS gates: use steering_gate='dsas' with return_gate_maps")
-        compiled = is_compiled(self._denoiser_as_called())
         denoiser = self.denoiser
         # on a compiled denoiser the hooks stay attached, also through unsteered calls: the
         # unsteered graph is traced with them (inactive) once and reused
-        resident = resident_for(self, denoiser, steerers, CompiledSteering) if compiled else None
-        if not active:
+        resident = None
+        if is_compiled(self._denoiser_as_called()):
+            resident = resident_for(self, denoiser, self._steerer_table(), CompiledSteering)
+        if not plan.active:
             return super().__call__(*args, **kwargs)  # type: ignore[misc]
         check_diffusers_hooks(denoiser)
-        guidance = self._guidance_on(kwargs)
-        window = check_step_window(steering_steps)
-        # each steerer's saved window where the call names none
-        windows = {name: window or steerer.steering_steps for name, steerer in active.items()}
-        steps = kwargs.get("num_inference_steps") or self._call_default("num_inference_steps")
-        check_decision_call(active, windows, gates, steps)
-        separate_cond = steering_cfg == "cond" and guidance and self.dsas_cfg_layout != "batched"
-        checked = checked_steerers(self)
-        stepped = any(w is not None for w in windows.values())
-        eager = needs_eager_call(return_gate_maps=return_gate_maps, stepped=stepped, separate_cond=separate_cond)
-        if resident is not None and not eager:
-            rows = CONDITIONAL_HALF if steering_cfg == "cond" and guidance else None
-            stock = super().__call__  # type: ignore[misc]
-            return steer_compiled(self, stock, resident, active, strengths, args, kwargs, gates, rows)
-        sessions: dict[str, SteeringSession] = {}
-        checks = []
+        if resident is not None and not call.eager:
+            return steer_compiled(self, super().__call__, resident, call, args, kwargs)  # type: ignore[misc]
+        return self._steer_eagerly(call, resident is not None, args, kwargs)
+
+    def _steer_eagerly(self, call: ImageCallPlan, compiled: bool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The stock call with the plan's sessions attached (on a compiled denoiser, run
+        eagerly), its step window, the hook-point check of a steerer's first use, the NaN
+        check and the gate maps."""
+        denoiser, plan = self.denoiser, call.plan
+        checked, checks = checked_steerers(self), []
         with contextlib.ExitStack() as stack:
-            if resident is not None:  # the hooks below run as Python: compiled code runs eagerly
+            if compiled:  # the hooks below run as Python: compiled code runs eagerly
                 stack.enter_context(run_eagerly())
-            for steerer in active.values():
-                if steerer not in checked:  # first use on this pipeline: is each hook on the image stream?
-                    points = [layer.hook_point for layer in steerer.layers]
-                    checks.append((steerer, stack.enter_context(ImageStreamCheck(denoiser, points))))
-            for name, steerer in active.items():
-                session = steerer.apply(
-                    denoiser, strength=strengths[name], gate=gates[name], record_gates=return_gate_maps
-                )
-                stack.enter_context(session)
-                if steering_cfg == "cond" and guidance and not separate_cond:
-                    session.batch_rows = CONDITIONAL_HALF
-                sessions[name] = session
-            if stepped or separate_cond:
+            for steering in plan.active.values():
+                if steering.steerer not in checked:  # first use on this pipeline: is each hook on the image stream?
+                    points = [layer.hook_point for layer in steering.steerer.layers]
+                    checks.append((steering.steerer, stack.enter_context(ImageStreamCheck(denoiser, points))))
+            sessions = plan.open(denoiser, stack, rows=call.rows)
+            if call.stepped or call.separate_cond:
+                windows = [call.windows[name] for name in sessions]
                 stack.enter_context(
-                    StepWindow(
-                        denoiser,
-                        list(sessions.values()),
-                        windows=[windows[name] for name in sessions],
-                        total=steps,
-                        first_call_only=separate_cond,
-                    )
-                )
+                    StepWindow(denoiser, list(sessions.values()), windows=windows, total=call.steps,
+                               first_call_only=call.separate_cond)
+                )  # fmt: skip
             finite = stack.enter_context(FiniteOutputCheck(denoiser))
             output = super().__call__(*args, **kwargs)  # type: ignore[misc]
-        finite.raise_if_not_finite(active, strengths)
+        finite.raise_if_not_finite(plan)
         for steerer, check in checks:
             check.raise_if_wrong()
             checked.add(steerer)
-        if return_gate_maps:
+        if plan.record_gates:
             size = map_size(self, kwargs, output)
             maps = {
-                name: session_gate_maps(session, halves=guidance and steering_cfg == "both", size=size)
+                name: session_gate_maps(session, halves=call.halves, size=size)
                 for name, session in sessions.items()
                 if session.gated  # (a steerer steered uniformly has no gates to map)
             }

@@ -66,6 +66,8 @@ class SampleDecision:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self.decided: torch.Tensor | None = None
+        #: set by a pipeline's step window while the steps before the window run
+        self.observing = False
         self.records: list[tuple[str, torch.Tensor]] | None = [] if record else None
 
     def observe(self, layer: str, logits: torch.Tensor) -> None:

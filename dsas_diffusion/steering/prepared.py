@@ -118,7 +118,9 @@ class PreparedLayer:
         logits = self._logits(xf, self.gate_column, self.gate_bias)
         opening = gate_opening(logits, self.activation, inplace=self.inplace)
         if self.floor > 0.0:
-            opening = opening.sub_(self.floor).clamp_(min=0.0) if self.inplace else (opening - self.floor).clamp(min=0.0)
+            opening = (
+                opening.sub_(self.floor).clamp_(min=0.0) if self.inplace else (opening - self.floor).clamp(min=0.0)
+            )
         return opening, self.gate_scale
 
     def __call__(

@@ -8,7 +8,6 @@ A class mixes in :class:`SteererRegistry`, says which kind of model it steers
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +15,15 @@ from torch import nn
 
 from .errors import IncompatibleSteeringError, SteeringError
 from .fit import model_provenance
-from .hooks import gate_word
+from .plan import CallPlan, GateArgument, StrengthArgument
 from .resident import drop_resident
 from .steerer import Steerer
-from .strengths import Strength, check_strengths, per_sample
 
 __all__ = [
     "DEFAULT_STEERER",
     "SteererRegistry",
     "check_modality",
     "fit_provenance",
-    "gates_by_name",
-    "strengths_by_name",
     "unload_by_name",
 ]
 
@@ -74,53 +70,6 @@ def fit_provenance(modality: str, model: nn.Module, owner: Any = None, **fields:
         or model_provenance(model)["base_model"]
     )
     return {"modality": modality, "base_model": base or None, **fields}
-
-
-def strengths_by_name(
-    value: float | Sequence[float] | Mapping[str, float | Sequence[float]] | None,
-    steerers: Mapping[str, Any],
-    prompts: int | None = None,
-) -> dict[str, Strength]:
-    """The strength of each loaded steerer for a call's ``steering_strength``: one λ for all,
-    one λ per prompt (a sequence of ``prompts`` numbers), a ``{name: λ or [λ per prompt]}``
-    mapping (the others at their saved default), or ``None`` (every saved default); a name that
-    is not loaded raises :class:`SteeringError`. Per-prompt values are tuples (one value
-    repeated is that value, see :func:`~.strengths.check_strengths`).
-
-    Examples:
-        >>> class Saved:
-        ...     strength = 1.0
-        >>> strengths_by_name({"a": 2.0}, {"a": Saved(), "b": Saved()})
-        {'a': 2.0, 'b': 1.0}
-        >>> strengths_by_name({"a": [0, 2]}, {"a": Saved(), "b": Saved()}, prompts=2)
-        {'a': (0.0, 2.0), 'b': 1.0}
-    """
-    if value is None:
-        return {name: check_strengths(s.strength) for name, s in steerers.items()}
-    if isinstance(value, Mapping):
-        unknown = sorted(set(value) - set(steerers))
-        if unknown:
-            raise SteeringError(f"steering_strength names {unknown}, which are not loaded; loaded: {sorted(steerers)}")
-        return {name: check_strengths(value.get(name, s.strength), prompts) for name, s in steerers.items()}
-    return {name: check_strengths(value, prompts) for name in steerers}
-
-
-def gates_by_name(value: str | bool | Mapping[str, str] | None, steerers: Mapping[str, Any]) -> dict[str, str]:
-    """The gate of each loaded steerer for a call's ``steering_gate``: one word for all
-    (:func:`~.hooks.gate_word`), or a ``{name: word}`` mapping (the others ``"dsas"``); a
-    name that is not loaded raises :class:`SteeringError`.
-
-    Examples:
-        >>> gates_by_name({"b": "none"}, {"a": None, "b": None})
-        {'a': 'dsas', 'b': 'none'}
-    """
-    if isinstance(value, Mapping):
-        unknown = sorted(set(value) - set(steerers))
-        if unknown:
-            raise SteeringError(f"steering_gate names {unknown}, which are not loaded; loaded: {sorted(steerers)}")
-        return {name: gate_word(value.get(name, "dsas"), "steering_gate") or "dsas" for name in steerers}
-    word = gate_word(value, "steering_gate") or "dsas"
-    return dict.fromkeys(steerers, word)
 
 
 def unload_by_name(steerers: dict[str, Any], name: str | None) -> None:
@@ -175,12 +124,17 @@ class SteererRegistry:
         drop_resident(self)  # a compiled model's resident hooks follow the loaded steerers
         return steerer
 
-    def _strengths(
-        self, value: float | Sequence[float] | Mapping[str, Any] | None, prompts: int | None = None, repeat: int = 1
-    ) -> dict[str, Strength]:
-        """Each loaded steerer's strength for a call on ``prompts`` prompts (per-prompt values
-        repeated for the ``repeat`` samples of each, :func:`~.strengths.per_sample`)."""
-        return {
-            name: per_sample(strength, repeat)
-            for name, strength in strengths_by_name(value, self._steerer_table(), prompts).items()
-        }
+    def _plan(
+        self,
+        strength: StrengthArgument,
+        gate: GateArgument = "dsas",
+        *,
+        prompts: int | None = None,
+        repeat: int = 1,
+        record_gates: bool = False,
+    ) -> CallPlan:
+        """The plan of a call on ``prompts`` prompts with ``repeat`` samples each, on the loaded
+        steerers (:meth:`CallPlan.resolve`)."""
+        return CallPlan.resolve(
+            self._steerer_table(), strength, gate, prompts=prompts, repeat=repeat, record_gates=record_gates
+        )

@@ -26,12 +26,12 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-import torch
 from torch import nn
 
 from .compiled import forget_compiled_code, is_compiled, unwrap_compiled
 from .errors import ActivationError
-from .hooks import SteeringSession, active_in_context, gate_word
+from .hooks import Rows, SteeringSession, active_in_context
+from .plan import CallPlan
 from .strengths import Strength, is_steering
 
 if TYPE_CHECKING:
@@ -40,8 +40,6 @@ if TYPE_CHECKING:
 __all__ = ["ResidentSteering", "drop_resident", "resident_for"]
 
 _KEY = "_dsas_resident"
-
-Rows = slice | torch.Tensor | Callable[[int], slice | torch.Tensor] | None
 
 
 class ResidentSteering:
@@ -98,28 +96,29 @@ class ResidentSteering:
         """Steer the forward calls made in this thread / task inside the block: each steerer at
         its strength in ``strengths`` (missing names: 0; one λ or one per sample), gated or
         not (``gate``: one word, or one per name), on ``batch_rows``. Yields the sessions of
-        the steerers with a non-zero strength. Calls from several threads take turns (the
-        strengths are shared tensors)."""
+        the steerers with a non-zero strength."""
         unknown = sorted(set(strengths) - set(self.sessions))
         if unknown:
             raise KeyError(f"no resident session for {unknown}; attached: {sorted(self.sessions)}")
-        values = {name: self.steerers[name].checked_strength(strengths.get(name, 0.0)) for name in self.sessions}
-        words = {
-            name: gate_word(gate.get(name, "dsas") if isinstance(gate, Mapping) else gate) for name in self.sessions
-        }
-        gated = {
-            name: steerer.gating(words[name])
-            if is_steering(values[name])
-            else (words[name] != "none" and steerer.has_gates)
-            for name, steerer in self.steerers.items()
-        }
+        asked = {name: strengths.get(name, 0.0) for name in self.sessions}
+        with self.run(CallPlan.resolve(self.steerers, asked, gate), batch_rows) as sessions:
+            yield sessions
+
+    @contextlib.contextmanager
+    def run(self, plan: CallPlan, batch_rows: Rows = None) -> Iterator[dict[str, SteeringSession]]:
+        """Steer the forward calls made in this thread / task inside the block as ``plan`` says
+        (made on these steerers), on ``batch_rows``. Yields the sessions of the steerers that
+        steer. Calls from several threads take turns (the strengths are shared tensors)."""
         with self._lock:
             for name, session in self.sessions.items():
-                session.strength = values[name]
-                session.gated = gated[name]
+                call = plan.calls[name]
+                session._strengths.set(call.strength)
+                session.gated = call.gated
                 session.batch_rows = batch_rows
             with active_in_context(self.sessions.values()):
-                yield {name: session for name, session in self.sessions.items() if is_steering(values[name])}
+                yield {
+                    name: session for name, session in self.sessions.items() if is_steering(plan.calls[name].strength)
+                }
 
     def detach(self) -> None:
         """Remove every hook (idempotent)."""

@@ -14,10 +14,11 @@ from ..config import FitConfig
 from .decision import DECISION_KEY, SampleDecision
 from .errors import IncompatibleSteeringError, SteeringError, UnknownModuleError
 from .hookpoints import resolve_module
-from .hooks import SteeringSession, gate_word
+from .hooks import SteeringSession
 from .layer import SteeringLayer, module_signature
 from .persistence import read_steering, write_steering
-from .strengths import Strength, check_strength, check_strengths
+from .plan import SteererCall, bounded_strength, gate_word, gating
+from .strengths import Strength, check_strength
 
 __all__ = ["Steerer"]
 
@@ -186,29 +187,12 @@ class Steerer(nn.Module):
         """Whether a call with ``gate`` (``"dsas"`` / ``"e2e"``: through the gates, ``"none"``:
         uniformly, ``None``: through the gates if there are any) steers through the gates;
         :class:`IncompatibleSteeringError` if it asks for gates some layer lacks."""
-        word = gate_word(gate)
-        gated = self.has_gates if word is None else word != "none"
-        if gated and not self.has_gates:
-            missing = [layer.name for layer in self.layers if layer.gate is None]
-            raise IncompatibleSteeringError(
-                f"gating requested but layers {missing} have no DSAS gate; refit with gate='dsas' "
-                "or steer uniformly with gate='none'"
-            )
-        return gated
+        return gating(self, gate_word(gate))
 
     def checked_strength(self, strength: float | Sequence[float]) -> Strength:
         """``strength`` as a float (or a tuple, one λ per sample: :mod:`.strengths`), or
         :class:`SteeringError` if it is not a usable λ or lies above this steerer's ``max_strength``."""
-        value = check_strengths(strength)
-        largest = max(abs(v) for v in value) if isinstance(value, tuple) else abs(value)
-        if self.max_strength is not None and largest > self.max_strength:
-            raise SteeringError(
-                f"steering strength {largest:g} is above this steering's bound {self.max_strength:g}: beyond it the "
-                "few unrelated positions whose gate opens are steered hard enough to change unrelated outputs, and "
-                "outputs with the concept are long destroyed. Use a strength within the bound, or fit with "
-                "max_strength=None to lift it."
-            )
-        return value
+        return bounded_strength(self, strength)
 
     def attach(
         self,
@@ -235,22 +219,8 @@ class Steerer(nn.Module):
             activate: with ``scoped``, act from now on in this context (``True``) or only
                 inside :func:`~dsas_diffusion.steering.hooks.active_in_context` blocks.
         """
-        self.check_compatible(model)
-        gated = self.gating(gate)
-        value = self.checked_strength(self.strength if strength is None else strength)
-        chosen = list(self.layers)
-        if layers is not None:
-            chosen = [self.layer(name) for name in layers]
-        session = SteeringSession(
-            chosen,
-            model,
-            strength=value,
-            gated=gated,
-            record_gates=record_gates,
-            scoped=scoped,
-            decision=self.new_decision() if gated else None,
-        )
-        return session.attach(activate=activate)
+        call = SteererCall.of(self, strength, gate, record_gates=record_gates)
+        return call.session(model, scoped=scoped, activate=activate, layers=layers)
 
     def apply(self, model: nn.Module, **kwargs: Any) -> SteeringSession:
         """Like :meth:`attach` but context-scoped by default; use it in a ``with`` block::

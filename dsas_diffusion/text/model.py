@@ -32,10 +32,10 @@ from ..names import DEFAULT_TEXT_PRESET
 from ..prompts import check_prompt_list
 from ..steering import HookPoint, Steerer, SteeringError, fit_steerer
 from ..steering.compiled import is_compiled, run_eagerly
-from ..steering.hooks import SteeringSession, gate_word
+from ..steering.hooks import SteeringSession
+from ..steering.plan import CallPlan
 from ..steering.registry import DEFAULT_STEERER, SteererRegistry, fit_provenance
 from ..steering.resident import ResidentSteering, resident_for
-from ..steering.strengths import is_steering
 from .architectures import check_token_stream
 from .architectures import hook_points as preset_hook_points
 from .generation import TextGeneration, position_ids
@@ -232,30 +232,32 @@ class DSASLanguageModel(SteererRegistry):
             >>> with lm.steering(1.0):  # doctest: +SKIP
             ...     ids = lm.model.generate(**inputs, max_new_tokens=20)
         """
-        strengths = self._strengths(strength)
-        gate = gate_word(gate) or "dsas"
-        if not self._steerer_table() and strength not in (None, 0, 0.0):
+        with self._steered(self._loaded_plan(strength, gate, record_gates=record_gates)) as sessions:
+            yield sessions
+
+    def _loaded_plan(self, strength: Any, gate: Any = "dsas", *, maps: bool = False, **kwargs: Any) -> CallPlan:
+        """The call's plan (:meth:`_plan`); :class:`SteeringError` if it asks to steer, or for
+        gate ``maps``, while no steering is loaded."""
+        plan = self._plan(strength, gate, **kwargs)
+        if not plan.calls and (strength not in (None, 0, 0.0) or maps):
             raise SteeringError("no steering is loaded: call fit_steering(...) or load_steering(dir) first")
+        return plan
+
+    @contextlib.contextmanager
+    def _steered(self, plan: CallPlan) -> Iterator[dict[str, SteeringSession]]:
+        """Steer ``self.model`` inside the block as ``plan`` says; the sessions by name."""
         # a compiled model keeps its hooks attached between calls (tensors carry each call's λ);
         # recording gates appends to lists per call, so that runs eagerly with per-call hooks
         resident = None
-        if self._steerer_table() and is_compiled(self.model):
+        if plan.calls and is_compiled(self.model):
             resident = resident_for(self, self.model, self._steerer_table(), ResidentSteering)
         with contextlib.ExitStack() as stack:
-            if resident is not None and not record_gates:
-                steered = any(is_steering(value) for value in strengths.values())
-                yield stack.enter_context(resident.steer(strengths, gate=gate)) if steered else {}
+            if resident is not None and not plan.record_gates:
+                yield stack.enter_context(resident.run(plan)) if plan.steering else {}
                 return
             if resident is not None:
                 stack.enter_context(run_eagerly())
-            sessions = {
-                name: stack.enter_context(
-                    steerer.apply(self.model, strength=strengths[name], gate=gate, record_gates=record_gates)
-                )
-                for name, steerer in self._steerer_table().items()
-                if is_steering(strengths[name]) or record_gates
-            }
-            yield sessions
+            yield plan.open(self.model, stack)
 
     def generate(
         self,
@@ -280,21 +282,21 @@ class DSASLanguageModel(SteererRegistry):
             >>> out = lm.generate(["The cat", "The dog"], steering_strength=[0.0, 16.0])  # doctest: +SKIP
         """
         check_prompt_list(prompts, "prompts")
-        steering_gate = gate_word(steering_gate, "steering_gate") or "dsas"
-        if return_gate_maps and steering_gate == "none":
-            raise SteeringError("gate maps come from the DSAS gates: use steering_gate='dsas' with return_gate_maps")
-        if return_gate_maps and not self._steerer_table():
-            raise SteeringError("no steering is loaded, so there are no gates: call fit_steering or load_steering")
-        batch = self._batches(self._format(prompts, chat_template, generation=True), len(prompts), None, "left")[0]
-        batch.pop("position_ids")
         generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         config = generate_kwargs.get("generation_config") or self.model.generation_config
         beams = generate_kwargs.get("num_beams", config.num_beams or 1)
         returned = generate_kwargs.get("num_return_sequences", config.num_return_sequences or 1)
+        expanded = max(beams, returned) > 1  # rows that are not one prompt's single sequence
         # one λ per prompt, for each of its rows: generate expands every prompt to adjacent rows
-        strengths = self._strengths(steering_strength, len(prompts), max(beams, returned))
-        steered = any(is_steering(v) for v in strengths.values()) or return_gate_maps
-        if steered:
+        plan = self._loaded_plan(
+            steering_strength, steering_gate, maps=return_gate_maps, prompts=len(prompts),
+            repeat=max(beams, returned), record_gates=return_gate_maps and not expanded,
+        )  # fmt: skip
+        if return_gate_maps and all(call.gate == "none" for call in plan.calls.values()):
+            raise SteeringError("gate maps come from the DSAS gates: use steering_gate='dsas' with return_gate_maps")
+        batch = self._batches(self._format(prompts, chat_template, generation=True), len(prompts), None, "left")[0]
+        batch.pop("position_ids")
+        if plan.steering or return_gate_maps:
             # generate compiles the forward by itself with a static cache on a GPU; a compiled
             # forward would not run the steering hooks as they are, so steered calls run eager
             if generate_kwargs.get("disable_compile") is False:
@@ -303,10 +305,7 @@ class DSASLanguageModel(SteererRegistry):
                     "leave it out (steered calls run eager) or steer with strength 0"
                 )
             generate_kwargs["disable_compile"] = True
-        expanded = max(beams, returned) > 1  # rows that are not one prompt's single sequence
-        record = return_gate_maps and not expanded
-        asked = strengths if self._steerer_table() else steering_strength  # (without steerers: refused as asked)
-        with torch.no_grad(), self.steering(asked, gate=steering_gate, record_gates=record) as sessions:
+        with torch.no_grad(), self._steered(plan) as sessions:
             sequences = self.model.generate(**batch, **generate_kwargs)
         if isinstance(sequences, Mapping) or hasattr(sequences, "sequences"):
             sequences = sequences.sequences
@@ -315,12 +314,15 @@ class DSASLanguageModel(SteererRegistry):
         mask = self._sequence_mask(sequences, width, batch["attention_mask"], eos)
         maps = None
         if return_gate_maps:
-            if record:
+            if plan.record_gates:
                 maps = {name: self._generation_maps(session, mask) for name, session in sessions.items()}
             else:
                 # (the finished sequences: each prompt's returned ones, adjacent)
-                replayed = self._strengths(steering_strength, len(prompts), sequences.shape[0] // len(prompts))
-                maps = self._replay(sequences, mask, replayed, steering_gate)
+                replayed = self._plan(
+                    steering_strength, steering_gate, prompts=len(prompts), repeat=sequences.shape[0] // len(prompts),
+                    record_gates=True,
+                )  # fmt: skip
+                maps = self._replay(sequences, mask, replayed)
         continuation = [ids[width:][mask[i, width:]] for i, ids in enumerate(sequences)]
         texts = self.tokenizer.batch_decode(continuation, skip_special_tokens=True)
         tokens = [self.tokenizer.convert_ids_to_tokens(ids[mask[i]]) for i, ids in enumerate(sequences)]
@@ -360,17 +362,14 @@ class DSASLanguageModel(SteererRegistry):
         return maps
 
     def _replay(
-        self,
-        sequences: torch.Tensor,
-        mask: torch.Tensor,
-        strength: float | Mapping[str, float] | None,
-        gate: str = "dsas",
+        self, sequences: torch.Tensor, mask: torch.Tensor, plan: CallPlan
     ) -> dict[str, dict[str, torch.Tensor]]:
-        """Steered teacher-forced pass over finished sequences: each token's gate, NaN where
-        ``mask`` is off and at the last token (generation never forwards it)."""
+        """Steered teacher-forced pass over finished sequences as ``plan`` says (gates recorded):
+        each token's gate, NaN where ``mask`` is off and at the last token (generation never
+        forwards it)."""
         attention = mask.clone()
         batch = {"input_ids": sequences, "attention_mask": attention.long(), "position_ids": position_ids(attention)}
-        with torch.no_grad(), self.steering(strength, gate=gate, record_gates=True) as sessions:
+        with torch.no_grad(), self._steered(plan) as sessions:
             self.model(**batch)
         last = torch.zeros_like(mask)
         last[:, -1] = True
@@ -390,9 +389,10 @@ class DSASLanguageModel(SteererRegistry):
         """Per text: its ``tokens`` and ``gate_maps`` (``{steerer: {layer: (tokens,) float}}``),
         from a steered teacher-forced pass; exact for text from any decoding mode."""
         check_prompt_list(texts, "texts")
+        plan = self._loaded_plan(steering_strength, record_gates=True)
         out = []
         for batch in self._batches(texts, batch_size, None):
-            with torch.no_grad(), self.steering(steering_strength, record_gates=True) as sessions:
+            with torch.no_grad(), self._steered(plan) as sessions:
                 self.model(**batch)
             for row in range(batch["input_ids"].shape[0]):
                 real = batch["attention_mask"][row].bool().cpu()
@@ -418,10 +418,10 @@ class DSASLanguageModel(SteererRegistry):
         """Each text's perplexity under the (steered) model: ``exp`` of its mean next-token
         negative log-likelihood, one teacher-forced pass per batch."""
         check_prompt_list(texts, "texts")
-        steering_gate = gate_word(steering_gate, "steering_gate") or "dsas"
+        plan = self._loaded_plan(steering_strength, steering_gate)
         values = []
         for batch in self._batches(texts, batch_size, None):
-            with torch.no_grad(), self.steering(steering_strength, gate=steering_gate):
+            with torch.no_grad(), self._steered(plan):
                 logits = self.model(**batch).logits.float()
             targets = batch["input_ids"][:, 1:]
             real = batch["attention_mask"][:, 1:].bool()
