@@ -5,7 +5,8 @@ Runs one steered ``shapes-sd`` call (the shipped ``banana`` steering, 2 steps) a
 and prints, for each:
 
 * the package's modules and functions entered from the call until the steering arithmetic
-  first runs (``PreparedLayer.__call__``), each counted once;
+  first runs (``PreparedLayer.__call__``), each counted once (comprehensions and lambdas not
+  counted as functions);
 * how often the call validates a strength (``check_strength``) and normalises a gate word
   (``gate_word``), over the whole call;
 * the attributes of an attached ``SteeringSession``.
@@ -52,7 +53,8 @@ def trace(call) -> dict:
         if module.endswith("prepared.py") and code.co_name == "__call__":
             state["steered"] = True
             return
-        functions.append((module, f"{module}:{code.co_name}:{code.co_firstlineno}"))
+        if not code.co_name.startswith("<"):
+            functions.append((module, f"{module}:{code.co_name}:{code.co_firstlineno}"))
 
     sys.setprofile(profile)
     try:

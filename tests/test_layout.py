@@ -27,8 +27,7 @@ ALLOWED = {
     "shapes": {"names", "errors", "config", "_lazy", "steering", "prompts"},
     "diffusion": {"_extras", "names", "errors", "config", "steering", "prompts", "shapes"},
     "text": {"_extras", "names", "errors", "config", "steering", "prompts", "shapes"},
-    "_vllm_context": {"steering"},
-    "vllm": {"steering", "_vllm_context"},  # the core only: it runs in vLLM's environment, beside another transformers
+    "vllm": {"steering"},  # the core only: it runs in vLLM's environment, beside another transformers
     "eval": {"_extras", "names", "errors", "config", "_lazy", "steering", "prompts", "shapes", "diffusion", "text"},
     "app": {
         "_extras",

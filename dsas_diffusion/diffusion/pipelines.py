@@ -315,7 +315,8 @@ class DSASPipelineMixin(SteererRegistry):
             if steering_strength not in (None, 0, 0.0) or return_gate_maps:
                 raise SteeringError("no steering is loaded: call fit_steering(...) or load_steering(dir) first")
             return super().__call__(*args, **kwargs)  # type: ignore[misc]
-        if return_gate_maps and all(c.gate == "none" for c in plan.active.values()):
+        active = plan.active
+        if return_gate_maps and all(c.gate == "none" for c in active.values()):
             raise SteeringError("gate maps come from the DSAS gates: use steering_gate='dsas' with return_gate_maps")
         denoiser = self.denoiser
         # on a compiled denoiser the hooks stay attached, also through unsteered calls: the
@@ -323,7 +324,7 @@ class DSASPipelineMixin(SteererRegistry):
         resident = None
         if is_compiled(self._denoiser_as_called()):
             resident = resident_for(self, denoiser, self._steerer_table(), CompiledSteering)
-        if not plan.active:
+        if not active:
             return super().__call__(*args, **kwargs)  # type: ignore[misc]
         check_diffusers_hooks(denoiser)
         if resident is not None and not call.eager:

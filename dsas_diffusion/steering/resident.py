@@ -46,6 +46,7 @@ class ResidentSteering:
     """One scoped session per steerer, attached once to ``model`` and steered call by call.
 
     Examples:
+        >>> import torch
         >>> from dsas_diffusion.steering import HookPoint, Steerer, SteeringLayer, SteeringMap
         >>> model = nn.Sequential(nn.Linear(2, 2))
         >>> layer = SteeringLayer(HookPoint("0", layout="channels_last"), SteeringMap(torch.ones(2)))

@@ -1,4 +1,4 @@
-"""What gates reading the context read in a vLLM engine (:mod:`dsas_diffusion.vllm`)."""
+"""What gates reading the context read in a vLLM engine: one running sum per steered request and source layer."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .steering import ActivationError, SteeringError
+from ..steering import ActivationError, SteeringError
 
 __all__ = ["ContextSums"]
 
