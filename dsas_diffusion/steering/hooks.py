@@ -47,14 +47,6 @@ Rows = slice | torch.Tensor | Callable[[int], slice | torch.Tensor] | None
 Reading = Callable[[], torch.Tensor] | None
 
 
-def _rows_of(read: Reading, rows: slice | torch.Tensor | None) -> torch.Tensor | None:
-    """What the gate reads, on the steered ``rows``."""
-    if read is None:
-        return None
-    value = read()
-    return value if rows is None else value[rows]
-
-
 class _Named:
     """A hook's name on its module (:func:`active_hook_names`), removed as a handle is."""
 
@@ -232,13 +224,12 @@ class SteeringSession:
     def _relay_wanted(self) -> bool:
         # (compiled: always, without reading λ, whose value would be guarded)
         needed = (
-            torch.compiler.is_compiling() or self.recorder is not None or self.observing or self._strengths.steering
+            torch.compiler.is_compiling()
+            or self.recorder is not None
+            or self.observing
+            or self._strengths.number != 0.0
         )
         return self.gated and (self.active or self.observing) and self.in_context and needed
-
-    def _rows(self, batch: int) -> slice | torch.Tensor | None:
-        rows = self.batch_rows
-        return rows(batch) if callable(rows) else rows
 
     # -- attaching ------------------------------------------------------------------------------
     def attach(self, *, activate: bool = True) -> SteeringSession:
@@ -330,7 +321,7 @@ class SteeringSession:
         """Add the layer's sample-gate logits of the steered rows to the call's decision."""
         tensor = get_output(output, layer.hook_point.output_index, layer.name)
         gate_input = None if read is None else read()
-        rows = self._rows(tensor.shape[0])
+        rows = self.batch_rows(tensor.shape[0]) if callable(self.batch_rows) else self.batch_rows
         if rows is not None:
             tensor = tensor[rows]
             gate_input = None if gate_input is None else gate_input[rows]
@@ -341,7 +332,7 @@ class SteeringSession:
         """Steer the module's output on the call's rows: ``t + λ·s·(T(t) − t)``."""
         index = layer.hook_point.output_index
         tensor = get_output(output, index, layer.name)
-        rows = self._rows(tensor.shape[0])
+        rows = self.batch_rows(tensor.shape[0]) if callable(self.batch_rows) else self.batch_rows
         part = tensor if rows is None else tensor[rows]
         gated, decided = self.gated, self.gated and self.decision is not None
         formula = steering.on(tensor.device, decision=decided)
@@ -349,12 +340,14 @@ class SteeringSession:
         # changes); eager: a Python number, and λ = 0 is exactly the identity
         compiling = torch.compiler.is_compiling()
         strength = self._strengths.for_rows(tensor.device, part.shape[0], compiling or tensor.is_cuda)
-        if not compiling and not self._strengths.steering and self.observer is None:
+        # what the gate reads, on the steered rows (computed only now: not at λ 0 unless recorded)
+        gate_input = (lambda: None) if read is None else (lambda: read() if rows is None else read()[rows])
+        if not compiling and self._strengths.number == 0.0 and self.observer is None:
             if self.recorder is not None and gated and layer.gate is not None:  # the gates, recorded at λ 0
                 factor = self.decision.factor(tensor.device) if decided else None
-                self.recorder(layer.name, None, formula(part, 0.0, True, _rows_of(read, rows), factor)[1])
+                self.recorder(layer.name, None, formula(part, 0.0, True, gate_input(), factor)[1])
             return None
-        gate_input = _rows_of(read, rows)
+        gate_input = gate_input()
         factor = self.decision.factor(tensor.device) if decided else None
         wanted = self.recorder is not None or self.observer is not None  # the gates are made only if read
         steered, gates = formula(part, strength, gated, gate_input, factor, return_gates=wanted)

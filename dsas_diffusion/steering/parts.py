@@ -40,8 +40,8 @@ class Strengths:
 
     Examples:
         >>> strengths = Strengths(2.0)
-        >>> strengths.set((0.0, 1.0)); strengths.value, strengths.steering
-        ((0.0, 1.0), True)
+        >>> strengths.set((0.0, 1.0)); strengths.value, strengths.number
+        ((0.0, 1.0), 1.0)
     """
 
     def __init__(self, value: Strength) -> None:
@@ -49,18 +49,14 @@ class Strengths:
         self._samples: torch.Tensor | None = None  # one λ per sample, or None (CPU, float32)
         self._samples_on_device: dict[torch.device, torch.Tensor] = {}
         self._devices: set[torch.device] = set()
-        #: the one λ; with one λ per sample, 1.0 if any sample is steered, else 0.0
+        #: the one λ; with one λ per sample, 1.0 if any sample is steered, else 0.0 (eager code
+        #: only: compiled code must not read it, dynamo would guard on its value)
         self.number = 0.0
         self.set(value)
 
     @property
     def value(self) -> Strength:
         return self.number if self._samples is None else tuple(self._samples.tolist())
-
-    @property
-    def steering(self) -> bool:
-        """Whether any sample is steered (eager code only: compiled code must not read it)."""
-        return self.number != 0.0
 
     @property
     def per_sample(self) -> bool:
