@@ -96,12 +96,15 @@ class ResidentSteering:
     ) -> Iterator[dict[str, SteeringSession]]:
         """Steer the forward calls made in this thread / task inside the block: each steerer at
         its strength in ``strengths`` (missing names: 0; one λ or one per sample), gated or
-        not (``gate``: one word, or one per name), on ``batch_rows``. Yields the sessions of
+        not (``gate``: one word, one per name, or ``None``: through the gates where a steerer has
+        them), on ``batch_rows``. Yields the sessions of
         the steerers with a non-zero strength."""
         unknown = sorted(set(strengths) - set(self.sessions))
         if unknown:
             raise KeyError(f"no resident session for {unknown}; attached: {sorted(self.sessions)}")
         asked = {name: strengths.get(name, 0.0) for name in self.sessions}
+        if gate is None:  # through the gates where a steerer has them
+            gate = {name: "dsas" if steerer.has_gates else "none" for name, steerer in self.steerers.items()}
         with self.run(CallPlan.resolve(self.steerers, asked, gate), batch_rows) as sessions:
             yield sessions
 
