@@ -39,7 +39,7 @@ from dsas_diffusion.steering import SteeringError
 #: configuration name -> (fit_steering arguments, pipeline call arguments)
 CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "defaults": ({}, {}),
-    "uniform": ({}, {"steering_gate": False}),
+    "uniform": ({}, {"steering_gate": "none"}),
     # what fit_steering and the pipelines did before the removal work: pooled sigmoid gates
     # calibrated on control positions, Linear-AcT on the block outputs, both CFG halves
     "previous": (

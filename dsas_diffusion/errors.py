@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "ActivationError",
+    "DSASDeprecationWarning",
     "IncompatibleSteeringError",
     "InputSetError",
     "PromptFileError",
@@ -42,3 +43,9 @@ class IncompatibleSteeringError(SteeringError):
 
 class SteeringFileError(SteeringError):
     """A steering directory is missing files, corrupt, or of an unknown format."""
+
+
+class DSASDeprecationWarning(DeprecationWarning):
+    """A spelling this library still accepts for one release (the warning names its
+    replacement). The test suite turns it into an error, so that the library, its tests, docs
+    and benchmarks use none."""

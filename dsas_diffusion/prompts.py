@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .steering.errors import InputSetError, PromptFileError
+from .errors import InputSetError, PromptFileError
 
 __all__ = ["PromptFileError", "check_prompt_list", "prompt_lines", "read_prompts"]
 

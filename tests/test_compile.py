@@ -36,7 +36,7 @@ def toy():
 
 
 @needs_inductor
-@pytest.mark.parametrize("gate", [True, False])
+@pytest.mark.parametrize("gate", ["dsas", "none"])
 @torch.no_grad()
 def test_a_compiled_steered_model_matches_eager_and_never_recompiles_for_a_new_strength(toy, gate):
     model, steerer, x = toy
@@ -63,7 +63,7 @@ def test_a_compiled_steered_model_matches_eager_and_never_recompiles_for_a_new_s
 
 
 @needs_inductor
-@pytest.mark.parametrize("gate", [True, False])
+@pytest.mark.parametrize("gate", ["dsas", "none"])
 @torch.no_grad()
 def test_one_strength_per_sample_compiles_one_graph_for_every_mix_of_strengths(toy, gate):
     model, steerer, x = toy

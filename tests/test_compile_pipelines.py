@@ -46,7 +46,7 @@ def families(tokenizer_dir):
             references = {
                 (strength, gate): _run(pipe, tiny, steering_strength=strength, steering_gate=gate)
                 for strength in (0.0, 1.0, 2.0)
-                for gate in (True, False)
+                for gate in ("dsas", "none")
             }
             references["window"] = _run(pipe, tiny, steering_strength=2.0, steering_steps=(0.0, 0.5))
             cache[family] = (tiny, steerer, references)
@@ -110,13 +110,20 @@ def test_a_compiled_denoiser_steers_as_eager_without_recompiling(families, famil
         assert hook_points(called, "cross-attention") == hook_points(pipe.denoiser, "cross-attention")
         close = dict(atol=1e-4, rtol=0)
         # warm-up: the first unsteered call, the first steered call of each gating mode
-        np.testing.assert_allclose(_run(pipe, tiny, steering_strength=0.0), references[0.0, True], **close)
-        for gate in (True, False):
+        np.testing.assert_allclose(_run(pipe, tiny, steering_strength=0.0), references[0.0, "dsas"], **close)
+        for gate in ("dsas", "none"):
             out = _run(pipe, tiny, steering_strength=1.0, steering_gate=gate)
             np.testing.assert_allclose(out, references[1.0, gate], **close)
-        assert np.abs(out - references[0.0, True]).max() > 10 * close["atol"]  # the steering is visible
+        assert np.abs(out - references[0.0, "dsas"]).max() > 10 * close["atol"]  # the steering is visible
         warm = _graphs()
-        for strength, gate in ((2.0, True), (0.0, True), (2.0, False), (1.0, True), (0.0, False), (2.0, True)):
+        for strength, gate in (
+            (2.0, "dsas"),
+            (0.0, "dsas"),
+            (2.0, "none"),
+            (1.0, "dsas"),
+            (0.0, "none"),
+            (2.0, "dsas"),
+        ):
             out = _run(pipe, tiny, steering_strength=strength, steering_gate=gate)
             np.testing.assert_allclose(out, references[strength, gate], **close)
         assert _graphs() == warm, "a new strength or an unsteered call recompiled"
@@ -130,12 +137,12 @@ def test_a_compiled_denoiser_steers_as_eager_without_recompiling(families, famil
             return_gate_maps=True,
             **{**tiny.call_kwargs, "num_inference_steps": 2},
         )
-        np.testing.assert_allclose(out.images.numpy(), references[1.0, True], **close)
+        np.testing.assert_allclose(out.images.numpy(), references[1.0, "dsas"], **close)
         assert out.gate_maps["default"]
         np.testing.assert_allclose(
             _run(pipe, tiny, steering_strength=2.0, steering_steps=(0.0, 0.5)), references["window"], **close
         )
-        np.testing.assert_allclose(_run(pipe, tiny, steering_strength=1.0), references[1.0, True], **close)
+        np.testing.assert_allclose(_run(pipe, tiny, steering_strength=1.0), references[1.0, "dsas"], **close)
         assert _graphs() == warm
 
 
@@ -149,7 +156,7 @@ def test_one_strength_per_prompt_steers_a_compiled_denoiser_as_eager_without_rec
         for mix in ([2.0, 1.0], [1.0, 0.0], [0.0, 2.0]):
             out = _run(pipe, tiny, steering_strength=mix)
             for row, strength in enumerate(mix):  # each prompt: its row of the batch steered at its λ
-                np.testing.assert_allclose(out[row], references[strength, True][row], atol=1e-4, rtol=0)
+                np.testing.assert_allclose(out[row], references[strength, "dsas"][row], atol=1e-4, rtol=0)
         assert _graphs() == warm, "a new mix of strengths recompiled"
         assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
 
@@ -162,22 +169,22 @@ def test_compiled_steering_follows_loading_and_unloading_and_refuses_non_finite_
     broken.layers[0].map.bias.data[0] = float("nan")
     close = dict(atol=1e-4, rtol=0)
     with compiled_pipeline(tiny, steerer, "in-place") as pipe:
-        np.testing.assert_allclose(_run(pipe, tiny, steering_strength=1.0), references[1.0, True], **close)
+        np.testing.assert_allclose(_run(pipe, tiny, steering_strength=1.0), references[1.0, "dsas"], **close)
         pipe.load_steering(broken, name="broken")  # attached again at the next call, which refuses it
         with pytest.raises(ActivationError, match=r"broken:.*hold NaN or infinite values"):
             _run(pipe, tiny, steering_strength={"broken": 0.0, "default": 1.0})
         pipe.unload_steering("broken")
-        np.testing.assert_allclose(_run(pipe, tiny, steering_strength=2.0), references[2.0, True], **close)
+        np.testing.assert_allclose(_run(pipe, tiny, steering_strength=2.0), references[2.0, "dsas"], **close)
         pipe.load_steering(steerer, name="again")  # two steerers: each at its own strength, in one graph
         np.testing.assert_allclose(_run(pipe, tiny, steering_strength={"default": 1.0, "again": 0.0}),
-                                   references[1.0, True], **close)  # fmt: skip
+                                   references[1.0, "dsas"], **close)  # fmt: skip
         warm = _graphs()
         np.testing.assert_allclose(_run(pipe, tiny, steering_strength={"default": 0.0, "again": 2.0}),
-                                   references[2.0, True], **close)  # fmt: skip
+                                   references[2.0, "dsas"], **close)  # fmt: skip
         assert _graphs() == warm
         pipe.unload_steering()
         assert not active_hook_names(pipe.denoiser)  # nothing left attached on the compiled denoiser
-        np.testing.assert_allclose(_run(pipe, tiny), references[0.0, True], **close)
+        np.testing.assert_allclose(_run(pipe, tiny), references[0.0, "dsas"], **close)
 
 
 def test_fitting_on_a_compiled_denoiser_gives_the_eager_steerer(families):

@@ -8,6 +8,7 @@ import inspect
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,3 +132,20 @@ def test_evaluation_methods_use_the_gate_vocabulary_and_the_former_spelling_warn
         assert parse_method("caa/uniform") == parse_method("caa/none")
     with pytest.raises(ValueError, match="gate one of dsas, none, e2e"):
         parse_method("caa/gated")
+
+
+def test_the_suite_fails_on_the_librarys_own_deprecated_spellings(tmp_path):
+    """The suite's warning filter turns the library's deprecations into errors (third parties'
+    deprecations stay warnings): nothing in the suite may use a spelling the library deprecates."""
+    root = Path(__file__).resolve().parents[1]
+    test = tmp_path / "test_spellings.py"
+    test.write_text(
+        "import warnings\n"
+        "from dsas_diffusion.steering.plan import gate_word\n\n"
+        "def test_old_spelling():\n    gate_word(True)\n\n"
+        "def test_someone_elses_deprecation():\n    warnings.warn('old', DeprecationWarning)\n"
+    )
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(root / "pyproject.toml")]
+    result = subprocess.run([*command, "--rootdir", str(tmp_path), str(test)], capture_output=True, text=True)
+    assert result.returncode == 1, result.stdout
+    assert "1 failed, 1 passed" in result.stdout and "DSASDeprecationWarning: gate=True is deprecated" in result.stdout

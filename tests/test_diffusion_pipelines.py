@@ -57,7 +57,7 @@ def test_strength_zero_and_no_steering_are_bit_identical_to_the_stock_pipeline(t
     other = tiny.dsas()
     other.set_progress_bar_config(disable=True)
     assert np.array_equal(_run(other, PROMPTS, **tiny.call_kwargs).images, reference)
-    steered = _run(pipe, PROMPTS, steering_strength=1.0, steering_gate=False, **tiny.call_kwargs).images
+    steered = _run(pipe, PROMPTS, steering_strength=1.0, steering_gate="none", **tiny.call_kwargs).images
     assert not np.array_equal(steered, reference)  # and the steering does act
 
 
@@ -147,12 +147,12 @@ def test_steering_the_conditional_half_leaves_the_unconditional_rows_untouched(t
     plain = _first_denoiser_output(pipe, tiny, steering_strength=0.0)
     half = len(PROMPTS)
     assert plain.shape[0] == 2 * half
-    for gate in (False, True):
+    for gate in ("none", "dsas"):
         cond = _first_denoiser_output(pipe, tiny, steering_strength=2.0, steering_gate=gate, steering_cfg="cond")
         assert torch.equal(cond[:half], plain[:half])  # unconditional rows: bit-identical, gated or not
     # uniform steering (the gates of random weights may stay shut) changes what it is asked to
-    cond = _first_denoiser_output(pipe, tiny, steering_strength=2.0, steering_gate=False, steering_cfg="cond")
-    both = _first_denoiser_output(pipe, tiny, steering_strength=2.0, steering_gate=False, steering_cfg="both")
+    cond = _first_denoiser_output(pipe, tiny, steering_strength=2.0, steering_gate="none", steering_cfg="cond")
+    both = _first_denoiser_output(pipe, tiny, steering_strength=2.0, steering_gate="none", steering_cfg="both")
     assert not torch.equal(cond[half:], plain[half:])  # conditional rows steered
     assert not torch.equal(both[:half], plain[:half]) and not torch.equal(both[half:], plain[half:])
 
@@ -167,7 +167,7 @@ def test_separate_guidance_calls_steer_only_the_conditional_call(tokenizer_dir):
     pipe.fit_steering(SOURCE, TARGET, gate="none", preset="blocks", num_inference_steps=2, progress=False,
                       pipeline_kwargs=extra)  # fmt: skip
     call = {**tiny.call_kwargs, "true_cfg_scale": 2.0, "negative_prompt": ["a gray background"] * len(PROMPTS)}
-    call["steering_gate"] = False
+    call["steering_gate"] = "none"
 
     def outputs(**steering):
         kept = []
@@ -191,12 +191,12 @@ def test_separate_guidance_calls_steer_only_the_conditional_call(tokenizer_dir):
 def test_a_step_window_steers_only_the_chosen_steps(tiny, fitted):
     pipe, _ = fitted
     steps = tiny.call_kwargs["num_inference_steps"]
-    full = _run(pipe, PROMPTS[:1], steering_strength=1.0, steering_gate=False, **tiny.call_kwargs).images
+    full = _run(pipe, PROMPTS[:1], steering_strength=1.0, steering_gate="none", **tiny.call_kwargs).images
     half = _run(
         pipe, PROMPTS[:1], steering_strength=1.0, steering_steps=(0, 0.5), return_gate_maps=True, **tiny.call_kwargs
     )
     assert all(tensor.shape[0] == steps // 2 for tensor in half.gate_maps["default"].values())  # gates of steered steps
-    early = _run(pipe, PROMPTS[:1], steering_strength=1.0, steering_gate=False, steering_steps=(0, 0.5),
+    early = _run(pipe, PROMPTS[:1], steering_strength=1.0, steering_gate="none", steering_steps=(0, 0.5),
                  **tiny.call_kwargs).images  # fmt: skip
     plain = _run(pipe, PROMPTS[:1], steering_strength=0.0, **tiny.call_kwargs).images
     assert not np.array_equal(early, plain) and not np.array_equal(early, full)

@@ -4,7 +4,7 @@ non-zero strength (the same call works, gives the same kind of output, and steer
 
 Each check applies where the stock class supports it, read from the stock signature. The
 tiny models have random weights, on which the fitted DSAS gates stay closed on most
-images: "steers" is checked with uniform steering (``steering_gate=False``), and the gated
+images: "steers" is checked with uniform steering (``steering_gate="none"``), and the gated
 path by the gate maps it records.
 """
 
@@ -58,7 +58,7 @@ class Case:
     def both(self, strength, **kwargs):
         """The DSAS and the stock output of one call; at strength 0 they must be equal, at
         a non-zero strength the (uniformly) steered images must differ from the stock ones."""
-        steering = {"steering_gate": False} if strength else {}
+        steering = {"steering_gate": "none"} if strength else {}
         steered = self.call(self.pipe, strength, **steering, **kwargs)
         stock = self.call(self.stock, **kwargs)
         a, b = _images(steered), _images(stock)
@@ -144,7 +144,7 @@ def test_a_callback_that_changes_the_latents_changes_the_images(case, strength):
         return {"latents": tensors["latents"] * 0.5} if step == 1 else tensors
 
     changed, _ = case.both(strength, callback_on_step_end=halve)
-    plain = case.call(case.pipe, strength, steering_gate=not strength)
+    plain = case.call(case.pipe, strength, steering_gate="none" if strength else "dsas")
     assert not np.array_equal(changed.images, plain.images)
 
 
@@ -215,7 +215,7 @@ def test_encode_prompt_in_isolation_and_embeddings_instead_of_prompts(case, stre
     embeddings = {name: value for name, value in zip(ENCODED[case.family], encoded, strict=True) if name}
     if "negative_prompt_embeds" in embeddings:
         embeddings["negative_prompt"] = None  # PixArt's default negative prompt "" would clash
-    from_prompts = case.call(case.pipe, strength, steering_gate=not strength)
+    from_prompts = case.call(case.pipe, strength, steering_gate="none" if strength else "dsas")
     from_embeddings, _ = case.both(strength, prompts=None, **embeddings)
     np.testing.assert_allclose(from_embeddings.images, from_prompts.images, atol=1e-6)
 
@@ -223,7 +223,7 @@ def test_encode_prompt_in_isolation_and_embeddings_instead_of_prompts(case, stre
 @pytest.mark.parametrize("strength", STRENGTHS)
 def test_return_dict_false_gives_the_dict_output_as_a_tuple(case, strength):
     as_tuple, _ = case.both(strength, return_dict=False)
-    as_dict = case.call(case.pipe, strength, steering_gate=not strength)
+    as_dict = case.call(case.pipe, strength, steering_gate="none" if strength else "dsas")
     assert isinstance(as_tuple, tuple) and np.array_equal(as_tuple[0], as_dict.images)
     if strength:
         with_maps = case.call(case.pipe, strength, return_dict=False, return_gate_maps=True)
@@ -261,7 +261,7 @@ def test_without_classifier_free_guidance_steering_acts_on_the_whole_batch(case,
     assert rows and set(rows) == {len(PROMPTS)}  # one row per image: no guidance batch
     if strength:
         plain = case.call(case.pipe, 0.0, **no_guidance).images
-        steered = case.call(case.pipe, strength, steering_gate=False, **no_guidance).images
+        steered = case.call(case.pipe, strength, steering_gate="none", **no_guidance).images
         assert all(not np.array_equal(steered[i], plain[i]) for i in range(len(PROMPTS)))  # every image
         maps = case.call(case.pipe, strength, return_gate_maps=True, **no_guidance).gate_maps["default"]
         assert all(tuple(t.shape[:2]) == (_steps(case), len(PROMPTS)) for t in maps.values())
@@ -278,7 +278,7 @@ def test_other_image_sizes(case, strength):
 
 @pytest.mark.parametrize("strength", STRENGTHS)
 def test_attention_and_vae_slicing(case, strength):
-    unsliced = case.call(case.pipe, strength, steering_gate=not strength).images
+    unsliced = case.call(case.pipe, strength, steering_gate="none" if strength else "dsas").images
     case.pipe.enable_attention_slicing(1)  # the components are shared: the stock pipeline slices too
     case.pipe.vae.enable_slicing()
     try:
@@ -299,9 +299,9 @@ def test_to_dtype(case, tokenizer_dir):
     stock.set_progress_bar_config(disable=True)
     low = case.call(pipe, 0.0)
     assert np.array_equal(low.images, case.call(stock).images)
-    steered = case.call(pipe, 1.0, steering_gate=False).images
+    steered = case.call(pipe, 1.0, steering_gate="none").images
     assert not np.array_equal(steered, low.images)
-    reference = case.call(case.pipe, 1.0, steering_gate=False).images  # float32
+    reference = case.call(case.pipe, 1.0, steering_gate="none").images  # float32
     assert np.abs(steered - reference).mean() < 0.05  # bfloat16 keeps about 3 significant digits
     maps = case.call(pipe, 1.0, return_gate_maps=True).gate_maps["default"]
     assert maps and all(t.dtype == torch.float32 for t in maps.values())
@@ -319,8 +319,8 @@ def test_save_pretrained_writes_a_stock_pipeline_and_steerers_are_not_saved(case
     generic = DiffusionPipeline.from_pretrained(tmp_path / "pipe", **absent)
     assert type(generic) is case.tiny.stock_class
     loaded.load_steering(case.steerer)
-    expected = case.call(case.pipe, 1.0, steering_gate=False).images
-    np.testing.assert_array_equal(case.call(loaded, 1.0, steering_gate=False).images, expected)
+    expected = case.call(case.pipe, 1.0, steering_gate="none").images
+    np.testing.assert_array_equal(case.call(loaded, 1.0, steering_gate="none").images, expected)
 
 
 def test_a_cache_that_skips_blocks_is_refused_and_group_offloading_composes(case, tokenizer_dir):
@@ -330,9 +330,9 @@ def test_a_cache_that_skips_blocks_is_refused_and_group_offloading_composes(case
     pipe = tiny.dsas()
     pipe.set_progress_bar_config(disable=True)
     pipe.load_steering(case.steerer)
-    expected = case.call(case.pipe, 1.0, steering_gate=False).images
+    expected = case.call(case.pipe, 1.0, steering_gate="none").images
     pipe.denoiser.enable_group_offload(torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1)
-    np.testing.assert_array_equal(case.call(pipe, 1.0, steering_gate=False).images, expected)
+    np.testing.assert_array_equal(case.call(pipe, 1.0, steering_gate="none").images, expected)
     if not hasattr(pipe.denoiser, "enable_cache"):
         return
     try:
@@ -343,4 +343,4 @@ def test_a_cache_that_skips_blocks_is_refused_and_group_offloading_composes(case
         case.call(pipe, 1.0)
     case.call(pipe, 0.0)  # unsteered calls keep the cache
     pipe.denoiser.disable_cache()
-    np.testing.assert_array_equal(case.call(pipe, 1.0, steering_gate=False).images, expected)
+    np.testing.assert_array_equal(case.call(pipe, 1.0, steering_gate="none").images, expected)

@@ -37,15 +37,15 @@ def test_every_map_moves_source_toward_target_and_dsas_spares_control(map_name):
         plain_source, plain_control = _pooled_output(model, source), _pooled_output(model, control)
         target_mean = _pooled_output(model, target).mean(0)
         results = {}
-        for gate in (False, True):
+        for gate in ("none", "dsas"):
             with steerer.apply(model, gate=gate):
                 results[gate] = (_pooled_output(model, source), _pooled_output(model, control))
     gap_before = (plain_source.mean(0) - target_mean).norm()
     for gate, (steered_source, _steered_control) in results.items():
         gap_after = (steered_source.mean(0) - target_mean).norm()
         assert gap_after < 0.5 * gap_before, (gate, float(gap_after), float(gap_before))
-    uniform_damage = (results[False][1] - plain_control).norm(dim=1).mean()
-    gated_damage = (results[True][1] - plain_control).norm(dim=1).mean()
+    uniform_damage = (results["none"][1] - plain_control).norm(dim=1).mean()
+    gated_damage = (results["dsas"][1] - plain_control).norm(dim=1).mean()
     assert gated_damage < 0.5 * uniform_damage, (float(gated_damage), float(uniform_damage))
 
 
@@ -100,7 +100,7 @@ def test_end_to_end_dsas_control_term_keeps_control_activations_closer_to_unstee
         )
         with torch.no_grad():
             plain = torch.cat([model(b) for b in control])
-            with steerer.apply(model, gate=True):
+            with steerer.apply(model, gate="dsas"):
                 steered = torch.cat([model(b) for b in control])
         return float((steered - plain).pow(2).mean())
 
@@ -117,7 +117,7 @@ def test_incremental_linear_act_fits_downstream_maps_on_steered_activations():
     assert not torch.allclose(plain.layers[2].map.bias, incremental.layers[2].map.bias)
     # the incremental map at the last layer was fitted on source activations with upstream steering on
     upstream = Steerer(list(incremental.layers)[:2])
-    with torch.no_grad(), upstream.apply(model, gate=False):
+    with torch.no_grad(), upstream.apply(model, gate="none"):
         rows = collect_activations(model, ["blocks.2"], source, progress=False).pooled["blocks.2"]
     from dsas_diffusion.steering import fit_linear_act
 
@@ -137,7 +137,7 @@ def test_gate_threshold_deselects_layers_that_cannot_tell_source_from_control():
     assert all(not layer.gate.enabled for layer in steerer.layers)
     x = source[0]
     reference = model(x)
-    with steerer.apply(model, gate=True):
+    with steerer.apply(model, gate="dsas"):
         assert torch.equal(model(x), reference)
     scaled = fit_steerer(
         model, HOOKS, source, target, control, map="caa", gate_threshold=None, accuracy_scaling=True, progress=False

@@ -49,14 +49,14 @@ def _run(pipe, prompts=PROMPTS, **kwargs):
 
 def test_a_non_finite_result_raises_instead_of_a_black_image(pipe):
     with pytest.raises(SteeringError, match="steering strength 1e\\+30 is beyond any useful value"):
-        _run(pipe, steering_strength=1e30, steering_gate=False)  # refused before it can overflow
+        _run(pipe, steering_strength=1e30, steering_gate="none")  # refused before it can overflow
     steerer = pipe.steerers["default"]
     layer = steerer.layers[1]
     saved = layer.map.bias.detach().clone()
     layer.map.bias.data[0] = float("nan")
     try:
         with pytest.raises(ActivationError, match=f"{layer.name}'?\\] hold NaN or infinite values"):
-            _run(pipe, steering_strength=1.0, steering_gate=False)
+            _run(pipe, steering_strength=1.0, steering_gate="none")
     finally:
         layer.map.bias.data.copy_(saved)
     assert np.isfinite(_run(pipe, steering_strength=1.0)).all()  # and a healthy call passes

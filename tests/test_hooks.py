@@ -33,7 +33,7 @@ def test_strength_zero_is_the_identity_bit_for_bit(token_net):
     x = torch.randn(3, 5, 16)
     reference = token_net(x)
     steerer = Steerer([_layer("blocks.0", 16, gate=_gate(16)), _layer("blocks.2", 16, gate=_gate(16), affine=True)])
-    for gate in (True, False):
+    for gate in ("dsas", "none"):
         with steerer.apply(token_net, strength=0.0, gate=gate):
             assert torch.equal(token_net(x), reference)
 
@@ -44,9 +44,9 @@ def test_zero_gate_is_the_identity_bit_for_bit(token_net, activation):
     reference = token_net(x)
     closed = LinearGate(torch.zeros(16), float("-inf") if activation == "sigmoid" else -5.0, activation=activation)
     steerer = Steerer([_layer("blocks.1", 16, gate=closed, affine=True)])
-    with steerer.apply(token_net, strength=3.0, gate=True):
+    with steerer.apply(token_net, strength=3.0, gate="dsas"):
         assert torch.equal(token_net(x), reference)
-    with steerer.apply(token_net, strength=3.0, gate=False):
+    with steerer.apply(token_net, strength=3.0, gate="none"):
         assert not torch.equal(token_net(x), reference)
 
 
@@ -54,7 +54,7 @@ def test_uniform_steering_adds_strength_times_delta():
     model = nn.Identity()
     steerer = Steerer([_layer("", 4)])
     x = torch.randn(2, 3, 4)
-    with steerer.apply(model, strength=0.5, gate=False):
+    with steerer.apply(model, strength=0.5, gate="none"):
         torch.testing.assert_close(model(x), x + 0.5 * steerer.layers[0].map.bias)
 
 
@@ -72,7 +72,7 @@ def test_per_position_gating_on_4d_maps_steers_only_source_like_positions():
     concept_positions[1, 6:, :2] = True
     x = x + concept.view(1, width, 1, 1) * concept_positions.unsqueeze(1)
     model = nn.Identity()
-    with steerer.apply(model, strength=1.0, gate=True, record_gates=True) as session:
+    with steerer.apply(model, strength=1.0, gate="dsas", record_gates=True) as session:
         y = model(x)
     change = (y - x).abs().sum(1)
     assert float(change[concept_positions].min()) > 3.9  # concept removed almost fully
@@ -85,7 +85,7 @@ def test_per_position_gating_on_4d_maps_steers_only_source_like_positions():
 def test_hooks_are_removed_when_the_block_exits_by_exception(token_net):
     steerer = Steerer([_layer("blocks.0", 16), _layer("blocks.1", 16)])
     hooks_before = sum(len(m._forward_hooks) for m in token_net.modules())
-    with pytest.raises(RuntimeError, match="boom"), steerer.apply(token_net, gate=False):
+    with pytest.raises(RuntimeError, match="boom"), steerer.apply(token_net, gate="none"):
         assert len(active_hook_names(token_net)) == 2
         raise RuntimeError("boom")
     assert active_hook_names(token_net) == []
@@ -94,7 +94,7 @@ def test_hooks_are_removed_when_the_block_exits_by_exception(token_net):
 
 def test_hooks_are_removed_when_the_forward_pass_raises(token_net):
     steerer = Steerer([_layer("blocks.0", 8)])  # wrong width: raises inside forward
-    with pytest.raises(SteeringError, match="expects 8 features"), steerer.apply(token_net, gate=False):
+    with pytest.raises(SteeringError, match="expects 8 features"), steerer.apply(token_net, gate="none"):
         token_net(torch.randn(1, 2, 16))
     assert active_hook_names(token_net) == []
     assert all(not m._forward_hooks for m in token_net.modules())
@@ -103,7 +103,7 @@ def test_hooks_are_removed_when_the_forward_pass_raises(token_net):
 def test_attach_and_detach(token_net):
     x = torch.randn(2, 3, 16)
     reference = token_net(x)
-    session = Steerer([_layer("blocks.0", 16)]).attach(token_net, gate=False)
+    session = Steerer([_layer("blocks.0", 16)]).attach(token_net, gate="none")
     assert not torch.equal(token_net(x), reference)
     session.detach()
     session.detach()  # idempotent
@@ -114,7 +114,7 @@ def test_batch_rows_steer_only_the_chosen_rows():
     model = nn.Identity()
     steerer = Steerer([_layer("", 4)])
     x = torch.randn(4, 3, 4)
-    with steerer.apply(model, gate=False) as session:
+    with steerer.apply(model, gate="none") as session:
         session.batch_rows = slice(2, None)
         y = model(x)
     assert torch.equal(y[:2], x[:2])
@@ -125,7 +125,7 @@ def test_two_steerers_compose_in_attach_order():
     model = nn.Identity()
     first, second = Steerer([_layer("", 4)]), Steerer([_layer("", 4, affine=True)])
     x = torch.randn(2, 4)
-    with first.apply(model, gate=False), second.apply(model, gate=False):
+    with first.apply(model, gate="none"), second.apply(model, gate="none"):
         y = model(x)
     after_first = x + first.layers[0].map.bias
     expected = after_first + second.layers[0].map.delta(after_first, (4,))
@@ -195,8 +195,8 @@ def test_scoped_sessions_can_be_detached_in_any_order():
     model = nn.Identity()
     first, second = Steerer([_layer("", 4)]), Steerer([_layer("", 4, affine=True)])
     x = torch.randn(2, 4)
-    session_a = first.apply(model, gate=False)
-    session_b = second.apply(model, gate=False)
+    session_a = first.apply(model, gate="none")
+    session_b = second.apply(model, gate="none")
     session_a.detach()  # not the last one attached
     expected = x + second.layers[0].map.delta(x, (4,))
     torch.testing.assert_close(model(x), expected)
@@ -225,13 +225,13 @@ def test_a_gate_below_its_floor_leaves_positions_untouched_at_any_strength():
     x = torch.zeros(1, 3, 4)
     x[0, 0, 0], x[0, 1, 0], x[0, 2, 0] = -4.0, 0.0, 4.0  # opening 0.018, 0.5, 0.982
     for strength in (1.0, 64.0, 1000.0):  # up to the largest strength accepted
-        with steerer.apply(model, strength=strength, gate=True):
+        with steerer.apply(model, strength=strength, gate="dsas"):
             out = model(x)
         assert torch.equal(out[0, :2], x[0, :2])  # at or below the floor: bit-identical
         assert not torch.equal(out[0, 2], x[0, 2])  # above it: steered
     # without the floor the sigmoid's tail leaks, more with the strength
     leaky = Steerer([_layer("", 4, gate=LinearGate(torch.tensor([1.0, 0.0, 0.0, 0.0]), 0.0))])
-    with leaky.apply(model, strength=64.0, gate=True):
+    with leaky.apply(model, strength=64.0, gate="dsas"):
         assert (model(x)[0, 0] - x[0, 0]).abs().max() > 0.5
 
 
@@ -247,12 +247,12 @@ def test_the_floor_keeps_a_fully_open_gate_at_one_and_is_saved(tmp_path):
 
 def test_a_strength_above_the_steerings_bound_is_refused(token_net):
     steerer = Steerer([_layer("blocks.1", 16)], config={"max_strength": 4.0})
-    with steerer.apply(token_net, strength=4.0, gate=False):
+    with steerer.apply(token_net, strength=4.0, gate="none"):
         pass
     for strength in (4.5, -8.0):
         with pytest.raises(SteeringError, match="above this steering's bound 4"):
-            steerer.apply(token_net, strength=strength, gate=False)
+            steerer.apply(token_net, strength=strength, gate="none")
     assert active_hook_names(token_net) == []
     unbounded = Steerer([_layer("blocks.1", 16)])
-    with unbounded.apply(token_net, strength=1e3, gate=False):
+    with unbounded.apply(token_net, strength=1e3, gate="none"):
         pass

@@ -47,7 +47,7 @@ def test_lora_and_steering_both_act_and_unload_independently(family, tokenizer_d
 
     def run(strength=None, **kwargs):
         generators = [torch.Generator().manual_seed(i) for i in range(len(PROMPTS))]
-        steering = {} if strength is None else {"steering_strength": strength, "steering_gate": False}
+        steering = {} if strength is None else {"steering_strength": strength, "steering_gate": "none"}
         arguments = {**tiny.call_kwargs, **steering, **kwargs}
         return pipe(PROMPTS, generator=generators, output_type="np", **arguments)
 
@@ -63,7 +63,7 @@ def test_lora_and_steering_both_act_and_unload_independently(family, tokenizer_d
     lora, both = run(0.0).images, run(1.0).images
     assert not np.array_equal(lora, plain)  # the LoRA acts
     assert not np.array_equal(both, lora) and not np.array_equal(both, steered)  # steering acts on top
-    gated = run(1.0, steering_gate=True, return_gate_maps=True)
+    gated = run(1.0, steering_gate="dsas", return_gate_maps=True)
     assert set(gated.gate_maps["default"]) == set(steerer.module_names)
     assert active_hook_names(pipe.denoiser) == []
 

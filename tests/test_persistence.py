@@ -38,7 +38,7 @@ def test_save_load_gives_the_same_outputs_bit_for_bit(tmp_path, map_name):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
     loaded = Steerer.from_pretrained(tmp_path)
     x = source[0]
-    for gate in (True, False):
+    for gate in ("dsas", "none"):
         with steerer.apply(model, gate=gate, record_gates=True) as first:
             expected = model(x)
         with loaded.apply(model, gate=gate, record_gates=True) as second:

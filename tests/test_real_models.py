@@ -27,8 +27,8 @@ def _unet_batches(seed: int, blob: bool, batches: int = 8, size: int = 4):
 def _resnet_gates_and_change(unet, steerer, latents):
     """Gate map and |change| of down_blocks.0.resnets.0 (the first hooked block; later hooks
     cannot change its output)."""
-    plain, _ = block_output(unet, None, latents, gate=True)
-    steered, gates = block_output(unet, steerer, latents, gate=True)
+    plain, _ = block_output(unet, None, latents, gate="dsas")
+    steered, gates = block_output(unet, steerer, latents, gate="dsas")
     return gates, (steered - plain).abs().mean(1)
 
 
@@ -76,7 +76,7 @@ def test_unet_output_unchanged_at_strength_zero(unet):
         reference = unet(**batch).sample
         with steerer.apply(unet, strength=0.0):
             assert torch.equal(unet(**batch).sample, reference)
-        with steerer.apply(unet, strength=1.0, gate=False):
+        with steerer.apply(unet, strength=1.0, gate="none"):
             assert not torch.equal(unet(**batch).sample, reference)
 
 
@@ -184,10 +184,10 @@ def test_every_map_with_dsas_spares_what_uniform_steering_hits(unet, map_name):
     )
     concept, masks = make_latents(3, 999, True)
     plain, _ = make_latents(3, 998, False)
-    base_concept, _ = block_output(unet, None, concept, False)
-    base_plain, _ = block_output(unet, None, plain, False)
+    base_concept, _ = block_output(unet, None, concept, "none")
+    base_plain, _ = block_output(unet, None, plain, "none")
     change = {}
-    for gate in (False, True):
+    for gate in ("none", "dsas"):
         steered_concept, _ = block_output(unet, steerer, concept, gate)
         steered_plain, _ = block_output(unet, steerer, plain, gate)
         diff = (steered_concept - base_concept).abs().mean(1)
@@ -196,7 +196,7 @@ def test_every_map_with_dsas_spares_what_uniform_steering_hits(unet, map_name):
             float(diff[~masks].mean()),
             float((steered_plain - base_plain).abs().mean()),
         )
-    uniform, gated = change[False], change[True]
+    uniform, gated = change["none"], change["dsas"]
     assert gated[0] > 0.5 * uniform[0]  # the concept's positions are still steered
     assert gated[1] < 0.1 * uniform[1]  # other positions of the same image barely
     assert gated[2] < 0.02 * uniform[2]  # concept-free inputs hardly at all

@@ -61,5 +61,5 @@ def test_the_defaults_remove_the_concept_where_uniform_steering_damages_control(
     after = np.mean(concepts_drawn(judge, steered, CONCEPT, "banana"))
     assert before >= 0.5 and after <= before / 2, (before, after)
     control_plain = _render(pipe, CONTROL, steering_strength=0.0)
-    uniform = _render(pipe, CONTROL, steering_strength=2.0, steering_gate=False)
+    uniform = _render(pipe, CONTROL, steering_strength=2.0, steering_gate="none")
     assert np.mean([pixel_change(a, b) for a, b in zip(uniform, control_plain, strict=True)]) > 2.0

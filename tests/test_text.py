@@ -63,7 +63,7 @@ def test_strength_zero_and_no_steering_are_token_identical_to_stock_generate(lm)
     for asked in ({"steering_strength": 1.0}, {"return_gate_maps": True}):
         with pytest.raises(SteeringError, match="no steering is loaded"):
             bare.generate(PROMPTS, **asked, **GREEDY)
-    steered = lm.generate(PROMPTS, steering_strength=8.0, steering_gate=False, **GREEDY).sequences
+    steered = lm.generate(PROMPTS, steering_strength=8.0, steering_gate="none", **GREEDY).sequences
     assert not torch.equal(steered, stock)  # and the steering acts
 
 
@@ -185,11 +185,11 @@ def test_beam_search_gates_come_from_a_replay(lm):
 
 def test_fit_save_load_generate_round_trip_and_two_steerers(lm, tmp_path):
     lm.steerers["default"].save_pretrained(tmp_path / "steering")
-    expected = lm.generate(PROMPTS, steering_strength=4.0, steering_gate=False, **GREEDY).sequences
+    expected = lm.generate(PROMPTS, steering_strength=4.0, steering_gate="none", **GREEDY).sequences
     other = DSASLanguageModel(lm.model, lm.tokenizer)
     other.load_steering(tmp_path / "steering")
     assert torch.equal(
-        other.generate(PROMPTS, steering_strength=4.0, steering_gate=False, **GREEDY).sequences, expected
+        other.generate(PROMPTS, steering_strength=4.0, steering_gate="none", **GREEDY).sequences, expected
     )
     other.load_steering(tmp_path / "steering", name="again")
     both = other.generate(PROMPTS, steering_strength={"default": 2.0, "again": 2.0}, return_gate_maps=True, **GREEDY)
@@ -215,14 +215,14 @@ def test_hooks_are_removed_after_a_call_and_after_an_exception(lm):
 
 
 def test_a_streamer_thread_started_in_a_copied_context_is_steered(lm):
-    expected = lm.generate(PROMPTS[:1], steering_strength=8.0, steering_gate=False, **GREEDY).texts[0]
+    expected = lm.generate(PROMPTS[:1], steering_strength=8.0, steering_gate="none", **GREEDY).texts[0]
     unsteered = lm.generate(PROMPTS[:1], steering_strength=0.0, **GREEDY).texts[0]
     batch = lm.tokenizer(PROMPTS[:1], return_tensors="pt")
 
     def stream(copied: bool) -> str:
         streamer = TextIteratorStreamer(lm.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = {**batch, **GREEDY, "streamer": streamer, "pad_token_id": 0}
-        with lm.steering(8.0, gate=False):
+        with lm.steering(8.0, gate="none"):
             target = contextvars.copy_context().run if copied else (lambda f, **k: f(**k))
             thread = threading.Thread(target=target, args=(lm.model.generate,), kwargs=kwargs)
             thread.start()
@@ -243,7 +243,7 @@ def test_perplexity_is_the_models_own_loss_and_padding_does_not_change_it(lm):
     with torch.no_grad():
         loss = lm.model(input_ids=ids, labels=ids).loss
     assert alone[0] == pytest.approx(float(torch.exp(loss)), rel=1e-4)
-    assert lm.perplexity(CONTROL[:1], steering_strength=8.0, steering_gate=False)[0] != pytest.approx(alone[0])
+    assert lm.perplexity(CONTROL[:1], steering_strength=8.0, steering_gate="none")[0] != pytest.approx(alone[0])
 
 
 def test_gates_of_finished_texts(lm):

@@ -53,18 +53,19 @@ def batches(seed: int, concept: bool, count: int = 8, size: int = 4) -> list[dic
     ]
 
 
-def block_output(unet, steerer: Steerer | None, latents: torch.Tensor, gate: bool):
+def block_output(unet, steerer: Steerer | None, latents: torch.Tensor, gate: str):
     """The first hooked block's output (after steering, if a steerer is given) and, when
     gated, its recorded gate map."""
     outputs = []
     text = torch.zeros(latents.shape[0], 3, 16)
     module = unet.get_submodule(HOOK)
-    steering = steerer.apply(unet, gate=gate, record_gates=gate) if steerer is not None else contextlib.nullcontext()
+    gated = gate != "none"
+    steering = steerer.apply(unet, gate=gate, record_gates=gated) if steerer is not None else contextlib.nullcontext()
     with torch.no_grad(), steering as session:
         handle = module.register_forward_hook(lambda m, i, o: outputs.append(o))  # after any steering hook
         try:
             unet(latents, 10, encoder_hidden_states=text)
         finally:
             handle.remove()
-    gates = session.gate_maps[HOOK][0].float() if steerer is not None and gate else None
+    gates = session.gate_maps[HOOK][0].float() if steerer is not None and gated else None
     return outputs[0], gates

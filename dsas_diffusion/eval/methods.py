@@ -19,6 +19,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+from ..errors import DSASDeprecationWarning
 from ..names import GATES, MAP_NAMES
 
 __all__ = ["ALL_METHODS", "BASELINES", "ConfigError", "Method", "parse_method"]
@@ -88,7 +89,7 @@ class Method:
 
 def parse_method(text: str) -> Method:
     """``"linear-act/dsas"`` -> :class:`Method`; ``<map>/uniform`` is the former spelling of
-    ``<map>/none`` (accepted for one release, with a ``DeprecationWarning``).
+    ``<map>/none`` (accepted for one release, with a ``DSASDeprecationWarning``).
 
     Examples:
         >>> parse_method("caa/prompt").gate, parse_method("sld").is_baseline
@@ -99,8 +100,8 @@ def parse_method(text: str) -> Method:
         return Method("", word)
     parts = word.split("/")
     if len(parts) == 2 and parts[1] == "uniform":
-        warnings.warn(f"method {text!r}: write '{parts[0]}/none' ('uniform' goes in the next release)",
-                      DeprecationWarning, stacklevel=2)  # fmt: skip
+        message = f"method {text!r}: write '{parts[0]}/none' ('uniform' goes in the next release)"
+        warnings.warn(message, DSASDeprecationWarning, stacklevel=2)
         parts[1] = "none"
     if len(parts) != 2 or parts[0] not in MAP_NAMES or parts[1] not in (*GATES, PROMPT_GATE):
         raise ConfigError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ..errors import (  # noqa: F401 (re-exported)
     ActivationError,
+    DSASDeprecationWarning,
     IncompatibleSteeringError,
     InputSetError,
     PromptFileError,

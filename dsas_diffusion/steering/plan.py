@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from ..names import GATES
-from .errors import IncompatibleSteeringError, SteeringError
+from .errors import DSASDeprecationWarning, IncompatibleSteeringError, SteeringError
 from .strengths import Strength, check_strengths, is_steering, per_sample
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ def gate_word(value: str | bool | None, where: str = "gate") -> str | None:
     """A call's gate in the one vocabulary (:data:`~dsas_diffusion.names.GATES`): ``"dsas"`` or
     ``"e2e"`` steer through the steerers' gates, ``"none"`` steers uniformly; ``None`` stays
     ``None``. ``True`` / ``False`` are the former spelling: accepted for one release with a
-    ``DeprecationWarning``.
+    :class:`~dsas_diffusion.errors.DSASDeprecationWarning`.
 
     Examples:
         >>> gate_word("none"), gate_word(None)
@@ -61,7 +61,7 @@ def gate_word(value: str | bool | None, where: str = "gate") -> str | None:
         warnings.warn(
             f"{where}={value} is deprecated and goes in the next release; use {where}={word!r} "
             "('dsas' or 'e2e': through the gates, 'none': uniform steering)",
-            DeprecationWarning,
+            DSASDeprecationWarning,
             stacklevel=4,
         )
         return word
