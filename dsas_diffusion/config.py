@@ -280,12 +280,23 @@ class FitConfig:
 
     # -- validation ---------------------------------------------------------------------------
     def __post_init__(self) -> None:
+        self._normalise()
+        self._check_names()
+        self._check_numbers()
+        self._check_gate_settings()
+        self._check_decision()
+
+    def _normalise(self) -> None:
+        """Sequences (lists, ranges) as tuples, LinEAS settings as a :class:`LinEASConfig`."""
         for name in ("hook_points", "layers", "support_quantiles", "steering_steps"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (tuple, str, Mapping)):  # lists, ranges
                 object.__setattr__(self, name, tuple(value))
         if isinstance(self.lineas, Mapping):
             object.__setattr__(self, "lineas", LinEASConfig(**self.lineas))
+
+    def _check_names(self) -> None:
+        """Every setting that names a choice names one of its choices."""
         for name, allowed in (
             ("map", MAP_NAMES),
             ("gate", FIT_GATES),
@@ -299,10 +310,9 @@ class FitConfig:
         ):
             value = getattr(self, name)
             _check(value in allowed, f"{name} must be one of {allowed}, got {value!r}")
-        _check(
-            self.gate != "e2e" or self.map == "lineas",
-            "gate='e2e' trains gates jointly with LinEAS maps: use map='lineas'",
-        )
+
+    def _check_numbers(self) -> None:
+        """Every number lies in its range."""
         _check(
             self.max_strength is None or (_is_number(self.max_strength) and self.max_strength > 0),
             f"max_strength must be a positive number or None, got {self.max_strength!r}",
@@ -318,8 +328,13 @@ class FitConfig:
             self.gate_threshold is None or (_is_number(self.gate_threshold) and 0 <= self.gate_threshold <= 1),
             f"gate_threshold must be None or a number in [0, 1], got {self.gate_threshold!r}",
         )
-        for name in ("calibration_quantile", "concept_level", "contrast_level", "sample_quantile",
-                     "sample_concept_quantile"):  # fmt: skip
+        for name in (
+            "calibration_quantile",
+            "concept_level",
+            "contrast_level",
+            "sample_quantile",
+            "sample_concept_quantile",
+        ):
             value = getattr(self, name)
             _check(_is_number(value) and 0 < value < 1, f"{name} must lie in (0, 1), got {value!r}")
         _check(
@@ -347,6 +362,14 @@ class FitConfig:
             steps is None or is_step_window(steps),
             f"steering_steps must be None or (start, end) with 0 <= start < end <= 1, got {steps!r}",
         )
+
+    def _check_gate_settings(self) -> None:
+        """Gate settings that hold only together: end-to-end gates with LinEAS, step and sample
+        gates with DSAS, what the gates read, context layers, contrast."""
+        _check(
+            self.gate != "e2e" or self.map == "lineas",
+            "gate='e2e' trains gates jointly with LinEAS maps: use map='lineas'",
+        )
         _check(
             self.gate_activation != "step" or self.gate == "dsas",
             "gate_activation='step' has no gradient to train: use it with gate='dsas'",
@@ -355,6 +378,23 @@ class FitConfig:
             not self.sample_gate or self.gate == "dsas",
             "sample_gate=True fits a second DSAS gate per layer: use it with gate='dsas'",
         )
+        _check(
+            self.gate_reads == "output" or (self.gate == "dsas" and not self.incremental_gates),
+            f"gate_reads={self.gate_reads!r} is fitted with gate='dsas' and without incremental_gates",
+        )
+        _check(
+            self.context_layer is None or (_is_int(self.context_layer) and self.gate_reads == "context"),
+            f"context_layer={self.context_layer!r} names the decoder layer whose context the gates read: an integer, "
+            "with gate_reads='context'",
+        )
+        _check(
+            not (self.uses_contrast and self.incremental_gates),
+            "incremental_gates refits gates on upstream-steered activations; it does not combine with "
+            "gate_fit_on='contrast' or gate_calibration='two-sided'",
+        )
+
+    def _check_decision(self) -> None:
+        """The per-sample decision's settings, and what it needs of the sample gates and the window."""
         _check(
             self.decision_inference_steps is None
             or (_is_int(self.decision_inference_steps) and self.decision_inference_steps >= 2),
@@ -378,20 +418,6 @@ class FitConfig:
             self.sample_decision != "stacked" or self.decision_seeds >= 2,
             "sample_decision='stacked' fits its weights on all seed rounds but the last and sets its threshold on "
             f"the last: decision_seeds must be at least 2, got {self.decision_seeds!r}",
-        )
-        _check(
-            self.gate_reads == "output" or (self.gate == "dsas" and not self.incremental_gates),
-            f"gate_reads={self.gate_reads!r} is fitted with gate='dsas' and without incremental_gates",
-        )
-        _check(
-            self.context_layer is None or (_is_int(self.context_layer) and self.gate_reads == "context"),
-            f"context_layer={self.context_layer!r} names the decoder layer whose context the gates read: an integer, "
-            "with gate_reads='context'",
-        )
-        _check(
-            not (self.uses_contrast and self.incremental_gates),
-            "incremental_gates refits gates on upstream-steered activations; it does not combine with "
-            "gate_fit_on='contrast' or gate_calibration='two-sided'",
         )
 
     @property

@@ -109,8 +109,9 @@ def gates_picture(pipe, prompt_steerer, named: list[str], *, strength: float, im
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         if value == 0.0:
             return pipe(prompts, generator=generators, num_inference_steps=25, steering_strength=0.0).images, None
-        result = pipe(prompts, generator=generators, num_inference_steps=25, steering_strength=value,
-                      return_gate_maps=True)  # fmt: skip
+        result = pipe(
+            prompts, generator=generators, num_inference_steps=25, steering_strength=value, return_gate_maps=True
+        )
         return result.images, [mean_gate_map(result.gate_maps, i) for i in range(len(prompts))]
 
     loaded = dict(pipe.steerers)

@@ -56,8 +56,13 @@ CFG_MODES = ("both", "cond")
 #: ``fit_steering``'s arguments about the collection runs of pipelines and language models (the
 #: rest of its keywords are FitConfig fields)
 FIT_COLLECTION_ARGUMENTS = (
-    "collect_steps", "num_inference_steps", "batch_size", "pipeline_kwargs", "max_length", "chat_template"
-)  # fmt: skip
+    "collect_steps",
+    "num_inference_steps",
+    "batch_size",
+    "pipeline_kwargs",
+    "max_length",
+    "chat_template",
+)
 #: named sets of hook points on a denoiser (see diffusion/architectures.py)
 DIFFUSION_PRESETS = ("cross-attention", "blocks", "norms")
 #: where a pipeline steers unless told otherwise

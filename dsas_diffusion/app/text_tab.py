@@ -52,8 +52,12 @@ class TextSettings:
         if len(prompt) > 300:
             raise InputError(f"The prompt is {len(prompt)} characters long; at most 300 are allowed.")
         values = {}
-        for name, label, low, high in (("strength", "The strength λ", 0.0, 32.0), ("seed", "The seed", 0, 2**32 - 1),
-                                       ("samples", "Samples", 1, 32), ("max_new_tokens", "New tokens", 1, 64)):  # fmt: skip
+        for name, label, low, high in (
+            ("strength", "The strength λ", 0.0, 32.0),
+            ("seed", "The seed", 0, 2**32 - 1),
+            ("samples", "Samples", 1, 32),
+            ("max_new_tokens", "New tokens", 1, 64),
+        ):
             value = number(getattr(self, name), label) if name == "strength" else integer(getattr(self, name), label)
             if not low <= value <= high:
                 raise InputError(f"{label} must be between {low} and {high}, got {value}.")
@@ -173,8 +177,16 @@ def generate_text(entry: TextEntry, steerer: Steerer, settings: TextSettings) ->
     with entry.lock, torch.random.fork_rng(devices=[]):
         for variant, (strength, gate) in runs.items():
             torch.manual_seed(settings.seed)
-            outputs[variant] = lm.generate(prompts, steering_strength=strength, steering_gate=gate, do_sample=True,
-                                           top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=settings.max_new_tokens)  # fmt: skip
+            outputs[variant] = lm.generate(
+                prompts,
+                steering_strength=strength,
+                steering_gate=gate,
+                do_sample=True,
+                top_k=0,
+                top_p=1.0,
+                temperature=1.0,
+                max_new_tokens=settings.max_new_tokens,
+            )
     special = set(lm.tokenizer.all_special_tokens)
     texts, tokens, gates, rates, perplexity = {}, {}, {}, {}, {}
     for variant, out in outputs.items():
@@ -231,8 +243,13 @@ def build_text_tab(roots: Sequence[Path], cache: LanguageModelCache | None = Non
     )
     state = gr.State(None)
     with gr.Row():
-        model = gr.Dropdown(["shapes-lm"], value="shapes-lm", allow_custom_value=True, elem_id="text-model",
-                            label="Language model (shapes-lm or a local transformers folder)")  # fmt: skip
+        model = gr.Dropdown(
+            ["shapes-lm"],
+            value="shapes-lm",
+            allow_custom_value=True,
+            elem_id="text-model",
+            label="Language model (shapes-lm or a local transformers folder)",
+        )
         concept = gr.Dropdown(list(TEXT_CONCEPTS), value="negative", label="Concept (shipped steering)")
         map_name = gr.Dropdown(shipped_maps, value="caa", label="Map")
         directory = gr.Textbox(label="Or a steering directory", elem_id="text-directory")

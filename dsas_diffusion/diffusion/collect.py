@@ -104,6 +104,34 @@ def run_denoiser_call(denoiser: nn.Module, call: DenoiserCall) -> Any:
     return denoiser(**_to_device(call, parameter.device, parameter.dtype))
 
 
+def _collection_steps(steps: Sequence[int] | str, num_inference_steps: int) -> set[int]:
+    """The denoising step indices to collect (``"all"`` or indices in the schedule)."""
+    if steps == "all":
+        return set(range(num_inference_steps))
+    wanted = {int(s) for s in steps}
+    bad = sorted(s for s in wanted if not 0 <= s < num_inference_steps)
+    if not wanted or bad:
+        raise SteeringError(
+            f"collection steps must be indices in [0, {num_inference_steps}) for num_inference_steps="
+            f"{num_inference_steps}; got {sorted(wanted)}"
+        )
+    return wanted
+
+
+def _conditional_rows(batch: int, images: int) -> slice:
+    """The rows of a denoiser batch of ``batch`` rows for ``images`` images that hold the
+    conditional inputs: all of them, or the second half of ``[unconditional; conditional]``."""
+    if batch == 2 * images:
+        return slice(images, batch)
+    if batch == images:
+        return slice(0, batch)
+    raise ActivationError(
+        f"the denoiser was called with a batch of {batch} for {images} images; expected {images} "
+        f"or {2 * images} (classifier-free guidance). This pipeline batches in a way the "
+        "collector does not know."
+    )
+
+
 def record_denoiser_calls(
     pipe: Any,
     denoiser: nn.Module,
@@ -135,16 +163,7 @@ def record_denoiser_calls(
         raise InputSetError(f"the {name} must be a list of prompt strings")
     if len(prompts) == 0:
         raise InputSetError(f"the {name} list is empty; give it at least a few prompts (16 or more is better)")
-    if steps == "all":
-        wanted = set(range(num_inference_steps))
-    else:
-        wanted = {int(s) for s in steps}  # type: ignore[union-attr]
-        bad = sorted(s for s in wanted if not 0 <= s < num_inference_steps)
-        if not wanted or bad:
-            raise SteeringError(
-                f"collection steps must be indices in [0, {num_inference_steps}) for num_inference_steps="
-                f"{num_inference_steps}; got {sorted(wanted)}"
-            )
+    wanted = _collection_steps(steps, num_inference_steps)
     last = max(wanted)
     signature = inspect.signature(denoiser.forward)
     images_per_prompt = int(pipeline_kwargs.get("num_images_per_prompt", 1) or 1)
@@ -163,17 +182,7 @@ def record_denoiser_calls(
         step = state["step"]
         if step in wanted:
             batch = _primary_input(arguments).shape[0]
-            images = state["images"]
-            if batch == 2 * images:
-                rows = slice(images, batch)  # [unconditional; conditional]
-            elif batch == images:
-                rows = slice(0, batch)
-            else:
-                raise ActivationError(
-                    f"the denoiser was called with a batch of {batch} for {images} images; expected {images} "
-                    f"or {2 * images} (classifier-free guidance). This pipeline batches in a way the "
-                    "collector does not know."
-                )
+            rows = _conditional_rows(batch, state["images"])
             arguments = dict(arguments)
             arguments.pop("return_dict", None)
             calls.append({**_take_rows(arguments, rows, batch), "return_dict": False})
@@ -187,8 +196,9 @@ def record_denoiser_calls(
             chunk = list(prompts[start : start + batch_size])
             state.update(timestep=None, step=-1, images=len(chunk) * images_per_prompt)
             generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
-            run_until_stopped(pipe, chunk, num_inference_steps=num_inference_steps, generator=generators,
-                              **pipeline_kwargs)  # fmt: skip
+            run_until_stopped(
+                pipe, chunk, num_inference_steps=num_inference_steps, generator=generators, **pipeline_kwargs
+            )
             if state["step"] < last:
                 raise SteeringError(
                     f"the pipeline ran {state['step'] + 1} denoising steps but step {last} was asked for; "

@@ -82,8 +82,14 @@ def calibrate_sample_decision(
             handle = denoiser.register_forward_pre_hook(stop, with_kwargs=True)
             try:
                 generators = [torch.Generator().manual_seed(first + i) for i in range(len(chunk))]
-                run_until_stopped(pipe, chunk, num_inference_steps=num_inference_steps, generator=generators,
-                                  steering_strength=0.0, **pipeline_kwargs)  # fmt: skip
+                run_until_stopped(
+                    pipe,
+                    chunk,
+                    num_inference_steps=num_inference_steps,
+                    generator=generators,
+                    steering_strength=0.0,
+                    **pipeline_kwargs,
+                )
             finally:
                 handle.remove()
         runs[label][round_].append(decision.records)

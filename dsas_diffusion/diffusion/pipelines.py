@@ -71,6 +71,24 @@ __all__ = [
 ]
 
 
+def _fit_sets(
+    source_prompts: Sequence[str], target_prompts: Sequence[str], control_prompts: Sequence[str] | None, gate: str
+) -> dict[str, list[str]]:
+    """The fitting prompt sets, checked: source and target, and the control prompts that the
+    gates (any ``gate`` but ``"none"``) need."""
+    sets = {
+        "source": check_prompt_list(source_prompts, "source_prompts"),
+        "target": check_prompt_list(target_prompts, "target_prompts"),
+    }
+    if gate != "none" and not control_prompts:
+        raise SteeringError(f"gate={gate!r} needs control prompts (prompts without the concept)")
+    if control_prompts is not None:
+        control_prompts = check_prompt_list(control_prompts, "control_prompts")
+    if gate != "none":
+        sets["control"] = control_prompts
+    return sets
+
+
 class DSASPipelineMixin(SteererRegistry):
     """Adds DSAS steering to a diffusers pipeline class (put it first in the bases).
 
@@ -142,16 +160,10 @@ class DSASPipelineMixin(SteererRegistry):
             >>> steerer = pipe.fit_steering(source, target, control, map="linear-act")  # doctest: +SKIP
         """
         # every name and number is checked before the first collection run
-        source_prompts = check_prompt_list(source_prompts, "source_prompts")
-        target_prompts = check_prompt_list(target_prompts, "target_prompts")
         config = FitConfig.build(config if config is not None else FitConfig.for_diffusion(), **settings)
         if config.gate != "dsas":  # calibration and the floor belong to DSAS gates
             config = config.replace(gate_calibration="none", gate_floor=0.0)
-        gate = config.gate
-        if gate != "none" and not control_prompts:
-            raise SteeringError(f"gate={gate!r} needs control prompts (prompts without the concept)")
-        if control_prompts is not None:
-            control_prompts = check_prompt_list(control_prompts, "control_prompts")
+        sets = _fit_sets(source_prompts, target_prompts, control_prompts, config.gate)
         check_collection_arguments(collect_steps, num_inference_steps, batch_size)
         seed = config.seed
         denoiser = self.denoiser
@@ -168,26 +180,13 @@ class DSASPipelineMixin(SteererRegistry):
             steering_strength=0.0,  # collect on the unsteered model, even with other steerers loaded
             **dict(pipeline_kwargs or {}),
         )
-        sets = {"source": source_prompts, "target": target_prompts}
-        if gate != "none":
-            sets["control"] = control_prompts
         with run_eagerly() if is_compiled(self._denoiser_as_called()) else contextlib.nullcontext():
             calls = {
                 label: record_denoiser_calls(self, denoiser, list(prompts), name=f"{label} prompts", **record)
                 for label, prompts in sets.items()
             }
             check_image_stream(denoiser, points, calls["source"][0])
-            provenance = fit_provenance(
-                "image",
-                denoiser,
-                self,
-                pipeline_class=type(self).__name__,
-                denoiser_class=type(denoiser).__name__,
-                preset=None if config.hook_points is not None else config.preset,
-                collect_steps=collect_steps if isinstance(collect_steps, str) else list(collect_steps),
-                num_inference_steps=num_inference_steps,
-                prompts={label: list(prompts) for label, prompts in sets.items()},
-            )
+            provenance = self._fit_provenance(config, collect_steps, num_inference_steps, sets)
             steerer = fit_steerer(
                 denoiser,
                 points,
@@ -200,17 +199,58 @@ class DSASPipelineMixin(SteererRegistry):
                 provenance=provenance,
                 progress=progress,
             )
-            if config.sample_decision != "per-layer":  # observed on the conditional rows, as steered
+            if config.sample_decision != "per-layer":
                 extra = dict(pipeline_kwargs or {})
-                guided, batched = self._guidance_on(extra), self.dsas_cfg_layout == "batched"
-                calibrate_sample_decision(
-                    self, steerer, control_prompts, source_prompts, config,
-                    rows=CONDITIONAL_HALF if guided and batched else None, separate_cond=guided and not batched,
-                    num_inference_steps=config.decision_inference_steps or self._call_default("num_inference_steps"),
-                    batch_size=batch_size, progress=progress,
-                    pipeline_kwargs=extra,
-                )  # fmt: skip
+                self._calibrate_decision(steerer, sets["control"], sets["source"], config, batch_size, progress, extra)
         return self._register(name, steerer)
+
+    def _fit_provenance(
+        self,
+        config: FitConfig,
+        collect_steps: Sequence[int] | str,
+        num_inference_steps: int,
+        sets: Mapping[str, Sequence[str]],
+    ) -> dict[str, Any]:
+        """What a steerer fitted on this pipeline records of where it came from."""
+        denoiser = self.denoiser
+        return fit_provenance(
+            "image",
+            denoiser,
+            self,
+            pipeline_class=type(self).__name__,
+            denoiser_class=type(denoiser).__name__,
+            preset=None if config.hook_points is not None else config.preset,
+            collect_steps=collect_steps if isinstance(collect_steps, str) else list(collect_steps),
+            num_inference_steps=num_inference_steps,
+            prompts={label: list(prompts) for label, prompts in sets.items()},
+        )
+
+    def _calibrate_decision(
+        self,
+        steerer: Steerer,
+        control_prompts: Sequence[str],
+        source_prompts: Sequence[str],
+        config: FitConfig,
+        batch_size: int,
+        progress: bool,
+        pipeline_kwargs: dict[str, Any],
+    ) -> None:
+        """Calibrate ``steerer``'s per-image decision on the control prompts' denoising runs,
+        observed on the conditional rows, as a call steers them."""
+        guided, batched = self._guidance_on(pipeline_kwargs), self.dsas_cfg_layout == "batched"
+        calibrate_sample_decision(
+            self,
+            steerer,
+            control_prompts,
+            source_prompts,
+            config,
+            rows=CONDITIONAL_HALF if guided and batched else None,
+            separate_cond=guided and not batched,
+            num_inference_steps=config.decision_inference_steps or self._call_default("num_inference_steps"),
+            batch_size=batch_size,
+            progress=progress,
+            pipeline_kwargs=pipeline_kwargs,
+        )
 
     # -- generation ------------------------------------------------------------------------
     def _call_default(self, name: str) -> Any:
@@ -307,9 +347,13 @@ class DSASPipelineMixin(SteererRegistry):
         )
         steps = kwargs.get("num_inference_steps") or self._call_default("num_inference_steps")
         call = ImageCallPlan.resolve(
-            plan, guidance=self._guidance_on(kwargs), layout=self.dsas_cfg_layout, cfg=steering_cfg,
-            window=steering_steps, steps=steps,
-        )  # fmt: skip
+            plan,
+            guidance=self._guidance_on(kwargs),
+            layout=self.dsas_cfg_layout,
+            cfg=steering_cfg,
+            window=steering_steps,
+            steps=steps,
+        )
         if not plan.calls:
             drop_resident(self)
             if steering_strength not in (None, 0, 0.0) or return_gate_maps:
@@ -348,9 +392,14 @@ class DSASPipelineMixin(SteererRegistry):
             if call.stepped or call.separate_cond:
                 windows = [call.windows[name] for name in sessions]
                 stack.enter_context(
-                    StepWindow(denoiser, list(sessions.values()), windows=windows, total=call.steps,
-                               first_call_only=call.separate_cond)
-                )  # fmt: skip
+                    StepWindow(
+                        denoiser,
+                        list(sessions.values()),
+                        windows=windows,
+                        total=call.steps,
+                        first_call_only=call.separate_cond,
+                    )
+                )
             finite = stack.enter_context(FiniteOutputCheck(denoiser))
             output = super().__call__(*args, **kwargs)  # type: ignore[misc]
         finite.raise_if_not_finite(plan)

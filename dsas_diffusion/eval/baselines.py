@@ -46,8 +46,9 @@ GATE_WEIGHTS, GATE_CONFIG = "prompt_gate.safetensors", "prompt_gate.json"
 def _text_features(lm: Any, prompts: Sequence[str], batch_size: int) -> torch.Tensor:
     tokenizer, rows = lm.tokenizer, []
     for start in range(0, len(prompts), batch_size):
-        encoded = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True,
-                            padding_side="right")  # fmt: skip
+        encoded = tokenizer(
+            list(prompts[start : start + batch_size]), return_tensors="pt", padding=True, padding_side="right"
+        )
         mask = encoded["attention_mask"]
         out = lm.model(**{k: v.to(lm.device) for k, v in encoded.items()}, output_hidden_states=True)
         hidden = out.hidden_states[-1].float().cpu()
@@ -130,10 +131,15 @@ class PromptGate:
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({"weight": self.gate.weight.detach(), "bias": self.gate.bias.detach().reshape(1)},
-                  directory / GATE_WEIGHTS)  # fmt: skip
-        meta = {"accuracy": self.gate.accuracy, "threshold": self.threshold, "n_components": self.gate.n_components,
-                "features": "mean over tokens of encode_prompt's prompt embeddings"}  # fmt: skip
+        save_file(
+            {"weight": self.gate.weight.detach(), "bias": self.gate.bias.detach().reshape(1)}, directory / GATE_WEIGHTS
+        )
+        meta = {
+            "accuracy": self.gate.accuracy,
+            "threshold": self.threshold,
+            "n_components": self.gate.n_components,
+            "features": "mean over tokens of encode_prompt's prompt embeddings",
+        }
         (directory / GATE_CONFIG).write_text(json.dumps(meta, indent=1) + "\n")
 
     @classmethod
@@ -143,8 +149,9 @@ class PromptGate:
             raise FileNotFoundError(f"no prompt gate in {str(directory)!r} (expected {GATE_WEIGHTS})")
         tensors = load_file(directory / GATE_WEIGHTS)
         meta = json.loads((directory / GATE_CONFIG).read_text())
-        gate = LinearGate(tensors["weight"], tensors["bias"][0], accuracy=meta["accuracy"],
-                          n_components=meta.get("n_components"))  # fmt: skip
+        gate = LinearGate(
+            tensors["weight"], tensors["bias"][0], accuracy=meta["accuracy"], n_components=meta.get("n_components")
+        )
         return cls(gate, meta["threshold"])
 
 
@@ -158,8 +165,9 @@ def safe_latent_diffusion(pipe: Any, concept: str) -> Any:
             f"method 'sld': diffusers' Safe Latent Diffusion exists for Stable Diffusion (UNet) pipelines only, "
             f"not for {type(pipe).__name__}; remove 'sld' from methods"
         )
-    safe = StableDiffusionPipelineSafe.from_pipe(pipe, safety_checker=None, feature_extractor=None,
-                                                 requires_safety_checker=False)  # fmt: skip
+    safe = StableDiffusionPipelineSafe.from_pipe(
+        pipe, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
     safe.set_progress_bar_config(disable=True)
     safe.safety_concept = concept
     return safe

@@ -285,9 +285,11 @@ def spatial_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     eligible = {
         (r["prompt"], r["seed"])
         for r in rows
-        if r["group"] == "pairs" and r["method"] == "unsteered" and r.get("concept_drawn") == 1.0
+        if r["group"] == "pairs"
+        and r["method"] == "unsteered"
+        and r.get("concept_drawn") == 1.0
         and r.get("others_drawn") == 1.0
-    }  # fmt: skip
+    }
     out = []
     for r in rows:
         if r["group"] != "pairs":
@@ -315,9 +317,14 @@ def empty_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         if r["group"] != "empty":
             continue
         has = r["seed"] in shown
-        out.append({**r, "unasked_drawn": float(r.get("concept_drawn") or 0.0) if has else nan,
-                    "unasked_similarity": nan if has else r.get("clip_similarity", nan),
-                    "unasked_change": nan if has else r.get("pixel_change", nan)})  # fmt: skip
+        out.append(
+            {
+                **r,
+                "unasked_drawn": float(r.get("concept_drawn") or 0.0) if has else nan,
+                "unasked_similarity": nan if has else r.get("clip_similarity", nan),
+                "unasked_change": nan if has else r.get("pixel_change", nan),
+            }
+        )
     return out
 
 
@@ -379,36 +386,49 @@ def method_figures(
         return figures
 
     figures = bootstrap_intervals(table, statistic, replicates=replicates, seed=seed)
-    spatial = table.pairs["removed"].shape[1] > 0
-    unasked = table.empty["unasked_drawn"].shape[1] > 0
-
-    def scaled(value: tuple[float, float, float]) -> tuple[float, float, float]:
-        return tuple(255.0 * v for v in value)  # type: ignore[return-value]
-
+    has = {
+        "detector": detector,
+        "spatial": table.pairs["removed"].shape[1] > 0,
+        "unasked": table.empty["unasked_drawn"].shape[1] > 0,
+    }
     lines = []
     for threshold in thresholds:
         for rule in ("best", "default") if grid else ("strongest", "best"):
             if rule == "default" and threshold != thresholds[0]:
                 continue
-            key = f"{threshold}:{rule}:"
-            lines.append(
-                {
-                    "method": method,
-                    "similarity": threshold if rule != "default" else None,
-                    "rule": rule,
-                    "strength": figures[key + "strength"][0],
-                    "reached": bool(figures[key + "reached"][0]),
-                    "concept_drawn": figures[key + "concept_concept_drawn"] if detector else None,
-                    "concept_presence": figures[key + "concept_concept_presence"],
-                    "control_similarity": figures[key + "similarity"],
-                    "unasked_drawn": figures[key + "empty_unasked_drawn"] if unasked else None,
-                    "unasked_similarity": figures[key + "empty_unasked_similarity"] if unasked else None,
-                    "unasked_change": scaled(figures[key + "empty_unasked_change"]) if unasked else None,
-                    "spatial_removed": figures[key + "pairs_removed"] if spatial else None,
-                    "spatial_kept": figures[key + "pairs_kept"] if spatial else None,
-                    "outside_change": scaled(figures[key + "pairs_outside_change"]) if spatial else None,
-                    "inside_change": scaled(figures[key + "pairs_inside_change"]) if spatial else None,
-                    "hypervolume": figures["hypervolume"],
-                }
-            )
+            lines.append(_figure_line(figures, method, threshold, rule, has))
     return lines
+
+
+def _figure_line(
+    figures: Mapping[str, Any], method: str, threshold: float, rule: str, has: Mapping[str, bool]
+) -> dict[str, Any]:
+    """One line of :func:`method_figures`: the figures of ``rule`` at ``threshold`` (``None``
+    for the measures the rows do not have: ``has["detector"]``, ``"spatial"``, ``"unasked"``)."""
+    key = f"{threshold}:{rule}:"
+
+    def figure(name: str, present: bool = True, scale: float = 1.0) -> Any:
+        if not present:
+            return None
+        value = figures[key + name]
+        return value if scale == 1.0 else tuple(scale * v for v in value)
+
+    spatial, unasked = has["spatial"], has["unasked"]
+    return {
+        "method": method,
+        "similarity": threshold if rule != "default" else None,
+        "rule": rule,
+        "strength": figures[key + "strength"][0],
+        "reached": bool(figures[key + "reached"][0]),
+        "concept_drawn": figure("concept_concept_drawn", has["detector"]),
+        "concept_presence": figure("concept_concept_presence"),
+        "control_similarity": figure("similarity"),
+        "unasked_drawn": figure("empty_unasked_drawn", unasked),
+        "unasked_similarity": figure("empty_unasked_similarity", unasked),
+        "unasked_change": figure("empty_unasked_change", unasked, 255.0),  # (0-255)
+        "spatial_removed": figure("pairs_removed", spatial),
+        "spatial_kept": figure("pairs_kept", spatial),
+        "outside_change": figure("pairs_outside_change", spatial, 255.0),
+        "inside_change": figure("pairs_inside_change", spatial, 255.0),
+        "hypervolume": figures["hypervolume"],
+    }

@@ -246,8 +246,14 @@ def pareto_plot(
         map_name, _, gating = method.rpartition("/")
         if not map_name:  # a baseline: its grid of settings as points, no curve
             marker = "^" if method == "negative-prompt" else "v"
-            axis.plot([line[x] for line in lines], [line[y] for line in lines], marker, markersize=6,
-                      color="tab:gray" if method == "negative-prompt" else "black", label=method)  # fmt: skip
+            axis.plot(
+                [line[x] for line in lines],
+                [line[y] for line in lines],
+                marker,
+                markersize=6,
+                color="tab:gray" if method == "negative-prompt" else "black",
+                label=method,
+            )
             for line in lines[1:]:
                 axis.annotate(f"{line['strength']:g}", (line[x], line[y]), fontsize=6, alpha=0.7)
             continue

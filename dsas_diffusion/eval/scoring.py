@@ -46,8 +46,10 @@ def _unprompted_rows(judge: Any, config: EvalConfig, images: list[Image.Image]) 
     """The empty prompt's images: is the concept drawn (read without a caption)?"""
     from ..shapes import read_objects, unprompted_concept
 
-    return [{"concept_drawn": float(bool(unprompted_concept(objects, config.concept)))}
-            for objects in read_objects(judge, images)]  # fmt: skip
+    return [
+        {"concept_drawn": float(bool(unprompted_concept(objects, config.concept)))}
+        for objects in read_objects(judge, images)
+    ]
 
 
 def _region_change(config: EvalConfig, image: Image.Image, reference: Image.Image, prompt: str) -> dict[str, float]:

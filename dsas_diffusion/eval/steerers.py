@@ -112,26 +112,45 @@ def prompt_gate_openings(
         return {}
     directory = out / "steering" / "prompt-gate"
     readings = directory / "openings.json"
-    prompts = list(dict.fromkeys(
-        config.concept_prompts + config.control_prompts + config.pairs_prompts + ([""] if config.empty_seeds else [])
-    ))  # fmt: skip
+    prompts = list(
+        dict.fromkeys(
+            config.concept_prompts
+            + config.control_prompts
+            + config.pairs_prompts
+            + ([""] if config.empty_seeds else [])
+        )
+    )
     from .text import is_text_config
 
     # the model family's gate settings, unless the config's fit overrides them
     defaults = FitConfig.for_text() if is_text_config(config) else FitConfig.for_diffusion()
     fit_settings = {k: config.fit.get(k, getattr(defaults, k)) for k in ("n_components", "gate_l2", "seed")}
-    key = digest({"model": model_identity, "sets": [config.source, config.control], "fit": fit_settings,
-                  "prompts": prompts, "version": CACHE_VERSION})  # fmt: skip
+    key = digest(
+        {
+            "model": model_identity,
+            "sets": [config.source, config.control],
+            "fit": fit_settings,
+            "prompts": prompts,
+            "version": CACHE_VERSION,
+        }
+    )
     key_file = directory / "fit_key.txt"
     if fit_here and not (key_file.is_file() and key_file.read_text().strip() == key):
         print(f"fitting the prompt-level gate on {config.model}")
         pipe = load_pipeline()
-        gate = PromptGate.fit(pipe, config.source, config.control, n_components=fit_settings["n_components"],
-                              l2=fit_settings["gate_l2"], seed=fit_settings["seed"])  # fmt: skip
+        gate = PromptGate.fit(
+            pipe,
+            config.source,
+            config.control,
+            n_components=fit_settings["n_components"],
+            l2=fit_settings["gate_l2"],
+            seed=fit_settings["seed"],
+        )
         gate.save_pretrained(directory)
         openings = gate.openings(pipe, prompts)
-        readings.write_text(json.dumps({"accuracy": gate.accuracy, "openings": dict(zip(prompts, openings, strict=True))},
-                                       indent=1))  # fmt: skip
+        readings.write_text(
+            json.dumps({"accuracy": gate.accuracy, "openings": dict(zip(prompts, openings, strict=True))}, indent=1)
+        )
         key_file.write_text(key + "\n")
     if not readings.is_file():
         raise FileNotFoundError(f"{readings} is missing: the main process fits the prompt-level gate first")

@@ -110,8 +110,12 @@ def check_text_config(config: EvalConfig) -> None:
 def text_settings(config: EvalConfig) -> dict[str, Any]:
     """Everything besides method, strength, prompt and seed that decides a continuation (the
     batch size too: a sampled continuation depends on the other prompts of its batch)."""
-    return {"model": config.model, "max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size,
-            "decoding": "concept: sampled, temperature 1; control: greedy"}  # fmt: skip
+    return {
+        "model": config.model,
+        "max_new_tokens": config.max_new_tokens,
+        "batch_size": config.batch_size,
+        "decoding": "concept: sampled, temperature 1; control: greedy",
+    }
 
 
 class LanguageModelLoader:

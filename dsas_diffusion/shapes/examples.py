@@ -48,9 +48,15 @@ EXAMPLE_FIT = FitConfig.for_diffusion(seed=0)
 #: input, fitted on the positions found by contrast with the target, shut or fully open at the
 #: 90% quantile of control positions, with a sample gate per layer; every layer kept
 IMAGE_GATES: dict[str, Any] = dict(
-    gate_reads="input", gate_fit_on="contrast", gate_activation="step", gate_calibration="control-positions",
-    calibration_quantile=0.9, sample_gate=True, n_components=16, gate_threshold=None,
-)  # fmt: skip
+    gate_reads="input",
+    gate_fit_on="contrast",
+    gate_activation="step",
+    gate_calibration="control-positions",
+    calibration_quantile=0.9,
+    sample_gate=True,
+    n_components=16,
+    gate_threshold=None,
+)
 #: one decision per image from the first 12 of 25 steps, steering after them (section 7)
 DECIDED: dict[str, Any] = dict(steering_steps=(0.48, 1.0), sample_decision="accumulated", decision_inference_steps=25)
 #: the examples by name: ``<concept>`` with :data:`EXAMPLE_FIT`, ``<concept>-image`` with the

@@ -123,8 +123,11 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "behind it all is a {adj}{bg} background",
     ),
 }
-_SINGLE_COUNT = {"there is only one {adj}object in the picture", "the picture has one {adj}shape",
-                 "it is the only {adj}shape"}  # fmt: skip
+_SINGLE_COUNT = {
+    "there is only one {adj}object in the picture",
+    "the picture has one {adj}shape",
+    "it is the only {adj}shape",
+}
 
 
 class InvalidText(ValueError):
@@ -159,13 +162,15 @@ def _words_pattern(words) -> str:
 _ADJS = rf"(?:{_words_pattern(NEGATIVE_WORDS)})(?:, (?:{_words_pattern(NEGATIVE_WORDS)}))?"
 _COLOUR, _SHAPE = _words_pattern(COLOURS), _words_pattern(SHAPES)
 _SLOTS = {
-    "np": lambda n: rf"an? (?:(?P<{n}_size>small|large) )?(?:(?P<{n}_adjs>{_ADJS}) )?(?P<{n}_colour>{_COLOUR}) (?P<{n}_shape>{_SHAPE})",
+    "np": lambda n: (
+        rf"an? (?:(?P<{n}_size>small|large) )?(?:(?P<{n}_adjs>{_ADJS}) )?(?P<{n}_colour>{_COLOUR}) (?P<{n}_shape>{_SHAPE})"
+    ),
     "ref": lambda n: rf"the (?:(?P<{n}_adjs>{_ADJS}) )?(?:(?P<{n}_colour>{_COLOUR}) )?(?P<{n}_shape>{_SHAPE})",
     "pos": lambda n: rf"(?P<{n}>{_words_pattern(POSITIONS)})",
     "bg": lambda n: rf"(?P<{n}>{_words_pattern(BACKGROUNDS)})",
     "count": lambda n: rf"(?P<{n}>{_words_pattern(COUNTS.values())})",
     "adj": lambda n: rf"(?:(?P<{n}_adjs>{_ADJS}) )?",
-}  # fmt: skip
+}
 
 
 _SLOT = re.compile(r"\{(\w+?)(2?)\}")  # a template's slot: its kind and an optional 2 ({np2})
@@ -367,8 +372,12 @@ def parse_document(text: str) -> Document:
     kinds: list[tuple[str, str, dict]] = []
     for index, sentence in enumerate(sentences):
         allowed = ("first", "first_pair") if index == 0 else ("addition", *EXTRA_KINDS)
-        found = [(kind, t, m.groupdict()) for kind in allowed for t, pattern in _PATTERNS[kind]
-                 if (m := pattern.fullmatch(sentence))]  # fmt: skip
+        found = [
+            (kind, t, m.groupdict())
+            for kind in allowed
+            for t, pattern in _PATTERNS[kind]
+            if (m := pattern.fullmatch(sentence))
+        ]
         if len(found) != 1:
             problem = "matches no sentence form" if not found else f"matches {len(found)} sentence forms"
             raise InvalidText(f"sentence {index + 1} ({sentence!r}) {problem}")

@@ -324,6 +324,49 @@ class _FullCapture:
         return rows
 
 
+def _paired_difference(
+    name: str,
+    source_rows: Mapping[str, torch.Tensor],
+    target_rows: Mapping[str, torch.Tensor],
+    mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Module ``name``'s source activations and, per sample and position, their distance to the
+    paired target's (0 where ``mask`` is off)."""
+    if name not in source_rows or name not in target_rows:
+        raise ActivationError(f"module {name!r} was not called by the forward pass of a source or target batch")
+    rows, other = source_rows[name], target_rows[name]
+    if rows.shape != other.shape:
+        raise InputSetError(
+            f"module {name!r}: a source batch gave activations of shape {tuple(rows.shape)} and its "
+            f"paired target batch {tuple(other.shape)}; contrast needs paired inputs of the same shape"
+        )
+    difference = (rows - other).norm(dim=-1)  # (B, positions)
+    if mask is not None:
+        difference = difference * mask.reshape(difference.shape).to(difference.dtype).cpu()
+    return rows, difference
+
+
+def _contrast_split(
+    difference: torch.Tensor,
+    level: float,
+    per_sample: int,
+    background_level: float,
+    background_per_sample: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One sample's concept positions (at least ``level`` times its largest difference, at most
+    ``per_sample``, largest first) and background positions (at most ``background_level`` times
+    it, ``background_per_sample`` at random); ``None`` where source and target are identical."""
+    top = difference.max()
+    if not bool(top > 0):
+        return None
+    order = difference.argsort(descending=True)
+    strong = order[difference[order] >= level * top][:per_sample]
+    weak = (difference <= background_level * top).nonzero().flatten()
+    weak = weak[torch.randperm(weak.numel(), generator=generator)[:background_per_sample]]
+    return strong, weak
+
+
 def collect_contrast_positions(
     model: nn.Module,
     hook_points: Sequence[HookPoint | str],
@@ -383,29 +426,14 @@ def collect_contrast_positions(
             mask = mask_fn(source_batch)
             for point in points:
                 name = point.key
-                if name not in source_rows or name not in target_rows:
-                    raise ActivationError(
-                        f"module {name!r} was not called by the forward pass of a source or target batch"
-                    )
-                rows, other = source_rows[name], target_rows[name]
-                if rows.shape != other.shape:
-                    raise InputSetError(
-                        f"module {name!r}: a source batch gave activations of shape {tuple(rows.shape)} and its "
-                        f"paired target batch {tuple(other.shape)}; contrast needs paired inputs of the same shape"
-                    )
-                difference = (rows - other).norm(dim=-1)  # (B, positions)
-                if mask is not None:
-                    difference = difference * mask.reshape(difference.shape).to(difference.dtype).cpu()
+                rows, difference = _paired_difference(name, source_rows, target_rows, mask)
                 for sample in range(rows.shape[0]):
-                    top = difference[sample].max()
-                    if not bool(top > 0):
-                        continue  # source and target identical here: nothing to locate
-                    order = difference[sample].argsort(descending=True)
-                    strong = order[difference[sample][order] >= level * top][:per_sample]
-                    concept[name].append(rows[sample, strong])
-                    weak = (difference[sample] <= background_level * top).nonzero().flatten()
-                    weak = weak[torch.randperm(weak.numel(), generator=generator)[:background_per_sample]]
-                    background[name].append(rows[sample, weak])
+                    found = _contrast_split(
+                        difference[sample], level, per_sample, background_level, background_per_sample, generator
+                    )
+                    if found is not None:  # (None: source and target identical here, nothing to locate)
+                        concept[name].append(rows[sample, found[0]])
+                        background[name].append(rows[sample, found[1]])
     empty = [name for name, found in concept.items() if not found]
     if empty:
         raise InputSetError(

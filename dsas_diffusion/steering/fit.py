@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -59,8 +59,17 @@ def _fit_map(name: str, source: torch.Tensor, target: torch.Tensor, settings: Ma
 
 def _settings(config: FitConfig) -> dict[str, Any]:
     """The per-layer fitting settings the maps and gates read."""
-    names = ("n_components", "gate_l2", "cv_folds", "gate_activation", "gate_fit_on", "support_quantiles",
-             "iti_alpha", "iti_probe", "seed")  # fmt: skip
+    names = (
+        "n_components",
+        "gate_l2",
+        "cv_folds",
+        "gate_activation",
+        "gate_fit_on",
+        "support_quantiles",
+        "iti_alpha",
+        "iti_probe",
+        "seed",
+    )
     return {name: getattr(config, name) for name in names}
 
 
@@ -117,6 +126,18 @@ def _check_source_first(order: Sequence[str], source: str, points: Sequence[Hook
         )
 
 
+def _checked_points(model: nn.Module, hook_points: Sequence[HookPoint | str] | None) -> list[HookPoint]:
+    """The hook points, each naming a module of ``model``."""
+    if hook_points is None:
+        raise ValueError("give hook_points, or a config with hook_points")
+    points = [HookPoint.coerce(point) for point in hook_points]
+    if not points:
+        raise ValueError("give at least one hook point")
+    for point in points:
+        resolve_module(model, point.module)
+    return points
+
+
 def fit_steerer(
     model: nn.Module,
     hook_points: Sequence[HookPoint | str] | None,
@@ -150,47 +171,100 @@ def fit_steerer(
             every steered one) whose context every gate reads; ``None``: each its own module's.
     """
     config = FitConfig.build(config, **settings)
-    hook_points = hook_points if hook_points is not None else config.hook_points
-    if hook_points is None:
-        raise ValueError("give hook_points, or a config with hook_points")
-    map, gate, seed = config.map, config.gate, config.seed
-    uses_contrast = config.uses_contrast
-    points = [HookPoint.coerce(point) for point in hook_points]
-    if not points:
-        raise ValueError("give at least one hook point")
-    for point in points:
-        resolve_module(model, point.module)
-    check_not_empty(source_inputs, "source")
-    check_not_empty(target_inputs, "target")
-    needs_control = gate != "none"
-    if needs_control:
-        check_not_empty(control_inputs, "control")
+    points = _checked_points(model, hook_points if hook_points is not None else config.hook_points)
+    sets = {"source": source_inputs, "target": target_inputs, "control": control_inputs}
+    for label in ("source", "target", "control") if config.gate != "none" else ("source", "target"):
+        check_not_empty(sets[label], label)
     forward = forward or default_forward(model)
     per_layer = _settings(config)
     wants_positions = config.gate_fit_on != "pooled" or config.gate_calibration != "none"
     positions = config.positions_per_sample if wants_positions else None
-    collect = dict(forward=forward, mask_fn=mask_fn, positions_per_sample=positions, progress=progress, seed=seed)
+    collect = dict(
+        forward=forward, mask_fn=mask_fn, positions_per_sample=positions, progress=progress, seed=config.seed
+    )
+    found = _collect(model, points, sets, config, collect, context_source)
+    layers = fit_from_activations(
+        points,
+        found.source,
+        found.target,
+        found.control,
+        config,
+        signatures=found.signatures,
+        contrast=found.contrast,
+        context_source=context_source,
+    )
+    if config.incremental and config.map in CLOSED_FORM_MAPS:
+        _refit_maps_upstream(model, layers, source_inputs, found.target.pooled, config, per_layer, collect)
+    lineas = config.lineas or LinEASConfig(seed=config.seed)
+    if config.map == "lineas":
+        train_lineas(
+            model,
+            layers,
+            forward,
+            source_inputs,
+            found.target.pooled,
+            control_inputs=control_inputs,
+            train_gates=config.gate == "e2e",
+            config=lineas,
+            mask_fn=mask_fn,
+            progress=progress,
+        )
+    calibration_rows = found.control.positions if found.control is not None else {}
+    if config.incremental_gates and config.gate == "dsas":
+        calibration_rows = _refit_gates_upstream(model, layers, sets, per_layer, collect, calibration_rows)
+    outcomes = _finish_gates(layers, config, calibration_rows, found) if config.gate == "dsas" else ({}, {})
+    saved = _saved_config(config, layers, per_layer, positions, found.counts, outcomes, lineas)
+    return Steerer(
+        layers, strength=config.strength, config=saved, provenance={**model_provenance(model), **(provenance or {})}
+    )
 
+
+class _Collected(NamedTuple):
+    """What a fit reads of the model: activations of each set, the concept located by
+    contrast, the set sizes and the hooked modules' signatures."""
+
+    source: Any
+    target: Any
+    control: Any
+    contrast: Any
+    counts: dict[str, int]
+    signatures: dict[str, dict[str, Any]]
+
+
+def _collect(
+    model: nn.Module,
+    points: list[HookPoint],
+    sets: Mapping[str, Sequence[Any] | None],
+    config: FitConfig,
+    collect: Mapping[str, Any],
+    context_source: str | None,
+) -> _Collected:
+    """Collect the sets' activations at ``points`` (and what the gates read, in the same
+    passes), the contrast positions, check the sets' balance, and sort ``points`` in forward
+    order as observed (incremental fitting steers upstream layers first)."""
     # gates reading the modules' inputs (or context) need those too, collected in the same passes
+    gate = config.gate
     gate_points = [point.reading(config.gate_reads, context_source) for point in points] if gate == "dsas" else points
     gate_points = list({point.key: point for point in gate_points}.values())  # one source read once
     read = points + [point for point in gate_points if point.reads != "output"]
-    source = collect_activations(model, read, source_inputs, name="source", **collect)
-    target = collect_activations(model, points, target_inputs, name="target", **collect)
-    control = collect_activations(model, read, control_inputs, name="control", **collect) if needs_control else None
+    source = collect_activations(model, read, sets["source"], name="source", **collect)
+    target = collect_activations(model, points, sets["target"], name="target", **collect)
+    control = None
+    if gate != "none":
+        control = collect_activations(model, read, sets["control"], name="control", **collect)
     contrast = None
-    if uses_contrast:
+    if config.uses_contrast:
         contrast = collect_contrast_positions(
             model,
             gate_points,
-            source_inputs,
-            target_inputs,
-            forward=forward,
-            mask_fn=mask_fn,
+            sets["source"],
+            sets["target"],
+            forward=collect["forward"],
+            mask_fn=collect["mask_fn"],
             level=config.contrast_level,
             per_sample=config.positions_per_sample,
-            seed=seed,
-            progress=progress,
+            seed=config.seed,
+            progress=collect["progress"],
         )
     if context_source is not None:
         _check_source_first(source.call_order, context_source, points)
@@ -198,99 +272,119 @@ def fit_steerer(
     if control is not None:
         counts["control"] = control.num_samples
     _check_balance(counts, config.max_imbalance)
-    # forward order as observed, so that incremental fitting steers upstream layers first
     order = {name: i for i, name in enumerate(source.call_order)}
     points.sort(key=lambda point: order.get(point.module, len(order)))
     signatures = {point.module: module_signature(resolve_module(model, point.module)) for point in points}
+    return _Collected(source, target, control, contrast, counts, signatures)
 
-    layers = fit_from_activations(
-        points, source, target, control, config, signatures=signatures, contrast=contrast, context_source=context_source
-    )
-    if config.incremental and map in CLOSED_FORM_MAPS:
-        for index in tqdm(range(1, len(layers)), desc="incremental maps", disable=not progress):
-            upstream = SteeringSession(layers[:index], model, strength=1.0, gated=False)
-            steered = collect_activations(
-                model,
-                [layers[index].hook_point],
-                source_inputs,
-                steering=upstream,
-                name="source (steered upstream)",
-                **collect,
-            )
-            layers[index].map = _fit_map(
-                map, steered.pooled[layers[index].name], target.pooled[layers[index].name], per_layer
-            )
 
-    lineas = config.lineas or LinEASConfig(seed=seed)
-    if map == "lineas":
-        train_lineas(
+def _refit_maps_upstream(
+    model: nn.Module,
+    layers: list[SteeringLayer],
+    source_inputs: Sequence[Any],
+    target_pooled: Mapping[str, torch.Tensor],
+    config: FitConfig,
+    per_layer: Mapping[str, Any],
+    collect: Mapping[str, Any],
+) -> None:
+    """Refit each layer's map on the source activations with the layers upstream steered."""
+    for index in tqdm(range(1, len(layers)), desc="incremental maps", disable=not collect["progress"]):
+        upstream = SteeringSession(layers[:index], model, strength=1.0, gated=False)
+        steered = collect_activations(
             model,
-            layers,
-            forward,
+            [layers[index].hook_point],
             source_inputs,
-            target.pooled,
-            control_inputs=control_inputs,
-            train_gates=gate == "e2e",
-            config=lineas,
-            mask_fn=mask_fn,
-            progress=progress,
+            steering=upstream,
+            name="source (steered upstream)",
+            **collect,
         )
+        name = layers[index].name
+        layers[index].map = _fit_map(config.map, steered.pooled[name], target_pooled[name], per_layer)
 
-    calibration_rows = control.positions if control is not None else {}
-    if config.incremental_gates and gate == "dsas":
-        for index in tqdm(range(1, len(layers)), desc="incremental gates", disable=not progress):
-            point = [layers[index].hook_point]
-            sets = {}
-            for label, inputs in (("source", source_inputs), ("control", control_inputs)):
-                upstream = SteeringSession(layers[:index], model, strength=1.0, gated=True)
-                sets[label] = collect_activations(
-                    model, point, inputs, steering=upstream, name=f"{label} (steered upstream)", **collect
-                )
-            layers[index].gate = fit_layer_gate(layers[index].name, sets["source"], sets["control"], None, per_layer)
-            calibration_rows = {**calibration_rows, **sets["control"].positions}
 
+def _refit_gates_upstream(
+    model: nn.Module,
+    layers: list[SteeringLayer],
+    sets: Mapping[str, Sequence[Any] | None],
+    per_layer: Mapping[str, Any],
+    collect: Mapping[str, Any],
+    calibration_rows: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Refit each layer's gate with the layers upstream steered through their gates; returns the
+    control positions the calibration reads, those of the refitted layers replaced."""
+    calibration_rows = dict(calibration_rows)
+    for index in tqdm(range(1, len(layers)), desc="incremental gates", disable=not collect["progress"]):
+        point = [layers[index].hook_point]
+        steered = {}
+        for label in ("source", "control"):
+            upstream = SteeringSession(layers[:index], model, strength=1.0, gated=True)
+            steered[label] = collect_activations(
+                model, point, sets[label], steering=upstream, name=f"{label} (steered upstream)", **collect
+            )
+        layers[index].gate = fit_layer_gate(layers[index].name, steered["source"], steered["control"], None, per_layer)
+        calibration_rows.update(steered["control"].positions)
+    return calibration_rows
+
+
+def _finish_gates(
+    layers: list[SteeringLayer], config: FitConfig, calibration_rows: Mapping[str, torch.Tensor], found: _Collected
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Calibrate the DSAS gates and the sample gates, select the layers by gate accuracy and set
+    the floors; returns the two calibrations' outcomes."""
     calibration = {}
-    if gate == "dsas" and config.gate_calibration != "none":
+    if config.gate_calibration != "none":
         calibration = calibrate_layers(
             layers,
             config.gate_calibration,
             calibration_rows,
-            contrast,
+            found.contrast,
             quantile=config.calibration_quantile,
             concept_level=config.concept_level,
         )
-
     samples = {}
-    if gate == "dsas" and config.sample_gate:
+    if config.sample_gate:
         samples = calibrate_sample_gates(
             layers,
-            source.pooled,
-            control.pooled,
+            found.source.pooled,
+            found.control.pooled,
             quantile=config.sample_quantile,
             concept_quantile=config.sample_concept_quantile,
             concept_level=config.concept_level,
         )
+    select_layers(layers, threshold=config.gate_threshold, accuracy_scaling=config.accuracy_scaling)
+    for layer in layers:
+        layer.gate.floor = float(config.gate_floor)
+        if layer.sample_gate is not None:
+            layer.sample_gate.floor = float(config.gate_floor)
+    if not any(layer.gate.enabled for layer in layers):
+        _no_gate(layers, config.gate_threshold, config.on_no_gate)
+    return calibration, samples
 
-    if gate == "dsas":  # end-to-end gates were trained to decide for themselves
-        select_layers(layers, threshold=config.gate_threshold, accuracy_scaling=config.accuracy_scaling)
-        for layer in layers:
-            layer.gate.floor = float(config.gate_floor)
-            if layer.sample_gate is not None:
-                layer.sample_gate.floor = float(config.gate_floor)
-        if not any(layer.gate.enabled for layer in layers):
-            _no_gate(layers, config.gate_threshold, config.on_no_gate)
 
-    saved = {
-        "map": map,
+def _saved_config(
+    config: FitConfig,
+    layers: Sequence[SteeringLayer],
+    per_layer: Mapping[str, Any],
+    positions: int | None,
+    counts: Mapping[str, int],
+    outcomes: tuple[Mapping[str, Any], Mapping[str, Any]],
+    lineas: LinEASConfig,
+) -> dict[str, Any]:
+    """What a fitted steerer's config records: the settings it was fitted with and what the fit
+    produced (calibration outcomes, set sizes)."""
+    gate, calibrated = config.gate, config.gate_calibration
+    calibration, samples = outcomes
+    return {
+        "map": config.map,
         "gate": gate,
         "incremental": config.incremental,
         "incremental_gates": config.incremental_gates,
         "gate_threshold": config.gate_threshold,
         "accuracy_scaling": config.accuracy_scaling,
         "pooling": "mean",
-        "gate_calibration": config.gate_calibration,
-        "calibration_quantile": config.calibration_quantile if config.gate_calibration != "none" else None,
-        "concept_level": config.concept_level if config.gate_calibration == "two-sided" else None,
+        "gate_calibration": calibrated,
+        "calibration_quantile": config.calibration_quantile if calibrated != "none" else None,
+        "concept_level": config.concept_level if calibrated == "two-sided" else None,
         "calibration_outcome": calibration or None,
         "sample_calibration_outcome": samples or None,
         "steering_steps": None if config.steering_steps is None else list(config.steering_steps),
@@ -299,17 +393,14 @@ def fit_steerer(
         if config.sample_decision == "per-layer"
         else {"kind": config.sample_decision, "threshold": None},
         "gate_floor": config.gate_floor if gate == "dsas" else None,
-        "contrast_level": config.contrast_level if uses_contrast else None,
+        "contrast_level": config.contrast_level if config.uses_contrast else None,
         **{k: (list(v) if isinstance(v, tuple) else v) for k, v in per_layer.items()},
         "positions_per_sample": positions,
-        "samples": counts,
-        "lineas": lineas.to_dict() if map == "lineas" else None,
+        "samples": dict(counts),
+        "lineas": lineas.to_dict() if config.map == "lineas" else None,
         "max_strength": None if config.max_strength is None else float(config.max_strength),
         "fit_config": config.replace(hook_points=tuple(layer.hook_point for layer in layers)).to_dict(),
     }
-    return Steerer(
-        layers, strength=config.strength, config=saved, provenance={**model_provenance(model), **(provenance or {})}
-    )
 
 
 def _no_gate(layers: Sequence[SteeringLayer], threshold: float | None, on_no_gate: str) -> None:

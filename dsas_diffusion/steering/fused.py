@@ -82,9 +82,21 @@ def fused_steer(
     lo, hi = support if support is not None else (None, None)
     weight, gate_bias = gate if gate is not None else (None, None)
     out, gates = fused_steer_op(
-        x, bias, slope, lo, hi, weight, gate_bias, strength, floor, gate_scale, activation, channels_last,
-        gate_input if gate is not None else None, sample_factor if gate is not None else None,
-    )  # fmt: skip
+        x,
+        bias,
+        slope,
+        lo,
+        hi,
+        weight,
+        gate_bias,
+        strength,
+        floor,
+        gate_scale,
+        activation,
+        channels_last,
+        gate_input if gate is not None else None,
+        sample_factor if gate is not None else None,
+    )
     if gate is None:
         return out, None
     return out, gates.view(x.shape[:-1] if channels_last else x.shape[:1] + x.shape[2:])

@@ -41,6 +41,28 @@ class _BatchStream:
         return self.inputs[self.order.pop()]
 
 
+def _check_training(
+    layers: Sequence[SteeringLayer],
+    source_inputs: Sequence[Any],
+    control_inputs: Sequence[Any] | None,
+    train_gates: bool,
+    config: LinEASConfig,
+) -> None:
+    """Refuse what LinEAS cannot train: no steps, a bad rate, no source, gates without control
+    inputs or initial gates, maps that are not affine."""
+    if config.steps < 1 or not math.isfinite(config.lr) or config.lr <= 0:
+        raise ValueError(f"LinEAS needs steps >= 1 and a positive finite lr, got {config}")
+    if not source_inputs:
+        raise InputSetError("LinEAS: the source set is empty")
+    if train_gates and not control_inputs:
+        raise InputSetError("end-to-end DSAS needs control inputs for its retention term")
+    for layer in layers:
+        if layer.map.kind != "affine":
+            raise ValueError(f"LinEAS trains affine maps; layer {layer.name!r} is {layer.map.kind}")
+        if train_gates and layer.gate is None:
+            raise ValueError(f"end-to-end DSAS needs an initial gate on layer {layer.name!r}")
+
+
 def train_lineas(
     model: nn.Module,
     layers: Sequence[SteeringLayer],
@@ -62,18 +84,7 @@ def train_lineas(
     ``(w - 1, b)`` of each layer. Returns the total loss of every step.
     """
     config = config or LinEASConfig()
-    if config.steps < 1 or not math.isfinite(config.lr) or config.lr <= 0:
-        raise ValueError(f"LinEAS needs steps >= 1 and a positive finite lr, got {config}")
-    if not source_inputs:
-        raise InputSetError("LinEAS: the source set is empty")
-    if train_gates and not control_inputs:
-        raise InputSetError("end-to-end DSAS needs control inputs for its retention term")
-    for layer in layers:
-        if layer.map.kind != "affine":
-            raise ValueError(f"LinEAS trains affine maps; layer {layer.name!r} is {layer.map.kind}")
-        if train_gates and layer.gate is None:
-            raise ValueError(f"end-to-end DSAS needs an initial gate on layer {layer.name!r}")
-
+    _check_training(layers, source_inputs, control_inputs, train_gates, config)
     # train where the activations are (the fitted layers live on the CPU), then move back
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     homes = [layer.map.bias.device for layer in layers]

@@ -233,7 +233,16 @@ class PreparedLayer:
         floor, scale = (self.floor, self.gate_scale) if gated else (0.0, 1.0)
         activation = ACTIVATION_CODES[self.activation if gated else "sigmoid"]
         return fused_steer(
-            x, self.bias, self.slope, self.support, gate, strength,
-            floor=floor, gate_scale=scale, activation=activation, channels_last=self.dim == -1, gate_input=reading,
+            x,
+            self.bias,
+            self.slope,
+            self.support,
+            gate,
+            strength,
+            floor=floor,
+            gate_scale=scale,
+            activation=activation,
+            channels_last=self.dim == -1,
+            gate_input=reading,
             sample_factor=factor,
-        )  # fmt: skip
+        )

@@ -79,9 +79,11 @@ def _decoder_layers(model: nn.Module) -> str:
     found = [
         name
         for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(m) for m in module}) == 1
+        if isinstance(module, nn.ModuleList)
+        and len(module) > 0
+        and len({type(m) for m in module}) == 1
         and sum(p.numel() for p in module.parameters()) > 0
-    ]  # fmt: skip
+    ]
     outer = [name for name in found if not any(name.startswith(other + ".") for other in found if other != name)]
     if len(outer) != 1:
         raise SteeringError(

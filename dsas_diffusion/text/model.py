@@ -179,16 +179,7 @@ class DSASLanguageModel(SteererRegistry):
         context_source = None
         if config.context_layer is not None:  # the decoder layer whose context every gate reads
             context_source = preset_hook_points(self.model, "residual", [config.context_layer])[0].module
-        formatted = {label: self._format(texts, chat_template) for label, texts in sets.items()}
-        pad_to = None
-        if config.gate_fit_on == "contrast":  # paired source and target batches of one shape
-            lengths = self.tokenizer(formatted["source"] + formatted["target"], truncation=max_length is not None,
-                                     max_length=max_length)["input_ids"]  # fmt: skip
-            pad_to = max(len(ids) for ids in lengths)
-        batches = {
-            label: self._batches(texts, batch_size, max_length, pad_to=None if label == "control" else pad_to)
-            for label, texts in formatted.items()
-        }
+        batches = self._fit_batches(sets, config, chat_template, batch_size, max_length)
         with run_eagerly() if is_compiled(self.model) else contextlib.nullcontext():
             check_token_stream(self.model, points, batches["source"][0])
             provenance = fit_provenance(
@@ -212,6 +203,28 @@ class DSASLanguageModel(SteererRegistry):
                 context_source=context_source,
             )
         return self._register(name, steerer)
+
+    def _fit_batches(
+        self,
+        sets: Mapping[str, Sequence[str]],
+        config: FitConfig,
+        chat_template: bool,
+        batch_size: int,
+        max_length: int | None,
+    ) -> dict[str, list[dict[str, torch.Tensor]]]:
+        """The fitting sets as tokenized batches; with ``gate_fit_on="contrast"`` the source and
+        target batches are padded to one length, so that their positions pair up."""
+        formatted = {label: self._format(texts, chat_template) for label, texts in sets.items()}
+        pad_to = None
+        if config.gate_fit_on == "contrast":
+            lengths = self.tokenizer(
+                formatted["source"] + formatted["target"], truncation=max_length is not None, max_length=max_length
+            )["input_ids"]
+            pad_to = max(len(ids) for ids in lengths)
+        return {
+            label: self._batches(texts, batch_size, max_length, pad_to=None if label == "control" else pad_to)
+            for label, texts in formatted.items()
+        }
 
     # -- applying ----------------------------------------------------------------------------
 
@@ -289,9 +302,13 @@ class DSASLanguageModel(SteererRegistry):
         expanded = max(beams, returned) > 1  # rows that are not one prompt's single sequence
         # one λ per prompt, for each of its rows: generate expands every prompt to adjacent rows
         plan = self._loaded_plan(
-            steering_strength, steering_gate, maps=return_gate_maps, prompts=len(prompts),
-            repeat=max(beams, returned), record_gates=return_gate_maps and not expanded,
-        )  # fmt: skip
+            steering_strength,
+            steering_gate,
+            maps=return_gate_maps,
+            prompts=len(prompts),
+            repeat=max(beams, returned),
+            record_gates=return_gate_maps and not expanded,
+        )
         if return_gate_maps and all(call.gate == "none" for call in plan.calls.values()):
             raise SteeringError("gate maps come from the DSAS gates: use steering_gate='dsas' with return_gate_maps")
         batch = self._batches(self._format(prompts, chat_template, generation=True), len(prompts), None, "left")[0]
@@ -319,9 +336,12 @@ class DSASLanguageModel(SteererRegistry):
             else:
                 # (the finished sequences: each prompt's returned ones, adjacent)
                 replayed = self._plan(
-                    steering_strength, steering_gate, prompts=len(prompts), repeat=sequences.shape[0] // len(prompts),
+                    steering_strength,
+                    steering_gate,
+                    prompts=len(prompts),
+                    repeat=sequences.shape[0] // len(prompts),
                     record_gates=True,
-                )  # fmt: skip
+                )
                 maps = self._replay(sequences, mask, replayed)
         continuation = [ids[width:][mask[i, width:]] for i, ids in enumerate(sequences)]
         texts = self.tokenizer.batch_decode(continuation, skip_special_tokens=True)

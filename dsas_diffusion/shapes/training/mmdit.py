@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..models import make_mmdit_transformer, make_text_encoder
@@ -23,6 +24,27 @@ MMDIT_STAGES: tuple[dict, ...] = (
 )
 
 
+def _trained_models(init_from: Path | None, device: torch.device) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """The transformer and the two text encoders to train, in training mode on ``device``: new
+    (after the VAE and the tokenizer, from the seeded generator) or those saved at ``init_from``."""
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+
+    if init_from is None:
+        half = 32
+        text_encoder = make_text_encoder(half, with_projection=True)
+        text_encoder_2 = make_text_encoder(half, with_projection=True)
+        transformer = make_mmdit_transformer(text_hidden=2 * half, pooled_dim=2 * half)
+    else:
+        init_from = Path(init_from)
+        text_encoder, text_encoder_2 = (
+            CLIPTextModelWithProjection.from_pretrained(init_from / sub, dtype=torch.float32)
+            for sub in ("text_encoder", "text_encoder_2")
+        )
+        transformer = SD3Transformer2DModel.from_pretrained(init_from / "transformer", dtype=torch.float32)
+    return tuple(module.to(device).train() for module in (transformer, text_encoder, text_encoder_2))
+
+
 def train_mmdit(
     work_dir: Path,
     out: Path,
@@ -37,27 +59,13 @@ def train_mmdit(
 ) -> Path:
     """One cosine cycle of ``shapes-mmdit`` training, from scratch or from the transformer and
     text encoders of the pipeline saved at ``init_from``; writes the averaged pipeline to ``out/name``."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextModelWithProjection
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     torch.manual_seed(seed)
     device = training_device()
     vae = load_vae(work_dir, device, seed, init_from)
     tokenizer = shapes_tokenizer(work_dir)
-    if init_from is None:
-        half = 32
-        text_encoder = make_text_encoder(half, with_projection=True)
-        text_encoder_2 = make_text_encoder(half, with_projection=True)
-        transformer = make_mmdit_transformer(text_hidden=2 * half, pooled_dim=2 * half)
-    else:
-        init_from = Path(init_from)
-        text_encoder, text_encoder_2 = (
-            CLIPTextModelWithProjection.from_pretrained(init_from / sub, dtype=torch.float32)
-            for sub in ("text_encoder", "text_encoder_2")
-        )
-        transformer = SD3Transformer2DModel.from_pretrained(init_from / "transformer", dtype=torch.float32)
-    text_encoder, text_encoder_2 = text_encoder.to(device).train(), text_encoder_2.to(device).train()
-    transformer = transformer.to(device).train()
+    transformer, text_encoder, text_encoder_2 = _trained_models(init_from, device)
 
     def assemble(transformer, text_encoder, text_encoder_2) -> StableDiffusion3Pipeline:
         """SD3 with its two CLIP text encoders and no T5 (text_encoder_3 = None)."""
