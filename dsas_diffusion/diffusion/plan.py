@@ -76,7 +76,7 @@ class ImageCallPlan:
         return cls(plan, guidance, cfg, separate_cond, windows, steps)
 
     @property
-    def rows(self) -> CONDITIONAL_HALF | None:
+    def rows(self) -> _RowsOfConditionalHalf | None:
         """The batch rows steered: the conditional half of a batched guidance call with
         ``cfg="cond"``, else all."""
         return CONDITIONAL_HALF if self.cfg == "cond" and self.guidance and not self.separate_cond else None
