@@ -52,9 +52,8 @@ STEERING_DOC = """
                 ``"cond"`` steers the conditional half of the guidance batch only (in
                 pipelines that run the guidance branches as separate denoiser calls, such
                 as FLUX with ``true_cfg_scale``, the conditional call); ``"both"`` steers the
-                unconditional half too, each gated by its own activations. Measured on
-                ``shapes-sd`` (docs/removal.md): with ``"both"`` DSAS changed control images
-                by up to 98 of 255 over λ up to 64; with ``"cond"`` by at most 0.6.
+                unconditional half too, each gated by its own activations (what each
+                costs control images is measured in ``docs/removal.md``).
             steering_steps (`tuple[float, float]`, *optional*):
                 ``(start, end)`` fractions of the schedule during which steering acts, e.g.
                 ``(0, 0.5)`` for the first half of the denoising steps; ``None`` steers every

@@ -60,7 +60,7 @@ IMAGE_GATES: dict[str, Any] = dict(
 #: one decision per image from the first 12 of 25 steps, steering after them (section 7)
 DECIDED: dict[str, Any] = dict(steering_steps=(0.48, 1.0), sample_decision="accumulated", decision_inference_steps=25)
 #: the examples by name: ``<concept>`` with :data:`EXAMPLE_FIT`, ``<concept>-image`` with the
-#: gates that see the image and the stacked per-image decision (the best measured, section 7)
+#: gates that see the image and the stacked per-image decision (``docs/removal.md``, section 7)
 EXAMPLE_FITS = {
     **{concept: (concept, EXAMPLE_FIT) for concept in EXAMPLE_CONCEPTS},
     "banana-image": (

@@ -1,9 +1,9 @@
 """One steer-or-not decision per sample, from every layer's sample gate over the denoising steps
 before steering starts (``FitConfig(sample_decision="accumulated")`` or ``"stacked"``).
 
-A single layer's sample gate at a single step is a weak witness: calibrated to open on 1% of
-control samples, per-layer sample gates opened on 10-18% of control images at the late steps of
-``shapes-sd`` (``docs/removal.md``). While a session *observes* (steps before its window,
+A single layer's sample gate at a single step is a weak witness (``docs/removal.md``, section 6,
+measures how often it opens on control images); the decision pools every layer over the steps
+before the window. While a session *observes* (steps before its window,
 switched by the pipeline), each hook adds its layer's sample-gate logit of the steered rows to
 :class:`SampleDecision`; at the first steered call the decision is taken, ``score >
 threshold``, and held for the rest of the call: a sample is steered at its gates' positions or

@@ -42,8 +42,8 @@ __all__ = [
 #: a steerer's strength in one call: one λ, or one per sample
 Strength = Union[float, tuple[float, ...]]  # noqa: UP007 (a runtime alias)
 
-#: no steering strength beyond this is accepted anywhere: on shapes-sd outputs with the concept
-#: are destroyed from λ = 16 on, and far larger values only overflow to NaN or infinity
+#: no steering strength beyond this is accepted anywhere: outputs with the concept are destroyed
+#: long before (``docs/removal.md``), and far larger values only overflow to NaN or infinity
 STRENGTH_LIMIT = 1000.0
 
 
