@@ -23,6 +23,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from .app.options import add_server_arguments, at_least_one
 from .config import FitConfig, is_step_window
@@ -238,7 +239,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsas", description="Dynamically Scaled Activation Steering for diffusers")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_fit(commands)
+    _add_generate(commands)
+    demo = commands.add_parser("demo", help="serve the Gradio demo (unsteered | uniform | DSAS, CLIP scores, gates)")
+    add_server_arguments(demo)
+    demo.set_defaults(run=_demo)
 
+    evaluate = commands.add_parser(
+        "eval", help="strength sweeps of steering methods scored with CLIP; Pareto fronts (see dsas_diffusion.eval)"
+    )
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(run=_run_eval)
+
+    _add_examples(commands)
+    return parser
+
+
+def _add_fit(commands: Any) -> None:
+    """``dsas fit``: the prompt files and every fitting choice, with both presets' defaults."""
     fit = commands.add_parser("fit", help="fit a steering from source / target / control prompt files")
     fit.add_argument("--model", required=True, help="hub id, local folder, or shapes-sd / shapes-mmdit")
     fit.add_argument("--source", required=True, help="prompts showing the concept (one per line)")
@@ -301,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--out", required=True, help="directory for steering_config.json + steering.safetensors")
     fit.set_defaults(run=_fit)
 
+
+def _add_generate(commands: Any) -> None:
+    """``dsas generate``: images (or continuations) with a fitted steering."""
     gen = commands.add_parser("generate", help="generate images with a fitted steering")
     gen.add_argument("--model", required=True)
     gen.add_argument("--steering", required=True, help="a directory written by `dsas fit`")
@@ -323,16 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--show-gates", action="store_true", help="language models: print tokens coloured by their gates")
     gen.set_defaults(run=_generate)
 
-    demo = commands.add_parser("demo", help="serve the Gradio demo (unsteered | uniform | DSAS, CLIP scores, gates)")
-    add_server_arguments(demo)
-    demo.set_defaults(run=_demo)
 
-    evaluate = commands.add_parser(
-        "eval", help="strength sweeps of steering methods scored with CLIP; Pareto fronts (see dsas_diffusion.eval)"
-    )
-    add_eval_arguments(evaluate)
-    evaluate.set_defaults(run=_run_eval)
-
+def _add_examples(commands: Any) -> None:
+    """``dsas examples``: refit the shipped example steerings."""
     examples = commands.add_parser("examples", help="refit the example steerings shipped with the package")
     examples.add_argument(
         "concepts", nargs="*", help="examples, e.g. banana or banana-image (default: every shipped example)"
@@ -340,7 +354,6 @@ def build_parser() -> argparse.ArgumentParser:
     examples.add_argument("--out", default=None, help="parent directory (default: the package's shapes/steering/)")
     examples.add_argument("--text", action="store_true", help="the shapes-lm examples (shapes/steering/text/)")
     examples.set_defaults(run=_examples)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -79,11 +79,31 @@ def build_demo(
     )
     roots = [Path(root) for root in steering_roots] if steering_roots else actions.default_steering_roots()
     cache = cache or ModelCache()
-    files = ImageFiles()  # results go out as paths: see ImageFiles for why
-    examples = list(example_steerings())
-    steering_choices = [(f"{name} (shipped example, shapes-sd)", name) for name in examples]
-    steering_choices += [("a steering directory", "directory"), ("fitted below in this session", "fitted")]
-    source, target, control = concept_prompts()
+    handlers = {**_generation_handlers(cache, roots, batcher), **_steering_handlers(cache, roots)}
+    with gr.Blocks(title="DSAS: dynamically scaled activation steering") as demo:
+        gr.Markdown(
+            "# DSAS for diffusers\n"
+            "**Images**: the same prompt and seed rendered **unsteered**, with **uniform** steering and with "
+            "**DSAS** (steering scaled per position by a learned gate), each scored with CLIP against the prompt; "
+            "below, where the DSAS gates opened, per layer. **Text**: the same for a language model's "
+            "continuations, token by token."
+        )
+        with gr.Tab("Images", id="images"):
+            ui = {**_steering_controls(default_model), **_generation_controls()}
+        with gr.Tab("Text", id="text"):
+            build_text_tab(roots)
+        _wire_image_events(demo, ui, handlers, concurrency, max_batch_size)
+    demo.queue(default_concurrency_limit=concurrency)
+    demo.dsas_batcher = batcher
+    return demo
+
+
+def _generation_handlers(
+    cache: ModelCache, roots: list[Path], batcher: RequestBatcher
+) -> dict[str, Callable[..., Any]]:
+    """The Images tab's generate, gate-step and sweep events (results go out as paths: see
+    :class:`ImageFiles` for why)."""
+    files = ImageFiles()
 
     def settings(prompt: str, seed: float, steps: float, guidance: float, strength: float, size: float):
         return GenerateSettings(prompt, seed, steps, guidance, strength, size)  # type: ignore[arg-type]
@@ -124,6 +144,12 @@ def build_demo(
         strip = actions.strength_sweep(entry, steerer, settings(prompt, seed, steps, guidance, strength, size), points)
         return files.save(strip)
 
+    return {"generate": generate, "show_step": show_step, "sweep": sweep}
+
+
+def _steering_handlers(cache: ModelCache, roots: list[Path]) -> dict[str, Callable[..., Any]]:
+    """The Images tab's fit and steering-summary events."""
+
     @_ui_errors
     def fit(
         model,
@@ -156,108 +182,130 @@ def build_demo(
             return "_Type the path of a steering directory._"
         return actions.describe_steerer(actions.resolve_steering(steering, directory, fitted, roots=roots))
 
-    with gr.Blocks(title="DSAS: dynamically scaled activation steering") as demo:
-        gr.Markdown(
-            "# DSAS for diffusers\n"
-            "**Images**: the same prompt and seed rendered **unsteered**, with **uniform** steering and with "
-            "**DSAS** (steering scaled per position by a learned gate), each scored with CLIP against the prompt; "
-            "below, where the DSAS gates opened, per layer. **Text**: the same for a language model's "
-            "continuations, token by token."
-        )
-        with gr.Tab("Images", id="images"):
-            fitted = gr.State(None)
-            gate_state = gr.State(None)
-            with gr.Row():
-                model = gr.Dropdown(
-                    ["shapes-sd", "shapes-mmdit"],
-                    value=default_model,
-                    allow_custom_value=True,
-                    label="Model (a Shapes name, a diffusers id or a local folder)",
-                    elem_id="model",
-                )
-                steering = gr.Dropdown(
-                    steering_choices,
-                    value=examples[0] if examples else "directory",
-                    label="Steering",
-                    elem_id="steering",
-                )
-                directory = gr.Textbox(
-                    label="Steering directory (when 'a steering directory' is chosen)", elem_id="directory"
-                )
-            steering_info = gr.Markdown(elem_id="steering-info")
-            with gr.Accordion("Fit a steering from prompt lists", open=False):
-                gr.Markdown("One prompt per line. Prefilled with the shipped banana sets of the Shapes world.")
-                with gr.Row():
-                    source_box = gr.Textbox("\n".join(source), lines=8, label="Source: prompts showing the concept")
-                    target_box = gr.Textbox("\n".join(target), lines=8, label="Target: the same scenes without it")
-                    control_box = gr.Textbox("\n".join(control), lines=8, label="Control: prompts to leave alone")
-                with gr.Row():
-                    steering_map = gr.Dropdown(list(MAP_NAMES), value="caa", label="Steering map")
-                    fit_steps = gr.Slider(
-                        LIMITS.min_fit_steps, LIMITS.max_fit_steps, value=10, step=1, label="Denoising steps collected"
-                    )
-                    fit_button = gr.Button("Fit steering")
-                fit_status = gr.Markdown()
-            prompt = gr.Textbox(DEFAULT_PROMPT, label="Prompt", max_lines=2, elem_id="prompt")
-            with gr.Row():
-                seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=LIMITS.max_seed)
-                steps = gr.Slider(LIMITS.min_steps, LIMITS.max_steps, value=25, step=1, label="Steps")
-                guidance = gr.Slider(LIMITS.min_guidance, LIMITS.max_guidance, value=7.5, step=0.5, label="Guidance")
-                strength = gr.Slider(LIMITS.min_strength, LIMITS.max_strength, value=2.0, step=0.25, label="Strength λ")
-                size = gr.Number(0, label="Image size (px, 0 = model default)", precision=0)
-            with gr.Row():
-                generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
-                sweep_points = gr.Slider(2, LIMITS.max_sweep_points, value=5, step=1, label="Sweep points")
-                sweep_button = gr.Button("Strength sweep (λ = 0 … λ)", elem_id="sweep")
-            with gr.Row():
-                unsteered_image = gr.Image(
-                    label="unsteered", type="filepath", format="png", elem_id="unsteered", interactive=False
-                )
-                uniform_image = gr.Image(
-                    label="uniform steering", type="filepath", format="png", elem_id="uniform", interactive=False
-                )
-                dsas_image = gr.Image(label="DSAS", type="filepath", format="png", elem_id="dsas", interactive=False)
-            scores = gr.Markdown(elem_id="scores")
-            gate_step = gr.Slider(
-                0, 25, value=0, step=1, label="Gate step (0 = mean over all steps)", elem_id="gate-step"
-            )
-            gates = gr.Gallery(label="DSAS gates per layer", columns=5, format="png", elem_id="gates", height="auto")
-            sweep_image = gr.Image(
-                label="Strength sweep", type="filepath", format="png", elem_id="sweep-strip", interactive=False
-            )
-        with gr.Tab("Text", id="text"):
-            build_text_tab(roots)
+    return {"fit": fit, "describe": describe}
 
-        common = [model, steering, directory, fitted, prompt, seed, steps, guidance, strength, size]
-        # generate requests wait together for their batch: as many run at once as one batch holds
-        together = {"concurrency_limit": max(concurrency, max_batch_size), "concurrency_id": "generate"}
-        generate_button.click(
-            generate,
-            common,
-            [unsteered_image, uniform_image, dsas_image, scores, gates, gate_step, gate_state],
-            api_name="generate",
-            **together,
+
+def _steering_controls(default_model: str) -> dict[str, Any]:
+    """The model and steering choice and the fitting accordion, by name (inside the Images tab)."""
+    examples = list(example_steerings())
+    steering_choices = [(f"{name} (shipped example, shapes-sd)", name) for name in examples]
+    steering_choices += [("a steering directory", "directory"), ("fitted below in this session", "fitted")]
+    source, target, control = concept_prompts()
+    fitted = gr.State(None)
+    gate_state = gr.State(None)
+    with gr.Row():
+        model = gr.Dropdown(
+            ["shapes-sd", "shapes-mmdit"],
+            value=default_model,
+            allow_custom_value=True,
+            label="Model (a Shapes name, a diffusers id or a local folder)",
+            elem_id="model",
         )
-        prompt.submit(
-            generate,
-            common,
-            [unsteered_image, uniform_image, dsas_image, scores, gates, gate_step, gate_state],
-            api_visibility="private",
-            **together,
+        steering = gr.Dropdown(
+            steering_choices,
+            value=examples[0] if examples else "directory",
+            label="Steering",
+            elem_id="steering",
         )
-        gate_step.change(show_step, [gate_step, gate_state], gates, api_name="gate_step")
-        sweep_button.click(sweep, [*common, sweep_points], sweep_image, api_name="sweep")
-        fit_button.click(
-            fit,
-            [model, source_box, target_box, control_box, steering_map, fit_steps],
-            [fitted, fit_status, steering],
-            api_name="fit",
+        directory = gr.Textbox(label="Steering directory (when 'a steering directory' is chosen)", elem_id="directory")
+    steering_info = gr.Markdown(elem_id="steering-info")
+    with gr.Accordion("Fit a steering from prompt lists", open=False):
+        gr.Markdown("One prompt per line. Prefilled with the shipped banana sets of the Shapes world.")
+        with gr.Row():
+            source_box = gr.Textbox("\n".join(source), lines=8, label="Source: prompts showing the concept")
+            target_box = gr.Textbox("\n".join(target), lines=8, label="Target: the same scenes without it")
+            control_box = gr.Textbox("\n".join(control), lines=8, label="Control: prompts to leave alone")
+        with gr.Row():
+            steering_map = gr.Dropdown(list(MAP_NAMES), value="caa", label="Steering map")
+            fit_steps = gr.Slider(
+                LIMITS.min_fit_steps, LIMITS.max_fit_steps, value=10, step=1, label="Denoising steps collected"
+            )
+            fit_button = gr.Button("Fit steering")
+        fit_status = gr.Markdown()
+    return {
+        "fitted": fitted,
+        "gate_state": gate_state,
+        "model": model,
+        "steering": steering,
+        "directory": directory,
+        "steering_info": steering_info,
+        "source_box": source_box,
+        "target_box": target_box,
+        "control_box": control_box,
+        "steering_map": steering_map,
+        "fit_steps": fit_steps,
+        "fit_button": fit_button,
+        "fit_status": fit_status,
+    }
+
+
+def _generation_controls() -> dict[str, Any]:
+    """The prompt, the generation settings, the images, scores, gates and sweep, by name."""
+    prompt = gr.Textbox(DEFAULT_PROMPT, label="Prompt", max_lines=2, elem_id="prompt")
+    with gr.Row():
+        seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=LIMITS.max_seed)
+        steps = gr.Slider(LIMITS.min_steps, LIMITS.max_steps, value=25, step=1, label="Steps")
+        guidance = gr.Slider(LIMITS.min_guidance, LIMITS.max_guidance, value=7.5, step=0.5, label="Guidance")
+        strength = gr.Slider(LIMITS.min_strength, LIMITS.max_strength, value=2.0, step=0.25, label="Strength λ")
+        size = gr.Number(0, label="Image size (px, 0 = model default)", precision=0)
+    with gr.Row():
+        generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
+        sweep_points = gr.Slider(2, LIMITS.max_sweep_points, value=5, step=1, label="Sweep points")
+        sweep_button = gr.Button("Strength sweep (λ = 0 … λ)", elem_id="sweep")
+    with gr.Row():
+        unsteered_image = gr.Image(
+            label="unsteered", type="filepath", format="png", elem_id="unsteered", interactive=False
         )
-        for trigger in (steering.change, directory.submit, demo.load):
-            trigger(describe, [model, steering, directory, fitted], steering_info, api_visibility="private")
-    demo.queue(default_concurrency_limit=concurrency)
-    demo.dsas_batcher = batcher
-    return demo
+        uniform_image = gr.Image(
+            label="uniform steering", type="filepath", format="png", elem_id="uniform", interactive=False
+        )
+        dsas_image = gr.Image(label="DSAS", type="filepath", format="png", elem_id="dsas", interactive=False)
+    scores = gr.Markdown(elem_id="scores")
+    gate_step = gr.Slider(0, 25, value=0, step=1, label="Gate step (0 = mean over all steps)", elem_id="gate-step")
+    gates = gr.Gallery(label="DSAS gates per layer", columns=5, format="png", elem_id="gates", height="auto")
+    sweep_image = gr.Image(
+        label="Strength sweep", type="filepath", format="png", elem_id="sweep-strip", interactive=False
+    )
+    return {
+        "prompt": prompt,
+        "seed": seed,
+        "steps": steps,
+        "guidance": guidance,
+        "strength": strength,
+        "size": size,
+        "generate_button": generate_button,
+        "sweep_points": sweep_points,
+        "sweep_button": sweep_button,
+        "unsteered_image": unsteered_image,
+        "uniform_image": uniform_image,
+        "dsas_image": dsas_image,
+        "scores": scores,
+        "gate_step": gate_step,
+        "gates": gates,
+        "sweep_image": sweep_image,
+    }
+
+
+def _wire_image_events(
+    demo: gr.Blocks, ui: dict[str, Any], on: dict[str, Callable[..., Any]], concurrency: int, max_batch_size: int
+) -> None:
+    """Connect the Images tab's controls (``ui``) to its handlers (``on``) and name the API endpoints."""
+    choice = [ui[name] for name in ("model", "steering", "directory", "fitted")]
+    common = choice + [ui[name] for name in ("prompt", "seed", "steps", "guidance", "strength", "size")]
+    shown = [ui[name] for name in ("unsteered_image", "uniform_image", "dsas_image", "scores", "gates")]
+    shown += [ui["gate_step"], ui["gate_state"]]
+    # generate requests wait together for their batch: as many run at once as one batch holds
+    together = {"concurrency_limit": max(concurrency, max_batch_size), "concurrency_id": "generate"}
+    ui["generate_button"].click(on["generate"], common, shown, api_name="generate", **together)
+    ui["prompt"].submit(on["generate"], common, shown, api_visibility="private", **together)
+    ui["gate_step"].change(on["show_step"], [ui["gate_step"], ui["gate_state"]], ui["gates"], api_name="gate_step")
+    ui["sweep_button"].click(on["sweep"], [*common, ui["sweep_points"]], ui["sweep_image"], api_name="sweep")
+    fit_inputs = [
+        ui[name] for name in ("model", "source_box", "target_box", "control_box", "steering_map", "fit_steps")
+    ]
+    ui["fit_button"].click(on["fit"], fit_inputs, [ui["fitted"], ui["fit_status"], ui["steering"]], api_name="fit")
+    for trigger in (ui["steering"].change, ui["directory"].submit, demo.load):
+        trigger(on["describe"], choice, ui["steering_info"], api_visibility="private")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -13,6 +13,66 @@ __all__ = ["fused_steer_op", "steer_kernel"]
 
 
 @triton.jit
+def _map_delta(x, c, col_ok, bias_ptr, slope_ptr, lo_ptr, hi_ptr, HAS_SLOPE: tl.constexpr, HAS_SUPPORT: tl.constexpr):
+    """T(t) − t at each feature of ``x``: the shift ``b``, or the affine map's ``(w − 1)·t + b``;
+    0 outside the support ``[lo, hi]`` (NaN is outside)."""
+    delta = tl.load(bias_ptr + c, mask=col_ok, other=0.0)[None, :]
+    if HAS_SLOPE:
+        delta = delta + tl.load(slope_ptr + c, mask=col_ok, other=0.0)[None, :] * x
+    if HAS_SUPPORT:
+        lo = tl.load(lo_ptr + c, mask=col_ok, other=0.0)[None, :]
+        hi = tl.load(hi_ptr + c, mask=col_ok, other=0.0)[None, :]
+        delta = tl.where((x >= lo) & (x <= hi), delta, 0.0)
+    return delta
+
+
+@triton.jit
+def _gate_logit(
+    x,
+    r,
+    c,
+    col_ok,
+    row_ok,
+    batch,
+    u_ptr,
+    weight_ptr,
+    gate_bias_ptr,
+    gate_width,
+    positions,
+    READS_INPUT: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    """The gate's logit at each row: on the steered activation ``x``, or on the module's input
+    ``u`` at the same positions (``READS_INPUT``)."""
+    if READS_INPUT:
+        g = tl.arange(0, BLOCK_G)
+        g_ok = g < gate_width
+        u_base = batch * gate_width * positions + (r % positions)
+        u_offsets = u_base[:, None] + g[None, :].to(tl.int64) * positions
+        u = tl.load(u_ptr + u_offsets, mask=row_ok[:, None] & g_ok[None, :], other=0.0).to(tl.float32)
+        weight = tl.load(weight_ptr + g, mask=g_ok, other=0.0)
+        logit = tl.sum(u * weight[None, :], axis=1) + tl.load(gate_bias_ptr)
+    else:
+        weight = tl.load(weight_ptr + c, mask=col_ok, other=0.0)
+        logit = tl.sum(x * weight[None, :], axis=1) + tl.load(gate_bias_ptr)
+    return logit
+
+
+@triton.jit
+def _opening(logit, ACTIVATION: tl.constexpr):
+    """The gate's opening in [0, 1]; NaN stays NaN, as in torch.clamp (the activation's code is
+    passed inline: it is not a tensor)."""
+    if ACTIVATION == 0:  # sigmoid
+        opening = tl.sigmoid(logit)
+    elif ACTIVATION == 2:  # step: 1 above 0 (NaN: 0, as in PyTorch's comparison)
+        opening = tl.where(logit > 0.0, 1.0, 0.0)
+    else:  # ReLU clipped at 1
+        opening = tl.maximum(logit, 0.0, propagate_nan=tl.PropagateNan.ALL)
+        opening = tl.minimum(opening, 1.0, propagate_nan=tl.PropagateNan.ALL)
+    return opening
+
+
+@triton.jit
 def steer_kernel(
     x_ptr,
     u_ptr,
@@ -55,37 +115,28 @@ def steer_kernel(
     base = batch * width * positions + (r % positions)
     offsets = base[:, None] + c[None, :].to(tl.int64) * positions
     x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-    delta = tl.load(bias_ptr + c, mask=col_ok, other=0.0)[None, :]
-    if HAS_SLOPE:  # the affine map: T(t) − t = (w − 1)·t + b
-        delta = delta + tl.load(slope_ptr + c, mask=col_ok, other=0.0)[None, :] * x
-    if HAS_SUPPORT:  # the identity outside [lo, hi]; NaN is outside
-        lo = tl.load(lo_ptr + c, mask=col_ok, other=0.0)[None, :]
-        hi = tl.load(hi_ptr + c, mask=col_ok, other=0.0)[None, :]
-        delta = tl.where((x >= lo) & (x <= hi), delta, 0.0)
+    delta = _map_delta(x, c, col_ok, bias_ptr, slope_ptr, lo_ptr, hi_ptr, HAS_SLOPE, HAS_SUPPORT)
     if PER_ROW:  # one λ per sample
         strength = tl.load(strength_ptr + r // sample_rows, mask=row_ok, other=0.0)
     else:
         strength = tl.load(strength_ptr)
     if GATED:
-        if READS_INPUT:  # the gate reads the module's input u at the same positions
-            g = tl.arange(0, BLOCK_G)
-            g_ok = g < gate_width
-            u_base = batch * gate_width * positions + (r % positions)
-            u_offsets = u_base[:, None] + g[None, :].to(tl.int64) * positions
-            u = tl.load(u_ptr + u_offsets, mask=row_ok[:, None] & g_ok[None, :], other=0.0).to(tl.float32)
-            weight = tl.load(weight_ptr + g, mask=g_ok, other=0.0)
-            logit = tl.sum(u * weight[None, :], axis=1) + tl.load(gate_bias_ptr)
-        else:
-            weight = tl.load(weight_ptr + c, mask=col_ok, other=0.0)
-            logit = tl.sum(x * weight[None, :], axis=1) + tl.load(gate_bias_ptr)
-        # NaN stays NaN, as in torch.clamp (the enum is passed inline: it is not a tensor)
-        if ACTIVATION == 0:  # sigmoid
-            opening = tl.sigmoid(logit)
-        elif ACTIVATION == 2:  # step: 1 above 0 (NaN: 0, as in PyTorch's comparison)
-            opening = tl.where(logit > 0.0, 1.0, 0.0)
-        else:  # ReLU clipped at 1
-            opening = tl.maximum(logit, 0.0, propagate_nan=tl.PropagateNan.ALL)
-            opening = tl.minimum(opening, 1.0, propagate_nan=tl.PropagateNan.ALL)
+        logit = _gate_logit(
+            x,
+            r,
+            c,
+            col_ok,
+            row_ok,
+            batch,
+            u_ptr,
+            weight_ptr,
+            gate_bias_ptr,
+            gate_width,
+            positions,
+            READS_INPUT,
+            BLOCK_G,
+        )
+        opening = _opening(logit, ACTIVATION)
         gate = tl.maximum(opening - floor, 0.0, propagate_nan=tl.PropagateNan.ALL) * gate_scale
         if HAS_FACTOR:  # the sample gate's value for the row's sample
             gate = gate * tl.load(factor_ptr + r // sample_rows, mask=row_ok, other=0.0)
