@@ -70,7 +70,7 @@ class ImageCallPlan:
         active = plan.active
         window = check_step_window(window) if active else None  # (a call that does not steer runs stock)
         windows = {name: window or call.steerer.steering_steps for name, call in active.items()}
-        gates: Mapping[str, str] = {name: call.gate or "dsas" for name, call in active.items()}
+        gates: Mapping[str, str] = {name: call.gate for name, call in active.items()}
         check_decision_call({name: call.steerer for name, call in active.items()}, windows, gates, steps)
         separate_cond = cfg == "cond" and guidance and layout != "batched"
         return cls(plan, guidance, cfg, separate_cond, windows, steps)

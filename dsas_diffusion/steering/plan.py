@@ -21,6 +21,7 @@ Examples:
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -221,7 +222,7 @@ class CallPlan:
             calls[name] = SteererCall(name, steerer, value, words[name], gated, record_gates)
         return cls(calls, record_gates)
 
-    @property
+    @functools.cached_property
     def active(self) -> dict[str, SteererCall]:
         """The steerers this call hooks: those that steer, or whose gates are recorded."""
         return {name: call for name, call in self.calls.items() if call.acts}

@@ -17,8 +17,8 @@ from .hookpoints import resolve_module
 from .hooks import SteeringSession
 from .layer import SteeringLayer, module_signature
 from .persistence import read_steering, write_steering
-from .plan import SteererCall, bounded_strength, gate_word, gating
-from .strengths import Strength, check_strength
+from .plan import SteererCall
+from .strengths import check_strength
 
 __all__ = ["Steerer"]
 
@@ -182,17 +182,6 @@ class Steerer(nn.Module):
                         f"(base model {self.provenance.get('base_model', 'unknown')!r}). Fit a "
                         "steering for this model instead."
                     )
-
-    def gating(self, gate: str | bool | None) -> bool:
-        """Whether a call with ``gate`` (``"dsas"`` / ``"e2e"``: through the gates, ``"none"``:
-        uniformly, ``None``: through the gates if there are any) steers through the gates;
-        :class:`IncompatibleSteeringError` if it asks for gates some layer lacks."""
-        return gating(self, gate_word(gate))
-
-    def checked_strength(self, strength: float | Sequence[float]) -> Strength:
-        """``strength`` as a float (or a tuple, one λ per sample: :mod:`.strengths`), or
-        :class:`SteeringError` if it is not a usable λ or lies above this steerer's ``max_strength``."""
-        return bounded_strength(self, strength)
 
     def attach(
         self,
